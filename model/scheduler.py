@@ -1,0 +1,187 @@
+"""Torch-free continuous-batching scheduler (nano-vllm style: two deques, no tensors).
+
+Each step:
+  1. retire cancelled sequences (their slots go back to the allocator at once),
+  2. admit waiting sequences FIFO while a slot is free and the allocator can reserve KV for
+     prompt + max_new_tokens (reserved up front, so nothing is ever preempted),
+  3. give every running decoding sequence its one token (least recently served first),
+  4. fill the rest of `max_step_tokens` with prefill chunks of at most `prefill_chunk_tokens`,
+     oldest sequence first, so a long prompt is spread over many steps while the decodes of
+     the others keep flowing every step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from enum import Enum
+from typing import Any, Protocol
+
+from model.types import EngineConfig, GenerationRequest, QueueFull, SeqChunk, StepBatch
+
+
+class Allocator(Protocol):
+    num_free_slots: int
+
+    def can_allocate(self, n_tokens: int) -> bool: ...
+    def allocate(self, n_tokens: int) -> int: ...
+    def free(self, slot: int) -> None: ...
+
+
+class SeqStatus(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request: GenerationRequest, max_new_tokens: int | None = None) -> None:
+        self.seq_id = next(_ids)
+        self.request = request
+        self.prompt_ids: list[int] = list(request.prompt_ids)
+        self.output_ids: list[int] = []
+        # Clipped by the engine to the context budget; the scheduler reserves prompt + this.
+        self.max_new_tokens = request.params.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self.slot: int | None = None
+        self.num_computed = 0  # tokens already folded into the slot's state (= KV length)
+        self.status = SeqStatus.WAITING
+        self.cancelled = False  # set from any thread; acted on by the next schedule()
+        self.last_served = -1  # when this sequence last got a decode token (fairness order)
+        self.scheduled_tokens = 0  # tokens fed in the step being run
+        self.ctx: Any = None  # engine-owned per-sequence state (handle, detokenizer, generator)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def reserve_tokens(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, slot={self.slot}, status={self.status.value}, "
+            f"prompt={self.prompt_len}, out={len(self.output_ids)}, computed={self.num_computed})"
+        )
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: Allocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.retired: list[Sequence] = []  # cancelled sequences retired by schedule(); see drain_retired
+        self.steps = 0
+        self._clock = 0
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_queued_requests:
+            raise QueueFull(
+                f"{len(self.waiting)} requests already waiting (limit {self.config.max_queued_requests}); retry later"
+            )
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def drain_retired(self) -> list[Sequence]:
+        out, self.retired = self.retired, []
+        return out
+
+    def _retire_cancelled(self) -> None:
+        for queue in (self.waiting, self.running):
+            for seq in [s for s in queue if s.cancelled]:
+                self.finish(seq)
+                self.retired.append(seq)
+
+    def _admit(self) -> None:
+        # FIFO: the head of the queue is never overtaken, so a big request is not starved by small ones.
+        while self.waiting and self.allocator.num_free_slots > 0:
+            seq = self.waiting[0]
+            if not self.allocator.can_allocate(seq.reserve_tokens):
+                break
+            self.waiting.popleft()
+            seq.slot = self.allocator.allocate(seq.reserve_tokens)
+            seq.status = SeqStatus.RUNNING
+            seq.num_computed = 0
+            self.running.append(seq)
+
+    def schedule(self) -> tuple[list[Sequence], StepBatch]:
+        """Pick this step's work. Returns the sequences and their chunks, in the same order
+        (decodes first, then prefill chunks); empty when there is nothing to run."""
+        self._retire_cancelled()
+        self._admit()
+        budget = self.config.max_step_tokens
+        seqs: list[Sequence] = []
+        chunks: list[SeqChunk] = []
+
+        decoding = sorted((s for s in self.running if not s.is_prefilling), key=lambda s: s.last_served)
+        for seq in decoding[:budget]:
+            # A decoding sequence feeds the token it sampled last step.
+            chunks.append(SeqChunk(seq.slot, (seq.output_ids[-1],), seq.num_computed, True))
+            seq.scheduled_tokens = 1
+            self._clock += 1
+            seq.last_served = self._clock  # strictly increasing: a true least-recently-served order
+            seqs.append(seq)
+        budget -= len(seqs)
+
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if not seq.is_prefilling:
+                continue
+            n = min(seq.prompt_len - seq.num_computed, self.config.prefill_chunk_tokens, budget)
+            end = seq.num_computed + n
+            ids = tuple(seq.prompt_ids[seq.num_computed : end])
+            chunks.append(SeqChunk(seq.slot, ids, seq.num_computed, end == seq.prompt_len))
+            seq.scheduled_tokens = n
+            seqs.append(seq)
+            budget -= n
+
+        if seqs:
+            self.steps += 1
+        return seqs, StepBatch(tuple(chunks))
+
+    def postprocess(self, seqs: list[Sequence], new_tokens: list[int | None]) -> None:
+        """Advance each scheduled sequence by the tokens it fed; append its sampled token
+        (None for a prefill chunk that produced no logits)."""
+        if len(seqs) != len(new_tokens):
+            raise ValueError(f"{len(seqs)} sequences but {len(new_tokens)} tokens")
+        for seq, tok in zip(seqs, new_tokens, strict=True):
+            seq.num_computed += seq.scheduled_tokens
+            seq.scheduled_tokens = 0
+            if tok is not None:
+                seq.output_ids.append(tok)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence from whichever queue holds it and free its slot now. Idempotent."""
+        if seq.status == SeqStatus.FINISHED:
+            return
+        if seq.status == SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+            if seq.slot is not None:
+                self.allocator.free(seq.slot)
+        seq.slot = None
+        seq.status = SeqStatus.FINISHED
+
+    def abort_all(self) -> list[Sequence]:
+        """Finish every queued and running sequence (shutdown); returns them."""
+        seqs = list(self.waiting) + list(self.running)
+        for seq in seqs:
+            self.finish(seq)
+        return seqs
