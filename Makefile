@@ -1,0 +1,52 @@
+# Granite 4.0 H micro SageMaker container. `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8080
+IMAGE ?= granite-h-sagemaker
+TORCH_CPU ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help install serve test test-fast test-gpu test-container bench bench-gpu lint image image-cpu clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# CPU torch first: a plain `torch` requirement would pull the multi-GB CUDA build.
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_CPU)"
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv with the CPU runtime and the dev tools
+
+serve: install ## run the server on $(HOST):$(PORT) (demo model unless MODEL_DIR/HF_MODEL_ID is set)
+	@if [ -z "$$MODEL_ID$$HF_MODEL_ID" ] && [ ! -f "$${MODEL_DIR:-/opt/ml/model}/config.json" ]; then \
+	  echo "no model configured: using the built-in demo model (random weights, meaningless text)"; \
+	  export MODEL_ID=demo; fi; \
+	$(VPY) -m serve serve --host $(HOST) --port $(PORT)
+
+test: install ## run every CPU test (what .ci/run runs)
+	$(VPY) -m pytest -q -m "not gpu and not container" tests
+
+test-fast: install ## the tests minus the slow server/fuzz/notebook ones
+	$(VPY) -m pytest -q -x -m "not gpu and not container and not slow" tests
+
+test-gpu: ## on a CUDA machine: fused-kernel tests + a short full-size generation
+	$(VPY) -m pytest -q -m gpu tests/gpu
+
+bench: install ## CPU benchmark: engine vs Hugging Face generate, writes bench/results/*.json
+	$(VPY) -m bench.run
+
+bench-gpu: ## on a CUDA machine: full-size architecture benchmark
+	$(VPY) bench/gpu_bench.py --out bench/results/gpu-$$(date +%Y%m%d).json
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check serve model code bench tests
+
+clean: ## remove caches (not .venv)
+	rm -rf .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,180 @@
+"""Torch-free types shared by the server, the scheduler and the engine.
+
+Nothing here imports torch: `serve/protocol.py`, `serve/config.py` and `model/scheduler.py`
+depend on this module and must stay importable without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"  # max_new_tokens or the context budget reached
+    EOS = "eos_token"  # the model produced an end-of-sequence token
+    STOP = "stop_sequence"  # a stop string or stop token id matched
+    CANCELLED = "cancelled"  # the client went away or cancel() was called
+    ERROR = "error"  # this sequence failed (e.g. CUDA OOM); the engine keeps serving
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation parameters, already validated by serve/protocol.py.
+
+    Greedy when `do_sample` is False or `temperature` == 0.
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    typical_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off (HF/CTRL style: divide positive logits)
+    frequency_penalty: float = 0.0  # OpenAI style: subtract count * penalty
+    presence_penalty: float = 0.0  # OpenAI style: subtract penalty once if present
+    seed: int | None = None  # per-request generator; same seed + same prompt = same tokens
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output text)
+    stop_token_ids: tuple[int, ...] = ()  # extra stop token ids (reported as stop_sequence)
+    ignore_eos: bool = False
+    logprobs: bool = False  # return the chosen token's logprob (always computed cheaply)
+    top_n_tokens: int = 0  # return this many most likely alternatives per step (0 = none)
+
+    @property
+    def greedy(self) -> bool:
+        return (not self.do_sample) or self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate. The server tokenizes; the engine only sees ids."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TopToken:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, streamed through a Handle as soon as it is sampled.
+
+    `text` is the newly printable text this token adds (incremental detokenization: it may be
+    "" while a multi-byte character or a possible stop string is still incomplete). The last
+    event of a sequence has `finish_reason` set; a sequence that fails or is cancelled ends
+    with an event whose token_id is -1 and finish_reason ERROR/CANCELLED.
+    """
+
+    token_id: int
+    text: str
+    logprob: float
+    special: bool = False
+    finish_reason: FinishReason | None = None
+    top_tokens: tuple[TopToken, ...] = ()
+    error: str | None = None  # set with FinishReason.ERROR
+
+
+@dataclass(frozen=True)
+class Completion:
+    """Everything a non-streaming response needs, collected from a Handle's events."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    logprobs: tuple[float, ...]
+    token_texts: tuple[str, ...]
+    specials: tuple[bool, ...]
+    top_tokens: tuple[tuple[TopToken, ...], ...]
+    seed: int | None
+    error: str | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits and placement. Built by serve/config.py from the environment."""
+
+    max_concurrent_seqs: int = 32  # slots in the state pool
+    max_input_tokens: int = 8192  # longest prompt accepted
+    max_total_tokens: int = 16384  # prompt + generated, per sequence
+    max_step_tokens: int = 2048  # tokens run per engine step (prefill chunks + one per decoding seq)
+    kv_cache_tokens: int = 0  # KV pool size in tokens across all sequences; 0 = auto (see model/state.py)
+    max_queued_requests: int = 256  # waiting requests beyond this are refused (429)
+    prefill_chunk_tokens: int = 512  # prompts are prefilled in chunks of at most this many tokens
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, fp32 on CPU)
+    ssm_state_dtype: str = "auto"  # auto | float32 | bfloat16 (auto: fp32 on CPU, same as dtype on CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
+    kernels: str = "auto"  # auto | fused | reference ; fused on a CPU-only machine is an error
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_concurrent_seqs",
+            "max_input_tokens",
+            "max_total_tokens",
+            "max_step_tokens",
+            "max_queued_requests",
+            "prefill_chunk_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(
+                f"max_input_tokens ({self.max_input_tokens}) must be < max_total_tokens ({self.max_total_tokens})"
+            )
+        if self.kv_cache_tokens < 0:
+            raise ValueError(f"kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        if self.ssm_state_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"ssm_state_dtype must be auto|float32|bfloat16, got {self.ssm_state_dtype!r}")
+        if self.kernels not in ("auto", "fused", "reference"):
+            raise ValueError(f"kernels must be auto|fused|reference, got {self.kernels!r}")
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """Work for one sequence in one engine step (torch-free; the runner makes tensors of it)."""
+
+    slot: int  # the sequence's slot in the state pool
+    token_ids: tuple[int, ...]  # tokens to feed: a prefill chunk, or the one last sampled token
+    start: int  # tokens already folded into the slot's state (= its KV length before this chunk)
+    want_logits: bool  # False for a prefill chunk that is not the prompt's last
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    chunks: tuple[SeqChunk, ...]
+
+
+class EngineError(Exception):
+    """An error the server turns into a JSON response with `status`."""
+
+    status = 500
+    error_type = "engine_error"
+
+
+class QueueFull(EngineError):
+    status = 429
+    error_type = "queue_full"
+
+
+class InputTooLong(EngineError):
+    status = 422
+    error_type = "input_too_long"
+
+
+class EngineNotReady(EngineError):
+    status = 503
+    error_type = "not_ready"
