@@ -1,0 +1,182 @@
+"""Batch transform on local files: record splitting, ordering, errors, join, journal, skip/redo."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from serve import batch_io
+from serve.batch_journal import Journal
+from serve.batch_records import seed_for
+from serve.batch_runner import BatchJob, BatchRun
+from tests.batch_helpers import fake_infer, prompts, read_lines, write
+
+
+def run(tmp_path, inp, out=None, infer=fake_infer, **kw):
+    out = out or str(tmp_path / "out")
+    job = BatchJob(input=str(inp), output=out, work_dir=os.path.join(out, ".batch"), progress="none",
+                   concurrency=kw.pop("concurrency", 8), **kw)
+    return BatchRun(job, infer).run()
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"", []),
+        (b"\n", [b""]),
+        (b"a\nb\n", [b"a", b"b"]),
+        (b"a\nb", [b"a", b"b"]),
+        (b"a\r\nb\r\n", [b"a", b"b"]),
+        (b"\xef\xbb\xbfa\r\n\r\nb", [b"a", b"", b"b"]),
+        (b"\xef\xbb\xbf", []),
+        (b"a\n\n\nb\n\n", [b"a", b"", b"", b"b", b""]),
+        (b"x\r", [b"x"]),
+    ],
+)
+def test_split_records_any_chunking(data, expected):
+    assert list(batch_io.split_records([data])) == expected
+    for cut in range(len(data) + 1):  # every split point, incl. inside the BOM and inside "\r\n"
+        assert list(batch_io.split_records([data[:cut], data[cut:]])) == expected
+    assert list(batch_io.split_records([data[i:i + 1] for i in range(len(data))])) == expected
+
+
+def test_folder_in_folder_out_keeps_order_and_names(tmp_path):
+    inp = tmp_path / "in"
+    write(str(inp / "a.jsonl"), prompts(50, "a"))
+    write(str(inp / "sub" / "b.txt"), prompts(7, "b"))
+    write(str(inp / "_SUCCESS"), "")
+    write(str(inp / ".hidden.jsonl"), prompts(3))
+    write(str(inp / "old.jsonl.out"), "junk\n")
+    s = run(tmp_path, inp, concurrency=16)
+    out = tmp_path / "out"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.out")) == ["a.jsonl.out", "sub/b.txt.out"]
+    a = read_lines(str(out / "a.jsonl.out"))
+    assert [r[0]["generated_text"].split(":")[0] for r in a] == [f"<a{i}" for i in range(50)]
+    assert len(read_lines(str(out / "sub" / "b.txt.out"))) == 7
+    assert s["records"] == 57 and s["errors"] == 0 and s["files_done"] == 2 and not s["files_failed"]
+    assert json.loads((out / "_SUMMARY.json").read_text())["records"] == 57
+    assert not list((out / ".batch").rglob("*.journal"))  # journals dropped once published
+
+
+def test_bad_lines_empty_lines_bom_crlf(tmp_path):
+    lines = [json.dumps({"inputs": "ok0"}), "{not json", "", json.dumps({"inputs": "ok3"}), "[1, 2]",
+             json.dumps("bare string"), "   "]
+    data = b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n" + b"\xff\xfe\n"
+    f = write(str(tmp_path / "in" / "mixed.jsonl"), data)
+    s = run(tmp_path, f)
+    got = read_lines(str(tmp_path / "out" / "mixed.jsonl.out"))
+    assert len(got) == len(lines) + 1
+    kinds = ["ok" if isinstance(r, list) else r["status"] for r in got]
+    assert kinds == ["ok", 400, 400, "ok", 400, "ok", 400, 400]
+    assert got[0][0]["generated_text"].startswith("<ok0:") and got[3][0]["generated_text"].startswith("<ok3:")
+    assert "UTF-8" in got[-1]["error"]
+    assert s["errors"] == 5
+
+
+def test_empty_file_gives_empty_output(tmp_path):
+    f = write(str(tmp_path / "in" / "empty.jsonl"), b"")
+    s = run(tmp_path, f)
+    assert (tmp_path / "out" / "empty.jsonl.out").read_bytes() == b""
+    assert s["records"] == 0 and s["files_done"] == 1
+
+
+def test_join_input(tmp_path):
+    lines = [json.dumps({"id": 7, "inputs": "x"}), json.dumps("bare"), "{bad"]
+    f = write(str(tmp_path / "in.jsonl"), "\n".join(lines) + "\n")
+    run(tmp_path, f, join_input=True)
+    got = read_lines(str(tmp_path / "out" / "in.jsonl.out"))
+    assert got[0]["id"] == 7 and got[0]["inputs"] == "x" and got[0]["SageMakerOutput"][0]["generated_text"]
+    assert got[1]["SageMakerInput"] == "bare" and isinstance(got[1]["SageMakerOutput"], list)
+    assert got[2]["SageMakerInput"] == "{bad" and got[2]["SageMakerOutput"]["status"] == 400
+
+
+def test_per_record_seeds_are_distinct_and_stable(tmp_path):
+    f = write(str(tmp_path / "in.jsonl"), prompts(1, "same") * 3)
+    seen = []
+
+    def infer(rec, defaults):
+        seen.append(defaults["seed"])
+        return fake_infer(rec, defaults)
+
+    run(tmp_path, f, infer=infer, defaults={"max_new_tokens": 2}, concurrency=1)
+    assert seen == [seed_for(0, "in.jsonl", i) for i in range(3)] and len(set(seen)) == 3
+    texts = [r[0]["generated_text"] for r in read_lines(str(tmp_path / "out" / "in.jsonl.out"))]
+    assert len(set(texts)) == 3  # same prompt, different per-record seed
+
+
+def test_rerun_skips_finished_files_and_redoes_changed_ones(tmp_path):
+    f = write(str(tmp_path / "in" / "a.jsonl"), prompts(5))
+    calls = []
+
+    def infer(rec, defaults):
+        calls.append(rec)
+        return fake_infer(rec, defaults)
+
+    run(tmp_path, tmp_path / "in", infer=infer)
+    first = (tmp_path / "out" / "a.jsonl.out").read_bytes()
+    s = run(tmp_path, tmp_path / "in", infer=infer)
+    assert len(calls) == 5 and s["records_resumed"] == 5 and s["records_this_run"] == 0
+    assert (tmp_path / "out" / "a.jsonl.out").read_bytes() == first
+    run(tmp_path, tmp_path / "in", infer=infer, defaults={"max_new_tokens": 9})  # other parameters: redo
+    assert len(calls) == 10
+    write(f, prompts(6))  # other input bytes: redo
+    run(tmp_path, tmp_path / "in", infer=infer, defaults={"max_new_tokens": 9})
+    assert len(calls) == 16 and len(read_lines(str(tmp_path / "out" / "a.jsonl.out"))) == 6
+
+
+def test_infer_that_raises_becomes_an_error_line(tmp_path):
+    f = write(str(tmp_path / "in.jsonl"), prompts(3))
+
+    def infer(rec, defaults):
+        if "p1" in rec:
+            raise RuntimeError("boom")
+        return fake_infer(rec, defaults)
+
+    s = run(tmp_path, f, infer=infer)
+    got = read_lines(str(tmp_path / "out" / "in.jsonl.out"))
+    assert got[1]["status"] == 500 and isinstance(got[0], list) and isinstance(got[2], list)
+    assert s["errors"] == 1
+
+
+def test_queue_full_is_retried_not_written(tmp_path):
+    f = write(str(tmp_path / "in.jsonl"), prompts(4))
+    refused = set()
+
+    def infer(rec, defaults):
+        if rec not in refused:
+            refused.add(rec)
+            return {"error": "queue full", "error_type": "queue_full", "status": 429}
+        return fake_infer(rec, defaults)
+
+    s = run(tmp_path, f, infer=infer)
+    assert s["errors"] == 0 and all(isinstance(r, list) for r in read_lines(str(tmp_path / "out" / "in.jsonl.out")))
+
+
+def test_journal_torn_tail_and_foreign_fingerprint(tmp_path):
+    p = str(tmp_path / "w" / "x.journal")
+    j = Journal(p, "fp1")
+    j.append(3, b'{"a":1}', False, 2)
+    j.append(0, b'{"b":2}', True, 0)
+    j.sync()
+    j.close()
+    with open(p, "ab") as f:
+        f.write(b'5\tk\t1\t{"c":')  # killed mid-write
+    j = Journal(p, "fp1")
+    assert sorted(j.entries) == [0, 3] and j.read(j.entries[3]) == b'{"a":1}' and j.entries[0].error
+    j.append(5, b'{"c":3}', False, 1)
+    j.sync()
+    j.close()
+    j = Journal(p, "fp1")
+    assert sorted(j.entries) == [0, 3, 5] and j.read(j.entries[5]) == b'{"c":3}'
+    j.close()
+    j = Journal(p, "fp2")  # another job: set aside, start over
+    assert j.entries == {}
+    assert any(n.startswith("x.journal.stale") for n in os.listdir(tmp_path / "w"))
+    j.close()
+
+
+def test_missing_input_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        run(tmp_path, tmp_path / "nope")
