@@ -1,0 +1,45 @@
+"""Shared fixtures: small deterministic Granite 4.0 H checkpoints built once per test session.
+
+    tiny_ckpt      Path to the "tiny" preset (4 layers, hidden 64, vocab 512): use for most tests.
+    demo_ckpt      Path to the "demo" preset (what `make serve` runs; ~11M params): use sparingly.
+    ckpt_factory   ckpt_factory(preset="tiny", seed=0, **overrides) -> Path, cached per argument set.
+    build_variant  plain function, importable as `from tests.conftest import build_variant`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.demo import build_checkpoint
+
+
+def build_variant(out_dir, *, preset: str = "tiny", seed: int = 0, **overrides) -> Path:
+    """A checkpoint with config overrides, e.g. build_variant(d, num_hidden_layers=6, attention_layers=(1, 4))."""
+    return build_checkpoint(out_dir, preset=preset, seed=seed, **overrides)
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def make(preset: str = "tiny", seed: int = 0, **overrides) -> Path:
+        key = json.dumps([preset, seed, overrides], sort_keys=True, default=str)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"ckpt-{preset}")
+            cache[key] = build_variant(out, preset=preset, seed=seed, **overrides)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(ckpt_factory) -> Path:
+    return ckpt_factory("tiny")
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt(ckpt_factory) -> Path:
+    return ckpt_factory("demo")
