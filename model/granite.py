@@ -1,0 +1,333 @@
+"""Granite 4.0 H (GraniteMoeHybridForCausalLM, dense MLP) with serving-style prefill and decode.
+
+Parameter names equal the Hugging Face checkpoint's, so safetensors load straight into a model built on
+the meta device (assign=True: nothing initialised twice). All sequence state lives in a StatePool
+(model/state.py); the network only reads and writes it by slot (Mamba) or KV block (attention):
+  prefill: many tokens of ONE sequence, continuing from its slot's state and existing KV
+  decode:  one token for each of B sequences, states updated in place by slot index
+Every op that has a fused CUDA kernel goes through a Kernels object (model/kernels.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAMBA_KINDS = ("mamba", "linear_attention")
+ATTENTION_KINDS = ("attention", "full_attention")
+
+
+@dataclass(frozen=True)
+class GraniteArch:
+    vocab_size: int
+    hidden: int
+    kinds: tuple[str, ...]  # per layer: "mamba" | "attention"
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_inner: int
+    rms_eps: float
+    embedding_multiplier: float
+    residual_multiplier: float
+    attention_multiplier: float  # the attention scale itself (1/head_dim in Granite 4), not 1/sqrt
+    logits_scaling: float
+    tie_embeddings: bool
+    attention_bias: bool
+    m_heads: int
+    m_head_dim: int
+    m_state: int
+    m_groups: int
+    m_conv: int
+    m_chunk: int
+    m_conv_bias: bool
+    m_proj_bias: bool
+    dt_limit: tuple[float, float]
+
+    @property
+    def m_inner(self) -> int:
+        return self.m_heads * self.m_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.m_inner + 2 * self.m_groups * self.m_state
+
+    @property
+    def n_mamba(self) -> int:
+        return self.kinds.count("mamba")
+
+    @property
+    def n_attention(self) -> int:
+        return self.kinds.count("attention")
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> GraniteArch:
+        if getattr(cfg, "num_local_experts", 0):
+            raise ValueError("mixture-of-experts Granite checkpoints (num_local_experts > 0) are not supported")
+        pos = getattr(cfg, "position_embedding_type", None)
+        if pos not in (None, "nope"):
+            raise ValueError(f"position_embedding_type={pos!r} is not supported (Granite 4.0 H uses none)")
+        kinds = []
+        for i, t in enumerate(cfg.layer_types):
+            if t not in MAMBA_KINDS + ATTENTION_KINDS:
+                raise ValueError(f"layer {i}: unknown layer type {t!r}")
+            kinds.append("mamba" if t in MAMBA_KINDS else "attention")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        limit = tuple(float(v) for v in (cfg.time_step_limit or (0.0, float("inf"))))
+        return cls(
+            vocab_size=cfg.vocab_size, hidden=cfg.hidden_size, kinds=tuple(kinds),
+            n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim,
+            mlp_inner=cfg.shared_intermediate_size, rms_eps=cfg.rms_norm_eps,
+            embedding_multiplier=float(cfg.embedding_multiplier), residual_multiplier=float(cfg.residual_multiplier),
+            attention_multiplier=float(cfg.attention_multiplier), logits_scaling=float(cfg.logits_scaling),
+            tie_embeddings=bool(cfg.tie_word_embeddings), attention_bias=bool(cfg.attention_bias),
+            m_heads=cfg.mamba_n_heads, m_head_dim=int(cfg.mamba_d_head), m_state=cfg.mamba_d_state,
+            m_groups=cfg.mamba_n_groups, m_conv=cfg.mamba_d_conv, m_chunk=cfg.mamba_chunk_size,
+            m_conv_bias=bool(cfg.mamba_conv_bias), m_proj_bias=bool(cfg.mamba_proj_bias), dt_limit=limit,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> GraniteArch:
+        from transformers import GraniteMoeHybridConfig
+
+        return cls.from_hf_config(GraniteMoeHybridConfig.from_pretrained(str(model_dir)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """RMSNorm(y * silu(gate)) per group of channels (n_groups groups), in float32."""
+
+    def __init__(self, dim: int, eps: float, groups: int) -> None:
+        super().__init__(dim, eps)
+        self.groups = groups
+
+    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        yf = y.float() * F.silu(gate.float())
+        yg = yf.unflatten(-1, (self.groups, -1))
+        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * yg.flatten(-2).to(y.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, a: GraniteArch) -> None:
+        super().__init__()
+        self.input_linear = nn.Linear(a.hidden, 2 * a.mlp_inner, bias=False)
+        self.output_linear = nn.Linear(a.mlp_inner, a.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.input_linear(x).chunk(2, dim=-1)
+        return self.output_linear(F.silu(gate) * up)
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, a: GraniteArch) -> None:
+        super().__init__()
+        self.a = a
+        self.in_proj = nn.Linear(a.hidden, a.m_inner + a.conv_dim + a.m_heads, bias=a.m_proj_bias)
+        self.conv1d = nn.Conv1d(a.conv_dim, a.conv_dim, a.m_conv, groups=a.conv_dim, bias=a.m_conv_bias,
+                                padding=a.m_conv - 1)
+        self.dt_bias = nn.Parameter(torch.empty(a.m_heads))
+        self.A_log = nn.Parameter(torch.empty(a.m_heads))
+        self.D = nn.Parameter(torch.empty(a.m_heads))
+        self.norm = GatedRMSNorm(a.m_inner, a.rms_eps, a.m_groups)
+        self.out_proj = nn.Linear(a.m_inner, a.hidden, bias=a.m_proj_bias)
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        a = self.a
+        x, B, C = xbc.split([a.m_inner, a.m_groups * a.m_state, a.m_groups * a.m_state], dim=-1)
+        return (x.unflatten(-1, (a.m_heads, a.m_head_dim)), B.unflatten(-1, (a.m_groups, a.m_state)),
+                C.unflatten(-1, (a.m_groups, a.m_state)))
+
+    def prefill(self, h, conv_state, ssm_state, K):
+        """h (1, l, hidden); conv_state (1, d, w-1) and ssm_state (1, h, p, n): pool views, written back."""
+        a = self.a
+        gate, xbc, dt = self.in_proj(h).split([a.m_inner, a.conv_dim, a.m_heads], dim=-1)
+        xbc, new_conv = K.conv_prefill(xbc.transpose(1, 2), conv_state, self.conv1d.weight.squeeze(1),
+                                       self.conv1d.bias)
+        conv_state.copy_(new_conv)
+        x, B, C = self._split_xbc(xbc.transpose(1, 2))
+        A = -torch.exp(self.A_log.float())
+        y, final = K.ssd_prefill(x, dt, A, B, C, a.m_chunk, self.D, self.dt_bias, ssm_state, a.dt_limit)
+        ssm_state.copy_(final)
+        return self.out_proj(self.norm(y.flatten(-2), gate).to(h.dtype))
+
+    def decode(self, h, conv_pool, ssm_pool, slots, K):
+        """h (B, hidden); pools (S, ...) updated in place at slots (B,)."""
+        a = self.a
+        gate, xbc, dt = self.in_proj(h).split([a.m_inner, a.conv_dim, a.m_heads], dim=-1)
+        xbc = K.conv_decode(xbc, conv_pool, slots, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        x, B, C = self._split_xbc(xbc)
+        A = -torch.exp(self.A_log.float())
+        y = K.ssm_decode(ssm_pool, slots, x, dt, A, B, C, self.D, self.dt_bias, a.dt_limit)
+        return self.out_proj(self.norm(y.flatten(-2), gate).to(h.dtype))
+
+
+class Attention(nn.Module):
+    """GQA attention, no positional encoding; KV lives in paged blocks (NB, block_size, kv_heads, head_dim)."""
+
+    def __init__(self, a: GraniteArch) -> None:
+        super().__init__()
+        self.a = a
+        self.q_proj = nn.Linear(a.hidden, a.n_heads * a.head_dim, bias=a.attention_bias)
+        self.k_proj = nn.Linear(a.hidden, a.n_kv_heads * a.head_dim, bias=a.attention_bias)
+        self.v_proj = nn.Linear(a.hidden, a.n_kv_heads * a.head_dim, bias=a.attention_bias)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.hidden, bias=a.attention_bias)
+
+    def _qkv(self, h):
+        e = self.a.head_dim
+        return (self.q_proj(h).unflatten(-1, (-1, e)), self.k_proj(h).unflatten(-1, (-1, e)),
+                self.v_proj(h).unflatten(-1, (-1, e)))
+
+    def prefill(self, h, k_cache, v_cache, block_table, start, K):
+        """h (1, l, hidden); block_table (nb,) long; the sequence already has `start` tokens of KV."""
+        bs = k_cache.shape[1]
+        q, k, v = self._qkv(h[0])  # (l, heads, e)
+        length = h.shape[1]
+        pos = torch.arange(start + length, device=h.device)
+        flat = block_table[pos // bs] * bs + pos % bs  # (start + l,) rows of the flattened cache
+        kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+        kf.index_copy_(0, flat[start:], k.to(kf.dtype))
+        vf.index_copy_(0, flat[start:], v.to(vf.dtype))
+        keys, vals = kf[flat].to(q.dtype), vf[flat].to(q.dtype)  # (T, kv_heads, e)
+        mask = pos[None, :] <= pos[start:, None]  # (l, T): causal with offset `start`
+        o = K.attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
+                        mask[None, None], self.a.attention_multiplier)  # (1, heads, l, e)
+        return self.o_proj(o[0].transpose(0, 1).flatten(-2))[None]
+
+    def decode(self, h, k_cache, v_cache, block_tables, positions, K):
+        """h (B, hidden); block_tables (B, mb) long; positions (B,) = tokens already cached per sequence."""
+        bs = k_cache.shape[1]
+        q, k, v = self._qkv(h)  # (B, heads, e)
+        kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+        new = block_tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
+        kf.index_copy_(0, new, k.to(kf.dtype))
+        vf.index_copy_(0, new, v.to(vf.dtype))
+        rows = (block_tables[:, :, None] * bs + torch.arange(bs, device=h.device)).flatten(1)  # (B, T)
+        keys, vals = kf[rows].to(q.dtype), vf[rows].to(q.dtype)  # (B, T, kv_heads, e)
+        mask = torch.arange(rows.shape[1], device=h.device)[None, :] <= positions[:, None]  # (B, T)
+        o = K.attention(q[:, :, None], keys.transpose(1, 2), vals.transpose(1, 2), mask[:, None, None],
+                        self.a.attention_multiplier)  # (B, heads, 1, e)
+        return self.o_proj(o[:, :, 0].flatten(-2))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: GraniteArch, kind: str, kind_index: int) -> None:
+        super().__init__()
+        self.kind, self.kind_index, self.res = kind, kind_index, a.residual_multiplier
+        self.input_layernorm = RMSNorm(a.hidden, a.rms_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden, a.rms_eps)
+        if kind == "mamba":
+            self.mamba = MambaMixer(a)
+        else:
+            self.self_attn = Attention(a)
+        self.shared_mlp = MLP(a)
+
+    def _mlp(self, h):
+        return h + self.shared_mlp(self.post_attention_layernorm(h)) * self.res
+
+    def prefill(self, h, slot, start, block_table, state, K):
+        x, i = self.input_layernorm(h), self.kind_index
+        if self.kind == "mamba":
+            y = self.mamba.prefill(x, state.conv[i, slot:slot + 1], state.ssm[i, slot:slot + 1], K)
+        else:
+            y = self.self_attn.prefill(x, state.k[i], state.v[i], block_table, start, K)
+        return self._mlp(h + y * self.res)
+
+    def decode(self, h, slots, block_tables, positions, state, K):
+        x, i = self.input_layernorm(h), self.kind_index
+        if self.kind == "mamba":
+            y = self.mamba.decode(x, state.conv[i], state.ssm[i], slots, K)
+        else:
+            y = self.self_attn.decode(x, state.k[i], state.v[i], block_tables, positions, K)
+        return self._mlp(h + y * self.res)
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: GraniteArch) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden)
+        counts = {"mamba": 0, "attention": 0}
+        layers = []
+        for kind in a.kinds:
+            layers.append(DecoderLayer(a, kind, counts[kind]))
+            counts[kind] += 1
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(a.hidden, a.rms_eps)
+
+
+class GraniteForCausalLM(nn.Module):
+    def __init__(self, a: GraniteArch) -> None:
+        super().__init__()
+        self.arch = a
+        self.model = Backbone(a)
+        self.lm_head = None if a.tie_embeddings else nn.Linear(a.hidden, a.vocab_size, bias=False)
+
+    def _embed(self, ids):
+        return self.model.embed_tokens(ids) * self.arch.embedding_multiplier
+
+    @torch.no_grad()
+    def prefill(self, ids, slot: int, start: int, block_table, state, K) -> torch.Tensor:
+        """ids (l,) of one sequence -> final-normed hidden states (l, hidden)."""
+        h = self._embed(ids)[None]
+        for layer in self.model.layers:
+            h = layer.prefill(h, slot, start, block_table, state, K)
+        return self.model.norm(h[0])
+
+    @torch.no_grad()
+    def decode(self, ids, slots, block_tables, positions, state, K) -> torch.Tensor:
+        """ids, slots, positions (B,); block_tables (B, mb) -> final-normed hidden states (B, hidden)."""
+        h = self._embed(ids)
+        for layer in self.model.layers:
+            h = layer.decode(h, slots, block_tables, positions, state, K)
+        return self.model.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return (F.linear(h, w) / self.arch.logits_scaling).float()
+
+
+# Mamba parameters used in float32 whatever the model dtype (tiny; the scan discretizes in fp32).
+FP32_PARAMS = ("A_log", "D", "dt_bias")
+
+
+def load_granite(model_dir: str | Path, device: torch.device | str, dtype: torch.dtype) -> GraniteForCausalLM:
+    """Build on the meta device and assign the checkpoint's tensors (safetensors, memory-mapped)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    arch = GraniteArch.from_dir(model_dir)
+    with torch.device("meta"):
+        model = GraniteForCausalLM(arch)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    expected = set(model.state_dict())
+    sd = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name == "lm_head.weight" and arch.tie_embeddings:
+                    continue  # tied: the embedding is the head
+                if name not in expected:
+                    raise ValueError(f"unexpected tensor {name!r} in {path.name}")
+                t = f.get_tensor(name)
+                want = torch.float32 if name.rsplit(".", 1)[-1] in FP32_PARAMS else dtype
+                sd[name] = t.to(want) if t.is_floating_point() else t
+    missing = expected - set(sd)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,188 @@
+"""The ONE place that picks, per op, a fused CUDA kernel or the pure-torch reference (model/ssd.py).
+
+Ops (shapes as in model/ssd.py):
+  ssd_prefill  x (1, l, h, p) ... initial state (1, h, p, n) -> (y, final state)   mamba_chunk_scan_combined
+  ssm_decode   one token for B slots, state pool (S, h, p, n) updated in place       selective_state_update
+  conv_prefill x (1, d, l) from conv state (1, d, w-1) -> (y, new state)              causal_conv1d_fn
+  conv_decode  x (B, d), conv pool (S, d, w-1) updated in place                       causal_conv1d_update
+  attention    SDPA (torch picks flash / memory-efficient / math itself)
+Fused modules are imported lazily and only for CUDA. `report` says which path each op took.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model import ssd
+
+log = logging.getLogger(__name__)
+
+OPS = ("ssd_prefill", "ssm_decode", "conv_prefill", "conv_decode", "attention")
+
+
+@dataclass
+class FusedOps:
+    mamba_chunk_scan_combined: Callable | None = None
+    selective_state_update: Callable | None = None
+    causal_conv1d_fn: Callable | None = None
+    causal_conv1d_update: Callable | None = None
+    errors: dict[str, str] | None = None
+
+
+def _import_mamba_triton(name: str) -> Any:
+    """Import mamba_ssm.ops.triton.<name> without running mamba_ssm/__init__.py when that fails.
+
+    mamba_ssm/__init__ imports the compiled selective_scan_cuda; the Triton kernels don't need it.
+    If the normal import fails we register a bare package module whose __path__ points at the
+    installed package directory, so only the submodules themselves execute.
+    """
+    full = f"mamba_ssm.ops.triton.{name}"
+    try:
+        return importlib.import_module(full)
+    except ImportError:
+        spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        for key in [k for k in sys.modules if k == "mamba_ssm" or k.startswith("mamba_ssm.")]:
+            del sys.modules[key]  # drop the half-imported package
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec
+        sys.modules["mamba_ssm"] = pkg
+        return importlib.import_module(full)
+
+
+def load_fused() -> FusedOps:
+    ops, errors = FusedOps(), {}
+    try:
+        ops.mamba_chunk_scan_combined = _import_mamba_triton("ssd_combined").mamba_chunk_scan_combined
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        errors["mamba_chunk_scan_combined"] = repr(e)
+    try:
+        ops.selective_state_update = _import_mamba_triton("selective_state_update").selective_state_update
+    except Exception as e:  # noqa: BLE001
+        errors["selective_state_update"] = repr(e)
+    try:
+        cc = importlib.import_module("causal_conv1d")
+        ops.causal_conv1d_fn, ops.causal_conv1d_update = cc.causal_conv1d_fn, cc.causal_conv1d_update
+    except Exception as e:  # noqa: BLE001
+        errors["causal_conv1d"] = repr(e)
+    ops.errors = errors
+    return ops
+
+
+def _accepts(fn: Callable, arg: str) -> bool:
+    try:
+        return arg in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Kernels:
+    def __init__(self, mode: str, device: torch.device, fused: FusedOps | None = None) -> None:
+        """mode auto|fused|reference. `fused` injects kernel implementations (tests); else load_fused() on CUDA."""
+        if mode not in ("auto", "fused", "reference"):
+            raise ValueError(f"kernels must be auto|fused|reference, got {mode!r}")
+        device = torch.device(device)
+        if mode == "fused" and device.type != "cuda" and fused is None:
+            raise RuntimeError("kernels='fused' needs a CUDA device (mamba-ssm / causal-conv1d); this is "
+                               f"{device.type}. Use kernels='auto' or 'reference'.")
+        if mode == "reference":
+            fused = FusedOps()
+        elif fused is None:
+            fused = load_fused() if device.type == "cuda" else FusedOps()
+        self.f = fused
+        self.ssm_decode_indexed = fused.selective_state_update is not None and _accepts(
+            fused.selective_state_update, "state_batch_indices")
+        self.report = {
+            "ssd_prefill": "fused:mamba_chunk_scan_combined" if fused.mamba_chunk_scan_combined else "reference",
+            "ssm_decode": ("fused:selective_state_update" + ("" if self.ssm_decode_indexed else "+gather"))
+            if fused.selective_state_update else "reference",
+            "conv_prefill": "fused:causal_conv1d_fn" if fused.causal_conv1d_fn else "reference",
+            "conv_decode": "fused:causal_conv1d_update" if fused.causal_conv1d_update else "reference",
+            "attention": "sdpa",
+        }
+        if mode == "fused":
+            missing = [op for op, path in self.report.items() if path == "reference"]
+            if missing:
+                raise RuntimeError(f"kernels='fused' but these fused kernels are unavailable: {missing}; "
+                                   f"import errors: {fused.errors}")
+        for op, path in self.report.items():
+            log.info("kernel %s: %s", op, path)
+        if fused.errors:
+            log.info("fused kernels not loaded: %s", fused.errors)
+
+    # ---- Mamba SSM -------------------------------------------------------------------------
+    def ssd_prefill(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit):
+        if self.f.mamba_chunk_scan_combined is None:
+            return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
+                                      initial_states=initial_states, dt_limit=dt_limit)
+        y, final = self.f.mamba_chunk_scan_combined(
+            x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=initial_states,
+            dt_softplus=True, dt_limit=tuple(dt_limit), return_final_states=True)
+        return y, final
+
+    def ssm_decode(self, state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit):
+        """state_pool (S, h, p, n); slots (B,) long; x (B, h, p); dt (B, h); B, C (B, g, n). Returns y (B, h, p)."""
+        if self.f.selective_state_update is None:
+            return ssd.ssm_decode_inplace(state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit)
+        h, p, n = state_pool.shape[1:]
+        # The kernel wants per-(head, channel) parameters; expanded views with stride 0 over p let it
+        # take its "tied head dim" fast path.
+        if tuple(dt_limit) != ssd.NO_DT_LIMIT:  # the kernel has no clamp: discretize here
+            dt, dt_bias, softplus = ssd.discretize_dt(dt, dt_bias, dt_limit).to(x.dtype), None, False
+        else:
+            softplus = True
+        dt_e = dt[:, :, None].expand(-1, h, p)
+        A_e = A[:, None, None].expand(h, p, n).to(torch.float32)
+        D_e = D[:, None].expand(h, p)
+        bias_e = dt_bias[:, None].expand(h, p) if dt_bias is not None else None
+        if self.ssm_decode_indexed:
+            return self.f.selective_state_update(
+                state_pool, x, dt_e, A_e, B, C, D=D_e, z=None, dt_bias=bias_e, dt_softplus=softplus,
+                state_batch_indices=slots.to(torch.int32))
+        state = state_pool[slots]  # older mamba_ssm: gather, update, scatter
+        y = self.f.selective_state_update(state, x, dt_e, A_e, B, C, D=D_e, z=None, dt_bias=bias_e,
+                                          dt_softplus=softplus)
+        state_pool.index_copy_(0, slots, state)
+        return y
+
+    # ---- causal depthwise conv ------------------------------------------------------------
+    def conv_prefill(self, x, conv_state, weight, bias):
+        """x (1, d, l); conv_state (1, d, w-1); weight (d, w). Returns (silu(conv) (1, d, l), new state)."""
+        if self.f.causal_conv1d_fn is None:
+            return ssd.causal_conv(x, conv_state, weight, bias)
+        # Prepend the carried state and drop its outputs: exact, and needs no channel-last layout
+        # (causal_conv1d_fn's own initial_states argument requires x with stride(1) == 1).
+        w = weight.shape[-1]
+        xx = torch.cat([conv_state.to(x.dtype), x], dim=-1).contiguous()
+        y = self.f.causal_conv1d_fn(xx, weight, bias, activation="silu")
+        return y[..., w - 1:], xx[..., xx.shape[-1] - (w - 1):]
+
+    def conv_decode(self, x, conv_pool, slots, weight, bias):
+        """x (B, d); conv_pool (S, d, w-1) updated in place at slots. Returns (B, d)."""
+        if self.f.causal_conv1d_update is None:
+            return ssd.conv_decode_inplace(x, conv_pool, slots, weight, bias)
+        return self.f.causal_conv1d_update(x, conv_pool, weight, bias, activation="silu",
+                                           conv_state_indices=slots.to(torch.int32))
+
+    # ---- attention -------------------------------------------------------------------------
+    @staticmethod
+    def attention(q, k, v, mask, scale):
+        """q (b, hq, lq, e); k, v (b, hkv, lk, e); mask (b|1, 1, lq, lk) bool (True = attend)."""
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

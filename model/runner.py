@@ -1,0 +1,166 @@
+"""ModelRunner: turns a StepBatch into tensors, runs the network, returns float32 logits.
+
+Prefill chunks run one sequence at a time from the slot's state (start == 0 means a fresh sequence:
+its Mamba state is zeroed first). Decode chunks (one token, start > 0) run together in one call; with
+static decode they are padded to a batch-size bucket with the dummy slot and run through fixed buffers,
+which on CUDA are captured once per bucket as CUDA graphs and replayed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from model.blocks import SlotAllocator
+from model.decode_static import StaticDecode, decode_buckets
+from model.granite import load_granite
+from model.kernels import Kernels
+from model.state import BLOCK_SIZE, StatePool, auto_kv_tokens, bytes_per_seq
+from model.types import EngineConfig, SeqChunk, StepBatch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtypes(cfg: EngineConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if cfg.ssm_state_dtype != "auto":
+        ssm = DTYPES[cfg.ssm_state_dtype]
+    else:
+        ssm = dtype if (device.type == "cuda" and dtype == torch.bfloat16) else torch.float32
+    return dtype, ssm
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, config: EngineConfig, decode_mode: str | None = None) -> None:
+        """decode_mode: None = auto ("graph" on CUDA with cuda_graphs, else "eager"); "static" runs the
+        graph buffers/padding eagerly (any device; used by tests)."""
+        self.config = config
+        dev = resolve_device(config.device)
+        self.device = str(dev)
+        self._dev = dev
+        self._dtype, self._ssm_dtype = resolve_dtypes(config, dev)
+        self.dtype = str(self._dtype).removeprefix("torch.")
+        self.kernels = Kernels(config.kernels, dev)
+        self.kernel_report = dict(self.kernels.report)
+        self.model = load_granite(model_dir, dev, self._dtype)
+        self.arch = self.model.arch
+        self.vocab_size = self.arch.vocab_size
+        kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
+            self.arch, config.max_concurrent_seqs, config.max_total_tokens, dev, self._dtype, self._ssm_dtype)
+        self.pool = StatePool(self.arch, config.max_concurrent_seqs, kv_tokens, dev, self._dtype,
+                              self._ssm_dtype, BLOCK_SIZE)
+        self.allocator = SlotAllocator(config.max_concurrent_seqs, self.pool.num_blocks, BLOCK_SIZE)
+        # Fixed block-table width for static decode: enough for the longest allowed sequence.
+        self.max_blocks_per_seq = min(math.ceil(config.max_total_tokens / BLOCK_SIZE), self.pool.num_blocks)
+        if decode_mode is None:
+            decode_mode = "graph" if (dev.type == "cuda" and config.cuda_graphs) else "eager"
+        if decode_mode not in ("eager", "static", "graph"):
+            raise ValueError(f"decode_mode must be eager|static|graph, got {decode_mode!r}")
+        if decode_mode == "graph" and dev.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.decode_mode = decode_mode
+        self.static = None
+        if decode_mode != "eager":
+            self.static = StaticDecode(self._decode_hidden, decode_buckets(config.max_concurrent_seqs),
+                                       self.pool.dummy_slot, self.pool.dummy_block, self.max_blocks_per_seq,
+                                       self.arch.hidden, dev, self._dtype, capture=decode_mode == "graph")
+        self.kernel_report["decode"] = decode_mode
+        log.info("runner: device=%s dtype=%s ssm_state=%s kv_tokens=%d kernels=%s", self.device, self.dtype,
+                 self._ssm_dtype, self.pool.num_blocks * BLOCK_SIZE, self.kernel_report)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """float32 logits (rows = chunks with want_logits, in chunk order, vocab)."""
+        rows: dict[int, torch.Tensor] = {}
+        decode_idx = [i for i, c in enumerate(batch.chunks) if len(c.token_ids) == 1 and c.start > 0]
+        decode_set = set(decode_idx)
+        for i, c in enumerate(batch.chunks):
+            if i in decode_set:
+                continue
+            h = self._prefill(c)
+            if c.want_logits:
+                rows[i] = h[-1:]
+        if decode_idx:
+            h = self._decode([batch.chunks[i] for i in decode_idx])
+            for j, i in enumerate(decode_idx):
+                if batch.chunks[i].want_logits:
+                    rows[i] = h[j:j + 1]
+        order = sorted(rows)
+        if not order:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self._dev)
+        return self.model.logits(torch.cat([rows[i] for i in order]))
+
+    def _check_room(self, c: SeqChunk) -> list[int]:
+        table = self.allocator.block_table(c.slot)
+        if c.start + len(c.token_ids) > len(table) * BLOCK_SIZE:
+            raise RuntimeError(f"slot {c.slot}: {c.start + len(c.token_ids)} tokens exceed its reserved "
+                               f"{len(table) * BLOCK_SIZE}")
+        return table
+
+    def _prefill(self, c: SeqChunk) -> torch.Tensor:
+        if not c.token_ids:
+            raise ValueError(f"empty chunk for slot {c.slot}")
+        table = self._check_room(c)
+        if c.start == 0:
+            self.pool.reset_slot(c.slot)
+        ids = torch.tensor(c.token_ids, dtype=torch.long, device=self._dev)
+        bt = torch.tensor(table, dtype=torch.long, device=self._dev)
+        return self.model.prefill(ids, c.slot, c.start, bt, self.pool, self.kernels)
+
+    def _decode_hidden(self, ids, slots, tables, positions) -> torch.Tensor:
+        return self.model.decode(ids, slots, tables, positions, self.pool, self.kernels)
+
+    def _decode(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        tables = [self._check_room(c) for c in chunks]
+        ids = [c.token_ids[0] for c in chunks]
+        slots = [c.slot for c in chunks]
+        positions = [c.start for c in chunks]
+        if self.static is not None:
+            return self.static.run(ids, slots, positions, tables)
+        width = max(math.ceil((p + 1) / BLOCK_SIZE) for p in positions)
+        padded = [t[:width] + [self.pool.dummy_block] * (width - len(t[:width])) for t in tables]
+        t = lambda v: torch.tensor(v, dtype=torch.long, device=self._dev)  # noqa: E731
+        return self._decode_hidden(t(ids), t(slots), t(padded), t(positions))
+
+    # ---- setup / reporting --------------------------------------------------------------------
+    def warmup(self) -> None:
+        """A prefill and a decode at every bucket (Triton autotunes here; graphs are captured here)."""
+        slot = self.allocator.allocate(min(2 * self.arch.m_chunk + 3, self.allocator.max_tokens_per_seq))
+        try:
+            n = min(self.arch.m_chunk + 3, self.allocator.capacity(slot) - 1)
+            self.forward(StepBatch((SeqChunk(slot, tuple(range(1, n + 1)), 0, True),)))
+            self.forward(StepBatch((SeqChunk(slot, (1,), n, True),)))
+        finally:
+            self.allocator.free(slot)
+        if self.static is not None:
+            self.static.prepare_all()
+        elif self._dev.type == "cuda":
+            for b in decode_buckets(self.config.max_concurrent_seqs):
+                d = self.pool.dummy_slot
+                t = lambda v: torch.tensor(v, dtype=torch.long, device=self._dev)  # noqa: E731
+                self._decode_hidden(t([1] * b), t([d] * b), t([[self.pool.dummy_block]] * b), t([0] * b))
+        self.pool.reset_slot(self.pool.dummy_slot)
+        if self._dev.type == "cuda":
+            torch.cuda.synchronize(self._dev)
+
+    def memory_report(self) -> dict:
+        rep = self.pool.report()
+        n = self.config.max_total_tokens
+        rep["formula_bytes_per_seq"] = bytes_per_seq(self.arch, n, self._dtype, self._ssm_dtype)
+        rep["formula_tokens"] = n
+        return rep

@@ -1,0 +1,136 @@
+"""Readable pure-torch reference ops for the Mamba-2 mixer (the CPU path, and the oracle for kernels).
+
+Shapes (b = batch, l = tokens, h = heads, p = head dim, g = groups, n = state size, d = conv channels,
+w = conv width):
+  x (b, l, h, p); dt (b, l, h); A (h,) negative; B, C (b, l, g, n); D (h,); dt_bias (h,)
+  SSM state (b, h, p, n); conv state (b, d, w - 1) = the last w - 1 conv inputs, oldest first.
+All SSM arithmetic runs in float32; outputs are cast back to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NO_DT_LIMIT = (0.0, float("inf"))
+
+
+def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_limit=NO_DT_LIMIT) -> torch.Tensor:
+    """softplus(dt + dt_bias) clamped to dt_limit, float32."""
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    dt = F.softplus(dt)
+    if tuple(dt_limit) != NO_DT_LIMIT:
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """a (..., T) -> (..., T, T) with out[i, j] = sum(a[j+1 : i+1]) for j <= i, -inf above the diagonal."""
+    t = a.size(-1)
+    a = a[..., None].expand(*a.shape, t)
+    below = torch.tril(torch.ones(t, t, dtype=torch.bool, device=a.device), diagonal=-1)
+    s = torch.cumsum(a.masked_fill(~below, 0), dim=-2)
+    return s.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool, device=a.device)), -torch.inf)
+
+
+def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None, dt_limit=NO_DT_LIMIT):
+    """Chunked SSD scan (the Mamba-2 paper's algorithm). Returns (y (b, l, h, p), final state (b, h, p, n) fp32).
+
+    1. intra-chunk outputs (a masked "attention" C B^T inside each chunk),
+    2. each chunk's own end state, 3. a recurrence over chunk end states from `initial_states`,
+    4. the contribution of each chunk's start state to its outputs.
+    """
+    b, seqlen, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    dt = discretize_dt(dt, dt_bias, dt_limit)  # (b, l, h)
+    xf = x.float()
+    Bf = B.float().repeat_interleave(h // g, dim=2)  # (b, l, h, n)
+    Cf = C.float().repeat_interleave(h // g, dim=2)
+    pad = (-seqlen) % chunk_size
+    xdt = F.pad(xf * dt[..., None], (0, 0, 0, 0, 0, pad))  # padded steps: zero input, no decay
+    Adt = F.pad(A.float()[None, None] * dt, (0, 0, 0, pad))  # (b, L, h)
+    Bc = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+    Cc = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+    nc = (seqlen + pad) // chunk_size
+    # (b, c, s, ...) with s = position inside the chunk
+    xdt, Bc, Cc = (t.reshape(b, nc, chunk_size, h, -1) for t in (xdt, Bc, Cc))
+    Adt = Adt.reshape(b, nc, chunk_size, h).permute(0, 3, 1, 2)  # (b, h, c, s)
+    A_cum = torch.cumsum(Adt, dim=-1)
+
+    # 1. intra-chunk
+    L = torch.exp(_segsum(Adt))  # (b, h, c, s, s)
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cc, Bc, L, xdt)
+    # 2. chunk end states
+    decay_states = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, s)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_states, xdt)
+    # 3. recurrence over chunks
+    if initial_states is None:
+        initial_states = torch.zeros(b, h, p, n, device=x.device)
+    states = torch.cat([initial_states.float()[:, None], states], dim=1)  # (b, c+1, h, p, n)
+    decay_chunk = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final = new_states[:, :-1], new_states[:, -1]
+    # 4. state -> output
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, torch.exp(A_cum))
+    y = (y_diag + y_off).reshape(b, nc * chunk_size, h, p)[:, :seqlen]
+    if D is not None:
+        y = y + xf * D.float()[:, None]
+    return y.to(x.dtype), final
+
+
+def ssd_naive(x, dt, A, B, C, D=None, dt_bias=None, initial_states=None, dt_limit=NO_DT_LIMIT):
+    """Token-by-token recurrence h_t = exp(dt A) h_{t-1} + dt B_t x_t, y_t = C_t h_t + D x_t (test oracle)."""
+    b, seqlen, h, p = x.shape
+    state = torch.zeros(b, h, p, B.shape[-1]) if initial_states is None else initial_states.float().clone()
+    ys = []
+    for t in range(seqlen):
+        y, state = ssm_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, dt_bias, dt_limit)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def ssm_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=NO_DT_LIMIT):
+    """One recurrent step. state (b, h, p, n); x (b, h, p); dt (b, h); B, C (b, g, n). Returns (y, new state fp32)."""
+    h = x.shape[1]
+    g = B.shape[1]
+    dt = discretize_dt(dt, dt_bias, dt_limit)  # (b, h)
+    Bh = B.float().repeat_interleave(h // g, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(h // g, dim=1)
+    dA = torch.exp(dt * A.float())  # (b, h)
+    new = state.float() * dA[..., None, None] + (dt[..., None] * x.float())[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", new, Ch)
+    if D is not None:
+        y = y + x.float() * D.float()[:, None]
+    return y.to(x.dtype), new
+
+
+def ssm_decode_inplace(state_pool, slots, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=NO_DT_LIMIT):
+    """One step for B sequences whose states live at state_pool[slots] (updated in place). Returns y (B, h, p)."""
+    y, new = ssm_step(state_pool[slots], x, dt, A, B, C, D, dt_bias, dt_limit)
+    state_pool.index_copy_(0, slots, new.to(state_pool.dtype))
+    return y
+
+
+def causal_conv(x, conv_state, weight, bias=None):
+    """Depthwise causal conv + SiLU continuing from conv_state.
+
+    x (b, d, l); conv_state (b, d, w-1) or None (= zeros); weight (d, w). Returns (y (b, d, l), new state).
+    """
+    w = weight.shape[-1]
+    if conv_state is None:
+        conv_state = x.new_zeros(x.shape[0], x.shape[1], w - 1)
+    xx = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (b, d, w-1+l)
+    y = F.conv1d(xx, weight.unsqueeze(1).to(x.dtype), bias, groups=x.shape[1])
+    return F.silu(y), xx[..., xx.shape[-1] - (w - 1):]
+
+
+def conv_decode_inplace(x, conv_pool, slots, weight, bias=None):
+    """x (B, d): one new conv input per sequence; conv_pool (S, d, w-1) updated in place at slots. Returns (B, d)."""
+    window = torch.cat([conv_pool[slots].to(x.dtype), x[..., None]], dim=-1)  # (B, d, w)
+    y = (window * weight.to(x.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias
+    conv_pool.index_copy_(0, slots, window[..., 1:].to(conv_pool.dtype))
+    return F.silu(y)

@@ -1,0 +1,94 @@
+"""The state pool: every live sequence's Mamba state (by slot) and KV (by paged block), allocated once.
+
+Layout (S = slots + 1: the last slot is a dummy that padded CUDA-graph rows write into; likewise the
+last KV block):
+  conv (mamba_layers, S, conv_dim, d_conv - 1)          model dtype
+  ssm  (mamba_layers, S, heads, head_dim, d_state)       ssm_state dtype (fp32 or bf16)
+  k, v (attention_layers, blocks + 1, block_size, kv_heads, head_dim)   model dtype
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.granite import GraniteArch
+
+BLOCK_SIZE = 16
+CPU_MAX_KV_TOKENS = 1 << 18  # auto KV size on CPU: at most 256K tokens
+CUDA_FREE_FRACTION = 0.90  # of the memory free after weights, for state + KV
+CUDA_ACTIVATION_RESERVE = 2 << 30  # bytes kept back for activations / graphs / allocator slack
+
+
+def _nbytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def state_bytes_per_seq(a: GraniteArch, dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
+    """Fixed per-sequence Mamba state: conv (d_conv - 1 columns) + SSM, all Mamba layers."""
+    conv = a.n_mamba * a.conv_dim * (a.m_conv - 1) * _nbytes(dtype)
+    ssm = a.n_mamba * a.m_heads * a.m_head_dim * a.m_state * _nbytes(ssm_dtype)
+    return conv + ssm
+
+
+def kv_bytes_per_token(a: GraniteArch, dtype: torch.dtype) -> int:
+    return a.n_attention * 2 * a.n_kv_heads * a.head_dim * _nbytes(dtype)
+
+
+def bytes_per_seq(a: GraniteArch, n_tokens: int, dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
+    """The GRANITE.md formula: fixed Mamba state + KV per token (exact, not rounded to blocks)."""
+    return state_bytes_per_seq(a, dtype, ssm_dtype) + n_tokens * kv_bytes_per_token(a, dtype)
+
+
+def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, device: torch.device,
+                   dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
+    """KV pool size when EngineConfig.kv_cache_tokens == 0."""
+    want = num_slots * max_total_tokens
+    if device.type != "cuda":
+        return max(min(want, CPU_MAX_KV_TOKENS), max_total_tokens)
+    free, _total = torch.cuda.mem_get_info(device)
+    budget = int(free * CUDA_FREE_FRACTION) - CUDA_ACTIVATION_RESERVE
+    budget -= (num_slots + 1) * state_bytes_per_seq(a, dtype, ssm_dtype)
+    per_token = max(kv_bytes_per_token(a, dtype), 1)
+    tokens = min(want, budget // per_token)
+    if tokens < max_total_tokens:
+        raise RuntimeError(
+            f"not enough GPU memory for one sequence of {max_total_tokens} tokens with {num_slots} slots: "
+            f"{free / 2**30:.1f} GiB free; lower MAX_CONCURRENT_SEQS or MAX_TOTAL_TOKENS")
+    return int(tokens)
+
+
+class StatePool:
+    def __init__(self, a: GraniteArch, num_slots: int, kv_tokens: int, device, dtype: torch.dtype,
+                 ssm_dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> None:
+        self.arch, self.num_slots, self.block_size = a, num_slots, block_size
+        self.num_blocks = math.ceil(kv_tokens / block_size)
+        self.dummy_slot, self.dummy_block = num_slots, self.num_blocks
+        self.dtype, self.ssm_dtype = dtype, ssm_dtype
+        s = num_slots + 1
+        kw = {"device": device}
+        self.conv = torch.zeros(a.n_mamba, s, a.conv_dim, a.m_conv - 1, dtype=dtype, **kw)
+        self.ssm = torch.zeros(a.n_mamba, s, a.m_heads, a.m_head_dim, a.m_state, dtype=ssm_dtype, **kw)
+        kv_shape = (a.n_attention, self.num_blocks + 1, block_size, a.n_kv_heads, a.head_dim)
+        self.k = torch.zeros(kv_shape, dtype=dtype, **kw)
+        self.v = torch.zeros(kv_shape, dtype=dtype, **kw)
+
+    def reset_slot(self, slot: int) -> None:
+        """A new sequence starts from zero Mamba state (its KV blocks are simply overwritten)."""
+        self.conv[:, slot].zero_()
+        self.ssm[:, slot].zero_()
+
+    def report(self) -> dict:
+        a = self.arch
+        return {
+            "state_bytes_per_seq": state_bytes_per_seq(a, self.dtype, self.ssm_dtype),
+            "kv_bytes_per_token": kv_bytes_per_token(a, self.dtype),
+            "num_slots": self.num_slots,
+            "kv_blocks": self.num_blocks,
+            "kv_block_size": self.block_size,
+            "kv_tokens": self.num_blocks * self.block_size,
+            "pool_state_bytes": self.conv.nbytes + self.ssm.nbytes,
+            "pool_kv_bytes": self.k.nbytes + self.v.nbytes,
+            "ssm_state_dtype": str(self.ssm_dtype).removeprefix("torch."),
+        }
