@@ -1,0 +1,270 @@
+"""Every environment variable the server reads, read once here into frozen dataclasses.
+
+`load_config(env)` parses and validates; a bad value fails at start with a message naming the
+variable. `describe()` returns the table of variables (name, default, meaning) for the README.
+No other module reads the environment. torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from model.types import EngineConfig
+
+_ENGINE_DEFAULTS = EngineConfig()
+SAGEMAKER_MAX_PAYLOAD_MB = 6  # SageMaker's real-time limit: 6 MiB = 6,291,456 bytes each way
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the server cannot start with."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 1  # gunicorn workers = engine replicas, one per GPU
+    timeout_s: int = 3600  # gunicorn worker timeout; batch transform invocations may last 3600 s
+    graceful_timeout_s: int = 25  # SIGTERM drain; SageMaker sends SIGKILL 30 s after SIGTERM
+    max_payload_bytes: int = SAGEMAKER_MAX_PAYLOAD_MB * 1024 * 1024
+    batch: bool = False
+    batch_strategy: str = "MULTI_RECORD"
+    max_concurrent_transforms: int | None = None  # None: derived from engine slots
+    default_max_new_tokens: int = 256
+    gpu_ids: tuple[str, ...] = ()  # devices visible to the server; one worker each
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+        for name in ("workers", "timeout_s", "max_payload_bytes", "default_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_strategy not in ("SINGLE_RECORD", "MULTI_RECORD"):
+            raise ValueError(f"batch_strategy must be SINGLE_RECORD|MULTI_RECORD, got {self.batch_strategy!r}")
+        if self.max_concurrent_transforms is not None and self.max_concurrent_transforms < 1:
+            raise ValueError(f"max_concurrent_transforms must be >= 1, got {self.max_concurrent_transforms}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_dir: str = "/opt/ml/model"
+    hf_model_id: str | None = None
+    hf_revision: str | None = None
+    hf_token: str | None = field(default=None, repr=False)  # never logged
+    model_id: str | None = None  # "demo": the built-in random-weight demo model
+    cache_dir: str = "/tmp/granite-h-cache"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelSource = field(default_factory=ModelSource)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def threads(self) -> int:
+        # gthread threads per worker: every running or queued request holds one while it waits, and
+        # /ping must always find a free one, so leave headroom above the engine's slots + queue.
+        return max(256, self.engine.max_concurrent_seqs + self.engine.max_queued_requests + 64)
+
+
+# ---- parsers: raw string -> value, ValueError with a short reason ----
+
+def _int(lo: int = 0, hi: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError("not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"must be >= {lo}" if hi is None else f"must be {lo}..{hi}")
+        return value
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*options: str, upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {'|'.join(options)}")
+        return value
+
+    return parse
+
+
+def _str(raw: str) -> str:
+    return raw.strip()
+
+
+def _device(raw: str) -> str:
+    value = raw.strip().lower()
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError("expected auto|cpu|cuda|cuda:N")
+
+
+def _gpu_list(raw: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in raw.split(",") if x.strip())
+    return tuple(x for x in items if x not in ("-1", "NoDevFiles"))
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    default: Any  # what an unset (or empty) variable means
+    meaning: str
+    parse: Callable[[str], Any] = _str
+
+
+VARS: tuple[Var, ...] = (
+    Var("SAGEMAKER_BIND_TO_PORT", None, "Port SageMaker asks the server to listen on (wins over PORT).",
+        _int(1, 65535)),
+    Var("PORT", 8080, "Port for local runs when SAGEMAKER_BIND_TO_PORT is unset.", _int(1, 65535)),
+    Var("HOST", "0.0.0.0", "Address to bind (make serve binds 127.0.0.1).", _str),
+    Var("SAGEMAKER_MODEL_SERVER_WORKERS", None,
+        "gunicorn workers (engine replicas); default one per GPU, 1 on CPU.", _int(1)),
+    Var("SAGEMAKER_MODEL_SERVER_TIMEOUT", 3600, "gunicorn worker timeout in seconds.", _int(1)),
+    Var("SAGEMAKER_MAX_PAYLOAD_IN_MB", SAGEMAKER_MAX_PAYLOAD_MB,
+        "Largest request body in MiB (6 = SageMaker's 6,291,456 bytes); larger bodies get 413.", _int(1)),
+    Var("SAGEMAKER_BATCH", False, "Set by batch transform (true/True); informational.", _bool),
+    Var("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD",
+        "BatchStrategy reported by /execution-parameters.", _choice("SINGLE_RECORD", "MULTI_RECORD", upper=True)),
+    Var("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", None,
+        "MaxConcurrentTransforms reported by /execution-parameters; default workers x engine slots.", _int(1)),
+    Var("MODEL_DIR", "/opt/ml/model", "Directory holding a Hugging Face checkpoint (first choice).", _str),
+    Var("HF_MODEL_ID", None, "Hugging Face Hub model id downloaded at start when MODEL_DIR has no model.", _str),
+    Var("HF_MODEL_REVISION", None, "Revision (branch, tag or commit) of HF_MODEL_ID.", _str),
+    Var("HF_TOKEN", None, "Token for gated/private HF_MODEL_ID downloads (never logged).", _str),
+    Var("MODEL_ID", None, "'demo' serves the built-in random-weight demo model (meaningless text).", _str),
+    Var("MODEL_CACHE_DIR", "/tmp/granite-h-cache", "Writable directory for downloads and the demo model.", _str),
+    Var("MAX_INPUT_TOKENS", _ENGINE_DEFAULTS.max_input_tokens, "Longest prompt accepted (longer: 422).", _int(1)),
+    Var("MAX_TOTAL_TOKENS", _ENGINE_DEFAULTS.max_total_tokens, "Prompt + generated tokens per sequence.", _int(2)),
+    Var("MAX_CONCURRENT_SEQS", _ENGINE_DEFAULTS.max_concurrent_seqs,
+        "Sequences generated at once (state-pool slots).", _int(1)),
+    Var("MAX_QUEUED_REQUESTS", _ENGINE_DEFAULTS.max_queued_requests,
+        "Waiting requests beyond this are refused with 429.", _int(1)),
+    Var("MAX_NEW_TOKENS", 256, "max_new_tokens when a request does not say.", _int(1)),
+    Var("MAX_STEP_TOKENS", _ENGINE_DEFAULTS.max_step_tokens,
+        "Tokens run per engine step (prefill chunks + one per decoding sequence).", _int(1)),
+    Var("PREFILL_CHUNK_TOKENS", _ENGINE_DEFAULTS.prefill_chunk_tokens, "Prompts are prefilled in chunks of this.",
+        _int(1)),
+    Var("KV_CACHE_TOKENS", _ENGINE_DEFAULTS.kv_cache_tokens,
+        "KV pool size in tokens across all sequences; 0 = auto.", _int(0)),
+    Var("DTYPE", "auto", "Weights/activations: auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on CPU).",
+        _choice("auto", "float32", "bfloat16", "float16")),
+    Var("SSM_STATE_DTYPE", "auto", "Mamba state dtype: auto|float32|bfloat16.", _choice("auto", "float32", "bfloat16")),
+    Var("DEVICE", "auto", "auto|cpu|cuda|cuda:N.", _device),
+    Var("CUDA_GRAPHS", True, "Capture decode steps as CUDA graphs (CUDA only).", _bool),
+    Var("KERNELS", "auto", "auto|fused|reference (fused needs CUDA + mamba-ssm).",
+        _choice("auto", "fused", "reference")),
+    Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
+    Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
+    Var("LOG_LEVEL", "INFO", "DEBUG|INFO|WARNING|ERROR.", _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True)),
+)
+
+
+def describe() -> list[dict[str, str]]:
+    """Rows for the README table: name, default (as text), meaning."""
+    def show(value: Any) -> str:
+        if value is None:
+            return "(unset)"
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return [{"name": v.name, "default": show(v.default), "meaning": v.meaning} for v in VARS]
+
+
+def _read(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for var in VARS:
+        raw = env.get(var.name)
+        if raw is None or raw.strip() == "":
+            values[var.name] = var.default
+            continue
+        try:
+            values[var.name] = var.parse(raw)
+        except ValueError as e:
+            shown = "(hidden)" if var.name == "HF_TOKEN" else repr(raw)
+            raise ConfigError(f"{var.name}={shown} is invalid: {e}") from None
+    return values
+
+
+def _engine_config(v: dict[str, Any]) -> EngineConfig:
+    names = {f.name: f.name.upper() for f in fields(EngineConfig)}
+    try:
+        return EngineConfig(
+            max_concurrent_seqs=v["MAX_CONCURRENT_SEQS"],
+            max_input_tokens=v["MAX_INPUT_TOKENS"],
+            max_total_tokens=v["MAX_TOTAL_TOKENS"],
+            max_step_tokens=v["MAX_STEP_TOKENS"],
+            kv_cache_tokens=v["KV_CACHE_TOKENS"],
+            max_queued_requests=v["MAX_QUEUED_REQUESTS"],
+            prefill_chunk_tokens=v["PREFILL_CHUNK_TOKENS"],
+            dtype=v["DTYPE"],
+            ssm_state_dtype=v["SSM_STATE_DTYPE"],
+            device=v["DEVICE"],
+            cuda_graphs=v["CUDA_GRAPHS"],
+            kernels=v["KERNELS"],
+        )
+    except ValueError as e:
+        msg = str(e)
+        for fname, env_name in names.items():  # name the variables, not the dataclass fields
+            msg = msg.replace(f"{fname} ", f"{env_name} ").replace(f"({fname}", f"({env_name}")
+        raise ConfigError(msg) from None
+
+
+def _gpu_ids(v: dict[str, Any]) -> tuple[str, ...]:
+    visible = v["CUDA_VISIBLE_DEVICES"]
+    count = v["SM_NUM_GPUS"]
+    if visible is not None:
+        return visible[:count] if count else visible
+    return tuple(str(i) for i in range(count or 0))
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    v = _read(os.environ if env is None else env)
+    if v["DEVICE"] == "cpu" and v["KERNELS"] == "fused":
+        raise ConfigError("KERNELS=fused needs CUDA but DEVICE=cpu")
+    if v["MAX_NEW_TOKENS"] >= v["MAX_TOTAL_TOKENS"]:
+        raise ConfigError(f"MAX_NEW_TOKENS ({v['MAX_NEW_TOKENS']}) must be < MAX_TOTAL_TOKENS ({v['MAX_TOTAL_TOKENS']})")
+    gpu_ids = _gpu_ids(v) if v["DEVICE"] != "cpu" else ()
+    workers = v["SAGEMAKER_MODEL_SERVER_WORKERS"] or max(1, len(gpu_ids))
+    port = v["SAGEMAKER_BIND_TO_PORT"] or v["PORT"]
+    try:
+        server = ServerConfig(
+            host=v["HOST"],
+            port=port,
+            workers=workers,
+            timeout_s=v["SAGEMAKER_MODEL_SERVER_TIMEOUT"],
+            max_payload_bytes=v["SAGEMAKER_MAX_PAYLOAD_IN_MB"] * 1024 * 1024,
+            batch=v["SAGEMAKER_BATCH"],
+            batch_strategy=v["SAGEMAKER_BATCH_STRATEGY"],
+            max_concurrent_transforms=v["SAGEMAKER_MAX_CONCURRENT_TRANSFORMS"],
+            default_max_new_tokens=v["MAX_NEW_TOKENS"],
+            gpu_ids=gpu_ids,
+            log_level=v["LOG_LEVEL"],
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model = ModelSource(
+        model_dir=v["MODEL_DIR"],
+        hf_model_id=v["HF_MODEL_ID"],
+        hf_revision=v["HF_MODEL_REVISION"],
+        hf_token=v["HF_TOKEN"],
+        model_id=v["MODEL_ID"],
+        cache_dir=v["MODEL_CACHE_DIR"],
+    )
+    return Config(server=server, model=model, engine=_engine_config(v))

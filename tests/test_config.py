@@ -1,0 +1,133 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from model.types import EngineConfig
+from serve.config import VARS, Config, ConfigError, describe, load_config
+
+
+def test_defaults_match_sagemaker_contract():
+    cfg = load_config({})
+    assert cfg.server.port == 8080
+    assert cfg.server.host == "0.0.0.0"
+    assert cfg.server.max_payload_bytes == 6_291_456
+    assert cfg.server.workers == 1
+    assert cfg.server.batch is False
+    assert cfg.server.batch_strategy == "MULTI_RECORD"
+    assert cfg.server.max_concurrent_transforms is None
+    assert cfg.model.model_dir == "/opt/ml/model"
+    assert cfg.model.model_id is None and cfg.model.hf_model_id is None
+    assert cfg.engine == EngineConfig()
+    assert cfg.server.gpu_ids == ()
+
+
+def test_config_is_frozen():
+    cfg = load_config({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.port = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.engine.max_concurrent_seqs = 3  # type: ignore[misc]
+
+
+def test_sagemaker_port_wins_over_port():
+    assert load_config({"PORT": "9000"}).server.port == 9000
+    assert load_config({"PORT": "9000", "SAGEMAKER_BIND_TO_PORT": "7070"}).server.port == 7070
+
+
+@pytest.mark.parametrize("raw", ["true", "True", "TRUE", " true "])
+def test_sagemaker_batch_case_insensitive(raw):
+    assert load_config({"SAGEMAKER_BATCH": raw}).server.batch is True
+    assert load_config({"SAGEMAKER_BATCH": "false"}).server.batch is False
+
+
+def test_payload_and_strategy():
+    cfg = load_config({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "20", "SAGEMAKER_BATCH_STRATEGY": "single_record",
+                       "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "4"})
+    assert cfg.server.max_payload_bytes == 20 * 1024 * 1024
+    assert cfg.server.batch_strategy == "SINGLE_RECORD"
+    assert cfg.server.max_concurrent_transforms == 4
+
+
+def test_engine_limits_are_read():
+    cfg = load_config({"MAX_INPUT_TOKENS": "100", "MAX_TOTAL_TOKENS": "200", "MAX_CONCURRENT_SEQS": "3",
+                       "MAX_QUEUED_REQUESTS": "5", "PREFILL_CHUNK_TOKENS": "16", "KV_CACHE_TOKENS": "4096",
+                       "MAX_STEP_TOKENS": "64", "DTYPE": "bfloat16", "SSM_STATE_DTYPE": "float32",
+                       "DEVICE": "cpu", "CUDA_GRAPHS": "0", "KERNELS": "reference", "MAX_NEW_TOKENS": "7"})
+    e = cfg.engine
+    assert (e.max_input_tokens, e.max_total_tokens, e.max_concurrent_seqs) == (100, 200, 3)
+    assert (e.max_queued_requests, e.prefill_chunk_tokens, e.kv_cache_tokens) == (5, 16, 4096)
+    assert (e.max_step_tokens, e.dtype, e.ssm_state_dtype, e.device) == (64, "bfloat16", "float32", "cpu")
+    assert e.cuda_graphs is False and e.kernels == "reference"
+    assert cfg.server.default_max_new_tokens == 7
+
+
+def test_model_source_and_token_hidden():
+    cfg = load_config({"MODEL_DIR": "/m", "HF_MODEL_ID": "ibm/x", "HF_MODEL_REVISION": "abc",
+                       "HF_TOKEN": "secret-token", "MODEL_ID": "demo", "MODEL_CACHE_DIR": "/c"})
+    assert cfg.model.model_dir == "/m" and cfg.model.hf_model_id == "ibm/x"
+    assert cfg.model.hf_revision == "abc" and cfg.model.model_id == "demo" and cfg.model.cache_dir == "/c"
+    assert cfg.model.hf_token == "secret-token"
+    assert "secret-token" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    "env,names",
+    [
+        ({"PORT": "eighty"}, "PORT"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"SAGEMAKER_BIND_TO_PORT": "-1"}, "SAGEMAKER_BIND_TO_PORT"),
+        ({"SAGEMAKER_MAX_PAYLOAD_IN_MB": "0"}, "SAGEMAKER_MAX_PAYLOAD_IN_MB"),
+        ({"SAGEMAKER_BATCH": "maybe"}, "SAGEMAKER_BATCH"),
+        ({"SAGEMAKER_BATCH_STRATEGY": "ALL"}, "SAGEMAKER_BATCH_STRATEGY"),
+        ({"MAX_CONCURRENT_SEQS": "0"}, "MAX_CONCURRENT_SEQS"),
+        ({"MAX_INPUT_TOKENS": "500", "MAX_TOTAL_TOKENS": "400"}, "MAX_INPUT_TOKENS"),
+        ({"MAX_NEW_TOKENS": "20000"}, "MAX_NEW_TOKENS"),
+        ({"DTYPE": "int8"}, "DTYPE"),
+        ({"DEVICE": "tpu"}, "DEVICE"),
+        ({"KERNELS": "fused", "DEVICE": "cpu"}, "KERNELS"),
+        ({"CUDA_GRAPHS": "sometimes"}, "CUDA_GRAPHS"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"HF_TOKEN": " "}, None),  # empty means unset, not an error
+    ],
+)
+def test_invalid_values_name_the_variable(env, names):
+    if names is None:
+        assert load_config(env).model.hf_token is None
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(env)
+    assert names in str(err.value)
+
+
+def test_gpus_decide_workers():
+    assert load_config({"SM_NUM_GPUS": "4"}).server.workers == 4
+    assert load_config({"SM_NUM_GPUS": "4"}).server.gpu_ids == ("0", "1", "2", "3")
+    cfg = load_config({"CUDA_VISIBLE_DEVICES": "2,5"})
+    assert cfg.server.gpu_ids == ("2", "5") and cfg.server.workers == 2
+    assert load_config({"CUDA_VISIBLE_DEVICES": "2,5", "SAGEMAKER_MODEL_SERVER_WORKERS": "1"}).server.workers == 1
+    assert load_config({"CUDA_VISIBLE_DEVICES": ""}).server.workers == 1
+    assert load_config({"SM_NUM_GPUS": "4", "DEVICE": "cpu"}).server.workers == 1
+
+
+def test_threads_cover_slots_and_queue():
+    cfg = load_config({"MAX_CONCURRENT_SEQS": "300", "MAX_QUEUED_REQUESTS": "400"})
+    assert cfg.threads >= 700
+    assert Config().threads >= 256
+
+
+def test_describe_lists_every_variable_once():
+    rows = describe()
+    names = [r["name"] for r in rows]
+    assert len(names) == len(set(names)) == len(VARS)
+    for required in ("SAGEMAKER_BIND_TO_PORT", "SAGEMAKER_MAX_PAYLOAD_IN_MB", "MODEL_DIR", "HF_TOKEN",
+                     "MAX_NEW_TOKENS", "CUDA_VISIBLE_DEVICES", "LOG_LEVEL"):
+        assert required in names
+    assert all(r["meaning"] and r["default"] for r in rows)
+    assert {r["name"]: r["default"] for r in rows}["SAGEMAKER_MAX_PAYLOAD_IN_MB"] == "6"
+
+
+def test_no_torch_import():
+    code = "import sys, serve.config, serve.protocol; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
