@@ -127,6 +127,23 @@ def staging_path(out_uri: str, work_dir: str, rel: str) -> str:
     return os.path.join(head, f".{name}.tmp-{os.getpid()}")
 
 
+def clean_staging(out_uri: str) -> None:
+    """Remove temp files a killed earlier run left next to a local output."""
+    if s3io.is_s3(out_uri):
+        return
+    head, name = os.path.split(out_uri)
+    try:
+        names = os.listdir(head or ".")
+    except FileNotFoundError:
+        return
+    for n in names:
+        if n.startswith(f".{name}.tmp-"):
+            try:
+                os.unlink(os.path.join(head, n))
+            except FileNotFoundError:
+                pass
+
+
 def publish(staged: str, out_uri: str) -> None:
     """The staged file (already fsync'd) becomes the output in one step."""
     if s3io.is_s3(out_uri):

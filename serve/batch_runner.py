@@ -210,6 +210,7 @@ class BatchRun:
         os.makedirs(os.path.dirname(staged) or ".", exist_ok=True)
         if not batch_io.s3io.is_s3(st.out_uri):
             os.makedirs(os.path.dirname(st.out_uri) or ".", exist_ok=True)
+            batch_io.clean_staging(st.out_uri)
         errors = tokens = 0
         with open(staged, "wb") as out:
             for i in range(total):

@@ -1,0 +1,161 @@
+"""`python -m serve batch`: offline batch transform through the same engine as the server.
+
+    python -m serve batch --input PATH|s3://bucket/prefix --output PATH|s3://bucket/prefix
+        [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--stop S ...]
+        [--parameters JSON] [--seed BASE] [--concurrency N] [--join-input]
+        [--model-dir DIR | --model-id demo] [--work-dir DIR] [--progress auto|bar|log|none]
+
+Every input line goes through serve.handler.handle_record (the code behind the server's JSON
+Lines route), so a line's output is what a SageMaker batch transform would have written for it.
+Output `<output>/<input name>.out` (one line per input line, in order), a summary in
+`<output>/_SUMMARY.json` and on stdout. Records are journalled as they finish (serve/batch_journal.py),
+so a run that is killed resumes where it stopped when started again with the same arguments.
+Exit status: 0 when every file was written, 1 when some file failed, 2 bad arguments/model,
+130 interrupted (SIGINT/SIGTERM; run again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+
+from serve import s3io
+from serve.batch_runner import BatchJob, BatchRun
+
+log = logging.getLogger("serve.batch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve batch", description="Offline batch transform (JSON Lines).")
+    p.add_argument("--input", required=True, help="a file, a folder, s3://bucket/key or s3://bucket/prefix")
+    p.add_argument("--output", required=True, help="a folder or s3://bucket/prefix for <name>.out files")
+    p.add_argument("--max-new-tokens", type=int, help="default max_new_tokens for records that do not say")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--parameters", default="{}", help='TGI-style defaults as JSON, e.g. \'{"do_sample": true}\'')
+    p.add_argument("--seed", type=int, default=0,
+                   help="base of the per-record seeds (each record: hash of base, file and line)")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="records in flight (default: engine slots + queue headroom)")
+    p.add_argument("--join-input", action="store_true",
+                   help='write the input object with a "SageMakerOutput" key (SageMaker JoinSource=Input)')
+    p.add_argument("--model-dir", help="checkpoint folder (default: MODEL_DIR / HF_MODEL_ID / MODEL_ID)")
+    p.add_argument("--model-id", help="'demo' for the built-in demo model")
+    p.add_argument("--work-dir", help="journals and done markers (default: <output>/.batch, or a folder "
+                                      "under MODEL_CACHE_DIR for s3:// output)")
+    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto")
+    return p
+
+
+def job_defaults(args: argparse.Namespace) -> dict:
+    try:
+        defaults = json.loads(args.parameters)
+    except ValueError as e:
+        raise SystemExit(f"--parameters is not valid JSON: {e}") from None
+    if not isinstance(defaults, dict):
+        raise SystemExit("--parameters must be a JSON object")
+    for key in ("max_new_tokens", "temperature", "top_p", "top_k", "stop"):
+        if getattr(args, key) is not None:
+            defaults[key] = getattr(args, key)
+    from serve.protocol import Limits, ProtocolError, tgi_params
+
+    try:  # fail once at start, not once per record
+        tgi_params(defaults, Limits())
+    except ProtocolError as e:
+        raise SystemExit(f"bad default parameters: {e.message}") from None
+    return defaults
+
+
+def default_work_dir(output: str, cache_dir: str) -> str:
+    if s3io.is_s3(output):
+        digest = hashlib.sha256(output.rstrip("/").encode()).hexdigest()[:16]
+        return os.path.join(cache_dir, "batch", digest)
+    return os.path.join(output, ".batch")
+
+
+def default_concurrency(engine_cfg) -> int:
+    # Keep every slot busy plus a waiting batch behind them, never more than the queue admits.
+    return engine_cfg.max_concurrent_seqs + min(engine_cfg.max_queued_requests, engine_cfg.max_concurrent_seqs)
+
+
+def start_engine(cfg, model_dir: str | None, model_id: str | None):
+    """-> (engine, model name) once ready; SystemExit(2) with the reason when loading fails."""
+    from model.loader import resolve_model
+
+    from model.engine import Engine
+
+    src = cfg.model
+    if model_dir or model_id:
+        src = dataclasses.replace(src, model_dir=model_dir or src.model_dir, model_id=model_id or src.model_id,
+                                  hf_model_id=None if model_dir else src.hf_model_id)
+    try:
+        resolved = resolve_model(src.model_dir, src.hf_model_id, src.hf_revision, src.hf_token, src.model_id,
+                                 src.cache_dir)
+    except Exception as e:
+        log.error("batch: %s", e)
+        raise SystemExit(2) from None
+    if resolved.is_demo:
+        log.warning("batch: serving the DEMO model (random weights): its text is meaningless")
+    engine = Engine(resolved.path, cfg.engine, resolved.name)
+    engine.start()
+    if not engine.wait_ready():
+        log.error("batch: %s", engine.error or "the engine did not start")
+        engine.shutdown(timeout=1.0)
+        raise SystemExit(2)
+    return engine, resolved.name
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from serve.config import load_config
+
+    cfg = load_config()
+    logging.basicConfig(level=cfg.server.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        defaults = job_defaults(args)
+        engine, name = start_engine(cfg, args.model_dir, args.model_id)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            log.error("batch: %s", e.code)
+        return 2
+    from serve.handler import handle_record
+
+    def infer(record: str, record_defaults: dict | None):
+        return handle_record(engine, record, record_defaults)
+
+    job = BatchJob(input=args.input, output=args.output,
+                   work_dir=args.work_dir or default_work_dir(args.output, cfg.model.cache_dir),
+                   defaults=defaults, join_input=args.join_input, seed=args.seed,
+                   concurrency=args.concurrency or default_concurrency(cfg.engine), model_name=name,
+                   progress=args.progress)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        summary = BatchRun(job, infer).run()
+    except KeyboardInterrupt:
+        log.warning("batch: interrupted; finished records are journalled, run again to resume")
+        return 130
+    except FileNotFoundError as e:
+        log.error("batch: %s", e)
+        return 2
+    finally:
+        engine.shutdown(timeout=5.0)
+    summary["engine"] = {k: v for k, v in engine.stats().items() if isinstance(v, (int, float, str))}
+    print(json.dumps(summary), flush=True)
+    return 1 if summary["files_failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Kill the batch at random moments (SIGKILL, after some records are journalled), run it again with the
+same arguments, and require the final files to be byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.batch_helpers import prompts, write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The pipeline with the stand-in infer (slowed down so that a kill lands mid-run).
+PIPELINE = """
+import functools, sys
+from serve.batch_runner import BatchJob, BatchRun
+from tests.batch_helpers import fake_infer
+inp, out = sys.argv[1], sys.argv[2]
+job = BatchJob(input=inp, output=out, work_dir=out + "/.batch", progress="none", concurrency=8,
+               defaults={"max_new_tokens": 2}, join_input=True)
+s = BatchRun(job, functools.partial(fake_infer, delay_s=0.002)).run()
+sys.exit(1 if s["files_failed"] else 0)
+"""
+
+
+def journalled(out: Path) -> int:
+    n = 0
+    for j in (out / ".batch").rglob("*.journal"):
+        n += max(0, j.read_bytes().count(b"\n") - 1)
+    return n
+
+
+def kill_after(cmd: list[str], out: Path, min_records: int, timeout: float = 120.0) -> bool:
+    """Start cmd, SIGKILL it once `min_records` are journalled. False if it finished first."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while p.poll() is None and time.monotonic() < deadline:
+            if journalled(out) >= min_records:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                return True
+            time.sleep(0.002)
+        return False
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.out"))}
+
+
+def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
+    inp = tmp_path / "in"
+    write(str(inp / "a.jsonl"), prompts(400, "a"))
+    write(str(inp / "b.jsonl"), "not json\n" + prompts(300, "b") + '"bare"\n')
+    write(str(inp / "c.jsonl"), b"")
+    ref = tmp_path / "ref"
+    py = [sys.executable, "-c", PIPELINE]
+    assert subprocess.run([*py, str(inp), str(ref)], cwd=ROOT).returncode == 0
+    expected = outputs(ref)
+    assert len(expected) == 3 and expected["a.jsonl.out"].count(b"\n") == 400
+
+    out = tmp_path / "out"
+    rng = random.Random(1234)
+    kills, done = 0, 0
+    for _ in range(4):
+        done = journalled(out) if out.exists() else 0
+        if kill_after([*py, str(inp), str(out)], out, done + rng.randint(10, 120)):
+            kills += 1
+    assert kills >= 2  # the kills really happened mid-run
+    assert subprocess.run([*py, str(inp), str(out)], cwd=ROOT).returncode == 0
+    assert outputs(out) == expected
+    assert not list(out.rglob("*.tmp*"))  # no staged leftovers from this pid... or published partials
