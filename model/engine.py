@@ -1,0 +1,292 @@
+"""Engine: submit() -> Handle; one background thread runs the step loop
+
+    schedule -> runner.forward(batch) -> sample -> per sequence: append, detokenize, stop checks, emit
+
+Finished, cancelled and failed sequences leave the scheduler (and free their slot) at once. An
+exception inside a step (CUDA OOM included) fails only that step's sequences; the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from model.handle import Handle, StopBuffer, end_event, top_tokens
+from model.scheduler import Scheduler, SeqStatus, Sequence
+from model.types import (
+    EngineConfig,
+    EngineError,
+    EngineNotReady,
+    FinishReason,
+    GenerationRequest,
+    InputTooLong,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(EngineError):
+    status = 400
+    error_type = "invalid_request"
+
+
+class _SeqCtx:
+    """Engine-side state of one sequence (kept in Sequence.ctx)."""
+
+    def __init__(self, handle: Handle, detok: Any, stops: StopBuffer, sampler: Any) -> None:
+        self.handle = handle
+        self.detok = detok
+        self.stops = stops
+        self.sampler = sampler  # model.sampling.RowState
+
+
+class Engine:
+    def __init__(self, model_dir: Path, config: EngineConfig, model_name: str, *,
+                 runner_factory: Any = None, tokenizer_factory: Any = None) -> None:
+        # runner_factory(model_dir, config) / tokenizer_factory(model_dir): injectable for tests.
+        self.model_dir = Path(model_dir)
+        self.config = config
+        self.model_name = model_name
+        self._runner_factory = runner_factory
+        self._tokenizer_factory = tokenizer_factory
+        self.runner: Any = None
+        self.tokenizer: Any = None
+        self.scheduler: Scheduler | None = None
+        self.error: str | None = None
+        self._ready = False
+        self._accepting = False
+        self._stop = False
+        self._shut = False  # shutdown() was called
+        self._cv = threading.Condition()
+        self._loader: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._counters = dict(requests_total=0, prompt_tokens_total=0, generated_tokens_total=0,
+                              prefill_tokens_total=0, steps=0, step_errors_total=0)
+        self._finished = {r.value: 0 for r in FinishReason}
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._loader is not None:
+            return
+        self._loader = threading.Thread(target=self._load, name="engine-load", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            t0 = time.monotonic()
+            if self._runner_factory is None:
+                from model.runner import ModelRunner as runner_factory
+            else:
+                runner_factory = self._runner_factory
+            if self._tokenizer_factory is None:
+                from model.tokenizer import Tokenizer
+
+                tokenizer_factory = Tokenizer.from_dir
+            else:
+                tokenizer_factory = self._tokenizer_factory
+            self.tokenizer = tokenizer_factory(self.model_dir)
+            self.runner = runner_factory(self.model_dir, self.config)
+            self.runner.warmup()
+            self.scheduler = Scheduler(self.config, self.runner.allocator)
+            self._loop_thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+            self._loop_thread.start()
+            with self._cv:
+                self._accepting = True
+                self._ready = True
+            log.info("engine ready: model=%s device=%s in %.1fs", self.model_name,
+                     getattr(self.runner, "device", "?"), time.monotonic() - t0)
+        except Exception as e:  # the server reports this on /ping (503) and in its log
+            self.error = f"model load failed: {type(e).__name__}: {e}"
+            log.exception("engine: %s", self.error)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until loaded (True) or failed / timed out (False)."""
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return self._ready
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._accepting
+
+    def shutdown(self, timeout: float = 25.0) -> None:
+        """Stop admitting, let in-flight sequences finish for up to `timeout` s, then end the rest
+        with an ERROR event and stop the loop."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self._shut = True
+            self._accepting = False
+            while self.scheduler is not None and self.scheduler.has_work():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            self._stop = True
+            self._cv.notify_all()
+        if self._loop_thread is not None:
+            self._loop_thread.join(max(1.0, deadline - time.monotonic()))
+        if self.scheduler is not None:
+            with self._cv:
+                left = self.scheduler.abort_all()
+            msg = "the server shut down before this request finished"
+            for seq in left:
+                self._emit_end(seq, FinishReason.ERROR, error=msg)
+        self._ready = False
+
+    # ---- requests -------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Handle:
+        if not self.ready:
+            raise EngineNotReady(self.error or ("shutting down" if self._shut else "the model is still loading"))
+        cfg = self.config
+        ids, p = request.prompt_ids, request.params
+        n = len(ids)
+        if n == 0:
+            raise InvalidRequest("the prompt is empty (0 tokens)")
+        if n > cfg.max_input_tokens:
+            raise InputTooLong(f"the prompt has {n} tokens; the limit is max_input_tokens={cfg.max_input_tokens}")
+        # Context budget: max_total_tokens, and never more than the KV pool can ever hold for one sequence.
+        budget = min(cfg.max_total_tokens, getattr(self.runner.allocator, "max_tokens_per_seq", cfg.max_total_tokens))
+        if n >= budget:
+            raise InputTooLong(f"the prompt has {n} tokens; at most {budget - 1} fit this server's context")
+        if p.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
+        vocab = self.runner.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        from model.sampling import RowState
+
+        seq = Sequence(request, max_new_tokens=min(p.max_new_tokens, budget - n))
+        handle = Handle(n, request.request_id, lambda: self._cancel(seq))
+        sampler = RowState(p, seq.prompt_ids, getattr(self.runner, "device", "cpu"))
+        handle.seed = sampler.seed
+        seq.ctx = _SeqCtx(handle, self.tokenizer.detokenizer(), StopBuffer(p.stop), sampler)
+        with self._cv:
+            if not self._accepting:
+                raise EngineNotReady("shutting down")
+            self.scheduler.add(seq)  # raises QueueFull
+            self._counters["requests_total"] += 1
+            self._counters["prompt_tokens_total"] += n
+            self._cv.notify_all()
+        return handle
+
+    def _cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        with self._cv:
+            self._cv.notify_all()  # wake an idle loop so a waiting sequence is retired now
+
+    def stats(self) -> dict:
+        with self._cv:
+            s = self.scheduler
+            alloc = self.runner.allocator if self.runner is not None else None
+            out: dict[str, Any] = dict(self._counters)
+            out.update(
+                ready=self.ready,
+                running=len(s.running) if s else 0,
+                waiting=len(s.waiting) if s else 0,
+                free_slots=alloc.num_free_slots if alloc else 0,
+                total_slots=self.config.max_concurrent_seqs,
+                finished_total=dict(self._finished),
+            )
+            if alloc is not None and hasattr(alloc, "num_free_blocks"):
+                out.update(kv_blocks_free=alloc.num_free_blocks, kv_blocks_total=alloc.num_blocks,
+                           kv_block_tokens=alloc.block_size)
+        return out
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.scheduler.has_work():
+                    self._cv.notify_all()  # idle: wake shutdown()'s drain wait
+                    self._cv.wait()
+                if self._stop:
+                    return
+                seqs, batch = self.scheduler.schedule()
+                retired = self.scheduler.drain_retired()
+            for seq in retired:
+                self._emit_end(seq, FinishReason.CANCELLED, seq.ctx.stops.flush())
+            if not seqs:
+                continue
+            try:
+                self._step(seqs, batch)
+            except Exception as e:
+                self._fail(seqs, e)
+
+    def _step(self, seqs: list[Sequence], batch) -> None:
+        from model.sampling import sample
+
+        logits = self.runner.forward(batch)
+        want = [s for s, c in zip(seqs, batch.chunks, strict=True) if c.want_logits]
+        if logits.shape[0] != len(want):
+            raise RuntimeError(f"runner returned {logits.shape[0]} logit rows for {len(want)} sequences")
+        out = sample(logits, [s.ctx.sampler for s in want], [s.output_ids for s in want]) if want else None
+        by_seq = {id(s): i for i, s in enumerate(want)}
+        new = [out.token_ids[by_seq[id(s)]] if id(s) in by_seq else None for s in seqs]
+        with self._cv:
+            self._counters["steps"] += 1
+            self._counters["prefill_tokens_total"] += sum(s.scheduled_tokens for s in seqs if s.is_prefilling)
+            self.scheduler.postprocess(seqs, new)
+        for seq in want:
+            i = by_seq[id(seq)]
+            self._on_token(seq, out.token_ids[i], out.logprobs[i], out.top[i])
+
+    def _on_token(self, seq: Sequence, tok: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        if seq.status == SeqStatus.FINISHED:  # aborted by shutdown while the step ran
+            return
+        ctx, p, cfg = seq.ctx, seq.request.params, self.config
+        with self._cv:
+            self._counters["generated_tokens_total"] += 1
+        if seq.cancelled:
+            self._emit_end(seq, FinishReason.CANCELLED, ctx.stops.flush())
+            return
+        special = bool(self.tokenizer.is_special(tok))
+        reason = None
+        if tok == self.tokenizer.eos_token_id and not p.ignore_eos:
+            reason, text = FinishReason.EOS, self._final_text(ctx)  # the EOS token adds no text
+        elif tok in p.stop_token_ids:
+            reason, text = FinishReason.STOP, self._final_text(ctx)
+        else:
+            text, stopped = ctx.stops.push(ctx.detok.push(tok))
+            if stopped:
+                reason = FinishReason.STOP
+            elif len(seq.output_ids) >= seq.max_new_tokens or seq.num_tokens >= cfg.max_total_tokens:
+                reason = FinishReason.LENGTH
+                text += self._final_text(ctx)
+        tops = top_tokens(top, lambda t: self.tokenizer.decode([t])) if top else ()
+        if reason is not None:
+            self._retire(seq, reason)  # before the event: a client that saw the end sees the slot free
+        ctx.handle._put(TokenEvent(tok, text, logprob, special, reason, tops))
+
+    @staticmethod
+    def _final_text(ctx: _SeqCtx) -> str:
+        # End of stream: the detokenizer's dangling bytes (if any) and the held-back text that never
+        # became a stop string are released.
+        finish = getattr(ctx.detok, "finish", None)
+        out, stopped = ctx.stops.push(finish() if finish else "")
+        return out if stopped else out + ctx.stops.flush()
+
+    def _retire(self, seq: Sequence, reason: FinishReason) -> None:
+        with self._cv:
+            self.scheduler.finish(seq)
+            self._finished[reason.value] += 1
+
+    def _emit_end(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+        self._retire(seq, reason)
+        seq.ctx.handle._put(end_event(reason, text, error))
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        msg = f"generation step failed: {type(exc).__name__}: {exc}"[:500]
+        log.error("engine: %s (failing %d sequences)", msg, len(seqs), exc_info=exc)
+        if type(exc).__name__ == "OutOfMemoryError":
+            import torch
+
+            torch.cuda.empty_cache()
+        with self._cv:
+            self._counters["step_errors_total"] += 1
+        for seq in seqs:
+            if seq.status != SeqStatus.FINISHED:
+                self._emit_end(seq, FinishReason.ERROR, error=msg)

@@ -1,0 +1,106 @@
+"""The client side of one generation (Handle) and the stop-string text buffer the engine uses."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable, Iterator
+
+from model.types import Completion, FinishReason, TokenEvent, TopToken
+
+
+class StopBuffer:
+    """Incremental text with stop strings: holds back any tail that could still become a stop string,
+    and cuts the text at the first stop string that matches (the stop string itself is never emitted).
+
+    Invariant: emitted text never ends in a proper prefix of a stop string, so a match can only lie
+    inside the pending (held-back) text.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """Add newly decoded text; returns (text safe to emit now, whether a stop string matched)."""
+        self.pending += piece
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            # longest suffix of pending that is a proper prefix of s
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Handle:
+    """Events of one request. Iterate it (one consumer) or call result(); cancel() from any thread."""
+
+    def __init__(self, prompt_tokens: int, request_id: str, on_cancel: Callable[[], None]) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.request_id = request_id
+        self.seed: int | None = None  # set by the engine: the seed a sampled request actually used
+        self._queue: queue.Queue[TokenEvent] = queue.Queue()
+        self._events: list[TokenEvent] = []
+        self._done = False
+        self._on_cancel = on_cancel
+
+    def _put(self, event: TokenEvent) -> None:  # engine thread
+        self._queue.put(event)
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while not self._done:
+            event = self._queue.get()
+            self._events.append(event)
+            if event.finish_reason is not None:
+                self._done = True
+            yield event
+
+    def cancel(self) -> None:
+        # Idempotent; a no-op once finished. The engine frees the slot at its next step.
+        if not self._done:
+            self._on_cancel()
+
+    def result(self) -> Completion:
+        for _ in self:
+            pass
+        toks = [e for e in self._events if e.token_id >= 0]
+        last = self._events[-1]
+        return Completion(
+            token_ids=tuple(e.token_id for e in toks),
+            text="".join(e.text for e in self._events),
+            finish_reason=last.finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            logprobs=tuple(e.logprob for e in toks),
+            token_texts=tuple(e.text for e in toks),
+            specials=tuple(e.special for e in toks),
+            top_tokens=tuple(e.top_tokens for e in toks),
+            seed=self.seed,
+            error=last.error,
+        )
+
+
+def end_event(reason: FinishReason, text: str = "", error: str | None = None) -> TokenEvent:
+    """The closing event of a cancelled or failed sequence (no token)."""
+    return TokenEvent(token_id=-1, text=text, logprob=0.0, finish_reason=reason, error=error)
+
+
+def top_tokens(pairs: list[tuple[int, float]], decode: Callable[[int], str]) -> tuple[TopToken, ...]:
+    return tuple(TopToken(t, decode(t), lp) for t, lp in pairs)

@@ -1,0 +1,330 @@
+"""Engine tests: a scripted fake runner for the control flow (stops, cancellation, failures, limits),
+the real runner + tokenizer on the tiny checkpoint for parity with Hugging Face generate."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.blocks import SlotAllocator
+from model.engine import Engine, InvalidRequest
+from model.types import (
+    EngineConfig,
+    EngineNotReady,
+    FinishReason,
+    GenerationRequest,
+    InputTooLong,
+    QueueFull,
+    SamplingParams,
+)
+
+# ---- fakes --------------------------------------------------------------------------------------
+
+V = 64
+ALPHA = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-_+*/=<>()[]{}@#$%&"[:V]
+EOS = 0
+
+
+class FakeDetok:
+    def __init__(self, tok):
+        self.tok = tok
+        self.text = ""
+
+    def push(self, t):
+        piece = "" if self.tok.is_special(t) else ALPHA[t]
+        self.text += piece
+        return piece
+
+
+class FakeTokenizer:
+    eos_token_id = EOS
+    pad_token_id = 1
+    vocab_size = V
+
+    def encode(self, text):
+        return [ALPHA.index(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("<eos>" if i == EOS else ALPHA[i] for i in ids)
+
+    def is_special(self, t):
+        return t == EOS
+
+    def detokenizer(self):
+        return FakeDetok(self)
+
+
+class FakeRunner:
+    """Next token = (last fed token + 1) % V, or `script[last]` when given. Runs with a real allocator."""
+
+    def __init__(self, model_dir, config, script=None, slots=None, blocks=256):
+        self.allocator = SlotAllocator(slots or config.max_concurrent_seqs, blocks, 4)
+        self.vocab_size = V
+        self.device = "cpu"
+        self.script = script or {}
+        self.fail_next = 0  # fail this many forward() calls
+        self.gate: threading.Event | None = None  # when set, forward() waits for it
+        self.batches = []
+
+    def warmup(self):
+        pass
+
+    def forward(self, batch):
+        if self.gate is not None:
+            self.gate.wait(10)
+        for c in batch.chunks:
+            assert self.allocator.is_allocated(c.slot)
+            assert c.start + len(c.token_ids) <= self.allocator.capacity(c.slot)
+        self.batches.append(batch)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        rows = []
+        for c in batch.chunks:
+            if c.want_logits:
+                last = c.token_ids[-1]
+                row = torch.zeros(V)
+                row[self.script.get(last, (last + 1) % V)] = 20.0
+                rows.append(row)
+        return torch.stack(rows) if rows else torch.empty(0, V)
+
+
+ENGINES: list[Engine] = []
+
+
+def fake_engine(script=None, slots=4, blocks=256, **cfg) -> Engine:
+    defaults = dict(max_concurrent_seqs=slots, max_input_tokens=100, max_total_tokens=200, max_step_tokens=64,
+                    prefill_chunk_tokens=16, max_queued_requests=16)
+    defaults.update(cfg)
+    config = EngineConfig(**defaults)
+    eng = Engine(Path("/nonexistent"), config, "fake",
+                 runner_factory=lambda d, c: FakeRunner(d, c, script, slots, blocks),
+                 tokenizer_factory=lambda d: FakeTokenizer())
+    eng.start()
+    assert eng.wait_ready(10), eng.error
+    ENGINES.append(eng)
+    return eng
+
+
+def req(prompt, **params) -> GenerationRequest:
+    ids = [ALPHA.index(c) for c in prompt] if isinstance(prompt, str) else list(prompt)
+    return GenerationRequest(tuple(ids), SamplingParams(**params))
+
+
+def wait_idle(eng: Engine, timeout=20.0):
+    end = time.monotonic() + timeout
+    while eng.scheduler.has_work() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def pool_returns_to_free():
+    """Every test: once its engines are idle, every slot and KV block is free again."""
+    ENGINES.clear()
+    yield
+    try:
+        for eng in ENGINES:
+            if eng.scheduler is None:
+                continue
+            wait_idle(eng)
+            alloc = eng.runner.allocator
+            assert not eng.scheduler.has_work()
+            assert alloc.num_free_slots == alloc.num_slots, "slot leak"
+            assert alloc.num_free_blocks == alloc.num_blocks, "KV block leak"
+            assert eng.stats()["free_slots"] == alloc.num_slots
+    finally:
+        for eng in ENGINES:
+            eng.shutdown(5)
+        ENGINES.clear()
+
+
+# ---- fake-runner tests ----------------------------------------------------------------------------
+
+
+def test_max_new_tokens_and_events():
+    eng = fake_engine()
+    h = eng.submit(req("abc", max_new_tokens=5))
+    events = list(h)
+    assert [e.token_id for e in events] == [3, 4, 5, 6, 7]
+    assert "".join(e.text for e in events) == "defgh"
+    assert [e.finish_reason for e in events] == [None] * 4 + [FinishReason.LENGTH]
+    c = h.result()
+    assert c.text == "defgh" and c.finish_reason == FinishReason.LENGTH and c.prompt_tokens == 3
+    assert c.generated_tokens == 5 and c.seed is None and all(lp <= 0 for lp in c.logprobs)
+
+
+def test_eos_stops_without_text_unless_ignored():
+    eng = fake_engine(script={ALPHA.index("e"): EOS})
+    c = eng.submit(req("abc", max_new_tokens=10)).result()
+    assert c.token_ids == (3, 4, EOS) and c.text == "de" and c.finish_reason == FinishReason.EOS
+    assert c.specials == (False, False, True)
+    c = eng.submit(req("abc", max_new_tokens=5, ignore_eos=True)).result()
+    assert c.token_ids == (3, 4, EOS, 1, 2) and c.finish_reason == FinishReason.LENGTH
+
+
+def test_stop_token_ids():
+    eng = fake_engine()
+    c = eng.submit(req("abc", max_new_tokens=10, stop_token_ids=(6,))).result()
+    assert c.token_ids == (3, 4, 5, 6) and c.text == "def" and c.finish_reason == FinishReason.STOP
+
+
+def test_stop_strings_are_trimmed_and_never_leak_partially():
+    eng = fake_engine()
+    h = eng.submit(req("a", max_new_tokens=20, stop=("efgX", "fgh")))
+    events = list(h)
+    # b c d e f g h: "efg" could start "efgX" -> held back; "fgh" matches at h.
+    texts = [e.text for e in events]
+    assert "".join(texts) == "bcde" and events[-1].finish_reason == FinishReason.STOP
+    assert texts[:3] == ["b", "c", "d"] and "f" not in "".join(texts)
+    # held back text that never matched is released in order
+    c = eng.submit(req("a", max_new_tokens=6, stop=("efgX",))).result()
+    assert c.text == "bcdefg" and c.finish_reason == FinishReason.LENGTH
+    # a stop string inside one token's text, and the earliest match wins
+    c = eng.submit(req("a", max_new_tokens=20, stop=("d", "cd"))).result()
+    assert c.text == "b" and c.finish_reason == FinishReason.STOP
+
+
+def test_max_new_tokens_clipped_to_context():
+    eng = fake_engine(max_input_tokens=20, max_total_tokens=24)
+    c = eng.submit(req("abcdefghij", max_new_tokens=100)).result()
+    assert c.generated_tokens == 14 and c.finish_reason == FinishReason.LENGTH
+
+
+def test_submit_validation():
+    eng = fake_engine(max_input_tokens=8, max_total_tokens=16)
+    with pytest.raises(InputTooLong, match="limit is max_input_tokens=8"):
+        eng.submit(req("abcdefghi"))
+    with pytest.raises(InvalidRequest, match="empty"):
+        eng.submit(req(""))
+    with pytest.raises(InvalidRequest, match=r"\[0, 64\)"):
+        eng.submit(req([1, 64]))
+    with pytest.raises(InvalidRequest):
+        eng.submit(req("ab", max_new_tokens=0))
+    assert InvalidRequest.status == 400
+
+
+def test_not_ready_and_load_failure():
+    def boom(d, c):
+        raise FileNotFoundError("no config.json in /nowhere")
+
+    eng = Engine(Path("/nowhere"), EngineConfig(), "x", runner_factory=boom, tokenizer_factory=lambda d: 0)
+    with pytest.raises(EngineNotReady, match="loading"):
+        eng.submit(req("ab"))
+    eng.start()
+    assert eng.wait_ready(10) is False
+    assert not eng.ready and "no config.json" in eng.error
+    with pytest.raises(EngineNotReady, match="no config.json"):
+        eng.submit(req("ab"))
+
+
+def test_queue_full():
+    eng = fake_engine(slots=1, max_queued_requests=2)
+    eng.runner.gate = threading.Event()  # hold the loop inside forward()
+    first = eng.submit(req("a", max_new_tokens=3))
+    time.sleep(0.05)
+    hs = [eng.submit(req("a", max_new_tokens=3)) for _ in range(2)]
+    with pytest.raises(QueueFull):
+        eng.submit(req("a"))
+    eng.runner.gate.set()
+    for h in [first, *hs]:
+        assert h.result().generated_tokens == 3
+
+
+def test_cancel_running_and_waiting_frees_slots():
+    eng = fake_engine(slots=1, script={t: t for t in range(V)})  # repeats its token forever
+    running = eng.submit(req("ab", max_new_tokens=150))
+    waiting = eng.submit(req("cd", max_new_tokens=5))
+    it = iter(running)
+    assert next(it).token_id == 1
+    waiting.cancel()
+    running.cancel()
+    running.cancel()  # idempotent
+    rest = list(it)
+    assert rest[-1].finish_reason == FinishReason.CANCELLED and rest[-1].token_id == -1
+    cw = waiting.result()
+    assert cw.finish_reason == FinishReason.CANCELLED and cw.generated_tokens == 0
+    assert running.result().generated_tokens < 150
+    wait_idle(eng)
+    assert eng.stats()["finished_total"]["cancelled"] == 2
+    assert eng.submit(req("ab", max_new_tokens=2)).result().generated_tokens == 2  # slot reusable
+
+
+def test_injected_failure_fails_only_that_step_and_loop_keeps_serving():
+    eng = fake_engine()
+    eng.runner.gate = threading.Event()
+    hs = [eng.submit(req("abc", max_new_tokens=4)) for _ in range(3)]
+    eng.runner.fail_next = 1
+    eng.runner.gate.set()
+    results = [h.result() for h in hs]
+    failed = [c for c in results if c.finish_reason == FinishReason.ERROR]
+    assert failed, "the injected failure must fail the sequences of that step"
+    assert all("OutOfMemoryError" in c.error and "injected" in c.error for c in failed)
+    assert all(c.finish_reason in (FinishReason.ERROR, FinishReason.LENGTH) for c in results)
+    # the engine keeps serving
+    c = eng.submit(req("abc", max_new_tokens=4)).result()
+    assert c.token_ids == (3, 4, 5, 6) and c.finish_reason == FinishReason.LENGTH
+    assert eng.stats()["step_errors_total"] == 1
+
+
+def test_long_prompt_chunked_while_others_decode():
+    eng = fake_engine(max_step_tokens=8, prefill_chunk_tokens=4)
+    short = eng.submit(req("a", max_new_tokens=40, ignore_eos=True))
+    next(iter(short))  # short is decoding
+    long = eng.submit(req("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ", max_new_tokens=2))
+    assert long.result().token_ids == (ALPHA.index("K"), ALPHA.index("L"))
+    short.result()
+    # every step that carried a prefill chunk of the long prompt also carried short's decode token
+    long_slot_steps = [b for b in eng.runner.batches if any(len(c.token_ids) > 1 for c in b.chunks)]
+    assert len(long_slot_steps) >= 36 // 4 - 1
+    for b in eng.runner.batches:
+        assert sum(len(c.token_ids) for c in b.chunks) <= 8
+        assert all(len(c.token_ids) <= 4 for c in b.chunks)
+
+
+def test_threads_and_stats():
+    eng = fake_engine(slots=3)
+    out = {}
+
+    def client(i):
+        time.sleep(random.random() * 0.02)
+        out[i] = eng.submit(req([i + 2] * (i + 1), max_new_tokens=5 + i % 3, ignore_eos=True)).result()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, c in out.items():
+        assert c.token_ids[0] == (i + 3) % V and c.generated_tokens == 5 + i % 3
+    wait_idle(eng)
+    s = eng.stats()
+    assert s["requests_total"] == 12 and s["running"] == 0 and s["waiting"] == 0
+    assert s["generated_tokens_total"] == sum(5 + i % 3 for i in range(12))
+    assert s["prompt_tokens_total"] == sum(i + 1 for i in range(12))
+    assert s["total_slots"] == 3 and s["free_slots"] == 3 and s["steps"] > 0
+    assert s["finished_total"]["length"] == 12
+
+
+def test_shutdown_drains_then_refuses():
+    eng = fake_engine()
+    h = eng.submit(req("a", max_new_tokens=30, ignore_eos=True))
+    eng.shutdown(10)
+    assert h.result().finish_reason == FinishReason.LENGTH
+    assert not eng.ready
+    with pytest.raises(EngineNotReady, match="shutting down"):
+        eng.submit(req("a"))
+
+
+def test_shutdown_timeout_ends_in_flight_with_error():
+    eng = fake_engine(script={t: t for t in range(V)})
+    eng.runner.gate = threading.Event()
+    h = eng.submit(req("b", max_new_tokens=150))
+    threading.Timer(0.3, eng.runner.gate.set).start()
+    eng.shutdown(0.1)
+    c = h.result()
+    assert c.finish_reason == FinishReason.ERROR and "shut down" in c.error
