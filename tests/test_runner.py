@@ -1,0 +1,211 @@
+"""ModelRunner through its public interface: StepBatch in, float32 logits out (CPU, fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.decode_static import decode_buckets, pad_decode, pick_bucket
+from model.runner import ModelRunner
+from model.types import EngineConfig, SeqChunk, StepBatch
+from tests.tiny_granite import build_tiny
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_runner")
+    return d, build_tiny(d, seed=1)
+
+
+def _cfg(**kw):
+    base = dict(max_concurrent_seqs=5, max_input_tokens=48, max_total_tokens=64, kv_cache_tokens=512)
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+@pytest.fixture(params=["eager", "static"])
+def runner(request, ckpt):
+    return ModelRunner(ckpt[0], _cfg(), decode_mode=request.param)
+
+
+def _generate(runner, prompt, new, chunk=None):
+    """Greedy through the runner: chunked prefill, then one-token decode steps."""
+    slot = runner.allocator.allocate(len(prompt) + new)
+    chunk = chunk or len(prompt)
+    logits = None
+    for s in range(0, len(prompt), chunk):
+        part = tuple(prompt[s:s + chunk])
+        out = runner.forward(StepBatch((SeqChunk(slot, part, s, s + len(part) == len(prompt)),)))
+        logits = out if s + len(part) == len(prompt) else logits
+        if s + len(part) < len(prompt):
+            assert out.shape == (0, runner.vocab_size)
+    toks = [int(logits.argmax(-1))]
+    for i in range(new - 1):
+        out = runner.forward(StepBatch((SeqChunk(slot, (toks[-1],), len(prompt) + i, True),)))
+        assert out.dtype == torch.float32 and out.shape == (1, runner.vocab_size)
+        toks.append(int(out.argmax(-1)))
+    runner.allocator.free(slot)
+    return toks
+
+
+def test_interface_fields(runner):
+    assert runner.vocab_size == 320 and runner.device == "cpu" and runner.dtype == "float32"
+    assert set(runner.kernel_report) >= {"ssd_prefill", "ssm_decode", "conv_prefill", "conv_decode", "attention"}
+    assert runner.kernel_report["ssd_prefill"] == "reference"
+    assert runner.allocator.num_free_slots == 5
+
+
+@pytest.mark.parametrize("chunk", [None, 5, 8, 3])
+def test_greedy_matches_hf_generate(runner, ckpt, chunk):
+    hf = ckpt[1]
+    for prompt in ([9, 8, 7], list(range(30, 51))):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+        assert _generate(runner, prompt, 10, chunk) == ref
+
+
+def test_prefill_then_decode_logits_match_hf(runner, ckpt):
+    hf = ckpt[1]
+    prompt = list(range(60, 77))
+    slot = runner.allocator.allocate(30)
+    got = runner.forward(StepBatch((SeqChunk(slot, tuple(prompt), 0, True),)))
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt]), use_cache=True)
+        torch.testing.assert_close(got, out.logits[:, -1], atol=ATOL, rtol=1e-4)
+        cache = out.past_key_values
+        for i, tok in enumerate([3, 100, 7, 300]):
+            out = hf(torch.tensor([[tok]]), cache=cache, use_cache=True)
+            got = runner.forward(StepBatch((SeqChunk(slot, (tok,), len(prompt) + i, True),)))
+            torch.testing.assert_close(got, out.logits[:, -1], atol=ATOL, rtol=1e-4)
+
+
+def test_mixed_step_rows_in_chunk_order(runner):
+    """A step with decodes and prefill chunks returns logits rows in chunk order, only want_logits rows,
+    and each equals running that sequence alone."""
+    prompts = {"a": list(range(10, 25)), "b": [4, 5, 6, 7], "c": list(range(100, 111))}
+    slots = {k: runner.allocator.allocate(40) for k in prompts}
+    # a and b are already decoding; c starts now in two chunks.
+    last = {}
+    for k in ("a", "b"):
+        last[k] = runner.forward(StepBatch((SeqChunk(slots[k], tuple(prompts[k]), 0, True),)))
+    ta, tb = int(last["a"].argmax()), int(last["b"].argmax())
+    ca, cb, cc = len(prompts["a"]), len(prompts["b"]), prompts["c"]
+    step = StepBatch((
+        SeqChunk(slots["c"], tuple(cc[:6]), 0, False),
+        SeqChunk(slots["b"], (tb,), cb, True),
+        SeqChunk(slots["a"], (ta,), ca, True),
+    ))
+    out1 = runner.forward(step)
+    step2 = StepBatch((
+        SeqChunk(slots["a"], (7,), ca + 1, True),
+        SeqChunk(slots["c"], tuple(cc[6:]), 6, True),
+    ))
+    out2 = runner.forward(step2)
+    assert out1.shape == (2, runner.vocab_size) and out2.shape == (2, runner.vocab_size)
+    # Replay each sequence alone in fresh slots.
+    for k in slots:
+        runner.allocator.free(slots[k])
+    solo = {k: runner.allocator.allocate(40) for k in prompts}
+    runner.forward(StepBatch((SeqChunk(solo["a"], tuple(prompts["a"]), 0, True),)))
+    runner.forward(StepBatch((SeqChunk(solo["b"], tuple(prompts["b"]), 0, True),)))
+    ref_b = runner.forward(StepBatch((SeqChunk(solo["b"], (tb,), cb, True),)))
+    ref_a = runner.forward(StepBatch((SeqChunk(solo["a"], (ta,), ca, True),)))
+    ref_a2 = runner.forward(StepBatch((SeqChunk(solo["a"], (7,), ca + 1, True),)))
+    ref_c = runner.forward(StepBatch((SeqChunk(solo["c"], tuple(cc), 0, True),)))
+    torch.testing.assert_close(out1, torch.cat([ref_b, ref_a]), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(out2, torch.cat([ref_a2, ref_c]), atol=ATOL, rtol=1e-4)
+
+
+def test_slot_reuse_starts_from_zero_state(runner):
+    slot = runner.allocator.allocate(20)
+    first = runner.forward(StepBatch((SeqChunk(slot, (1, 2, 3), 0, True),)))
+    runner.forward(StepBatch((SeqChunk(slot, (50, 60, 70, 80), 3, True),)))
+    runner.allocator.free(slot)
+    slot2 = runner.allocator.allocate(20)
+    assert slot2 == slot
+    again = runner.forward(StepBatch((SeqChunk(slot2, (1, 2, 3), 0, True),)))
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
+def test_overrun_of_reservation_is_an_error(runner):
+    slot = runner.allocator.allocate(4)  # one block of 16 tokens
+    with pytest.raises(RuntimeError, match="exceed"):
+        runner.forward(StepBatch((SeqChunk(slot, tuple(range(1, 18)), 0, True),)))
+
+
+def test_static_decode_equals_eager(ckpt):
+    """The graph bookkeeping (buckets, dummy-slot padding, fixed buffers) gives eager's logits."""
+    eager = ModelRunner(ckpt[0], _cfg(), decode_mode="eager")
+    static = ModelRunner(ckpt[0], _cfg(), decode_mode="static")
+    outs = []
+    for r in (eager, static):
+        slots = [r.allocator.allocate(40) for _ in range(3)]
+        prompts = [list(range(3, 3 + n)) for n in (2, 17, 9)]
+        for s, p in zip(slots, prompts, strict=True):
+            r.forward(StepBatch((SeqChunk(s, tuple(p), 0, False),)))
+        rows = []
+        for step in range(3):  # batch of 3 -> bucket 4, padded with the dummy slot
+            chunks = tuple(SeqChunk(s, (11 + step,), len(p) + step, True) for s, p in zip(slots, prompts, strict=True))
+            rows.append(r.forward(StepBatch(chunks)))
+        outs.append(torch.cat(rows))
+    torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=1e-4)
+    assert set(static.static.buf) == {4}
+
+
+def test_warmup_and_memory_report(ckpt):
+    r = ModelRunner(ckpt[0], _cfg(), decode_mode="static")
+    r.warmup()
+    assert set(r.static.buf) == set(decode_buckets(5)) == {1, 2, 4, 5}
+    assert r.allocator.num_free_slots == 5 and r.allocator.num_free_blocks == r.allocator.num_blocks
+    assert float(r.pool.ssm[:, r.pool.dummy_slot].abs().sum()) == 0.0
+    rep = r.memory_report()
+    a = r.arch
+    state = a.n_mamba * (a.conv_dim * (a.m_conv - 1) + a.m_heads * a.m_head_dim * a.m_state) * 4
+    kv = a.n_attention * 2 * a.n_kv_heads * a.head_dim * 4
+    assert rep["state_bytes_per_seq"] == state and rep["kv_bytes_per_token"] == kv
+    assert rep["formula_bytes_per_seq"] == state + kv * 64
+    assert rep["kv_tokens"] == 512
+
+
+def test_buckets_and_padding():
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert decode_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    b = decode_buckets(48)
+    assert [pick_bucket(n, b) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
+    with pytest.raises(ValueError):
+        pick_bucket(49, b)
+    ids, slots, pos, tabs = pad_decode([5, 6], [0, 3], [7, 20], [[1], [2, 4]], 4, 9, 99, 3)
+    assert ids == [5, 6, 0, 0] and slots == [0, 3, 9, 9] and pos == [7, 20, 0, 0]
+    assert tabs == [[1, 99, 99], [2, 4, 99], [99, 99, 99], [99, 99, 99]]
+
+
+def test_config_errors(ckpt):
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ModelRunner(ckpt[0], _cfg(kernels="fused"))
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        ModelRunner(ckpt[0], _cfg(), decode_mode="graph")
+    r = ModelRunner(ckpt[0], _cfg(kv_cache_tokens=0, dtype="bfloat16", ssm_state_dtype="float32"))
+    assert r.dtype == "bfloat16" and r.pool.ssm.dtype == torch.float32
+    assert r.memory_report()["kv_tokens"] >= 5 * 64  # auto on CPU: slots x max_total_tokens
+
+
+def test_ckpt_tiny_preset_matches_hf(tiny_ckpt):
+    """The shared tiny checkpoint (model/demo.py) loads and matches HF's forward on it."""
+    from transformers import GraniteMoeHybridForCausalLM
+
+    hf = GraniteMoeHybridForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    r = ModelRunner(tiny_ckpt, _cfg())
+    prompt = [int(t) for t in torch.randint(3, r.vocab_size, (37,), generator=torch.Generator().manual_seed(0))]
+    slot = r.allocator.allocate(45)
+    got = r.forward(StepBatch((SeqChunk(slot, tuple(prompt[:20]), 0, False), )))
+    got = r.forward(StepBatch((SeqChunk(slot, tuple(prompt[20:]), 20, True),)))
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt]), use_cache=True)
+        torch.testing.assert_close(got, out.logits[:, -1].float(), atol=1e-4, rtol=1e-4)
+        out = hf(torch.tensor([[5]]), cache=out.past_key_values, use_cache=True)
+    got = r.forward(StepBatch((SeqChunk(slot, (5,), 37, True),)))
+    torch.testing.assert_close(got, out.logits[:, -1].float(), atol=1e-4, rtol=1e-4)
