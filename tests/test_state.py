@@ -1,0 +1,80 @@
+"""StatePool layout and the memory formula (checked for the real Granite 4.0 H micro by arithmetic only)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.granite import GraniteArch
+from model.state import StatePool, auto_kv_tokens, bytes_per_seq, kv_bytes_per_token, state_bytes_per_seq
+
+MIB = 2**20
+
+MICRO = {  # config.json values of ibm-granite/granite-4.0-h-micro that matter here (GRANITE.md)
+    "model_type": "granitemoehybrid", "vocab_size": 100352, "hidden_size": 2048, "num_hidden_layers": 40,
+    "layer_types": ["full_attention" if i in (5, 15, 25, 35) else "linear_attention" for i in range(40)],
+    "num_attention_heads": 32, "num_key_value_heads": 8, "shared_intermediate_size": 8192,
+    "num_local_experts": 0, "mamba_n_heads": 64, "mamba_d_head": 64, "mamba_d_state": 128,
+    "mamba_n_groups": 1, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_chunk_size": 256,
+    "position_embedding_type": "nope", "attention_multiplier": 0.015625, "embedding_multiplier": 12,
+    "residual_multiplier": 0.22, "logits_scaling": 8, "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    d = tmp_path_factory.mktemp("micro_cfg")
+    (d / "config.json").write_text(json.dumps(MICRO))
+    return GraniteArch.from_dir(d)
+
+
+def test_micro_formula_matches_granite_md(micro):
+    bf16 = torch.bfloat16
+    assert (micro.n_mamba, micro.n_attention, micro.conv_dim) == (36, 4, 4352)
+    ssm = 36 * 64 * 64 * 128 * 2
+    conv = 36 * 4352 * 3 * 2
+    assert state_bytes_per_seq(micro, bf16, bf16) == ssm + conv
+    assert kv_bytes_per_token(micro, bf16) == 4 * 2 * 8 * 64 * 2 == 8 * 1024
+    assert ssm / MIB == 36.0  # "37.2 MiB" in GRANITE.md is 37.7 MB = 36 MiB
+    # 69 MiB at 4K, 293 MiB at 32K, "1.06 GiB" at 128K (GRANITE.md; it is 1061 MiB), bf16 everywhere
+    assert round(bytes_per_seq(micro, 4096, bf16, bf16) / MIB) == 69
+    assert round(bytes_per_seq(micro, 32768, bf16, bf16) / MIB) == 293
+    assert round(bytes_per_seq(micro, 131072, bf16, bf16) / MIB) == 1061
+    # fp32 SSM state doubles the SSM part only
+    assert state_bytes_per_seq(micro, bf16, torch.float32) == 2 * ssm + conv
+
+
+def test_pool_shapes_match_formula_on_meta(micro):
+    pool = StatePool(micro, num_slots=32, kv_tokens=4096, device="meta", dtype=torch.bfloat16,
+                     ssm_dtype=torch.bfloat16, block_size=16)
+    assert pool.conv.shape == (36, 33, 4352, 3)
+    assert pool.ssm.shape == (36, 33, 64, 64, 128)
+    assert pool.k.shape == pool.v.shape == (4, 257, 16, 8, 64)
+    rep = pool.report()
+    assert rep["pool_state_bytes"] == 33 * state_bytes_per_seq(micro, torch.bfloat16, torch.bfloat16)
+    assert rep["pool_kv_bytes"] == 257 * 16 * kv_bytes_per_token(micro, torch.bfloat16)
+    assert rep["kv_tokens"] == 4096 and rep["num_slots"] == 32
+
+
+def test_reset_slot_zeroes_only_that_slot(tmp_path):
+    from tests.tiny_granite import build_tiny
+
+    build_tiny(tmp_path)
+    a = GraniteArch.from_dir(tmp_path)
+    pool = StatePool(a, 3, 40, "cpu", torch.float32, torch.bfloat16, block_size=8)
+    assert pool.ssm.dtype == torch.bfloat16 and pool.num_blocks == 5 and pool.dummy_slot == 3
+    pool.conv.fill_(1)
+    pool.ssm.fill_(1)
+    pool.reset_slot(1)
+    assert float(pool.conv[:, 1].abs().sum()) == 0 and float(pool.ssm[:, 1].abs().sum()) == 0
+    assert bool((pool.conv[:, 0] == 1).all()) and bool((pool.ssm[:, 2] == 1).all())
+
+
+def test_auto_kv_tokens_cpu(micro):
+    cpu = torch.device("cpu")
+    f32 = torch.float32
+    assert auto_kv_tokens(micro, 4, 1000, cpu, f32, f32) == 4000
+    assert auto_kv_tokens(micro, 256, 131072, cpu, f32, f32) == 1 << 18  # capped
+    assert auto_kv_tokens(micro, 1, 1 << 20, cpu, f32, f32) == 1 << 20  # never below one full sequence
