@@ -140,16 +140,19 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Handle:
         if not self.ready:
-            raise EngineNotReady(self.error or ("shutting down" if self._shut else "the model is still loading"))
+            why = "shutting down" if self._shut else "the model is still loading"
+            raise EngineNotReady(self.error or why)
         cfg = self.config
         ids, p = request.prompt_ids, request.params
         n = len(ids)
         if n == 0:
             raise InvalidRequest("the prompt is empty (0 tokens)")
         if n > cfg.max_input_tokens:
-            raise InputTooLong(f"the prompt has {n} tokens; the limit is max_input_tokens={cfg.max_input_tokens}")
+            limit = cfg.max_input_tokens
+            raise InputTooLong(f"the prompt has {n} tokens; the limit is max_input_tokens={limit}")
         # Context budget: max_total_tokens, and never more than the KV pool can ever hold for one sequence.
-        budget = min(cfg.max_total_tokens, getattr(self.runner.allocator, "max_tokens_per_seq", cfg.max_total_tokens))
+        per_seq = getattr(self.runner.allocator, "max_tokens_per_seq", cfg.max_total_tokens)
+        budget = min(cfg.max_total_tokens, per_seq)
         if n >= budget:
             raise InputTooLong(f"the prompt has {n} tokens; at most {budget - 1} fit this server's context")
         if p.max_new_tokens < 1:
@@ -256,7 +259,8 @@ class Engine:
             elif len(seq.output_ids) >= seq.max_new_tokens or seq.num_tokens >= cfg.max_total_tokens:
                 reason = FinishReason.LENGTH
                 text += self._final_text(ctx)
-        tops = top_tokens(top, lambda t: self.tokenizer.decode([t])) if top else ()
+        token_text = getattr(self.tokenizer, "token_text", None) or (lambda t: self.tokenizer.decode([t]))
+        tops = top_tokens(top, token_text) if top else ()
         if reason is not None:
             self._retire(seq, reason)  # before the event: a client that saw the end sees the slot free
         ctx.handle._put(TokenEvent(tok, text, logprob, special, reason, tops))
@@ -274,7 +278,7 @@ class Engine:
             self.scheduler.finish(seq)
             self._finished[reason.value] += 1
 
-    def _emit_end(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+    def _emit_end(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None):
         self._retire(seq, reason)
         seq.ctx.handle._put(end_event(reason, text, error))
 

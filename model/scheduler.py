@@ -89,7 +89,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_queued_requests:
             raise QueueFull(
-                f"{len(self.waiting)} requests already waiting (limit {self.config.max_queued_requests}); retry later"
+                f"{len(self.waiting)} requests already waiting "
+                f"(limit {self.config.max_queued_requests}); retry later"
             )
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)

@@ -40,7 +40,8 @@ def test_greedy_is_argmax_and_logprob_is_log_softmax():
 def test_input_logits_not_modified():
     x = logits(3)
     before = x.clone()
-    params = [SamplingParams(do_sample=True, top_k=3, repetition_penalty=1.5, frequency_penalty=0.5, seed=1)] * 3
+    p = SamplingParams(do_sample=True, top_k=3, repetition_penalty=1.5, frequency_penalty=0.5, seed=1)
+    params = [p] * 3
     sample(x, rows_for(params), [[4, 4]] * 3)
     assert torch.equal(x, before)
 
@@ -147,7 +148,8 @@ HF_CASES = [
     SamplingParams(do_sample=True, top_k=7),
     SamplingParams(do_sample=True, top_p=0.8),
     SamplingParams(do_sample=True, typical_p=0.6),
-    SamplingParams(do_sample=True, temperature=0.7, top_k=12, top_p=0.9, typical_p=0.95, repetition_penalty=1.2),
+    SamplingParams(do_sample=True, temperature=0.7, top_k=12, top_p=0.9, typical_p=0.95,
+                   repetition_penalty=1.2),
     SamplingParams(do_sample=True, temperature=2.0, top_p=0.3),
     SamplingParams(),
 ]

@@ -19,7 +19,8 @@ def make_seq(n_prompt: int, max_new: int = 4, base: int = 0) -> Sequence:
 
 def make(slots=4, blocks=64, block_size=4, **cfg) -> tuple[Scheduler, SlotAllocator]:
     alloc = SlotAllocator(slots, blocks, block_size)
-    defaults = dict(max_concurrent_seqs=slots, max_step_tokens=16, prefill_chunk_tokens=8, max_queued_requests=8)
+    defaults = dict(max_concurrent_seqs=slots, max_step_tokens=16, prefill_chunk_tokens=8,
+                    max_queued_requests=8)
     defaults.update(cfg)
     return Scheduler(EngineConfig(**defaults), alloc), alloc
 
