@@ -32,11 +32,13 @@ DOCUMENTS_SUFFIX = (
     "documents, inform the user that the question cannot be answered based on the available data."
 )
 
-# Message content may be a string or an OpenAI-style list of parts; only "text" parts are kept.
+# Message content may be a string, an OpenAI-style list of parts (only "text" parts are kept), or a
+# JSON object (e.g. a tool result), rendered as JSON.
 _TEMPLATE = r"""
 {%- macro text_of(content) -%}
   {%- if content is none -%}
   {%- elif content is string -%}{{ content }}
+  {%- elif content is mapping -%}{{ content | tojson }}
   {%- else -%}
     {%- for part in content if part.type == 'text' -%}{{ ('\n' if not loop.first else '') + part.text }}{%- endfor -%}
   {%- endif -%}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from model.demo_tokenizer import ADDED_TOKENS, EOS, PAD, write_tokenizer
 
-VERSION = "1"  # bump when presets or init change: demo_dir caches by preset + version
+VERSION = "2"  # bump when presets or init change: demo_dir caches by preset + version
 
 PRESETS: dict[str, dict] = {
     # Tests: 4 layers, attention at 1; GQA 4 q / 2 kv heads of 16; Mamba 8 heads x 16, d_state 16.

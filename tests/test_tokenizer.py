@@ -146,7 +146,7 @@ def test_tool_calls_and_responses_round_trip(tok):
             {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}},
         ]},
         {"role": "tool", "tool_call_id": "c1", "content": "20 C"},
-        {"role": "tool", "tool_call_id": "c2", "content": "25 C"},
+        {"role": "tool", "tool_call_id": "c2", "content": {"temp_c": 25}},
     ]
     turns = _turns(tok.render_chat(msgs, tools=TOOLS))
     assert [r for r, _ in turns] == ["system", "user", "assistant", "user", "assistant"]
@@ -156,7 +156,8 @@ def test_tool_calls_and_responses_round_trip(tok):
         ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Lima"})]
     responses = turns[3][1]
     assert responses.count("<tool_response>") == 2  # consecutive tool results share one user turn
-    assert responses.index("20 C") < responses.index("25 C")
+    blocks = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", responses, re.DOTALL)
+    assert blocks[0] == "20 C" and json.loads(blocks[1]) == {"temp_c": 25}
 
 
 # --- tool-call parsing ---------------------------------------------------------------------------
