@@ -1,0 +1,299 @@
+"""`make bench`: the engine against serial Hugging Face `generate`, measured in the same run.
+
+Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.json):
+  parity      greedy tokens of the engine vs HF generate on the same fp32 weights
+  throughput  aggregate generated tokens/s through the HTTP server at 1, 8, 32 concurrent streams,
+              vs serial HF generate of the same prompts; TTFT / TPOT p50 and p99 from the streams
+  memory      engine state bytes per live sequence (from the allocated tensors) vs the GRANITE.md formula,
+              for the demo model and for the full-size micro architecture (arithmetic only)
+  batch       batch entrypoint over 256 records vs the same records one at a time (bench/batch_bench.py)
+
+Speed depends on the machine: only ratios measured in one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+WORDS = ("the model reads a long conversation and answers with care about state memory tokens "
+         "granite hybrid mamba attention layers serve many requests at once on one machine").split()
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    """Deterministic prompts of 20-60 words."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(n)]
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def machine_name() -> str:
+    cpu = "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node() or 'host'} ({os.cpu_count()} cores, {cpu})"
+
+
+# ---- baseline: Hugging Face generate, one request at a time ------------------------------------------
+
+def hf_model(ckpt: Path):
+    import torch
+    from transformers import GraniteMoeHybridForCausalLM
+
+    m = GraniteMoeHybridForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    return m.eval()
+
+
+def hf_generate(model, ids: list[int], max_new: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def baseline_tok_s(model, prompt_ids: list[list[int]], max_new: int) -> tuple[float, int]:
+    t0, n = time.perf_counter(), 0
+    for ids in prompt_ids:
+        n += len(hf_generate(model, ids, max_new))
+    return n / (time.perf_counter() - t0), n
+
+
+# ---- parity ------------------------------------------------------------------------------------------
+
+def parity(ckpt: Path, texts: list[str], max_new: int) -> dict:
+    from model.engine import Engine
+    from model.types import EngineConfig, GenerationRequest, SamplingParams
+
+    eng = Engine(ckpt, EngineConfig(max_concurrent_seqs=len(texts), dtype="float32"), "parity")
+    eng.start()
+    if not eng.wait_ready(300):
+        raise RuntimeError(f"engine did not load: {eng.error}")
+    try:
+        ids = [eng.tokenizer.encode(t) for t in texts]
+        handles = [eng.submit(GenerationRequest(tuple(i), SamplingParams(max_new_tokens=max_new))) for i in ids]
+        ours = [list(h.result().token_ids) for h in handles]  # all submitted first: they share batches
+    finally:
+        eng.shutdown()
+    ref_model = hf_model(ckpt)
+    theirs = [hf_generate(ref_model, i, max_new) for i in ids]
+    # HF keeps the EOS token it stopped on; the engine reports it as a finish reason, with the token.
+    matches = [a == b for a, b in zip(ours, theirs, strict=True)]
+    return {"greedy_match": all(matches), "cases": len(matches), "matching_cases": sum(matches),
+            "max_new_tokens": max_new}
+
+
+# ---- throughput through HTTP -------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, ckpt: Path, slots: int) -> None:
+        self.port = free_port()
+        env = {**os.environ, "MODEL_DIR": str(ckpt), "MAX_CONCURRENT_SEQS": str(slots),
+               "DTYPE": "float32", "LOG_LEVEL": "WARNING"}
+        env.pop("MODEL_ID", None)
+        env.pop("HF_MODEL_ID", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1",
+                                      "--port", str(self.port)], cwd=ROOT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if requests.get(self.url + "/ping", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited during start")
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("server not ready after 300 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def stream_one(url: str, text: str, max_new: int) -> dict:
+    """One TGI streaming request; returns tokens, TTFT and per-token gaps measured at the client."""
+    body = {"inputs": text, "parameters": {"max_new_tokens": max_new}, "stream": True}
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    with requests.post(url + "/invocations", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith(b"data:"):
+                ev = json.loads(line[5:])
+                if "token" in ev:
+                    stamps.append(time.perf_counter())
+    return {"tokens": len(stamps), "ttft": stamps[0] - t0 if stamps else float("nan"),
+            "tpot": [b - a for a, b in zip(stamps, stamps[1:], strict=False)]}
+
+
+def run_concurrency(url: str, texts: list[str], conc: int, max_new: int) -> dict:
+    """Send all texts with `conc` in flight at once; aggregate tokens/s over the wall time."""
+    results: list[dict] = []
+    lock = threading.Lock()
+    todo = list(texts)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                t = todo.pop()
+            r = stream_one(url, t, max_new)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(conc)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] * 1000 for r in results]
+    tpot = [g * 1000 for r in results for g in r["tpot"]]
+    return {"requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
+            "engine_tok_s": tokens / wall,
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99)}
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+def memory(ckpt: Path, tokens: int) -> dict:
+    import torch
+
+    from model.granite import GraniteArch
+    from model.runner import ModelRunner
+    from model.state import bytes_per_seq
+    from model.types import EngineConfig
+
+    runner = ModelRunner(ckpt, EngineConfig(max_concurrent_seqs=8, dtype="float32", max_total_tokens=tokens + 1,
+                                            max_input_tokens=tokens))
+    p = runner.pool
+    per_slot = (p.conv.nbytes + p.ssm.nbytes) / p.conv.shape[1]  # measured from the allocated tensors
+    per_token = (p.k.nbytes + p.v.nbytes) / (p.k.shape[1] * p.k.shape[2])
+    demo = {"tokens": tokens, "state_bytes_per_seq": int(per_slot + tokens * per_token),
+            "formula_bytes_per_seq": bytes_per_seq(runner.arch, tokens, p.dtype, p.ssm_dtype)}
+    from transformers import GraniteMoeHybridConfig
+
+    full = GraniteArch.from_hf_config(
+        GraniteMoeHybridConfig(**json.loads((ROOT / "bench" / "micro_config.json").read_text())))
+    micro = {f"{n}": bytes_per_seq(full, n, torch.bfloat16, torch.bfloat16) for n in (4096, 32768, 131072)}
+    return {**demo, "full_size_bf16_bytes_per_seq": micro}
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--baseline-requests", type=int, default=6)
+    ap.add_argument("--skip-batch", action="store_true")
+    a = ap.parse_args(argv)
+    import torch
+
+    from model.demo import build_checkpoint
+    from model.tokenizer import Tokenizer
+
+    levels = [int(c) for c in a.concurrency.split(",")]
+    report: dict = {"machine": machine_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "model": "demo preset (random weights), fp32, CPU", "max_new_tokens": a.max_new_tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build_checkpoint(Path(tmp) / "demo", preset="demo")
+        tok = Tokenizer.from_dir(ckpt)
+        texts = prompts(max(levels) * 2)
+        print("parity ...", flush=True)
+        report["parity"] = parity(ckpt, texts[:8], 32)
+        print("memory ...", flush=True)
+        report["memory"] = memory(ckpt, 4096)
+        print("baseline (HF generate, serial) ...", flush=True)
+        base_model = hf_model(ckpt)
+        hf_generate(base_model, tok.encode(texts[0]), 4)  # warm-up
+        base, base_tokens = baseline_tok_s(base_model, [tok.encode(t) for t in texts[:a.baseline_requests]],
+                                           a.max_new_tokens)
+        del base_model
+        report["baseline"] = {"tok_s": base, "requests": a.baseline_requests, "tokens": base_tokens}
+        server = Server(ckpt, slots=max(levels))
+        try:
+            stream_one(server.url, texts[0], 4)  # warm-up
+            report["throughput"] = {}
+            for c in levels:
+                print(f"throughput at concurrency {c} ...", flush=True)
+                r = run_concurrency(server.url, texts[: max(c, 4)], c, a.max_new_tokens)
+                r["baseline_tok_s"] = base
+                r["ratio"] = r["engine_tok_s"] / base
+                report["throughput"][str(c)] = r
+        finally:
+            server.stop()
+        if not a.skip_batch:
+            print("batch ...", flush=True)
+            from bench.batch_bench import run as batch_run
+
+            report["batch"] = batch_run(ckpt)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"{platform.node() or 'host'}-{dt.date.today().isoformat()}.json"
+    text = json.dumps(report, indent=2, default=float)
+    (RESULTS / name).write_text(text + "\n")
+    (RESULTS / "latest-cpu.json").write_text(text + "\n")
+    print_table(report)
+    print(f"wrote bench/results/{name} and bench/results/latest-cpu.json")
+    return 0
+
+
+def print_table(r: dict) -> None:
+    p = r["parity"]
+    print(f"\nmachine: {r['machine']}")
+    print(f"parity: greedy_match={p['greedy_match']} ({p['matching_cases']}/{p['cases']})")
+    print(f"{'conc':>5} {'engine tok/s':>13} {'HF tok/s':>9} {'ratio':>6} {'ttft p50':>9} {'tpot p50':>9} {'tpot p99':>9}")
+    for c, t in r.get("throughput", {}).items():
+        print(f"{c:>5} {t['engine_tok_s']:>13.1f} {t['baseline_tok_s']:>9.1f} {t['ratio']:>6.1f} "
+              f"{t['ttft_p50_ms']:>7.0f}ms {t['tpot_p50_ms']:>7.1f}ms {t['tpot_p99_ms']:>7.1f}ms")
+    m = r["memory"]
+    print(f"memory per seq at {m['tokens']} tokens: {m['state_bytes_per_seq']} B (formula {m['formula_bytes_per_seq']} B)")
+    if "batch" in r:
+        print(f"batch: {json.dumps(r['batch'])}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
