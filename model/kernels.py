@@ -105,6 +105,8 @@ class Kernels:
         self.f = fused
         self.ssm_decode_indexed = fused.selective_state_update is not None and _accepts(
             fused.selective_state_update, "state_batch_indices")
+        self.ssd_state_dtype_arg = fused.mamba_chunk_scan_combined is not None and _accepts(
+            fused.mamba_chunk_scan_combined, "state_dtype")
         self.report = {
             "ssd_prefill": "fused:mamba_chunk_scan_combined" if fused.mamba_chunk_scan_combined else "reference",
             "ssm_decode": ("fused:selective_state_update" + ("" if self.ssm_decode_indexed else "+gather"))
@@ -128,9 +130,11 @@ class Kernels:
         if self.f.mamba_chunk_scan_combined is None:
             return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
                                       initial_states=initial_states, dt_limit=dt_limit)
+        # Newer mamba_ssm materialises inter-chunk (and final) states in C's dtype unless told otherwise.
+        extra = {"state_dtype": initial_states.dtype} if self.ssd_state_dtype_arg else {}
         y, final = self.f.mamba_chunk_scan_combined(
             x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=initial_states,
-            dt_softplus=True, dt_limit=tuple(dt_limit), return_final_states=True)
+            dt_softplus=True, dt_limit=tuple(dt_limit), return_final_states=True, **extra)
         return y, final
 
     def ssm_decode(self, state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit):
@@ -141,13 +145,15 @@ class Kernels:
         # The kernel wants per-(head, channel) parameters; expanded views with stride 0 over p let it
         # take its "tied head dim" fast path.
         if tuple(dt_limit) != ssd.NO_DT_LIMIT:  # the kernel has no clamp: discretize here
-            dt, dt_bias, softplus = ssd.discretize_dt(dt, dt_bias, dt_limit).to(x.dtype), None, False
+            # (a zero bias, not None: the kernel reads dt_bias.stride() unconditionally)
+            dt, softplus = ssd.discretize_dt(dt, dt_bias, dt_limit), False
+            dt_bias = torch.zeros_like(dt_bias, dtype=torch.float32)
         else:
             softplus = True
         dt_e = dt[:, :, None].expand(-1, h, p)
         A_e = A[:, None, None].expand(h, p, n).to(torch.float32)
         D_e = D[:, None].expand(h, p)
-        bias_e = dt_bias[:, None].expand(h, p) if dt_bias is not None else None
+        bias_e = dt_bias[:, None].expand(h, p)
         if self.ssm_decode_indexed:
             return self.f.selective_state_update(
                 state_pool, x, dt_e, A_e, B, C, D=D_e, z=None, dt_bias=bias_e, dt_softplus=softplus,
@@ -174,7 +180,7 @@ class Kernels:
         """x (B, d); conv_pool (S, d, w-1) updated in place at slots. Returns (B, d)."""
         if self.f.causal_conv1d_update is None:
             return ssd.conv_decode_inplace(x, conv_pool, slots, weight, bias)
-        return self.f.causal_conv1d_update(x, conv_pool, weight, bias, activation="silu",
+        return self.f.causal_conv1d_update(x.contiguous(), conv_pool, weight, bias, activation="silu",
                                            conv_state_indices=slots.to(torch.int32))
 
     # ---- attention -------------------------------------------------------------------------

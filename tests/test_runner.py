@@ -209,3 +209,25 @@ def test_ckpt_tiny_preset_matches_hf(tiny_ckpt):
         out = hf(torch.tensor([[5]]), cache=out.past_key_values, use_cache=True)
     got = r.forward(StepBatch((SeqChunk(slot, (5,), 37, True),)))
     torch.testing.assert_close(got, out.logits[:, -1].float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_fused_kernel_path_matches_reference(ckpt, mode):
+    """The whole network through signature-faithful fake fused kernels (tests/fake_kernels.py)."""
+    from model.kernels import Kernels
+    from tests.fake_kernels import fake_ops
+
+    outs = []
+    for fused in (False, True):
+        r = ModelRunner(ckpt[0], _cfg(), decode_mode=mode)
+        if fused:
+            r.kernels = Kernels("fused", "cpu", fused=fake_ops())
+        slots = [r.allocator.allocate(40) for _ in range(2)]
+        rows = [r.forward(StepBatch((SeqChunk(slots[0], tuple(range(5, 16)), 0, True),
+                                     SeqChunk(slots[1], tuple(range(40, 45)), 0, False)))),
+                r.forward(StepBatch((SeqChunk(slots[1], tuple(range(45, 52)), 5, True),)))]
+        for step in range(3):
+            rows.append(r.forward(StepBatch((SeqChunk(slots[0], (7 + step,), 11 + step, True),
+                                             SeqChunk(slots[1], (9 + step,), 12 + step, True)))))
+        outs.append(torch.cat(rows))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,176 @@
+"""Reference ops against naive definitions, and the fused-kernel plumbing against signature-faithful fakes."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import kernels as kmod
+from model import ssd
+from model.kernels import FusedOps, Kernels
+from tests import fake_kernels
+from tests.fake_kernels import fake_ops
+
+
+def _ssm_inputs(b=2, seqlen=19, h=4, p=3, g=2, n=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    return dict(x=r(b, seqlen, h, p), dt=r(b, seqlen, h), A=-torch.rand(h, generator=gen) * 2,
+                B=r(b, seqlen, g, n), C=r(b, seqlen, g, n), D=r(h), dt_bias=r(h) * 0.5,
+                initial_states=r(b, h, p, n))
+
+
+@pytest.mark.parametrize("seqlen,chunk", [(19, 8), (16, 8), (1, 8), (7, 8), (24, 4), (5, 1)])
+@pytest.mark.parametrize("limit", [ssd.NO_DT_LIMIT, (0.05, 1.5)])
+def test_chunk_scan_equals_recurrence(seqlen, chunk, limit):
+    inp = _ssm_inputs(seqlen=seqlen)
+    y, final = ssd.ssd_chunk_scan(chunk_size=chunk, dt_limit=limit, **inp)
+    y_ref, final_ref = ssd.ssd_naive(dt_limit=limit, **inp)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(final, final_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_chunk_scan_split_sequence_carries_state():
+    inp = _ssm_inputs(seqlen=21)
+    y, final = ssd.ssd_chunk_scan(chunk_size=8, **inp)
+    first = {k: (v[:, :13] if v.dim() >= 3 and k != "initial_states" else v) for k, v in inp.items()}
+    y1, s1 = ssd.ssd_chunk_scan(chunk_size=8, **first)
+    second = {k: (v[:, 13:] if v.dim() >= 3 and k != "initial_states" else v) for k, v in inp.items()}
+    second["initial_states"] = s1
+    y2, s2 = ssd.ssd_chunk_scan(chunk_size=8, **second)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2, final, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_with_state_equals_full_conv():
+    gen = torch.Generator().manual_seed(1)
+    d, w, seqlen = 6, 4, 11
+    x, weight, bias = torch.randn(2, d, seqlen, generator=gen), torch.randn(d, w, generator=gen), torch.randn(d)
+    full = F.silu(F.conv1d(x, weight.unsqueeze(1), bias, padding=w - 1, groups=d)[..., :seqlen])
+    y1, st = ssd.causal_conv(x[..., :5], None, weight, bias)
+    y2, st = ssd.causal_conv(x[..., 5:], st, weight, bias)
+    torch.testing.assert_close(torch.cat([y1, y2], -1), full)
+    torch.testing.assert_close(st, x[..., -(w - 1):])
+    # one token at a time through the pooled in-place update, slots 2 and 0 of a pool of 3
+    pool = torch.zeros(3, d, w - 1)
+    slots = torch.tensor([2, 0])
+    ys = [ssd.conv_decode_inplace(x[..., t], pool, slots, weight, bias) for t in range(seqlen)]
+    torch.testing.assert_close(torch.stack(ys, -1), full, atol=1e-6, rtol=1e-6)
+    assert float(pool[1].abs().sum()) == 0
+
+
+def test_ssm_decode_inplace_equals_recurrence():
+    inp = _ssm_inputs(seqlen=6)
+    y_ref, final_ref = ssd.ssd_naive(**inp)
+    pool = torch.zeros(4, *inp["initial_states"].shape[1:])
+    slots = torch.tensor([3, 1])
+    pool[slots] = inp["initial_states"]
+    ys = [ssd.ssm_decode_inplace(pool, slots, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t],
+                                 inp["C"][:, t], inp["D"], inp["dt_bias"]) for t in range(6)]
+    torch.testing.assert_close(torch.stack(ys, 1), y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool[slots], final_ref, atol=1e-5, rtol=1e-5)
+
+
+def _run_ops(K, dtype=torch.float32, limit=ssd.NO_DT_LIMIT):
+    """Every Kernels op on small random inputs; returns outputs and mutated pools."""
+    gen = torch.Generator().manual_seed(5)
+    h, p, g, n, d, w = 4, 3, 2, 5, 7, 4
+    inp = _ssm_inputs(b=1, seqlen=11, h=h, p=p, g=g, n=n, seed=2)
+    cast = {k: (v.to(dtype) if k not in ("A", "initial_states", "D", "dt_bias") else v) for k, v in inp.items()}
+    y, final = K.ssd_prefill(cast["x"], cast["dt"], cast["A"], cast["B"], cast["C"], 4, cast["D"],
+                             cast["dt_bias"], cast["initial_states"], limit)
+    pool = torch.randn(5, h, p, n, generator=gen)
+    slots = torch.tensor([4, 0, 2])
+    xs = torch.randn(3, h, p, generator=gen).to(dtype)
+    dts = torch.randn(3, h, generator=gen).to(dtype)
+    Bs, Cs = (torch.randn(3, g, n, generator=gen).to(dtype) for _ in range(2))
+    y_dec = K.ssm_decode(pool, slots, xs, dts, inp["A"], Bs, Cs, inp["D"], inp["dt_bias"], limit)
+    weight, bias = torch.randn(d, w, generator=gen).to(dtype), torch.randn(d, generator=gen).to(dtype)
+    xc = torch.randn(1, d, 9, generator=gen).to(dtype)
+    st = torch.randn(1, d, w - 1, generator=gen).to(dtype)
+    yc, stc = K.conv_prefill(xc, st, weight, bias)
+    cpool = torch.randn(5, d, w - 1, generator=gen).to(dtype)
+    yd = K.conv_decode(torch.randn(3, d, generator=gen).to(dtype), cpool, slots, weight, bias)
+    return [y, final, pool, y_dec, yc, stc, cpool, yd]
+
+
+@pytest.mark.parametrize("limit", [ssd.NO_DT_LIMIT, (0.05, 1.5)])
+def test_fused_plumbing_matches_reference(limit):
+    ref = _run_ops(Kernels("reference", "cpu"), limit=limit)
+    fake_kernels.calls.clear()
+    K = Kernels("fused", "cpu", fused=fake_ops())
+    got = _run_ops(K, limit=limit)
+    assert set(fake_kernels.calls) == {"mamba_chunk_scan_combined", "selective_state_update",
+                                       "causal_conv1d_fn", "causal_conv1d_update"}
+    assert K.report["ssm_decode"] == "fused:selective_state_update" and K.ssm_decode_indexed
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_plumbing_bf16():
+    ref = _run_ops(Kernels("reference", "cpu"), dtype=torch.bfloat16)
+    got = _run_ops(Kernels("fused", "cpu", fused=fake_ops()), dtype=torch.bfloat16)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_old_selective_state_update_without_indices_gathers():
+    def old_ssu(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        return fake_kernels.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+    ops = fake_ops()
+    ops.selective_state_update = old_ssu
+    K = Kernels("fused", "cpu", fused=ops)
+    assert not K.ssm_decode_indexed and K.report["ssm_decode"].endswith("+gather")
+    ref = _run_ops(Kernels("reference", "cpu"))
+    for a, b in zip(_run_ops(K), ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_modes_and_errors():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        Kernels("fused", "cpu")
+    with pytest.raises(ValueError):
+        Kernels("fast", "cpu")
+    with pytest.raises(RuntimeError, match="conv_decode"):
+        Kernels("fused", "cpu", fused=fake_ops(causal_conv1d_update=True))
+    auto = Kernels("auto", "cpu")
+    assert auto.report == {"ssd_prefill": "reference", "ssm_decode": "reference", "conv_prefill": "reference",
+                           "conv_decode": "reference", "attention": "sdpa"}
+    mixed = Kernels("auto", "cpu", fused=fake_ops(causal_conv1d_fn=True))
+    assert mixed.report["conv_prefill"] == "reference" and mixed.report["ssd_prefill"].startswith("fused")
+    assert Kernels("reference", "cpu", fused=fake_ops()).report["ssm_decode"] == "reference"
+
+
+def test_import_triton_submodule_without_package_init(tmp_path, monkeypatch):
+    """mamba_ssm/__init__ fails (no compiled selective_scan_cuda): the Triton submodule still imports."""
+    root = tmp_path / "mamba_ssm"
+    (root / "ops" / "triton").mkdir(parents=True)
+    (root / "__init__.py").write_text("import selective_scan_cuda_that_is_not_here\n")
+    (root / "ops" / "__init__.py").write_text("")
+    (root / "ops" / "triton" / "__init__.py").write_text("")
+    (root / "ops" / "triton" / "ssd_combined.py").write_text(
+        "from mamba_ssm.ops.triton.helper import VALUE\n"
+        "def mamba_chunk_scan_combined(*a, **k):\n    return VALUE\n")
+    (root / "ops" / "triton" / "helper.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("mamba_ssm")}
+    try:
+        for k in saved:
+            del sys.modules[k]
+        mod = kmod._import_mamba_triton("ssd_combined")
+        assert mod.mamba_chunk_scan_combined() == 42
+        ops = kmod.load_fused()
+        assert ops.mamba_chunk_scan_combined is not None
+        assert ops.selective_state_update is None and "selective_state_update" in ops.errors
+    finally:
+        for k in [k for k in sys.modules if k.startswith("mamba_ssm")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def test_fused_ops_dataclass_defaults():
+    assert FusedOps().mamba_chunk_scan_combined is None
