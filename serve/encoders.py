@@ -1,0 +1,178 @@
+"""Response encoders (torch-free): Completion / TokenEvent -> TGI and OpenAI JSON, SSE events, errors.
+
+Every SSE event is `data:<json>` followed by a blank line, so clients that receive the stream in
+arbitrary pieces (InvokeEndpointWithResponseStream) can re-split it on "\\n\\n".
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from model.toolcalls import parse_tool_calls
+from model.types import Completion, FinishReason, TokenEvent, TopToken
+
+DONE = b"data: [DONE]\n\n"
+TOOL_OPEN = "<tool_call>"
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def sse(obj: Any, openai: bool = False) -> bytes:
+    # TGI writes "data:{...}", OpenAI "data: {...}"; both are valid SSE.
+    return (("data: " if openai else "data:") + dumps(obj) + "\n\n").encode()
+
+
+def error_body(message: str, error_type: str) -> dict:
+    return {"error": message, "error_type": error_type}
+
+
+def _lp(x: float) -> float | None:
+    return x if x == x and abs(x) != float("inf") else None  # NaN / -inf logprobs are not JSON
+
+
+# ---- TGI ----
+
+def tgi_token(token_id: int, text: str, logprob: float, special: bool) -> dict:
+    return {"id": token_id, "text": text, "logprob": _lp(logprob), "special": special}
+
+
+def _top(tops: tuple[TopToken, ...]) -> list[dict]:
+    return [{"id": t.token_id, "text": t.text, "logprob": _lp(t.logprob), "special": False} for t in tops]
+
+
+def tgi_details(c: Completion, with_tokens: bool, top_n: int = 0) -> dict:
+    d: dict[str, Any] = {
+        "finish_reason": c.finish_reason.value,
+        "generated_tokens": c.generated_tokens,
+        "prompt_tokens": c.prompt_tokens,
+        "input_length": c.prompt_tokens,
+        "seed": c.seed,
+    }
+    if with_tokens:
+        d["prefill"] = []
+        d["tokens"] = [tgi_token(i, t, lp, s) for i, t, lp, s in zip(c.token_ids, c.token_texts, c.logprobs,
+                                                                     c.specials, strict=True)]
+        if top_n:
+            d["top_tokens"] = [_top(tops) for tops in c.top_tokens]
+    return d
+
+
+def tgi_item(prompt: str, c: Completion, details: bool, return_full_text: bool, top_n: int = 0) -> dict:
+    text = prompt + c.text if return_full_text else c.text
+    return {"generated_text": text, "details": tgi_details(c, details, top_n)}
+
+
+def tgi_event(index: int, ev: TokenEvent, final: tuple[str, Completion] | None, top_n: int = 0) -> bytes:
+    """One streamed token; the last carries generated_text and details (TGI shape)."""
+    obj: dict[str, Any] = {"index": index, "token": tgi_token(ev.token_id, ev.text, ev.logprob, ev.special),
+                           "generated_text": None, "details": None}
+    if top_n:
+        obj["top_tokens"] = _top(ev.top_tokens)
+    if final is not None:
+        text, c = final
+        obj["generated_text"] = text
+        obj["details"] = tgi_details(c, False)
+    return sse(obj)
+
+
+# ---- OpenAI ----
+
+def openai_finish(reason: FinishReason, has_calls: bool = False) -> str:
+    if has_calls:
+        return "tool_calls"
+    return "length" if reason == FinishReason.LENGTH else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_logprobs(texts, logprobs, tops) -> dict:
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": _lp(lp), "bytes": list(text.encode())}
+
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(x.text, x.logprob) for x in top]}
+                        for t, lp, top in zip(texts, logprobs, tops, strict=True)]}
+
+
+def chat_message(text: str, tools_given: bool) -> tuple[dict, bool]:
+    """-> (assistant message, whether it holds tool calls). Tool calls are parsed only when tools were given."""
+    content, calls = parse_tool_calls(text) if tools_given else (text, [])
+    msg: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg, bool(calls)
+
+
+def chat_completion(rid: str, model: str, created: int, c: Completion, tools_given: bool, logprobs: bool) -> dict:
+    msg, has_calls = chat_message(c.text, tools_given)
+    choice: dict[str, Any] = {"index": 0, "message": msg, "logprobs": None,
+                              "finish_reason": openai_finish(c.finish_reason, has_calls)}
+    if logprobs:
+        choice["logprobs"] = chat_logprobs(c.token_texts, c.logprobs, c.top_tokens)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+            "usage": usage(c.prompt_tokens, c.generated_tokens)}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None,
+               logprobs: dict | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [choice]}, openai=True)
+
+
+def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> bytes:
+    return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                "usage": usage(prompt_tokens, completion_tokens)}, openai=True)
+
+
+class ToolCallHoldback:
+    """Streams content but holds back text from the first `<tool_call>` on (and any tail that could
+    start one), so tool-call markup is never streamed as content; finish() parses the held text."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.in_call = False
+
+    def push(self, text: str) -> str:
+        self.held += text
+        if self.in_call:
+            return ""
+        at = self.held.find(TOOL_OPEN)
+        if at >= 0:
+            out, self.held, self.in_call = self.held[:at], self.held[at:], True
+            return out
+        keep = next((n for n in range(min(len(TOOL_OPEN) - 1, len(self.held)), 0, -1)
+                     if self.held.endswith(TOOL_OPEN[:n])), 0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        text, self.held = self.held, ""
+        return parse_tool_calls(text) if self.in_call else (text, [])
+
+
+def completion_choice(index: int, prompt: str, c: Completion, echo: bool, logprobs: int | None) -> dict:
+    choice: dict[str, Any] = {"index": index, "text": (prompt if echo else "") + c.text, "logprobs": None,
+                              "finish_reason": openai_finish(c.finish_reason)}
+    if logprobs is not None:
+        offsets, pos = [], len(prompt) if echo else 0
+        for t in c.token_texts:
+            offsets.append(pos)
+            pos += len(t)
+        choice["logprobs"] = {
+            "tokens": list(c.token_texts), "token_logprobs": [_lp(x) for x in c.logprobs],
+            "top_logprobs": [{t.text: _lp(t.logprob) for t in tops} for tops in c.top_tokens] if logprobs else None,
+            "text_offset": offsets,
+        }
+    return choice
+
+
+def text_completion(rid: str, model: str, created: int, choices: list[dict], prompt_tokens: int,
+                    completion_tokens: int, chunk: bool = False) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            **({} if chunk else {"usage": usage(prompt_tokens, completion_tokens)})}

@@ -1,0 +1,249 @@
+"""Run parsed requests on the engine: tokenize, submit, then collect (JSON) or stream (SSE).
+
+`start(ctx, request)` submits everything a request needs at once and returns a Pending whose
+`finish()` collects the response object, so many requests (JSON Lines records) can share the engine
+concurrently. `stream(ctx, request)` submits first (errors become a proper HTTP status before any byte
+is sent) and returns a generator; closing it (client gone: GeneratorExit) cancels the handle.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from model.types import Completion, EngineError, FinishReason, GenerationRequest, SamplingParams
+from serve import encoders as enc
+from serve.metrics import Metrics
+from serve.openai import ChatRequest, CompletionRequest
+from serve.protocol import ProtocolError, TextRequest
+
+
+class GenerationFailed(EngineError):
+    """A sequence ended with FinishReason.ERROR (e.g. CUDA out of memory, shutdown)."""
+
+    error_type = "generation_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        low = message.lower()
+        self.status = 507 if "out of memory" in low or "outofmemory" in low else 503 if "shut down" in low else 500
+
+
+@dataclass
+class Ctx:
+    engine: Any
+    model_name: str
+    metrics: Metrics | None = None
+
+
+@dataclass
+class Pending:
+    handles: list
+    finish_fn: Callable[[list[Completion]], Any]
+    ctx: Ctx
+
+    def finish(self) -> Any:
+        try:
+            return self.finish_fn([collect(self.ctx, h) for h in self.handles])
+        finally:
+            for h in self.handles:  # no-op for finished handles; frees slots if collecting failed
+                h.cancel()
+
+
+def timed(ctx: Ctx, handle) -> Iterator:
+    """Iterate a handle's events, recording time to first token and time per output token."""
+    t0, first, n, last = time.monotonic(), None, 0, None
+    for ev in handle:
+        last = time.monotonic()
+        if ev.token_id >= 0:
+            n += 1
+            first = last if first is None else first
+        yield ev
+    if ctx.metrics is not None and first is not None:
+        tpot = (last - first) / (n - 1) if n > 1 else None
+        ctx.metrics.timing(first - t0, tpot)
+
+
+def collect(ctx: Ctx, handle) -> Completion:
+    for _ in timed(ctx, handle):
+        pass
+    c = handle.result()
+    if c.finish_reason == FinishReason.ERROR:
+        raise GenerationFailed(c.error or "generation failed")
+    return c
+
+
+def encode_prompt(ctx: Ctx, text: str, truncate: int | None = None) -> tuple[int, ...]:
+    ids = ctx.engine.tokenizer.encode(text)
+    return tuple(ids[-truncate:] if truncate else ids)
+
+
+def chat_prompt(ctx: Ctx, req: ChatRequest) -> str:
+    try:
+        return ctx.engine.tokenizer.render_chat(
+            [dict(m) for m in req.messages], tools=[dict(t) for t in req.tools] if req.tools else None,
+            documents=[dict(d) for d in req.documents] if req.documents else None)
+    except Exception as e:  # the template rejects this conversation (jinja raise_exception, bad shapes)
+        raise ProtocolError(422, f"the chat template cannot render these messages: {e}"[:300]) from None
+
+
+def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams) -> list:
+    handles: list = []
+    try:
+        for ids in prompts:
+            handles.append(ctx.engine.submit(GenerationRequest(ids, params, uuid.uuid4().hex)))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
+
+
+def _ids(prefix: str) -> tuple[str, int]:
+    return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+
+# ---- non-streaming ----
+
+def start(ctx: Ctx, req: Any, record: bool = False) -> Pending:
+    """record=True (JSON Lines): a single TGI input answers with an object instead of a list."""
+    name = ctx.model_name
+    if isinstance(req, TextRequest):
+        handles = submit_all(ctx, [encode_prompt(ctx, t, req.truncate) for t in req.inputs], req.params)
+
+        def finish_tgi(cs: list[Completion]) -> Any:
+            items = [enc.tgi_item(p, c, req.details, req.return_full_text, req.params.top_n_tokens)
+                     for p, c in zip(req.inputs, cs, strict=True)]
+            return items[0] if record and not req.batched else items
+
+        return Pending(handles, finish_tgi, ctx)
+    if isinstance(req, ChatRequest):
+        handles = submit_all(ctx, [encode_prompt(ctx, chat_prompt(ctx, req))], req.params)
+
+        def finish_chat(cs: list[Completion]) -> Any:
+            rid, created = _ids("chatcmpl")
+            return enc.chat_completion(rid, name, created, cs[0], bool(req.tools), req.logprobs)
+
+        return Pending(handles, finish_chat, ctx)
+    if isinstance(req, CompletionRequest):
+        handles = submit_all(ctx, [encode_prompt(ctx, p) for p in req.prompts], req.params)
+
+        def finish_completion(cs: list[Completion]) -> Any:
+            rid, created = _ids("cmpl")
+            choices = [enc.completion_choice(i, p, c, req.echo, req.logprobs)
+                       for i, (p, c) in enumerate(zip(req.prompts, cs, strict=True))]
+            return enc.text_completion(rid, name, created, choices, sum(c.prompt_tokens for c in cs),
+                                       sum(c.generated_tokens for c in cs))
+
+        return Pending(handles, finish_completion, ctx)
+    raise TypeError(f"not a request: {type(req).__name__}")
+
+
+# ---- streaming ----
+
+def stream(ctx: Ctx, req: Any) -> Iterator[bytes]:
+    if isinstance(req, TextRequest):
+        (handle,) = submit_all(ctx, [encode_prompt(ctx, req.inputs[0], req.truncate)], req.params)
+        body = _tgi_stream(ctx, req, handle)
+    elif isinstance(req, ChatRequest):
+        (handle,) = submit_all(ctx, [encode_prompt(ctx, chat_prompt(ctx, req))], req.params)
+        body = _chat_stream(ctx, req, handle)
+    elif isinstance(req, CompletionRequest):
+        (handle,) = submit_all(ctx, [encode_prompt(ctx, req.prompts[0])], req.params)
+        body = _completion_stream(ctx, req, handle)
+    else:
+        raise TypeError(f"not a request: {type(req).__name__}")
+    return _guarded(ctx, handle, body)
+
+
+def _guarded(ctx: Ctx, handle, body: Iterator[bytes]) -> Iterator[bytes]:
+    finished = False
+    try:
+        yield from body
+        finished = True
+    finally:
+        if not finished and ctx.metrics is not None and not handle.finished:
+            ctx.metrics.disconnect()
+        handle.cancel()  # client went away (GeneratorExit): free the slot at the next step
+
+
+def _error_event(ev, openai: bool) -> bytes:
+    err = GenerationFailed(ev.error or f"generation ended: {ev.finish_reason.value}")
+    return enc.sse(enc.error_body(str(err), err.error_type), openai=openai)
+
+
+def _tgi_stream(ctx: Ctx, req: TextRequest, handle) -> Iterator[bytes]:
+    text, index = req.inputs[0] if req.return_full_text else "", 0
+    for ev in timed(ctx, handle):
+        if ev.token_id < 0:  # a failed or cancelled sequence ends without a token
+            if ev.finish_reason != FinishReason.CANCELLED:
+                yield _error_event(ev, openai=False)
+            return
+        text += ev.text
+        final = (text, handle.result()) if ev.finish_reason is not None else None
+        yield enc.tgi_event(index, ev, final, req.params.top_n_tokens)
+        index += 1
+
+
+def _chat_stream(ctx: Ctx, req: ChatRequest, handle) -> Iterator[bytes]:
+    rid, created = _ids("chatcmpl")
+    name = ctx.model_name
+    hold = enc.ToolCallHoldback() if req.tools else None
+    yield enc.chat_chunk(rid, name, created, {"role": "assistant", "content": ""})
+    n = 0
+    for ev in timed(ctx, handle):
+        if ev.token_id < 0:
+            if ev.finish_reason != FinishReason.CANCELLED:
+                yield _error_event(ev, openai=True)
+                yield enc.DONE
+            return
+        n += 1
+        text = hold.push(ev.text) if hold else ev.text
+        lp = enc.chat_logprobs([ev.text], [ev.logprob], [ev.top_tokens]) if req.logprobs else None
+        if text or lp:
+            yield enc.chat_chunk(rid, name, created, {"content": text}, logprobs=lp)
+        if ev.finish_reason is None:
+            continue
+        content, calls = hold.finish() if hold else ("", [])
+        if content:
+            yield enc.chat_chunk(rid, name, created, {"content": content})
+        if calls:
+            yield enc.chat_chunk(rid, name, created, {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+        yield enc.chat_chunk(rid, name, created, {}, enc.openai_finish(ev.finish_reason, bool(calls)))
+        if req.include_usage:
+            yield enc.usage_chunk(rid, name, created, handle.prompt_tokens, n)
+        yield enc.DONE
+
+
+def _completion_stream(ctx: Ctx, req: CompletionRequest, handle) -> Iterator[bytes]:
+    rid, created = _ids("cmpl")
+    name = ctx.model_name
+
+    def chunk(text: str, finish: str | None = None, lp: dict | None = None) -> bytes:
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        return enc.sse(enc.text_completion(rid, name, created, [choice], 0, 0, chunk=True), openai=True)
+
+    if req.echo:
+        yield chunk(req.prompts[0])
+    n = 0
+    for ev in timed(ctx, handle):
+        if ev.token_id < 0:
+            if ev.finish_reason != FinishReason.CANCELLED:
+                yield _error_event(ev, openai=True)
+                yield enc.DONE
+            return
+        n += 1
+        lp = None
+        if req.logprobs is not None:
+            lp = {"tokens": [ev.text], "token_logprobs": [enc._lp(ev.logprob)],
+                  "top_logprobs": [{t.text: enc._lp(t.logprob) for t in ev.top_tokens}] if req.logprobs else None}
+        finish = enc.openai_finish(ev.finish_reason) if ev.finish_reason is not None else None
+        yield chunk(ev.text, finish, lp)
+        if finish is not None:
+            if req.include_usage:
+                obj = enc.text_completion(rid, name, created, [], handle.prompt_tokens, n)
+                yield enc.sse(obj, openai=True)
+            yield enc.DONE

@@ -1,0 +1,202 @@
+"""/invocations handling: default input -> predict -> output, or the model's code/inference.py overrides.
+
+SageMaker inference-toolkit semantics: `<model_dir>/code/inference.py` may define `model_fn(model_dir)`,
+`input_fn(body, content_type)`, `predict_fn(data, model)`, `output_fn(prediction, accept)` or
+`transform_fn(model, body, content_type, accept)`; each one found replaces the default. The default
+model_fn returns the engine. JSON Lines bodies and batch records go through `handle_record`, which
+never raises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from model.types import EngineError, QueueFull
+from serve import encoders as enc
+from serve.generate import Ctx, Pending, start, stream
+from serve.protocol import (
+    JSON_TYPES,
+    JSONL_TYPES,
+    Limits,
+    ProtocolError,
+    decode_json,
+    media_type,
+    parse_request,
+    split_lines,
+    tgi_params,
+)
+
+log = logging.getLogger(__name__)
+HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
+QUEUE_WAIT_S = 600.0  # how long JSON Lines records wait for queue room before answering 429
+
+
+class Stream:
+    """A prediction that is an SSE body (generator of bytes)."""
+
+    def __init__(self, body: Iterator[bytes]) -> None:
+        self.body = body
+
+
+class JsonLines(list):
+    """Raw lines of an application/jsonlines body (input), or response objects (prediction)."""
+
+
+def load_user_module(model_dir: str | Path) -> ModuleType | None:
+    path = Path(model_dir) / "code" / "inference.py"
+    if not path.is_file():
+        return None
+    code_dir = str(path.parent)
+    if code_dir not in sys.path:
+        sys.path.insert(0, code_dir)  # so inference.py can import its neighbours
+    spec = importlib.util.spec_from_file_location("sagemaker_user_inference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    log.info("custom handler %s overrides: %s", path, ", ".join(h for h in HOOKS if hasattr(module, h)) or "nothing")
+    return module
+
+
+def error_record(e: BaseException) -> dict:
+    if isinstance(e, (ProtocolError, EngineError)):
+        status = e.status
+        message = e.message if isinstance(e, ProtocolError) else str(e)
+        return {"error": message, "error_type": e.error_type, "status": status}
+    log.exception("record failed", exc_info=e)
+    return {"error": f"internal error: {type(e).__name__}", "error_type": "internal", "status": 500}
+
+
+# ---- records (JSON Lines, batch) ----
+
+def _limits(engine: Any, defaults: dict | None, limits: Limits | None) -> Limits:
+    base = limits or Limits(max_new_tokens=max(1, engine.config.max_total_tokens - 1))
+    if defaults:
+        values, _ = tgi_params(defaults, base)
+        base = Limits(base.default_max_new_tokens, base.max_new_tokens, {**base.base, **values})
+    return base
+
+
+def _start_record(ctx: Ctx, line: bytes | str, limits: Limits) -> Pending:
+    req = parse_request(decode_json(line), limits)
+    return start(ctx, req, record=True)
+
+
+def handle_records(engine: Any, lines: list, defaults: dict | None = None, *, limits: Limits | None = None,
+                   metrics=None) -> list[dict]:
+    """Records -> one response object per record, in order; all run on the engine concurrently
+    (submitted as queue room allows). Never raises: a bad record gets an error object."""
+    ctx = Ctx(engine, engine.model_name, metrics)
+    try:
+        lim = _limits(engine, defaults, limits)
+    except ProtocolError as e:
+        return [error_record(e) for _ in lines]
+    out: list[Any] = [None] * len(lines)
+    inflight: deque[tuple[int, Pending]] = deque()
+
+    def finish_oldest() -> None:
+        j, p = inflight.popleft()
+        try:
+            out[j] = p.finish()
+        except Exception as e:
+            out[j] = error_record(e)
+
+    for i, line in enumerate(lines):
+        deadline = time.monotonic() + QUEUE_WAIT_S
+        while out[i] is None:
+            try:
+                inflight.append((i, _start_record(ctx, line, lim)))
+                break
+            except QueueFull as e:  # wait for room: finish our own oldest record, or back off
+                if inflight:
+                    finish_oldest()
+                elif time.monotonic() > deadline:
+                    out[i] = error_record(e)
+                else:
+                    time.sleep(0.05)
+            except Exception as e:
+                out[i] = error_record(e)
+    while inflight:
+        finish_oldest()
+    return out
+
+
+def handle_record(engine: Any, record: str, defaults: dict | None = None) -> dict:
+    """One JSON Lines record (`{"inputs":...}`, `{"messages":...}`, `{"prompt":...}` or a bare JSON string)
+    -> its response object, or {"error", "error_type", "status"}. Never raises."""
+    try:
+        return handle_records(engine, [record], defaults)[0]
+    except Exception as e:  # belt and braces: the contract is "never raises"
+        return error_record(e)
+
+
+# ---- the default pipeline and the user's overrides ----
+
+class Service:
+    def __init__(self, engine: Any, model_dir: str | Path, limits: Limits, metrics=None,
+                 user: ModuleType | None = None) -> None:
+        self.engine = engine
+        self.model_dir = str(model_dir)
+        self.limits = limits
+        self.metrics = metrics
+        self.user = user
+        self.model: Any = None
+
+    def hook(self, name: str):
+        fn = getattr(self.user, name, None) if self.user is not None else None
+        return fn if callable(fn) else None
+
+    def load_model(self) -> None:
+        """Run model_fn once the engine is ready (the server's loader thread calls this)."""
+        fn = self.hook("model_fn")
+        self.model = fn(self.model_dir) if fn else self.engine
+
+    # defaults
+    def input_fn(self, body: bytes, content_type: str | None) -> Any:
+        media = media_type(content_type)
+        if media in JSONL_TYPES:
+            return JsonLines(split_lines(body))
+        if media not in JSON_TYPES:
+            raise ProtocolError(415, f"unsupported content type {media!r}: use application/json or "
+                                     "application/jsonlines", "unsupported_media_type")
+        return decode_json(body)
+
+    def predict_fn(self, data: Any, model: Any) -> Any:
+        if isinstance(data, JsonLines):
+            return JsonLines(handle_records(model, data, limits=self.limits, metrics=self.metrics))
+        req = parse_request(data, self.limits) if isinstance(data, (dict, list, str)) else data
+        ctx = Ctx(model, model.model_name, self.metrics)
+        if getattr(req, "stream", False):
+            return Stream(stream(ctx, req))
+        return start(ctx, req).finish()
+
+    def output_fn(self, prediction: Any, accept: str | None) -> tuple[Any, str]:
+        if isinstance(prediction, Stream):
+            return prediction.body, "text/event-stream"
+        if isinstance(prediction, JsonLines):
+            return "".join(enc.dumps(x) + "\n" for x in prediction).encode(), "application/jsonlines"
+        if isinstance(prediction, (bytes, str)):
+            return prediction, media_type(accept) if accept and "*" not in accept else "application/json"
+        return enc.dumps(prediction).encode(), "application/json"
+
+    def invoke(self, body: bytes, content_type: str | None, accept: str | None) -> tuple[Any, str]:
+        """-> (bytes | str | iterator of bytes, response content type)."""
+        transform = self.hook("transform_fn")
+        if transform is not None:
+            return self._as_response(transform(self.model, body, content_type, accept), accept)
+        data = (self.hook("input_fn") or self.input_fn)(body, content_type)
+        prediction = (self.hook("predict_fn") or self.predict_fn)(data, self.model)
+        return self._as_response((self.hook("output_fn") or self.output_fn)(prediction, accept), accept)
+
+    def _as_response(self, result: Any, accept: str | None) -> tuple[Any, str]:
+        # User hooks may return (body, content_type) or just a body (then Accept, else JSON, is its type).
+        if isinstance(result, tuple) and len(result) == 2:
+            return result[0], result[1]
+        return self.output_fn(result, accept) if not isinstance(result, (bytes, str)) else (
+            result, media_type(accept) if accept and "*" not in accept else "application/json")
