@@ -208,8 +208,15 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     return
-                seqs, batch = self.scheduler.schedule()
+                err = None
+                try:
+                    seqs, batch = self.scheduler.schedule()
+                except Exception as e:  # a bookkeeping bug must not kill the loop: fail what is queued
+                    err, seqs = e, [*self.scheduler.waiting, *self.scheduler.running]
                 retired = self.scheduler.drain_retired()
+            if err is not None:
+                self._fail(seqs, err)
+                continue
             for seq in retired:
                 self._emit_end(seq, FinishReason.CANCELLED, seq.ctx.stops.flush())
             if not seqs:

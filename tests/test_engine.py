@@ -271,6 +271,27 @@ def test_injected_failure_fails_only_that_step_and_loop_keeps_serving():
     assert eng.stats()["step_errors_total"] == 1
 
 
+def test_scheduler_bug_fails_queued_requests_but_loop_survives():
+    eng = fake_engine()
+    eng.runner.gate = threading.Event()
+    real = eng.scheduler.schedule
+    state = {"n": 0}
+
+    def broken():
+        state["n"] += 1
+        if state["n"] == 2:
+            raise KeyError("bookkeeping bug (injected)")
+        return real()
+
+    eng.scheduler.schedule = broken
+    hs = [eng.submit(req("abc", max_new_tokens=4)) for _ in range(2)]
+    eng.runner.gate.set()
+    for h in hs:
+        c = h.result()
+        assert c.finish_reason == FinishReason.ERROR and "bookkeeping bug" in c.error
+    assert eng.submit(req("abc", max_new_tokens=2)).result().token_ids == (3, 4)
+
+
 def test_long_prompt_chunked_while_others_decode():
     eng = fake_engine(max_step_tokens=8, prefill_chunk_tokens=4)
     short = eng.submit(req("a", max_new_tokens=40, ignore_eos=True))
@@ -458,3 +479,20 @@ def test_real_cancel_and_injected_failure_keep_serving(tiny_ckpt, hf_model):
     # the freed slot is reused from a fresh state: results are still exact
     c = eng.submit(GenerationRequest(tuple(p[1]), SamplingParams(max_new_tokens=6))).result()
     assert list(c.token_ids) == hf_greedy(hf_model, p[1], 6)
+
+
+def test_real_logprobs_and_top_tokens_match_hf_scores(tiny_ckpt, hf_model):
+    eng = real_engine(tiny_ckpt)
+    p = prompts(1, seed=9)[0]
+    c = eng.submit(GenerationRequest(tuple(p), SamplingParams(max_new_tokens=5, top_n_tokens=3))).result()
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=5, output_scores=True,
+                                return_dict_in_generate=True)
+    for i, scores in enumerate(out.scores):
+        ref = torch.log_softmax(scores[0].float(), -1)
+        tok = c.token_ids[i]
+        assert abs(c.logprobs[i] - ref[tok].item()) < 1e-4
+        top = c.top_tokens[i]
+        assert [t.token_id for t in top] == torch.topk(ref, 3).indices.tolist()
+        assert top[0].token_id == tok and top[0].text == eng.tokenizer.token_text(tok)
+        assert all(abs(t.logprob - ref[t.token_id].item()) < 1e-4 for t in top)
