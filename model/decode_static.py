@@ -1,7 +1,11 @@
 """Static-shape decode: batch-size buckets, dummy-slot padding, fixed buffers, CUDA graph capture.
 
-The bookkeeping (bucket choice, padding) is plain functions, testable without a GPU; StaticDecode runs
-the same fixed buffers eagerly when not capturing, so the plumbing is exercised on CPU too.
+A graph is keyed by (batch bucket, block-table width bucket): decode attention gathers `width` KV blocks
+per sequence, so the width follows the longest sequence in the batch (next power of two of blocks)
+instead of always reading max_total_tokens worth of KV. Graphs are captured on first use (warmup
+captures every batch bucket at the smallest width). The bookkeeping (bucket choice, padding) is plain
+functions, testable without a GPU; StaticDecode runs the same fixed buffers eagerly when not capturing,
+so the plumbing is exercised on CPU too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ def decode_buckets(max_seqs: int) -> list[int]:
         out.append(b)
         b *= 2
     return out + [max_seqs]
+
+
+def width_buckets(max_blocks: int) -> list[int]:
+    return decode_buckets(max_blocks)
+
+
+def needed_blocks(positions, block_size: int) -> int:
+    """Blocks that hold positions 0..p for the longest sequence (p = index of the token being written)."""
+    return max(p // block_size + 1 for p in positions)
 
 
 def pick_bucket(n: int, buckets: list[int]) -> int:
@@ -46,38 +59,44 @@ def pad_decode(ids, slots, positions, tables, bucket, dummy_slot, dummy_block, w
 
 
 class StaticDecode:
-    def __init__(self, fn, buckets, dummy_slot, dummy_block, width, hidden, device, dtype, capture) -> None:
+    def __init__(self, fn, buckets, dummy_slot, dummy_block, max_width, block_size, hidden, device, dtype,
+                 capture) -> None:
         """fn(ids, slots, tables, positions) -> hidden (B, hidden): the model's decode over pool state."""
-        self.fn, self.buckets, self.width = fn, buckets, width
+        self.fn, self.buckets, self.widths = fn, buckets, width_buckets(max_width)
+        self.block_size = block_size
         self.dummy_slot, self.dummy_block = dummy_slot, dummy_block
         self.hidden, self.device, self.dtype, self.capture = hidden, torch.device(device), dtype, capture
-        self.buf: dict[int, dict[str, torch.Tensor]] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.buf: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._mempool = None
 
-    def _buffers(self, b: int) -> dict[str, torch.Tensor]:
-        if b not in self.buf:
+    def _buffers(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        b, width = key
+        if key not in self.buf:
             long = {"dtype": torch.long, "device": self.device}
-            self.buf[b] = {
+            self.buf[key] = {
                 "ids": torch.zeros(b, **long),
                 "slots": torch.full((b,), self.dummy_slot, **long),
                 "positions": torch.zeros(b, **long),
-                "tables": torch.full((b, self.width), self.dummy_block, **long),
+                "tables": torch.full((b, width), self.dummy_block, **long),
                 "out": torch.zeros(b, self.hidden, dtype=self.dtype, device=self.device),
             }
-        return self.buf[b]
+        return self.buf[key]
 
     def _eager(self, s) -> None:
         s["out"].copy_(self.fn(s["ids"], s["slots"], s["tables"], s["positions"]))
 
-    def prepare(self, b: int) -> None:
-        """Allocate bucket b's buffers and (CUDA) capture its graph. The buffers point at the dummy
-        slot / block, so the warm-up runs and the capture touch no live sequence."""
-        s = self._buffers(b)
+    def prepare(self, key: tuple[int, int]) -> None:
+        """Allocate (batch, width) buffers and (CUDA) capture their graph. The inputs are first pointed at
+        the dummy slot / block, so the warm-up runs and the capture touch no live sequence."""
+        if key in self.graphs:
+            return
+        s = self._buffers(key)
+        s["slots"].fill_(self.dummy_slot)  # run() refills the inputs before every use
+        s["tables"].fill_(self.dummy_block)
+        s["positions"].zero_()
         if not self.capture:
             self._eager(s)
-            return
-        if b in self.graphs:
             return
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -90,27 +109,25 @@ class StaticDecode:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._mempool):
             self._eager(s)
-        self.graphs[b] = g
-        log.info("captured decode CUDA graph for batch %d", b)
+        self.graphs[key] = g
+        log.info("captured decode CUDA graph for batch %d, width %d blocks", *key)
 
     def prepare_all(self) -> None:
         for b in sorted(self.buckets, reverse=True):  # largest first: later graphs reuse its memory
-            self.prepare(b)
+            self.prepare((b, self.widths[0]))
 
     def run(self, ids, slots, positions, tables) -> torch.Tensor:
         n = len(ids)
-        b = pick_bucket(n, self.buckets)
-        s = self._buffers(b)
-        ids, slots, positions, tables = pad_decode(ids, slots, positions, tables, b, self.dummy_slot,
-                                                   self.dummy_block, self.width)
-        for key, vals in (("ids", ids), ("slots", slots), ("positions", positions), ("tables", tables)):
-            s[key].copy_(torch.tensor(vals, dtype=torch.long), non_blocking=True)
+        key = (pick_bucket(n, self.buckets), pick_bucket(needed_blocks(positions, self.block_size), self.widths))
+        if self.capture and key not in self.graphs:
+            self.prepare(key)
+        s = self._buffers(key)
+        ids, slots, positions, tables = pad_decode(ids, slots, positions, tables, key[0], self.dummy_slot,
+                                                   self.dummy_block, key[1])
+        for name, vals in (("ids", ids), ("slots", slots), ("positions", positions), ("tables", tables)):
+            s[name].copy_(torch.tensor(vals, dtype=torch.long))
         if self.capture:
-            if b not in self.graphs:
-                self.prepare(b)
-                for key, vals in (("ids", ids), ("slots", slots), ("positions", positions), ("tables", tables)):
-                    s[key].copy_(torch.tensor(vals, dtype=torch.long))
-            self.graphs[b].replay()
+            self.graphs[key].replay()
         else:
             self._eager(s)
         return s["out"][:n].clone()

@@ -65,7 +65,7 @@ class ModelRunner:
         self.pool = StatePool(self.arch, config.max_concurrent_seqs, kv_tokens, dev, self._dtype,
                               self._ssm_dtype, BLOCK_SIZE)
         self.allocator = SlotAllocator(config.max_concurrent_seqs, self.pool.num_blocks, BLOCK_SIZE)
-        # Fixed block-table width for static decode: enough for the longest allowed sequence.
+        # Widest block table static decode may need: the longest allowed sequence.
         self.max_blocks_per_seq = min(math.ceil(config.max_total_tokens / BLOCK_SIZE), self.pool.num_blocks)
         if decode_mode is None:
             decode_mode = "graph" if (dev.type == "cuda" and config.cuda_graphs) else "eager"
@@ -78,7 +78,8 @@ class ModelRunner:
         if decode_mode != "eager":
             self.static = StaticDecode(self._decode_hidden, decode_buckets(config.max_concurrent_seqs),
                                        self.pool.dummy_slot, self.pool.dummy_block, self.max_blocks_per_seq,
-                                       self.arch.hidden, dev, self._dtype, capture=decode_mode == "graph")
+                                       BLOCK_SIZE, self.arch.hidden, dev, self._dtype,
+                                       capture=decode_mode == "graph")
         self.kernel_report["decode"] = decode_mode
         log.info("runner: device=%s dtype=%s ssm_state=%s kv_tokens=%d kernels=%s", self.device, self.dtype,
                  self._ssm_dtype, self.pool.num_blocks * BLOCK_SIZE, self.kernel_report)

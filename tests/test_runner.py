@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.decode_static import decode_buckets, pad_decode, pick_bucket
+from model.decode_static import decode_buckets, needed_blocks, pad_decode, pick_bucket, width_buckets
 from model.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 from tests.tiny_granite import build_tiny
@@ -152,13 +152,13 @@ def test_static_decode_equals_eager(ckpt):
             rows.append(r.forward(StepBatch(chunks)))
         outs.append(torch.cat(rows))
     torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=1e-4)
-    assert set(static.static.buf) == {4}
+    assert set(static.static.buf) == {(4, 2)}  # batch 3 -> 4; longest position 19 -> 2 blocks of 16
 
 
 def test_warmup_and_memory_report(ckpt):
     r = ModelRunner(ckpt[0], _cfg(), decode_mode="static")
     r.warmup()
-    assert set(r.static.buf) == set(decode_buckets(5)) == {1, 2, 4, 5}
+    assert set(r.static.buf) == {(b, 1) for b in decode_buckets(5)} == {(1, 1), (2, 1), (4, 1), (5, 1)}
     assert r.allocator.num_free_slots == 5 and r.allocator.num_free_blocks == r.allocator.num_blocks
     assert float(r.pool.ssm[:, r.pool.dummy_slot].abs().sum()) == 0.0
     rep = r.memory_report()
@@ -178,6 +178,8 @@ def test_buckets_and_padding():
     assert [pick_bucket(n, b) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
     with pytest.raises(ValueError):
         pick_bucket(49, b)
+    assert width_buckets(4) == [1, 2, 4] and width_buckets(1024)[-1] == 1024
+    assert needed_blocks([0, 15], 16) == 1 and needed_blocks([16, 3], 16) == 2
     ids, slots, pos, tabs = pad_decode([5, 6], [0, 3], [7, 20], [[1], [2, 4]], 4, 9, 99, 3)
     assert ids == [5, 6, 0, 0] and slots == [0, 3, 9, 9] and pos == [7, 20, 0, 0]
     assert tabs == [[1, 99, 99], [2, 4, 99], [99, 99, 99], [99, 99, 99]]
