@@ -16,7 +16,7 @@ import torch
 
 from model.blocks import SlotAllocator
 from model.decode_static import StaticDecode, decode_buckets
-from model.granite import load_granite
+from model.granite import GraniteForCausalLM, load_granite
 from model.kernels import Kernels
 from model.state import BLOCK_SIZE, StatePool, auto_kv_tokens, bytes_per_seq
 from model.types import EngineConfig, SeqChunk, StepBatch
@@ -46,9 +46,11 @@ def resolve_dtypes(cfg: EngineConfig, device: torch.device) -> tuple[torch.dtype
 
 
 class ModelRunner:
-    def __init__(self, model_dir: Path, config: EngineConfig, decode_mode: str | None = None) -> None:
+    def __init__(self, model_dir: Path | None, config: EngineConfig, decode_mode: str | None = None,
+                 model: GraniteForCausalLM | None = None) -> None:
         """decode_mode: None = auto ("graph" on CUDA with cuda_graphs, else "eager"); "static" runs the
-        graph buffers/padding eagerly (any device; used by tests)."""
+        graph buffers/padding eagerly (any device; used by tests). `model`: an already built network on
+        the right device and dtype (the GPU benchmark's random full-size weights) instead of model_dir."""
         self.config = config
         dev = resolve_device(config.device)
         self.device = str(dev)
@@ -57,7 +59,7 @@ class ModelRunner:
         self.dtype = str(self._dtype).removeprefix("torch.")
         self.kernels = Kernels(config.kernels, dev)
         self.kernel_report = dict(self.kernels.report)
-        self.model = load_granite(model_dir, dev, self._dtype)
+        self.model = model if model is not None else load_granite(model_dir, dev, self._dtype)
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
