@@ -136,7 +136,31 @@ def handle_record(engine: Any, record: str, defaults: dict | None = None) -> dic
         return error_record(e)
 
 
-# ---- the default pipeline and the user's overrides ----
+# ---- the defaults (a user's inference.py may import and delegate to these) ----
+
+def default_input_fn(body: bytes, content_type: str | None) -> Any:
+    media = media_type(content_type)
+    if media in JSONL_TYPES:
+        return JsonLines(split_lines(body))
+    if media not in JSON_TYPES:
+        raise ProtocolError(415, f"unsupported content type {media!r}: use application/json or "
+                                 "application/jsonlines", "unsupported_media_type")
+    return decode_json(body)
+
+
+def default_output_fn(prediction: Any, accept: str | None) -> tuple[Any, str]:
+    if isinstance(prediction, Stream):
+        return prediction.body, "text/event-stream"
+    if isinstance(prediction, JsonLines):
+        return "".join(enc.dumps(x) + "\n" for x in prediction).encode(), "application/jsonlines"
+    if isinstance(prediction, (bytes, str)):
+        return prediction, _accept_or_json(accept)
+    return enc.dumps(prediction).encode(), "application/json"
+
+
+def _accept_or_json(accept: str | None) -> str:
+    return accept if accept and "*" not in accept and "," not in accept else "application/json"
+
 
 class Service:
     def __init__(self, engine: Any, model_dir: str | Path, limits: Limits, metrics=None,
@@ -157,46 +181,28 @@ class Service:
         fn = self.hook("model_fn")
         self.model = fn(self.model_dir) if fn else self.engine
 
-    # defaults
-    def input_fn(self, body: bytes, content_type: str | None) -> Any:
-        media = media_type(content_type)
-        if media in JSONL_TYPES:
-            return JsonLines(split_lines(body))
-        if media not in JSON_TYPES:
-            raise ProtocolError(415, f"unsupported content type {media!r}: use application/json or "
-                                     "application/jsonlines", "unsupported_media_type")
-        return decode_json(body)
-
     def predict_fn(self, data: Any, model: Any) -> Any:
+        engine = model if hasattr(model, "submit") else self.engine  # model_fn may return something else
         if isinstance(data, JsonLines):
-            return JsonLines(handle_records(model, data, limits=self.limits, metrics=self.metrics))
+            return JsonLines(handle_records(engine, data, limits=self.limits, metrics=self.metrics))
         req = parse_request(data, self.limits) if isinstance(data, (dict, list, str)) else data
-        ctx = Ctx(model, model.model_name, self.metrics)
+        ctx = Ctx(engine, engine.model_name, self.metrics)
         if getattr(req, "stream", False):
             return Stream(stream(ctx, req))
         return start(ctx, req).finish()
-
-    def output_fn(self, prediction: Any, accept: str | None) -> tuple[Any, str]:
-        if isinstance(prediction, Stream):
-            return prediction.body, "text/event-stream"
-        if isinstance(prediction, JsonLines):
-            return "".join(enc.dumps(x) + "\n" for x in prediction).encode(), "application/jsonlines"
-        if isinstance(prediction, (bytes, str)):
-            return prediction, media_type(accept) if accept and "*" not in accept else "application/json"
-        return enc.dumps(prediction).encode(), "application/json"
 
     def invoke(self, body: bytes, content_type: str | None, accept: str | None) -> tuple[Any, str]:
         """-> (bytes | str | iterator of bytes, response content type)."""
         transform = self.hook("transform_fn")
         if transform is not None:
             return self._as_response(transform(self.model, body, content_type, accept), accept)
-        data = (self.hook("input_fn") or self.input_fn)(body, content_type)
+        data = (self.hook("input_fn") or default_input_fn)(body, content_type)
         prediction = (self.hook("predict_fn") or self.predict_fn)(data, self.model)
-        return self._as_response((self.hook("output_fn") or self.output_fn)(prediction, accept), accept)
+        return self._as_response((self.hook("output_fn") or default_output_fn)(prediction, accept), accept)
 
     def _as_response(self, result: Any, accept: str | None) -> tuple[Any, str]:
         # User hooks may return (body, content_type) or just a body (then Accept, else JSON, is its type).
-        if isinstance(result, tuple) and len(result) == 2:
-            return result[0], result[1]
-        return self.output_fn(result, accept) if not isinstance(result, (bytes, str)) else (
-            result, media_type(accept) if accept and "*" not in accept else "application/json")
+        body, ctype = result if isinstance(result, tuple) and len(result) == 2 else default_output_fn(result, accept)
+        if isinstance(body, (bytes, str, Iterator)):
+            return body, str(ctype)
+        return enc.dumps(body).encode(), str(ctype)

@@ -1,0 +1,68 @@
+"""gunicorn settings: `gunicorn -c python:serve.gunicorn_conf "serve.app:create_app()"` (python -m serve serve).
+
+One gthread worker per GPU (each its own engine replica, pinned to its GPU through CUDA_VISIBLE_DEVICES
+before torch starts), many threads so hundreds of open streams never starve /ping, a long timeout
+(gthread workers heartbeat from their main loop, so this only catches a hung worker), and a graceful
+SIGTERM: stop accepting, finish in-flight requests within graceful_timeout, then drain the engine.
+The app (and so torch and the model) is created in the worker, never in the master.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from serve.config import load_config
+
+_cfg = load_config()
+_host = _cfg.server.host
+bind = [f"[{_host}]:{_cfg.server.port}" if ":" in _host else f"{_host}:{_cfg.server.port}"]
+wsgi_app = "serve.app:create_app()"
+worker_class = "gthread"
+workers = _cfg.server.workers
+threads = _cfg.threads
+timeout = _cfg.server.timeout_s
+graceful_timeout = _cfg.server.graceful_timeout_s
+keepalive = 75  # longer than typical client/LB idle timeouts (60 s), so pooled connections stay valid
+preload_app = False
+control_socket_disable = True  # gunicorn >= 25: no runtime-control socket (read-only homes, parallel servers)
+loglevel = _cfg.server.log_level.lower()
+errorlog = "-"
+accesslog = "-" if _cfg.server.log_level == "DEBUG" else None
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat file off slow disks
+_GPUS = _cfg.server.gpu_ids
+log = logging.getLogger("gunicorn.error")
+
+
+def pre_fork(server, worker):
+    # Master: give the new worker a GPU no living worker holds (a respawned worker takes over the
+    # GPU of the one that died).
+    if not _GPUS:
+        return
+    taken = {getattr(w, "gpu_index", None) for w in server.WORKERS.values()}
+    worker.gpu_index = next((i for i in range(len(_GPUS)) if i not in taken), len(server.WORKERS) % len(_GPUS))
+
+
+def post_fork(server, worker):
+    # Worker, before the app (and torch) is imported: see only this worker's GPU.
+    index = getattr(worker, "gpu_index", None)
+    if index is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = _GPUS[index]
+        log.info("worker %s pinned to GPU %s", worker.pid, _GPUS[index])
+
+
+def _shutdown_engine(worker, timeout: float) -> None:
+    app = getattr(worker, "wsgi", None)
+    state = getattr(app, "extensions", {}).get("granite") if app is not None else None
+    if state is not None:
+        state.shutdown(timeout=timeout)
+
+
+def worker_int(worker):
+    # SIGINT/SIGQUIT: stop quickly, ending what is still running.
+    _shutdown_engine(worker, timeout=2.0)
+
+
+def worker_exit(server, worker):
+    # After gthread has waited (graceful_timeout) for in-flight requests: stop the engine loop.
+    _shutdown_engine(worker, timeout=5.0)

@@ -1,0 +1,166 @@
+"""The whole server as SageMaker runs it: `python -m serve serve` (gunicorn gthread) on a free port,
+with the tiny checkpoint in MODEL_DIR plus a code/inference.py that overrides output_fn.
+The SIGTERM test stops the shared server, so it is the last test in this file."""
+
+import json
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.server_helpers import ServerProcess, iter_sse
+
+ATTR = "X-Amzn-SageMaker-Custom-Attributes"
+INFERENCE_PY = '''
+import json
+from serve.handler import default_output_fn
+
+def output_fn(prediction, accept):
+    # Wrap plain JSON predictions for clients that ask for it; everything else as the server would.
+    if accept == "application/x-wrapped":
+        return json.dumps({"wrapped": prediction}), "application/x-wrapped"
+    return default_output_fn(prediction, accept)
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("model") / "model"
+    shutil.copytree(tiny_ckpt, model_dir)
+    (model_dir / "code").mkdir()
+    (model_dir / "code" / "inference.py").write_text(INFERENCE_PY)
+    srv = ServerProcess({"MODEL_DIR": str(model_dir), "MAX_CONCURRENT_SEQS": "16", "MAX_QUEUED_REQUESTS": "32",
+                         "MAX_INPUT_TOKENS": "256", "MAX_TOTAL_TOKENS": "512", "MAX_NEW_TOKENS": "8",
+                         "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS": "3"},
+                        tmp_path_factory.mktemp("log") / "server.log")
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def test_ping_and_info_routes(server):
+    r = requests.get(server.url + "/ping", timeout=2)
+    assert r.status_code == 200 and r.content == b""
+    assert requests.get(server.url + "/v1/models", timeout=5).json()["data"][0]["id"] == "model"
+    assert requests.get(server.url + "/execution-parameters", timeout=5).json() == {
+        "MaxConcurrentTransforms": 3, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 6}
+
+
+def test_tgi_chat_completions_json(server):
+    r = server.post("/invocations", {"inputs": "hello", "parameters": {"max_new_tokens": 4, "details": True}},
+                    headers={ATTR: "trace_id=42"})
+    assert r.status_code == 200, r.text
+    assert r.headers[ATTR] == "trace_id=42"
+    (item,) = r.json()
+    assert item["details"]["generated_tokens"] == 4 and len(item["details"]["tokens"]) == 4
+    # random weights: sampling may end early on EOS, so counts are bounded rather than exact
+    r = server.post("/invocations", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.json()["object"] == "chat.completion" and 1 <= r.json()["usage"]["completion_tokens"] <= 3
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    r = server.post("/v1/completions", {"prompt": "abc", "max_tokens": 2, "temperature": 0})
+    assert r.json()["object"] == "text_completion" and 1 <= r.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_tgi_stream_event_by_event(server):
+    r = server.post("/invocations", {"inputs": "tell me", "stream": True, "parameters": {"max_new_tokens": 6}},
+                    stream=True)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+    assert r.headers.get("Transfer-Encoding") == "chunked"
+    events = [json.loads(e) for e in iter_sse(r)]
+    assert [e["index"] for e in events] == list(range(6))
+    assert events[-1]["details"]["finish_reason"] == "length"
+    assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
+
+
+def test_openai_stream_event_by_event(server):
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                             "stream": True, "stream_options": {"include_usage": True}}, stream=True)
+    events = list(iter_sse(r))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert 1 <= chunks[-1]["usage"]["completion_tokens"] <= 4
+    r = server.post("/invocations", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                     "stream": True}, stream=True)
+    assert list(iter_sse(r))[-1] == "[DONE]"
+
+
+def test_jsonlines_bad_line_in_the_middle(server):
+    body = b'{"inputs": "a", "parameters": {"max_new_tokens": 2}}\n{broken\n"plain string"\n'
+    r = server.post("/invocations", body, content_type="application/jsonlines")
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/jsonlines"
+    lines = [json.loads(x) for x in r.text.splitlines()]
+    assert len(lines) == 3
+    assert lines[0]["details"]["generated_tokens"] == 2
+    assert lines[1]["status"] == 400 and "error" in lines[1]
+    assert "generated_text" in lines[2]
+
+
+def test_errors_are_json_with_status(server):
+    assert server.post("/invocations", b"{", headers={ATTR: "x"}).status_code == 400
+    r = server.post("/invocations", b"a,b", content_type="text/csv", headers={ATTR: "x"})
+    assert r.status_code == 415 and r.json()["error_type"] == "unsupported_media_type" and r.headers[ATTR] == "x"
+    r = server.post("/invocations", {"inputs": "x", "parameters": {"bogus": 1}})
+    assert r.status_code == 422 and "bogus" in r.json()["error"]
+    r = server.post("/invocations", b"x" * (6 * 1024 * 1024 + 1))
+    assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+
+
+def test_custom_inference_py_overrides_output(server):
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+    r = server.post("/invocations", body, headers={"Accept": "application/x-wrapped"})
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/x-wrapped")
+    assert r.json()["wrapped"][0]["details"]["generated_tokens"] == 2
+    assert "wrapped" not in server.post("/invocations", body).text
+
+
+def test_ping_answers_while_16_streams_generate(server):
+    results, errors = [], []
+
+    def stream_one(i):
+        try:
+            r = server.post("/invocations", {"inputs": f"stream {i}", "stream": True,
+                                             "parameters": {"max_new_tokens": 60}}, stream=True, timeout=300)
+            events = [json.loads(e) for e in iter_sse(r)]
+            results.append(events[-1]["details"]["generated_tokens"] == len(events))
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=stream_one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    pings = []
+    while any(t.is_alive() for t in threads) and len(pings) < 20:
+        t0 = time.monotonic()
+        r = requests.get(server.url + "/ping", timeout=2)  # SageMaker's own limit
+        pings.append((r.status_code, time.monotonic() - t0))
+        running = requests.get(server.url + "/metrics", timeout=2).text
+        time.sleep(0.2)
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert results == [True] * 16
+    assert pings and all(code == 200 for code, _ in pings), pings
+    assert "granite_running_sequences" in running
+    metrics = requests.get(server.url + "/metrics", timeout=2).text
+    assert "granite_free_slots 16" in metrics and "granite_queue_depth 0" in metrics
+
+
+def test_sigterm_lets_the_request_in_flight_finish(server):
+    r = server.post("/invocations", {"inputs": "last one", "stream": True, "parameters": {"max_new_tokens": 40}},
+                    stream=True)
+    events = iter_sse(r)
+    first = json.loads(next(events))
+    assert first["index"] == 0
+    server.proc.send_signal(signal.SIGTERM)
+    rest = [json.loads(e) for e in events]
+    assert rest[-1]["details"]["generated_tokens"] == 40 and rest[-1]["details"]["finish_reason"] == "length"
+    assert server.proc.wait(40) == 0, server.log()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(server.url + "/ping", timeout=2)
