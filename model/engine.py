@@ -91,10 +91,13 @@ class Engine:
             self.tokenizer = tokenizer_factory(self.model_dir)
             self.runner = runner_factory(self.model_dir, self.config)
             self.runner.warmup()
-            self.scheduler = Scheduler(self.config, self.runner.allocator)
-            self._loop_thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
-            self._loop_thread.start()
             with self._cv:
+                if self._shut:  # shutdown() came while loading: never become ready
+                    log.info("engine: shut down during load")
+                    return
+                self.scheduler = Scheduler(self.config, self.runner.allocator)
+                self._loop_thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+                self._loop_thread.start()
                 self._accepting = True
                 self._ready = True
             log.info("engine ready: model=%s device=%s in %.1fs", self.model_name,

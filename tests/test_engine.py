@@ -222,6 +222,22 @@ def test_not_ready_and_load_failure():
         eng.submit(req("ab"))
 
 
+def test_shutdown_during_load_never_becomes_ready():
+    loading = threading.Event()
+
+    def slow(d, c):
+        loading.wait(10)
+        return FakeRunner(d, c)
+
+    eng = Engine(Path("/x"), EngineConfig(), "x", runner_factory=slow, tokenizer_factory=lambda d: FakeTokenizer())
+    eng.start()
+    eng.shutdown(0.1)
+    loading.set()
+    assert eng.wait_ready(10) is False and not eng.ready
+    with pytest.raises(EngineNotReady, match="shutting down"):
+        eng.submit(req("ab"))
+
+
 def test_queue_full():
     eng = fake_engine(slots=1, max_queued_requests=2)
     eng.runner.gate = threading.Event()  # hold the loop inside forward()
@@ -394,8 +410,8 @@ def test_real_greedy_matches_hf_single(tiny_ckpt, hf_model):
 
 def test_real_continuous_batching_matches_hf(tiny_ckpt, hf_model):
     # 16 requests from threads at different times, 5 slots: they queue, join and leave running batches.
-    ps = prompts(16, seed=2)
-    max_new = [4 + (i * 5) % 13 for i in range(16)]
+    ps = prompts(16, seed=2, hi=40)
+    max_new = [3 + (i * 5) % 8 for i in range(16)]  # kept short: the 16 HF references dominate the time
     refs = [hf_greedy(hf_model, p, n) for p, n in zip(ps, max_new, strict=True)]
     eng = real_engine(tiny_ckpt, max_concurrent_seqs=5, max_step_tokens=40, prefill_chunk_tokens=16)
     results: dict[int, object] = {}
