@@ -1,0 +1,32 @@
+#!/bin/sh
+# Container entry point (exec form in the Dockerfile, so signals reach the server directly).
+#   serve            -> python -m serve serve   (what SageMaker runs)
+#   batch [ARGS...]  -> python -m serve batch ARGS
+#   anything else    -> run as a command (e.g. `pytest tests/gpu`, `bash`)
+set -e
+
+# CUDA forward compatibility: the CUDA image's libraries are newer than the driver on some SageMaker
+# AMIs (e.g. driver 470 on the default ml.g5/ml.p4d AMI). The base image ships the compat driver
+# libraries in /usr/local/cuda/compat; use them only when the host driver is older than they are
+# (using them with a newer driver breaks CUDA). Recent NVIDIA container toolkits no longer mount
+# them automatically, hence this check.
+compat=/usr/local/cuda/compat/libcuda.so.1
+if [ -e "$compat" ] && [ -r /proc/driver/nvidia/version ]; then
+    # libcuda.so.1 -> libcuda.so.570.124.06: the newest driver these compat libraries stand in for
+    compat_version=$(readlink "$compat" | sed -n 's/^libcuda\.so\.//p')
+    host_version=$(sed -n 's/^NVRM.*Kernel Module[^0-9]*\([0-9][0-9.]*\).*/\1/p' /proc/driver/nvidia/version)
+    if [ -n "$compat_version" ] && [ -n "$host_version" ] && [ "$host_version" != "$compat_version" ] \
+        && [ "$(printf '%s\n%s\n' "$host_version" "$compat_version" | sort -V | head -n 1)" = "$host_version" ]; then
+        echo "host NVIDIA driver $host_version is older than CUDA compat $compat_version: using the compat libraries"
+        export LD_LIBRARY_PATH="/usr/local/cuda/compat${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+fi
+
+case "${1:-serve}" in
+    serve | batch)
+        exec python -m serve "$@"
+        ;;
+    *)
+        exec "$@"
+        ;;
+esac
