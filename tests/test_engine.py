@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.blocks import SlotAllocator
 from model.engine import Engine, InvalidRequest
+from model.handle import StopBuffer
 from model.types import (
     EngineConfig,
     EngineNotReady,
@@ -141,6 +144,30 @@ def pool_returns_to_free():
         for eng in ENGINES:
             eng.shutdown(5)
         ENGINES.clear()
+
+
+# ---- stop-string buffer (model/handle.py) ----------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="abc", max_size=30), stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4),
+       max_size=3), cuts=st.lists(st.integers(0, 30), max_size=10))
+def test_stop_buffer_property(text, stops, cuts):
+    buf = StopBuffer(tuple(stops))
+    bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    emitted, stopped = "", False
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        out, stopped = buf.push(text[a:b])
+        emitted += out
+        # nothing emitted so far contains a stop string
+        assert not any(s in emitted for s in stops)
+        if stopped:
+            break
+    hits = [text.find(s) for s in stops if s in text]
+    if hits:
+        assert stopped and emitted == text[: min(hits)]
+    else:
+        assert not stopped and emitted + buf.flush() == text
 
 
 # ---- fake-runner tests ----------------------------------------------------------------------------
