@@ -5,8 +5,9 @@
         [--parameters JSON] [--seed BASE] [--concurrency N] [--join-input]
         [--model-dir DIR | --model-id demo] [--work-dir DIR] [--progress auto|bar|log|none]
 
-Every input line goes through serve.handler.handle_record (the code behind the server's JSON
-Lines route), so a line's output is what a SageMaker batch transform would have written for it.
+Every input line goes through serve.handler.handle_records (the code behind the server's JSON
+Lines route) with the server's limits, so a line's output is what a SageMaker batch transform
+through /invocations would have written for it.
 Output `<output>/<input name>.out` (one line per input line, in order), a summary in
 `<output>/_SUMMARY.json` and on stdout. Records are journalled as they finish (serve/batch_journal.py),
 so a run that is killed resumes where it stopped when started again with the same arguments.
@@ -26,7 +27,9 @@ import signal
 import sys
 
 from serve import s3io
+from serve.batch_io import list_inputs
 from serve.batch_runner import BatchJob, BatchRun
+from serve.protocol import Limits, ProtocolError, tgi_params
 
 log = logging.getLogger("serve.batch")
 
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_defaults(args: argparse.Namespace) -> dict:
+    """--parameters plus the named flags, as TGI `parameters` (validated here, once)."""
     try:
         defaults = json.loads(args.parameters)
     except ValueError as e:
@@ -65,13 +69,43 @@ def job_defaults(args: argparse.Namespace) -> dict:
     for key in ("max_new_tokens", "temperature", "top_p", "top_k", "stop"):
         if getattr(args, key) is not None:
             defaults[key] = getattr(args, key)
-    from serve.protocol import Limits, ProtocolError, tgi_params
+    sampling_values(defaults)
+    return defaults
 
-    try:  # fail once at start, not once per record
-        tgi_params(defaults, Limits())
+
+def sampling_values(defaults: dict) -> dict:
+    """TGI parameters -> the SamplingParams fields they set (what the handler applies under each
+    record's own). Response options cannot be job defaults: the handler takes them per record."""
+    try:
+        values, _ = tgi_params(defaults, Limits())
     except ProtocolError as e:
         raise SystemExit(f"bad default parameters: {e.message}") from None
-    return defaults
+    per_record = sorted(k for k in ("details", "return_full_text", "truncate") if defaults.get(k) is not None)
+    if per_record:
+        raise SystemExit(f"{', '.join(per_record)} cannot be a job default; set it in each record's parameters")
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def make_infer(engine, cfg, defaults: dict):
+    """(record, defaults) -> response object, through the server's JSON Lines record path with the
+    server's limits (MAX_NEW_TOKENS etc.); `defaults` differ from the job's only by a per-record seed."""
+    from serve.handler import error_record, handle_records
+
+    values = sampling_values(defaults)
+    limits = Limits(default_max_new_tokens=cfg.server.default_max_new_tokens,
+                    max_new_tokens=cfg.engine.max_total_tokens - 1, base=values)
+
+    def infer(record: str, record_defaults: dict | None):
+        lim = limits
+        seed = (record_defaults or {}).get("seed")
+        if seed is not None and seed != values.get("seed"):
+            lim = Limits(limits.default_max_new_tokens, limits.max_new_tokens, {**values, "seed": seed})
+        try:
+            return handle_records(engine, [record], limits=lim)[0]
+        except Exception as e:  # the contract is "never raises"; keep it so whatever happens
+            return error_record(e)
+
+    return infer
 
 
 def default_work_dir(output: str, cache_dir: str) -> str:
@@ -88,9 +122,8 @@ def default_concurrency(engine_cfg) -> int:
 
 def start_engine(cfg, model_dir: str | None, model_id: str | None):
     """-> (engine, model name) once ready; SystemExit(2) with the reason when loading fails."""
-    from model.loader import resolve_model
-
     from model.engine import Engine
+    from model.loader import resolve_model
 
     src = cfg.model
     if model_dir or model_id:
@@ -113,29 +146,40 @@ def start_engine(cfg, model_dir: str | None, model_id: str | None):
     return engine, resolved.name
 
 
+def check_input(uri: str) -> None:
+    """Fail before loading the model when the input is missing or unreadable."""
+    try:
+        files = list_inputs(uri)
+    except Exception as e:
+        raise SystemExit(f"cannot read input {uri}: {e}") from None
+    if not files:
+        log.warning("batch: no input files under %s", uri)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from serve.config import load_config
+    from serve.config import ConfigError, load_config
 
-    cfg = load_config()
+    try:
+        cfg = load_config()
+    except ConfigError as e:
+        print(f"batch: configuration error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=cfg.server.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         defaults = job_defaults(args)
+        check_input(args.input)
         engine, name = start_engine(cfg, args.model_dir, args.model_id)
     except SystemExit as e:
         if isinstance(e.code, str):
             log.error("batch: %s", e.code)
         return 2
-    from serve.handler import handle_record
-
-    def infer(record: str, record_defaults: dict | None):
-        return handle_record(engine, record, record_defaults)
-
+    infer = make_infer(engine, cfg, defaults)
     job = BatchJob(input=args.input, output=args.output,
                    work_dir=args.work_dir or default_work_dir(args.output, cfg.model.cache_dir),
                    defaults=defaults, join_input=args.join_input, seed=args.seed,

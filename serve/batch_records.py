@@ -1,10 +1,13 @@
 """One batch record: bytes of one input line -> the bytes of its output line.
 
-Determinism (what makes a resumed run byte-identical to an uninterrupted one): every record gets
-a seed of its own, derived from the job's base seed, the input's relative name and the line
-index, passed as the default `seed` under the record's own parameters. Greedy records ignore it;
-sampled records without a seed of their own become reproducible; a record that sets `seed`
-keeps it. (A job-wide `seed` in --parameters also wins: every record then uses that seed.)
+Determinism (what makes a resumed run byte-identical to an uninterrupted one): a record that may
+sample gets a seed of its own, derived from the job's base seed, the input's relative name and
+the line index, passed as the default `seed` under the record's own parameters, so it is
+reproducible; a record that sets `seed` keeps it, and a job-wide `seed` in --parameters wins
+(every record then uses that seed). Greedy records get no seed, so their lines are the same
+bytes the server's JSON Lines route returns for them. OpenAI-shaped responses carry a random `id`
+and the clock in `created`: both are pinned (id from the record's place, created = when the job
+first started on this file, kept in the journal header).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+
+from serve import encoders as enc
+from serve.protocol import Limits, ProtocolError, tgi_params
 
 _RETRY_STATUSES = (429, 503)  # engine queue full / not ready: wait and resubmit, not an error line
 _RETRY_FOR_S = 300.0
@@ -23,10 +29,11 @@ def seed_for(base: int, rel: str, index: int) -> int:
 
 
 def dumps(obj) -> bytes:
-    """Compact JSON on one line, UTF-8 (escaped ASCII if the text holds lone surrogates)."""
+    """One output line: the server's JSON Lines encoding (compact, UTF-8), so a record's line is the
+    same bytes here and from /invocations; escaped ASCII only if the text holds lone surrogates."""
     try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:
+        return enc.dumps(obj).encode("utf-8")
+    except (UnicodeEncodeError, ValueError):
         return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
@@ -64,19 +71,48 @@ def call_with_retry(infer, text: str, defaults: dict):
         delay = min(delay * 2, 1.0)
 
 
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def join(text: str | None, resp) -> dict:
     """SageMaker JoinSource=Input for JSON: the output goes into the input object under
     "SageMakerOutput"; an input that is not an object goes under "SageMakerInput"."""
-    try:
-        obj = json.loads(text) if text is not None and text.strip() else text
-    except ValueError:
+    obj = _loads(text) if text is not None and text.strip() else text
+    if obj is None and text != "null":
         obj = text
     if isinstance(obj, dict):
         return {**obj, "SageMakerOutput": resp}
     return {"SageMakerInput": obj, "SageMakerOutput": resp}
 
 
-def render(infer, job, rel: str, index: int, raw: bytes) -> tuple[bytes, bool, int]:
+def may_sample(obj, defaults: dict) -> bool:
+    """Whether a record (decoded JSON) would be sampled rather than greedy, per serve/protocol.py."""
+    if isinstance(obj, dict) and ("messages" in obj or "prompt" in obj):
+        # OpenAI shapes sample at temperature 1 unless the record says 0; the job's temperature fills in
+        t = obj.get("temperature", defaults.get("temperature", 1.0))
+        return not isinstance(t, (int, float)) or t > 0
+    own = obj.get("parameters") if isinstance(obj, dict) else None
+    try:
+        values, _ = tgi_params({**defaults, **(own if isinstance(own, dict) else {})}, Limits())
+    except ProtocolError:
+        return False  # the record fails validation in the handler anyway
+    return bool(values.get("do_sample")) and values.get("temperature") != 0.0
+
+
+def pin_ids(resp, rel: str, index: int, created: int):
+    """OpenAI responses: a stable `id` and `created` instead of random / wall-clock ones."""
+    if isinstance(resp, dict) and isinstance(resp.get("id"), str) and isinstance(resp.get("created"), int):
+        prefix = resp["id"].split("-", 1)[0] if "-" in resp["id"] else "cmpl"
+        digest = hashlib.sha256(f"{rel}\0{index}".encode()).hexdigest()[:32]
+        return {**resp, "id": f"{prefix}-{digest}", "created": created}
+    return resp
+
+
+def render(infer, job, rel: str, index: int, raw: bytes, created: int = 0) -> tuple[bytes, bool, int]:
     """-> (output line without newline, is the response an error, generated tokens)."""
     try:
         text = raw.decode("utf-8")
@@ -84,7 +120,8 @@ def render(infer, job, rel: str, index: int, raw: bytes) -> tuple[bytes, bool, i
         text, resp = None, error_object(f"line {index + 1} is not valid UTF-8: {e}")
     else:
         defaults = dict(job.defaults)
-        defaults.setdefault("seed", seed_for(job.seed, rel, index))
-        resp = call_with_retry(infer, text, defaults)
+        if "seed" not in defaults and may_sample(_loads(text), defaults):
+            defaults["seed"] = seed_for(job.seed, rel, index)
+        resp = pin_ids(call_with_retry(infer, text, defaults), rel, index, created)
     out = join(text, resp) if job.join_input else resp
     return dumps(out), is_error(resp), count_tokens(resp)

@@ -9,7 +9,7 @@ import pytest
 
 from serve import batch_io
 from serve.batch_journal import Journal
-from serve.batch_records import seed_for
+from serve.batch_records import may_sample, seed_for
 from serve.batch_runner import BatchJob, BatchRun
 from tests.batch_helpers import fake_infer, prompts, read_lines, write
 
@@ -100,10 +100,26 @@ def test_per_record_seeds_are_distinct_and_stable(tmp_path):
         seen.append(defaults["seed"])
         return fake_infer(rec, defaults)
 
-    run(tmp_path, f, infer=infer, defaults={"max_new_tokens": 2}, concurrency=1)
+    run(tmp_path, f, infer=infer, defaults={"max_new_tokens": 2, "temperature": 0.7}, concurrency=1)
     assert seen == [seed_for(0, "in.jsonl", i) for i in range(3)] and len(set(seen)) == 3
     texts = [r[0]["generated_text"] for r in read_lines(str(tmp_path / "out" / "in.jsonl.out"))]
     assert len(set(texts)) == 3  # same prompt, different per-record seed
+
+
+@pytest.mark.parametrize("record, defaults, sampled", [
+    ({"inputs": "x"}, {}, False),
+    ({"inputs": "x"}, {"temperature": 0.5}, True),
+    ({"inputs": "x", "parameters": {"do_sample": True}}, {}, True),
+    ({"inputs": "x", "parameters": {"do_sample": False}}, {"do_sample": True}, False),
+    ({"inputs": "x", "parameters": {"top_k": 5}}, {}, True),
+    ("bare", {"do_sample": True}, True),
+    ({"messages": [{"role": "user", "content": "x"}]}, {}, True),
+    ({"messages": [], "temperature": 0}, {}, False),
+    ({"prompt": "x"}, {"temperature": 0}, False),
+    ({"inputs": "x", "parameters": {"temperature": "hot"}}, {}, False),
+])
+def test_only_records_that_may_sample_get_a_seed(record, defaults, sampled):
+    assert may_sample(record, defaults) is sampled
 
 
 def test_rerun_skips_finished_files_and_redoes_changed_ones(tmp_path):
@@ -180,3 +196,72 @@ def test_journal_torn_tail_and_foreign_fingerprint(tmp_path):
 def test_missing_input_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         run(tmp_path, tmp_path / "nope")
+
+
+# ---- the CLI on the real engine (tiny checkpoint) -------------------------------------------------
+
+@pytest.fixture
+def cli_env(monkeypatch, tmp_path):
+    import torch
+
+    for k in [k for k in os.environ if k.startswith(("SAGEMAKER_", "HF_", "MODEL_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.setenv("MAX_CONCURRENT_SEQS", "64")
+    monkeypatch.setenv("MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread is fastest and fair to a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(capsys, *args) -> tuple[int, dict]:
+    from serve.batch import main
+
+    rc = main([*map(str, args), "--progress", "none"])
+    out = capsys.readouterr().out.strip().splitlines()
+    return rc, json.loads(out[-1]) if out else {}
+
+
+@pytest.mark.slow
+def test_cli_10k_records_tiny_model(cli_env, capsys, tiny_ckpt, tmp_path):
+    n = 10_000
+    lines = [json.dumps({"inputs": f"#{i}", "parameters": {"return_full_text": True}}) for i in range(n)]
+    lines[1234] = "{oops"
+    f = write(str(tmp_path / "in" / "big.jsonl"), "\n".join(lines) + "\n")
+    rc, s = cli(capsys, "--input", f, "--output", tmp_path / "out", "--model-dir", tiny_ckpt,
+                "--max-new-tokens", 1)
+    assert rc == 0 and s["records"] == n and s["errors"] == 1 and s["generated_tokens_this_run"] == n - 1
+    got = read_lines(str(tmp_path / "out" / "big.jsonl.out"))
+    assert len(got) == n and got[1234]["status"] == 400
+    for i in (0, 1, 999, 5000, n - 1):  # return_full_text: the prompt (with its index) leads the output
+        assert got[i]["generated_text"].startswith(f"#{i}") and got[i]["details"]["generated_tokens"] == 1
+
+
+def test_cli_sampled_output_does_not_depend_on_concurrency(cli_env, capsys, tiny_ckpt, tmp_path):
+    f = write(str(tmp_path / "in.jsonl"), (json.dumps({"inputs": "sample me"}) + "\n") * 24 + json.dumps({"messages": [
+        {"role": "user", "content": "hi"}]}) + "\n")
+    outs = []
+    for conc in (1, 16):
+        out = tmp_path / f"out{conc}"
+        rc, s = cli(capsys, "--input", f, "--output", out, "--model-dir", tiny_ckpt, "--max-new-tokens", 6,
+                    "--temperature", 1.0, "--parameters", '{"do_sample": true}', "--concurrency", conc)
+        assert rc == 0 and s["errors"] == 0, s
+        outs.append([json.loads(x) for x in (out / "in.jsonl.out").read_bytes().splitlines()])
+    for o in outs:  # two jobs: `created` is each job's start time (a resumed job keeps its own)
+        assert isinstance(o[24].pop("created"), int) and o[24]["id"].startswith("chatcmpl-")
+    assert outs[0] == outs[1]
+    texts = [r["generated_text"] for r in outs[0][:24]]
+    assert len(set(texts)) > 1  # the same prompt 24 times, sampled with per-record seeds
+
+
+def test_cli_bad_arguments_and_missing_model(cli_env, capsys, tiny_ckpt, tmp_path):
+    f = write(str(tmp_path / "in.jsonl"), prompts(1))
+    assert cli(capsys, "--input", f, "--output", tmp_path / "o", "--model-dir", tiny_ckpt,
+               "--parameters", "[1]")[0] == 2
+    assert cli(capsys, "--input", f, "--output", tmp_path / "o", "--model-dir", tiny_ckpt,
+               "--temperature", -1)[0] == 2
+    assert cli(capsys, "--input", f, "--output", tmp_path / "o", "--model-dir", tiny_ckpt,
+               "--parameters", '{"return_full_text": true}')[0] == 2  # per record only
+    assert cli(capsys, "--input", f, "--output", tmp_path / "o", "--model-dir", tmp_path / "empty")[0] == 2
+    assert cli(capsys, "--input", tmp_path / "missing", "--output", tmp_path / "o", "--model-dir", tiny_ckpt)[0] == 2
