@@ -233,3 +233,18 @@ def test_fused_kernel_path_matches_reference(ckpt, mode):
                                              SeqChunk(slots[1], (9 + step,), 12 + step, True)))))
         outs.append(torch.cat(rows))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,ssm", [("bfloat16", "bfloat16"), ("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_low_precision_paths_run_and_stay_close(ckpt, dtype, ssm):
+    ref = ModelRunner(ckpt[0], _cfg())
+    low = ModelRunner(ckpt[0], _cfg(dtype=dtype, ssm_state_dtype=ssm), decode_mode="static")
+    assert low.pool.ssm.dtype == getattr(torch, ssm) and low.pool.k.dtype == getattr(torch, dtype)
+    outs = []
+    for r in (ref, low):
+        s = r.allocator.allocate(40)
+        rows = [r.forward(StepBatch((SeqChunk(s, tuple(range(20, 33)), 0, True),)))]
+        rows += [r.forward(StepBatch((SeqChunk(s, (5 + i,), 13 + i, True),))) for i in range(4)]
+        outs.append(torch.cat(rows))
+    assert outs[1].dtype == torch.float32
+    torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0.05)
