@@ -27,12 +27,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def base_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "HF_", "MODEL_"))}
+
+
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "HF_", "MODEL_"))}
-    env.update(MODEL_DIR=str(tiny_ckpt), PORT=str(port), HOST="127.0.0.1", SAGEMAKER_BATCH="True",
-               MAX_NEW_TOKENS="4", MAX_CONCURRENT_SEQS="8", DEVICE="cpu",
+    env = base_env()
+    # what SageMaker sets for a transform job (SDK local mode spells SAGEMAKER_BATCH "True")
+    env.update(SAGEMAKER_BATCH="True", SAGEMAKER_MAX_CONCURRENT_TRANSFORMS="6", SAGEMAKER_MAX_PAYLOAD_IN_MB="3",
+               SAGEMAKER_BATCH_STRATEGY="multi_record")
+    env.update(MODEL_DIR=str(tiny_ckpt), PORT=str(port), HOST="127.0.0.1", OMP_NUM_THREADS="1",
+               MAX_NEW_TOKENS="4", MAX_CONCURRENT_SEQS="8", MAX_QUEUED_REQUESTS="16", DEVICE="cpu",
                MODEL_CACHE_DIR=str(tmp_path_factory.mktemp("cache")))
     log = tmp_path_factory.mktemp("srv") / "server.log"
     with open(log, "wb") as out:
@@ -89,14 +96,12 @@ def test_execution_parameters(server):
     r = requests.get(f"{server}/execution-parameters", timeout=5)
     assert r.status_code == 200
     p = r.json()
-    assert p["BatchStrategy"] == "MULTI_RECORD" and p["MaxPayloadInMB"] == 6
-    assert p["MaxConcurrentTransforms"] >= 1
+    assert p == {"BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 3, "MaxConcurrentTransforms": 6}
 
 
-def test_multirecord_transform_one_line_per_input_line_in_order(server):
-    params = requests.get(f"{server}/execution-parameters", timeout=5).json()
+def mixed_lines(n: int) -> list[bytes]:
     lines = []
-    for i in range(48):
+    for i in range(n):
         if i % 11 == 5:
             lines.append(b"{broken json")
         elif i % 13 == 7:
@@ -104,7 +109,13 @@ def test_multirecord_transform_one_line_per_input_line_in_order(server):
         else:
             body = {"inputs": f"record {i}: tell me about {i * 7}", "parameters": {"max_new_tokens": 1 + i % 4}}
             lines.append(json.dumps(body).encode())
-    # MaxPayloadInMB (6) would put all 48 small records into one payload; a small cap here makes
+    return lines
+
+
+def test_multirecord_transform_one_line_per_input_line_in_order(server):
+    params = requests.get(f"{server}/execution-parameters", timeout=5).json()
+    lines = mixed_lines(48)
+    # MaxPayloadInMB (3) would put all 48 small records into one payload; a small cap here makes
     # SageMaker's packing produce several payloads of several records each, as a big file would.
     max_bytes = min(params["MaxPayloadInMB"] * 1024 * 1024, 700)
     payloads = split_multi_record(lines, max_bytes)
@@ -133,9 +144,34 @@ def test_multirecord_empty_line_keeps_its_place(server):
     assert "error" in json.loads(out[1]) and "error" not in json.loads(out[0]) and "error" not in json.loads(out[2])
 
 
+def test_multirecord_payload_larger_than_the_engine_queue(server):
+    # 8 slots + 16 queued: a 100-record payload must still answer every line (no 429 lines)
+    lines = [json.dumps({"inputs": f"many {i}", "parameters": {"max_new_tokens": 1}}).encode() for i in range(100)]
+    out = [json.loads(x) for x in post_lines(server, lines)]
+    assert len(out) == 100 and all("error" not in o for o in out)
+    assert all(_generated_tokens(o) == 1 for o in out)
+
+
 def _generated_tokens(obj) -> int:
     if isinstance(obj, list):
         return sum(_generated_tokens(o) for o in obj)
     if "usage" in obj:
         return obj["usage"]["completion_tokens"]
     return obj["details"]["generated_tokens"]
+
+
+def test_offline_batch_writes_the_bytes_the_server_returns(server, tiny_ckpt, tmp_path):
+    """`python -m serve batch` on a file == the server's MultiRecord answer for the same lines (greedy)."""
+    lines = mixed_lines(30)
+    src = tmp_path / "in" / "part-0001.jsonl"
+    src.parent.mkdir()
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    env = {**base_env(), "MAX_NEW_TOKENS": "4", "DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "serve", "batch", "--input", str(src.parent), "--output",
+                        str(tmp_path / "out"), "--model-dir", str(tiny_ckpt), "--progress", "none"],
+                       cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    summary = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    assert summary["records"] == 30 and summary["errors"] == 3
+    served = post_lines(server, lines)
+    assert (tmp_path / "out" / "part-0001.jsonl.out").read_bytes() == b"".join(x + b"\n" for x in served)
