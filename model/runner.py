@@ -143,11 +143,18 @@ class ModelRunner:
     # ---- setup / reporting --------------------------------------------------------------------
     def warmup(self) -> None:
         """A prefill and a decode at every bucket (Triton autotunes here; graphs are captured here)."""
-        slot = self.allocator.allocate(min(2 * self.arch.m_chunk + 3, self.allocator.max_tokens_per_seq))
+        # A short prompt (part of one SSD chunk), then a full prefill chunk continuing from its state
+        # (multi-chunk scan with initial state), then a decode step.
+        short = min(self.arch.m_chunk // 2 + 1, self.config.prefill_chunk_tokens)
+        full = min(self.config.prefill_chunk_tokens, self.config.max_input_tokens)
+        total = min(short + full + 1, self.allocator.max_tokens_per_seq)
+        slot = self.allocator.allocate(total)
         try:
-            n = min(self.arch.m_chunk + 3, self.allocator.capacity(slot) - 1)
-            self.forward(StepBatch((SeqChunk(slot, tuple(range(1, n + 1)), 0, True),)))
-            self.forward(StepBatch((SeqChunk(slot, (1,), n, True),)))
+            full = max(min(full, total - short - 1), 1)
+            ids = [1 + i % (self.vocab_size - 1) for i in range(short + full)]
+            self.forward(StepBatch((SeqChunk(slot, tuple(ids[:short]), 0, False),)))
+            self.forward(StepBatch((SeqChunk(slot, tuple(ids[short:]), short, True),)))
+            self.forward(StepBatch((SeqChunk(slot, (1,), short + full, True),)))
         finally:
             self.allocator.free(slot)
         if self.static is not None:
