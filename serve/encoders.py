@@ -16,8 +16,13 @@ DONE = b"data: [DONE]\n\n"
 TOOL_OPEN = "<tool_call>"
 
 
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # Non-ASCII stays readable, but the characters str.splitlines() treats as line breaks are escaped, so a
+    # JSON Lines response always splits into exactly one line per record however the client splits it.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).translate(_LINE_BREAKS)
 
 
 def sse(obj: Any, openai: bool = False) -> bytes:

@@ -77,7 +77,10 @@ def collect(ctx: Ctx, handle) -> Completion:
 
 
 def encode_prompt(ctx: Ctx, text: str, truncate: int | None = None) -> tuple[int, ...]:
-    ids = ctx.engine.tokenizer.encode(text)
+    try:
+        ids = ctx.engine.tokenizer.encode(text)
+    except Exception as e:  # input the tokenizer cannot take is the client's problem, not a 500
+        raise ProtocolError(422, f"the prompt cannot be tokenized: {type(e).__name__}") from None
     return tuple(ids[-truncate:] if truncate else ids)
 
 

@@ -22,11 +22,13 @@ from typing import Any
 from model.types import EngineError, QueueFull
 from serve import encoders as enc
 from serve.generate import Ctx, Pending, start, stream
+from serve.openai import ChatRequest, CompletionRequest
 from serve.protocol import (
     JSON_TYPES,
     JSONL_TYPES,
     Limits,
     ProtocolError,
+    TextRequest,
     decode_json,
     media_type,
     parse_request,
@@ -34,6 +36,7 @@ from serve.protocol import (
     tgi_params,
 )
 
+REQUEST_TYPES = (TextRequest, ChatRequest, CompletionRequest)
 log = logging.getLogger(__name__)
 HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
 QUEUE_WAIT_S = 600.0  # how long JSON Lines records wait for queue room before answering 429
@@ -185,7 +188,7 @@ class Service:
         engine = model if hasattr(model, "submit") else self.engine  # model_fn may return something else
         if isinstance(data, JsonLines):
             return JsonLines(handle_records(engine, data, limits=self.limits, metrics=self.metrics))
-        req = parse_request(data, self.limits) if isinstance(data, (dict, list, str)) else data
+        req = data if isinstance(data, REQUEST_TYPES) else parse_request(data, self.limits)
         ctx = Ctx(engine, engine.model_name, self.metrics)
         if getattr(req, "stream", False):
             return Stream(stream(ctx, req))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ JSONL_TYPES = frozenset({"application/jsonlines", "application/x-jsonlines", "ap
 MAX_STOP = 16  # stop strings per request
 MAX_TOP_N = 20  # alternatives per generated token
 _U64 = 2**64
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class ProtocolError(Exception):
@@ -65,9 +67,14 @@ def decode_json(body: bytes | str) -> Any:
     if not text.strip():
         raise ProtocolError(400, "empty body: expected a JSON object", "bad_request")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant)
+        if _SURROGATE.search(text):  # "\ud800" escapes decode to lone surrogates no tokenizer accepts
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return obj
     except RecursionError:
         raise ProtocolError(400, "JSON nested too deeply", "bad_request") from None
+    except UnicodeEncodeError:
+        raise ProtocolError(400, "JSON string holds an unpaired UTF-16 surrogate escape", "bad_request") from None
     except ValueError as e:  # JSONDecodeError, NaN/Infinity, integers with too many digits
         raise ProtocolError(400, f"invalid JSON: {e}", "bad_request") from None
 

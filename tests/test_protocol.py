@@ -37,11 +37,16 @@ def test_media_type():
 
 
 @pytest.mark.parametrize("body", [b"{", b"\xff\xfe{}", b"", b"   ", b'{"a": NaN}', b"[Infinity]",
-                                  b"[" * 100_000 + b"]" * 100_000, b"1" * 5000])
+                                  b"[" * 100_000 + b"]" * 100_000, b"1" * 5000, b'{"inputs": "\\ud800"}',
+                                  b'["\\uDFFF x"]'])
 def test_bad_json_is_400(body):
     with pytest.raises(ProtocolError) as err:
         decode_json(body)
     assert err.value.status == 400 and err.value.error_type == "bad_request"
+
+
+def test_surrogate_pairs_are_fine():
+    assert decode_json(b'"\\ud83d\\ude00"') == "\U0001f600"
 
 
 def test_split_lines_keeps_one_entry_per_line():
