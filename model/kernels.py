@@ -50,7 +50,7 @@ def _import_mamba_triton(name: str) -> Any:
     full = f"mamba_ssm.ops.triton.{name}"
     try:
         return importlib.import_module(full)
-    except ImportError:
+    except Exception:  # noqa: BLE001 - ImportError / OSError from the compiled extension
         spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
         if spec is None or not spec.submodule_search_locations:
             raise
