@@ -89,6 +89,8 @@ class ModelRunner:
     # ---- the step ---------------------------------------------------------------------------
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """float32 logits (rows = chunks with want_logits, in chunk order, vocab)."""
+        if len({c.slot for c in batch.chunks}) != len(batch.chunks):
+            raise ValueError("a step may hold at most one chunk per slot")
         rows: dict[int, torch.Tensor] = {}
         decode_idx = [i for i, c in enumerate(batch.chunks) if len(c.token_ids) == 1 and c.start > 0]
         decode_set = set(decode_idx)

@@ -130,6 +130,12 @@ def test_slot_reuse_starts_from_zero_state(runner):
     torch.testing.assert_close(again, first, atol=0, rtol=0)
 
 
+def test_two_chunks_for_one_slot_is_an_error(runner):
+    slot = runner.allocator.allocate(8)
+    with pytest.raises(ValueError, match="one chunk per slot"):
+        runner.forward(StepBatch((SeqChunk(slot, (1, 2), 0, False), SeqChunk(slot, (3,), 2, True))))
+
+
 def test_overrun_of_reservation_is_an_error(runner):
     slot = runner.allocator.allocate(4)  # one block of 16 tokens
     with pytest.raises(RuntimeError, match="exceed"):
