@@ -31,6 +31,7 @@ class InputFile:
     uri: str  # local path or s3:// URI
     rel: str  # path relative to the input folder/prefix, "/"-separated; names the output
     identity: str  # changes when the content may have changed (size + mtime, or S3 ETag)
+    mtime: int = 0  # last modified, unix seconds (stamps OpenAI `created`, so reruns give the same bytes)
     s3: s3io.S3Object | None = None
 
 
@@ -45,16 +46,16 @@ def list_inputs(uri: str) -> list[InputFile]:
         if key and not key.endswith("/"):
             obj = s3io.head(bucket, key)
             if obj is not None:
-                return [InputFile(uri, key.rsplit("/", 1)[-1], f"etag:{obj.etag}:{obj.size}", obj)]
+                return [InputFile(uri, key.rsplit("/", 1)[-1], f"etag:{obj.etag}:{obj.size}", obj.mtime, obj)]
             key += "/"
         files = []
         for obj in s3io.list_objects(f"s3://{bucket}/{key}"):
             rel = obj.key[len(key):]
             if not any(_skipped(part) for part in rel.split("/")):
-                files.append(InputFile(f"s3://{bucket}/{obj.key}", rel, f"etag:{obj.etag}:{obj.size}", obj))
+                files.append(InputFile(f"s3://{bucket}/{obj.key}", rel, f"etag:{obj.etag}:{obj.size}", obj.mtime, obj))
         return files
     if os.path.isfile(uri):
-        return [InputFile(uri, os.path.basename(uri), _local_identity(uri))]
+        return [_local_file(uri, os.path.basename(uri))]
     if not os.path.isdir(uri):
         raise FileNotFoundError(f"input {uri!r} is neither a file nor a folder")
     files = []
@@ -64,14 +65,14 @@ def list_inputs(uri: str) -> list[InputFile]:
             path = os.path.join(root, name)
             if not _skipped(name) and os.path.isfile(path):
                 rel = os.path.relpath(path, uri).replace(os.sep, "/")
-                files.append(InputFile(path, rel, _local_identity(path)))
+                files.append(_local_file(path, rel))
     files.sort(key=lambda f: f.rel)
     return files
 
 
-def _local_identity(path: str) -> str:
+def _local_file(path: str, rel: str) -> InputFile:
     st = os.stat(path)
-    return f"local:{st.st_size}:{st.st_mtime_ns}"
+    return InputFile(path, rel, f"local:{st.st_size}:{st.st_mtime_ns}", int(st.st_mtime))
 
 
 def _local_chunks(path: str) -> Iterator[bytes]:

@@ -1,7 +1,7 @@
 """Append-only, fsync'd journal of finished records for one input file.
 
 File layout (text, UTF-8):
-    line 1:  {"journal": 1, "fingerprint": "<sha256 of input identity + job parameters>", "created": <unix s>}
+    line 1:  {"journal": 1, "fingerprint": "<sha256 of input identity + job parameters>"}
     then:    <line index>\\t<e|k>\\t<generated tokens>\\t<output line JSON>\\n
              (e = the record's response is an error object, k = ok)
 Records are appended in completion order by one writer thread and fsync'd in groups (group
@@ -37,15 +37,13 @@ class Journal:
         self.path = path
         self.fingerprint = fingerprint
         self.entries: dict[int, Entry] = {}
-        self.created = int(time.time())  # when this file's job first started (kept across resumes)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         end = self._load()
         self._f = open(path, "r+b" if end else "w+b")
         self._f.truncate(end)
         self._f.seek(end)
         if not end:
-            head = {"journal": 1, "fingerprint": fingerprint, "created": self.created}
-            self._f.write(json.dumps(head).encode() + b"\n")
+            self._f.write(json.dumps({"journal": 1, "fingerprint": fingerprint}).encode() + b"\n")
             self.sync()
         self._pos = self._f.tell()
 
@@ -59,11 +57,9 @@ class Journal:
             header = f.readline()
             try:
                 head = json.loads(header) if header.endswith(b"\n") else {}
-                ok = head.get("fingerprint") == self.fingerprint and isinstance(head.get("created"), int)
+                ok = head.get("fingerprint") == self.fingerprint
             except (ValueError, AttributeError):
                 ok = False
-            if ok:
-                self.created = head["created"]
             if not ok:
                 if header:
                     stale = f"{self.path}.stale-{int(time.time())}"

@@ -6,8 +6,8 @@ the line index, passed as the default `seed` under the record's own parameters, 
 reproducible; a record that sets `seed` keeps it, and a job-wide `seed` in --parameters wins
 (every record then uses that seed). Greedy records get no seed, so their lines are the same
 bytes the server's JSON Lines route returns for them. OpenAI-shaped responses carry a random `id`
-and the clock in `created`: both are pinned (id from the record's place, created = when the job
-first started on this file, kept in the journal header).
+and the clock in `created`: both are pinned (id from the record's place, `created` = the input
+file's last-modified time), so any rerun over the same input writes the same bytes.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ class BatchRun:
                 return
             st, index, raw = item
             try:
-                line, error, tokens = render(self.infer, self.job, st.f.rel, index, raw, st.journal.created)
+                line, error, tokens = render(self.infer, self.job, st.f.rel, index, raw, st.f.mtime)
             except Exception as e:  # infer() must not raise; if it does, that record is an error line
                 log.exception("%s:%d: unexpected failure", st.f.rel, index)
                 line = json.dumps({"error": f"internal error: {e}", "error_type": "internal_error",

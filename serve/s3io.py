@@ -63,6 +63,7 @@ class S3Object:
     key: str
     size: int
     etag: str
+    mtime: int = 0  # LastModified, unix seconds
 
 
 def list_objects(uri: str) -> list[S3Object]:
@@ -73,7 +74,7 @@ def list_objects(uri: str) -> list[S3Object]:
     for page in pages:
         for o in page.get("Contents", ()):
             if not o["Key"].endswith("/"):
-                out.append(S3Object(bucket, o["Key"], int(o["Size"]), o["ETag"]))
+                out.append(S3Object(bucket, o["Key"], int(o["Size"]), o["ETag"], int(o["LastModified"].timestamp())))
     out.sort(key=lambda o: o.key)
     return out
 
@@ -87,7 +88,7 @@ def head(bucket: str, key: str) -> S3Object | None:
         if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
-    return S3Object(bucket, key, int(r["ContentLength"]), r["ETag"])
+    return S3Object(bucket, key, int(r["ContentLength"]), r["ETag"], int(r["LastModified"].timestamp()))
 
 
 def iter_bytes(obj: S3Object) -> Iterator[bytes]:
