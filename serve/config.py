@@ -234,10 +234,18 @@ def _gpu_ids(v: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(i) for i in range(count or 0))
 
 
+def var_unset(env: Mapping[str, str], name: str) -> bool:
+    return not (env.get(name) or "").strip()
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
-    v = _read(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    v = _read(env)
     if v["DEVICE"] == "cpu" and v["KERNELS"] == "fused":
         raise ConfigError("KERNELS=fused needs CUDA but DEVICE=cpu")
+    if v["MAX_NEW_TOKENS"] >= v["MAX_TOTAL_TOKENS"]:
+        if var_unset(env, "MAX_NEW_TOKENS"):  # the built-in default yields to a small context
+            v["MAX_NEW_TOKENS"] = v["MAX_TOTAL_TOKENS"] - 1
     if v["MAX_NEW_TOKENS"] >= v["MAX_TOTAL_TOKENS"]:
         raise ConfigError(f"MAX_NEW_TOKENS ({v['MAX_NEW_TOKENS']}) must be < MAX_TOTAL_TOKENS ({v['MAX_TOTAL_TOKENS']})")
     gpu_ids = _gpu_ids(v) if v["DEVICE"] != "cpu" else ()

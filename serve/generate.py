@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from model.types import Completion, EngineError, FinishReason, GenerationRequest, SamplingParams
+from model.types import (
+    Completion,
+    EngineError,
+    EngineNotReady,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+)
 from serve import encoders as enc
 from serve.metrics import Metrics
 from serve.openai import ChatRequest, CompletionRequest
@@ -76,7 +83,13 @@ def collect(ctx: Ctx, handle) -> Completion:
     return c
 
 
+def _require_ready(ctx: Ctx) -> None:
+    if not getattr(ctx.engine, "ready", False):
+        raise EngineNotReady(getattr(ctx.engine, "error", None) or "the model is not ready")
+
+
 def encode_prompt(ctx: Ctx, text: str, truncate: int | None = None) -> tuple[int, ...]:
+    _require_ready(ctx)
     try:
         ids = ctx.engine.tokenizer.encode(text)
     except Exception as e:  # input the tokenizer cannot take is the client's problem, not a 500
@@ -85,6 +98,7 @@ def encode_prompt(ctx: Ctx, text: str, truncate: int | None = None) -> tuple[int
 
 
 def chat_prompt(ctx: Ctx, req: ChatRequest) -> str:
+    _require_ready(ctx)
     try:
         return ctx.engine.tokenizer.render_chat(
             [dict(m) for m in req.messages], tools=[dict(t) for t in req.tools] if req.tools else None,

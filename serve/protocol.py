@@ -170,8 +170,9 @@ def max_new(f: Fields, keys: tuple[str, ...], limits: Limits) -> dict[str, Any]:
 
 def sampling_params(limits: Limits, values: dict[str, Any]) -> SamplingParams:
     """limits.base < request values (None = unset) -> SamplingParams with the server's default length."""
-    merged: dict[str, Any] = {"max_new_tokens": limits.default_max_new_tokens, **limits.base}
-    merged.update({k: v for k, v in values.items() if v is not None})
+    merged: dict[str, Any] = {"max_new_tokens": limits.default_max_new_tokens}
+    for layer in (limits.base, values):
+        merged.update({k: v for k, v in layer.items() if v is not None})
     return SamplingParams(**merged)
 
 

@@ -101,6 +101,10 @@ def test_invalid_values_name_the_variable(env, names):
     assert names in str(err.value)
 
 
+def test_default_max_new_tokens_yields_to_a_small_context():
+    assert load_config({"MAX_TOTAL_TOKENS": "100", "MAX_INPUT_TOKENS": "50"}).server.default_max_new_tokens == 99
+
+
 def test_gpus_decide_workers():
     assert load_config({"SM_NUM_GPUS": "4"}).server.workers == 4
     assert load_config({"SM_NUM_GPUS": "4"}).server.gpu_ids == ("0", "1", "2", "3")

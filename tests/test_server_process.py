@@ -3,15 +3,18 @@ with the tiny checkpoint in MODEL_DIR plus a code/inference.py that overrides ou
 The SIGTERM test stops the shared server, so it is the last test in this file."""
 
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import requests
 
-from tests.server_helpers import ServerProcess, iter_sse
+from tests.server_helpers import ROOT, ServerProcess, iter_sse
 
 ATTR = "X-Amzn-SageMaker-Custom-Attributes"
 INFERENCE_PY = '''
@@ -24,6 +27,22 @@ def output_fn(prediction, accept):
         return json.dumps({"wrapped": prediction}), "application/x-wrapped"
     return default_output_fn(prediction, accept)
 '''
+
+
+def run_main(*args, **env):
+    return subprocess.run([sys.executable, "-m", "serve", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **env})
+
+
+def test_main_rejects_bad_config_naming_the_variable():
+    r = run_main("serve", SAGEMAKER_MAX_PAYLOAD_IN_MB="lots")
+    assert r.returncode == 2 and "SAGEMAKER_MAX_PAYLOAD_IN_MB" in r.stderr
+
+
+def test_main_usage_and_batch_delegation():
+    assert run_main("frobnicate").returncode == 2
+    r = run_main("batch", "--help")
+    assert r.returncode == 0 and "--input" in r.stdout
 
 
 @pytest.fixture(scope="module")
