@@ -16,7 +16,8 @@ import torch
 from model.granite import GraniteArch
 
 BLOCK_SIZE = 16
-CPU_MAX_KV_TOKENS = 1 << 18  # auto KV size on CPU: at most 256K tokens
+CPU_MAX_KV_TOKENS = 1 << 18  # auto KV size on CPU: at most 256K tokens ...
+CPU_MAX_KV_BYTES = 2 << 30  # ... and at most 2 GiB
 CUDA_FREE_FRACTION = 0.90  # of the memory free after weights, for state + KV
 CUDA_ACTIVATION_RESERVE = 2 << 30  # bytes kept back for activations / graphs / allocator slack
 
@@ -46,7 +47,8 @@ def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, device
     """KV pool size when EngineConfig.kv_cache_tokens == 0."""
     want = num_slots * max_total_tokens
     if device.type != "cuda":
-        return max(min(want, CPU_MAX_KV_TOKENS), max_total_tokens)
+        cap = min(CPU_MAX_KV_TOKENS, CPU_MAX_KV_BYTES // max(kv_bytes_per_token(a, dtype), 1))
+        return max(min(want, cap), max_total_tokens)
     free, _total = torch.cuda.mem_get_info(device)
     budget = int(free * CUDA_FREE_FRACTION) - CUDA_ACTIVATION_RESERVE
     budget -= (num_slots + 1) * state_bytes_per_seq(a, dtype, ssm_dtype)
