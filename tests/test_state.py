@@ -76,7 +76,7 @@ def test_auto_kv_tokens_cpu(micro):
     cpu = torch.device("cpu")
     f32 = torch.float32
     assert auto_kv_tokens(micro, 4, 1000, cpu, f32, f32) == 4000
-    assert auto_kv_tokens(micro, 256, 131072, cpu, f32, f32) == (2 << 30) // (32 * 1024)  # capped at 2 GiB
+    assert auto_kv_tokens(micro, 256, 16384, cpu, f32, f32) == (2 << 30) // (16 * 1024)  # 16 KiB/token in fp32: capped at 2 GiB
     tiny = GraniteArch(**{**micro.__dict__, "n_kv_heads": 1, "head_dim": 2})
     assert auto_kv_tokens(tiny, 256, 131072, cpu, f32, f32) == 1 << 18  # capped at 256K tokens
     assert auto_kv_tokens(micro, 1, 1 << 20, cpu, f32, f32) == 1 << 20  # never below one full sequence
