@@ -4,6 +4,7 @@ The SIGTERM test stops the shared server, so it is the last test in this file.""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -143,8 +144,9 @@ def test_ping_answers_while_16_streams_generate(server):
 
     def stream_one(i):
         try:
-            r = server.post("/invocations", {"inputs": f"stream {i}", "stream": True,
-                                             "parameters": {"max_new_tokens": 60}}, stream=True, timeout=300)
+            # near-uniform sampling over the random model: long generations, rarely cut short by EOS
+            r = server.post("/invocations", {"inputs": f"stream {i}", "stream": True, "parameters": {
+                "max_new_tokens": 80, "do_sample": True, "temperature": 5.0, "seed": i}}, stream=True, timeout=300)
             events = [json.loads(e) for e in iter_sse(r)]
             results.append(events[-1]["details"]["generated_tokens"] == len(events))
         except Exception as e:  # reported below
@@ -153,22 +155,37 @@ def test_ping_answers_while_16_streams_generate(server):
     threads = [threading.Thread(target=stream_one, args=(i,)) for i in range(16)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    pings = []
-    while any(t.is_alive() for t in threads) and len(pings) < 20:
+    pings, running = [], []
+    while any(t.is_alive() for t in threads) and len(pings) < 40:
         t0 = time.monotonic()
         r = requests.get(server.url + "/ping", timeout=2)  # SageMaker's own limit
         pings.append((r.status_code, time.monotonic() - t0))
-        running = requests.get(server.url + "/metrics", timeout=2).text
-        time.sleep(0.2)
+        metrics = requests.get(server.url + "/metrics", timeout=2).text
+        running.append(int(re.search(r"^granite_running_sequences (\d+)$", metrics, re.M).group(1)))
+        time.sleep(0.05)
     for t in threads:
         t.join(300)
     assert not errors, errors
     assert results == [True] * 16
     assert pings and all(code == 200 for code, _ in pings), pings
-    assert "granite_running_sequences" in running
+    assert max(running) >= 8, running  # the pings above really were answered under load
     metrics = requests.get(server.url + "/metrics", timeout=2).text
     assert "granite_free_slots 16" in metrics and "granite_queue_depth 0" in metrics
+
+
+def test_demo_model_says_so(tmp_path):
+    # `make serve` with no model: MODEL_ID=demo, built into MODEL_CACHE_DIR; name and log say DEMO.
+    srv = ServerProcess({"MODEL_ID": "demo", "MODEL_CACHE_DIR": str(tmp_path / "cache"), "MODEL_DIR": str(tmp_path)},
+                        tmp_path / "demo.log")
+    try:
+        srv.wait_ready()
+        name = requests.get(srv.url + "/v1/models", timeout=5).json()["data"][0]["id"]
+        assert "demo" in name.lower() and "random" in name.lower()
+        r = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.json()["model"] == name
+    finally:
+        assert srv.stop() == 0
+    assert "RANDOM WEIGHTS" in srv.log()
 
 
 def test_sigterm_lets_the_request_in_flight_finish(server):
