@@ -16,7 +16,8 @@ mkdir -p "$DIR"
     --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform linux_x86_64 \
-    "$TORCH_CPU" -r "$REPO/docker/requirements.txt" -c "$REPO/docker/constraints.txt"
+    "$TORCH_CPU" -r "$REPO/docker/requirements.txt" -c "$REPO/docker/constraints.txt" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 torch_wheel="$(ls "$DIR"/torch-*.whl)"
 case "$torch_wheel" in
     *+cpu-*) ;;

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The container test (`make test-container`): builds the CPU flavor of the real Dockerfile with
+# podman (no Docker engine, no registry: see shared/CONTAINER.md), then runs it the way SageMaker
+# does and checks the contract:
+#   1. hadolint on the Dockerfile (when installed)
+#   2. local Debian base image (debootstrap, cached) + wheelhouse (cached) + `podman build`
+#   3. the image passes SM_NUM_GPUS / CUDA_VISIBLE_DEVICES through to the worker layout
+#   4. `serve` as a non-root user, model mounted read-only at /opt/ml/model, port from
+#      SAGEMAKER_BIND_TO_PORT: time to the first /ping 200, JSON, SSE, JSON Lines, SIGTERM drain
+#   5. `batch` on a mounted folder: one .out line per input line
+# Prints the image size and serve-to-first-ping time. Cleans up what it started (by id).
+# Env: CONTAINER_CACHE_DIR (default .container/), PY (host python with the project installed).
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$REPO"
+PY="${PY:-$REPO/.venv/bin/python}"
+IMAGE="${IMAGE_CPU:-localhost/granite-h-sagemaker:cpu}"
+T0=$SECONDS
+step() { printf '[%4ds] %s\n' $((SECONDS - T0)) "$*"; }
+
+# shellcheck source=tests/container/podman_env.sh
+source "$REPO/tests/container/podman_env.sh"
+
+WORK=""
+CONTAINERS=()
+cleanup() {
+    local id
+    for id in "${CONTAINERS[@]}"; do
+        podman rm -f -t 0 "$id" >/dev/null 2>&1 || true
+    done
+    [ -n "$WORK" ] && rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+if command -v hadolint >/dev/null || [ -x "$REPO/.venv/bin/hadolint" ]; then
+    step "hadolint Dockerfile"
+    "$(command -v hadolint || echo "$REPO/.venv/bin/hadolint")" Dockerfile
+fi
+
+ensure_podman
+step "base image"
+ensure_base_image
+
+# The wheelhouse is refilled only when the pins change.
+WHEELHOUSE="$CACHE/wheelhouse"
+stamp="$(cat docker/requirements.txt docker/constraints.txt tests/container/wheelhouse.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$WHEELHOUSE/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    step "wheelhouse"
+    rm -rf "$WHEELHOUSE"
+    PY="$PY" bash tests/container/wheelhouse.sh "$WHEELHOUSE"
+    echo "$stamp" > "$WHEELHOUSE/.stamp"
+fi
+
+step "podman build (FLAVOR=cpu)"
+build_start=$SECONDS
+podman build --quiet --build-arg FLAVOR=cpu --build-arg CPU_BASE="$BASE_IMAGE" \
+    --build-context wheelhouse="$WHEELHOUSE" -t "$IMAGE" . >/dev/null
+size_bytes="$(podman image inspect --format '{{.Size}}' "$IMAGE")"
+echo "image: $IMAGE, size $((size_bytes / 1000000)) MB, build $((SECONDS - build_start)) s"
+
+WORK="$(mktemp -d "$CACHE/tmp/test.XXXXXX")"
+chmod 755 "$WORK"
+step "demo checkpoint (host) -> mounted read-only at /opt/ml/model"
+"$PY" -c "import sys; from model.demo import build_checkpoint; build_checkpoint(sys.argv[1], preset='demo')" \
+    "$WORK/model" >/dev/null
+# Like an extracted model.tar.gz: world-readable files (the server runs as uid 1000 below).
+chmod -R a+rX "$WORK/model"
+
+step "SM_NUM_GPUS / CUDA_VISIBLE_DEVICES reach the worker layout"
+layout="$(podman run --rm --network none -e DEVICE=cuda -e SM_NUM_GPUS=4 "$IMAGE" \
+    python -c "from serve.config import load_config; s = load_config().server; print(s.workers, ','.join(s.gpu_ids))")"
+[ "$layout" = "4 0,1,2,3" ] || { echo "SM_NUM_GPUS=4 gave workers/gpus '$layout'"; exit 1; }
+layout="$(podman run --rm --network none -e DEVICE=cuda -e CUDA_VISIBLE_DEVICES=2,3 "$IMAGE" \
+    python -c "from serve.config import load_config; s = load_config().server; print(s.workers, ','.join(s.gpu_ids))")"
+[ "$layout" = "2 2,3" ] || { echo "CUDA_VISIBLE_DEVICES=2,3 gave workers/gpus '$layout'"; exit 1; }
+echo "ok   SM_NUM_GPUS=4 -> 4 workers on GPUs 0-3; CUDA_VISIBLE_DEVICES=2,3 -> 2 workers"
+
+PORT="$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
+step "serve (uid 1000, port $PORT via SAGEMAKER_BIND_TO_PORT)"
+started="$("$PY" -c "import time; print(time.time())")"
+cid="$(podman run -d --network host --user 1000:1000 \
+    -e SAGEMAKER_BIND_TO_PORT="$PORT" -v "$WORK/model:/opt/ml/model:ro" "$IMAGE" serve)"
+CONTAINERS+=("$cid")
+if ! "$PY" tests/container/check_server.py --port "$PORT" --container "$cid" --started "$started" \
+    --ready-limit 180; then
+    echo "---- container log (last 60 lines)"
+    podman logs "$cid" 2>&1 | tail -60
+    exit 1
+fi
+
+step "batch on a mounted folder"
+mkdir -p "$WORK/in" "$WORK/out"
+{
+    echo '{"inputs": "first record", "parameters": {"max_new_tokens": 4}}'
+    echo '{"messages": [{"role": "user", "content": "second"}], "max_tokens": 4}'
+    echo '{"inputs": "third record", "parameters": {"max_new_tokens": 4}}'
+} > "$WORK/in/records.jsonl"
+bid="$(podman create --network none -v "$WORK/model:/opt/ml/model:ro" -v "$WORK/in:/data/in:ro" \
+    -v "$WORK/out:/data/out" "$IMAGE" batch --input /data/in --output /data/out)"
+CONTAINERS+=("$bid")
+if ! podman start --attach "$bid" > "$WORK/batch.log" 2>&1; then
+    tail -40 "$WORK/batch.log"
+    echo "batch exited non-zero"
+    exit 1
+fi
+out="$WORK/out/records.jsonl.out"
+[ -f "$out" ] || { ls -la "$WORK/out"; tail -20 "$WORK/batch.log"; echo "no $out"; exit 1; }
+"$PY" - "$out" <<'PY'
+import json
+import sys
+
+lines = open(sys.argv[1]).read().splitlines()
+assert len(lines) == 3, lines
+records = [json.loads(line) for line in lines]
+assert not any("error" in json.dumps(r) for r in records), records
+print(f"ok   batch: 3 records in, 3 lines in records.jsonl.out")
+PY
+
+step "container test passed"
