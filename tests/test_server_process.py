@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -171,6 +172,29 @@ def test_ping_answers_while_16_streams_generate(server):
     assert max(running) >= 8, running  # the pings above really were answered under load
     metrics = requests.get(server.url + "/metrics", timeout=2).text
     assert "granite_free_slots 16" in metrics and "granite_queue_depth 0" in metrics
+
+
+def test_client_disconnect_cancels_generation(server):
+    def cancelled() -> int:
+        text = requests.get(server.url + "/metrics", timeout=5).text
+        return int(re.search(r'^granite_engine_finished_total\{reason="cancelled"\} (\d+)$', text, re.M).group(1))
+
+    before = cancelled()
+    body = json.dumps({"inputs": "go on", "stream": True, "parameters": {
+        "max_new_tokens": 400, "do_sample": True, "temperature": 5.0, "seed": 3}}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        seen = b""
+        while b"data:" not in seen:
+            seen += sock.recv(4096)
+    # the client has vanished mid-stream
+    deadline = time.monotonic() + 30
+    while cancelled() == before:
+        assert time.monotonic() < deadline, "the server kept generating for a client that left"
+        time.sleep(0.1)
+    text = requests.get(server.url + "/metrics", timeout=5).text
+    assert "granite_free_slots 16" in text and "granite_client_disconnects_total 1" in text
 
 
 def test_demo_model_says_so(tmp_path):
