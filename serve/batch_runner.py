@@ -154,11 +154,11 @@ class BatchRun:
                 continue
 
     def _work(self) -> None:
-        while True:
-            item = self.work_q.get()
-            if item is None or self.stop.is_set():
-                return
-            st, index, raw = item
+        while not self.stop.is_set():
+            try:
+                st, index, raw = self.work_q.get(timeout=0.2)
+            except queue.Empty:
+                continue
             try:
                 line, error, tokens = render(self.infer, self.job, st.f.rel, index, raw, st.f.mtime)
             except Exception as e:  # infer() must not raise; if it does, that record is an error line
@@ -253,8 +253,6 @@ class BatchRun:
             finished = True
         finally:
             self.stop.set()  # idle workers/feeder leave; a record in infer() finishes first
-            for _ in range(job.concurrency):
-                self.work_q.put(None)
             for t in threads[1:]:
                 t.join(None if finished else 5.0)  # interrupted: records still running are re-run next time
             self.result_q.put(None)

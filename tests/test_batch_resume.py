@@ -40,15 +40,17 @@ def journalled(out: Path) -> int:
     return n
 
 
-def kill_after(cmd: list[str], out: Path, min_records: int, env: dict | None = None, timeout: float = 300.0) -> bool:
-    """Start cmd, SIGKILL it once `min_records` are journalled. False if it finished first."""
+def kill_after(cmd: list[str], out: Path, min_records: int, env: dict | None = None, timeout: float = 300.0,
+               sig: int = signal.SIGKILL) -> bool:
+    """Start cmd, send `sig` once `min_records` are journalled. False if it finished first."""
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     try:
         while p.poll() is None and time.monotonic() < deadline:
             if journalled(out) >= min_records:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+                p.send_signal(sig)
+                rc = p.wait(60)
+                assert sig == signal.SIGKILL or rc == 130  # SIGTERM: stops cleanly, says "interrupted"
                 return True
             time.sleep(0.002)
         return False
@@ -117,9 +119,9 @@ def test_cli_on_the_tiny_model_killed_and_resumed_is_byte_identical(tiny_ckpt, t
     out = tmp_path / "out"
     rng = random.Random(99)
     kills = 0
-    for _ in range(3):
+    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
         done = journalled(out) if out.exists() else 0
-        if kill_after(cmd(out), out, done + rng.randint(20, 120), env):
+        if kill_after(cmd(out), out, done + rng.randint(20, 120), env, sig=sig):
             kills += 1
     assert kills >= 2
     r = subprocess.run(cmd(out), cwd=ROOT, env=env, capture_output=True, timeout=600)

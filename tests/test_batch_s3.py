@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import boto3
 import pytest
 
 from serve import s3io
 from serve.batch_runner import BatchJob, BatchRun
 from tests.batch_helpers import fake_infer, prompts, read_lines, write
 
-boto3 = pytest.importorskip("boto3")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -157,3 +161,32 @@ def test_multipart_upload_and_broken_read_stream(s3, tmp_path, monkeypatch):
 
     monkeypatch.setattr(s3io.client(), "get_object", get_object)
     assert b"".join(s3io.iter_bytes(obj)) == big.read_bytes() and broken["n"] == 2
+
+
+def test_cli_s3_in_s3_out_with_the_tiny_model(s3, moto_url, tiny_ckpt, tmp_path):
+    """`python -m serve batch` in a subprocess, S3 both ways; boto3 finds moto through AWS_ENDPOINT_URL."""
+    c, b = s3
+    recs = [json.dumps({"inputs": f"line {i}", "parameters": {"return_full_text": True}}) for i in range(30)]
+    recs[4] = "{nope"
+    put(c, b, "jobs/in/p1.jsonl", "\n".join(recs[:20]) + "\n")
+    put(c, b, "jobs/in/p2.jsonl", "\n".join(recs[20:]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "HF_", "MODEL_", "AWS_"))}
+    env.update(AWS_ENDPOINT_URL=moto_url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               AWS_DEFAULT_REGION="us-east-1", DEVICE="cpu", OMP_NUM_THREADS="1", MAX_NEW_TOKENS="2",
+               MODEL_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "serve", "batch", "--input", f"s3://{b}/jobs/in/",
+                        "--output", f"s3://{b}/jobs/out", "--model-dir", str(tiny_ckpt), "--join-input",
+                        "--progress", "log"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    summary = json.loads(r.stdout.decode().strip().splitlines()[-1])
+    assert summary["records"] == 30 and summary["errors"] == 1 and summary["files_done"] == 2
+    got = [json.loads(x) for x in (get(c, b, "jobs/out/p1.jsonl.out") + get(c, b, "jobs/out/p2.jsonl.out")).splitlines()]
+    assert len(got) == 30
+    for i, o in enumerate(got):
+        if i == 4:
+            assert o["SageMakerInput"] == "{nope" and o["SageMakerOutput"]["status"] == 400
+        else:  # join-input keeps the record's own fields; return_full_text puts the prompt first
+            assert o["inputs"] == f"line {i}" and o["SageMakerOutput"]["generated_text"].startswith(f"line {i}")
+    assert json.loads(get(c, b, "jobs/out/_SUMMARY.json"))["records"] == 30
+    # the journals lived in a local work dir under MODEL_CACHE_DIR, and are gone once published
+    assert (tmp_path / "cache" / "batch").is_dir() and not list((tmp_path / "cache").rglob("*.journal"))

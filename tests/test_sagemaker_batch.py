@@ -14,8 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-requests = pytest.importorskip("requests")
+import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 JSONL = "application/jsonlines"
