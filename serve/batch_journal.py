@@ -24,7 +24,7 @@ from dataclasses import dataclass
 log = logging.getLogger("serve.batch")
 
 
-@dataclass
+@dataclass(slots=True)  # one per record: keep it small (~150 bytes a record with its dict slot)
 class Entry:
     offset: int  # byte offset of the output JSON inside the journal file
     length: int  # its length in bytes (without "\n")

@@ -59,9 +59,9 @@ class _File:
 
     def complete(self) -> bool:
         with self.lock:
-            if self.total is None or self.queued:
-                return False
-            if sum(1 for i in self.journal.entries if i < self.total) < self.total:
+            if self.total is None or self.queued or len(self.journal.entries) < self.total:
+                return False  # cheap test first: this runs after every group commit
+            if any(i not in self.journal.entries for i in range(self.total)):
                 return False
             self.queued = True
             return True

@@ -264,3 +264,23 @@ def test_cli_bad_arguments_and_missing_model(cli_env, capsys, tiny_ckpt, tmp_pat
                "--parameters", '{"return_full_text": true}')[0] == 2  # per record only
     assert cli(capsys, "--input", f, "--output", tmp_path / "o", "--model-dir", tmp_path / "empty")[0] == 2
     assert cli(capsys, "--input", tmp_path / "missing", "--output", tmp_path / "o", "--model-dir", tiny_ckpt)[0] == 2
+
+
+def test_progress_log_lines_and_bar(caplog, monkeypatch, capsys):
+    from serve import batch_progress
+
+    monkeypatch.setattr(batch_progress, "LOG_EVERY_S", 0.0)
+    p = batch_progress.Progress("log")
+    p.add_total(10)
+    p.total_final = True
+    p.add_done(3, resumed=True)
+    p.add_done(2, errors=1, tokens=40)
+    with caplog.at_level("INFO", logger="serve.batch"):
+        p.tick()
+    line = caplog.records[-1].getMessage()
+    assert "5/10 records (50.0%)" in line and "1 errors" in line and "tok/s" in line and "ETA" in line
+    bar = batch_progress.Progress("bar")  # tqdm on stderr (a TTY in real use)
+    bar.add_total(4)
+    bar.add_done(4, tokens=8)
+    bar.close()
+    assert "4/4" in capsys.readouterr().err
