@@ -11,8 +11,8 @@ through /invocations would have written for it.
 Output `<output>/<input name>.out` (one line per input line, in order), a summary in
 `<output>/_SUMMARY.json` and on stdout. Records are journalled as they finish (serve/batch_journal.py),
 so a run that is killed resumes where it stopped when started again with the same arguments.
-Exit status: 0 when every file was written, 1 when some file failed, 2 bad arguments/model,
-130 interrupted (SIGINT/SIGTERM; run again to resume).
+Exit status: 0 when every file was written, 1 when some file (or the listing) failed, 2 bad
+arguments/model/input, 130 interrupted (SIGINT/SIGTERM; run again to resume).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parameters", default="{}", help='TGI-style defaults as JSON, e.g. \'{"do_sample": true}\'')
     p.add_argument("--seed", type=int, default=0,
                    help="base of the per-record seeds (each record: hash of base, file and line)")
-    p.add_argument("--concurrency", type=int, default=0,
+    p.add_argument("--concurrency", type=_non_negative, default=0,
                    help="records in flight (default: engine slots + queue headroom)")
     p.add_argument("--join-input", action="store_true",
                    help='write the input object with a "SageMakerOutput" key (SageMaker JoinSource=Input)')
@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "under MODEL_CACHE_DIR for s3:// output)")
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto")
     return p
+
+
+def _non_negative(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
 
 
 def job_defaults(args: argparse.Namespace) -> dict:
@@ -185,16 +192,17 @@ def main(argv: list[str] | None = None) -> int:
                    defaults=defaults, join_input=args.join_input, seed=args.seed,
                    concurrency=args.concurrency or default_concurrency(cfg.engine), model_name=name,
                    progress=args.progress)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # docker stop / SageMaker: stop cleanly
     try:
         summary = BatchRun(job, infer).run()
     except KeyboardInterrupt:
         log.warning("batch: interrupted; finished records are journalled, run again to resume")
         return 130
-    except FileNotFoundError as e:
-        log.error("batch: %s", e)
-        return 2
+    except Exception as e:  # e.g. the input listing failed (S3 permissions)
+        log.error("batch: %s: %s", type(e).__name__, e)
+        return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         engine.shutdown(timeout=5.0)
     summary["engine"] = {k: v for k, v in engine.stats().items() if isinstance(v, (int, float, str))}
     print(json.dumps(summary), flush=True)

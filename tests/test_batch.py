@@ -284,3 +284,12 @@ def test_progress_log_lines_and_bar(caplog, monkeypatch, capsys):
     bar.add_done(4, tokens=8)
     bar.close()
     assert "4/4" in capsys.readouterr().err
+
+
+def test_output_folder_may_be_the_input_folder(tmp_path):
+    d = tmp_path / "data"
+    write(str(d / "a.jsonl"), prompts(3))
+    for _ in range(2):  # the second run must not read a.jsonl.out, _SUMMARY.json or .batch/ as inputs
+        s = run(tmp_path, d, out=str(d))
+        assert s["files"] == 1 and s["records"] == 3
+    assert sorted(p.name for p in d.iterdir()) == [".batch", "_SUMMARY.json", "a.jsonl", "a.jsonl.out"]
