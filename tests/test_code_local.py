@@ -53,3 +53,22 @@ def test_throughput_sweep_runs_each_level_concurrently():
     assert peak[1] == 1 and peak[4] > 1
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert barrier_hits[:2] == ["a", "b"] and barrier_hits[2:].count("a") == 3
+
+
+def test_simulate_transform_packs_whole_lines_under_the_payload_limit(tmp_path):
+    src = tmp_path / "in.jsonl"
+    lines = [f'{{"inputs": "record {i}"}}' for i in range(7)]
+    src.write_text("\n".join(lines) + "\n\n")
+    bodies = []
+
+    def post(body: bytes) -> bytes:  # answers one line per line, like the server
+        bodies.append(body)
+        return b"".join(b'{"n": %d}\n' % len(x) for x in body.splitlines())
+
+    limit_mb = 60 / 2**20  # 60 bytes: two 23-byte lines per request
+    (out,) = local.simulate_transform(post, [src], tmp_path / "out", max_payload_mb=limit_mb)
+    assert out.name == "in.jsonl.out"
+    assert [len(b.splitlines()) for b in bodies] == [2, 2, 2, 1]
+    assert all(len(b) <= 60 for b in bodies)
+    assert b"".join(bodies).decode().splitlines() == lines
+    assert len(out.read_text().splitlines()) == 7

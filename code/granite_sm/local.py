@@ -8,6 +8,7 @@ several concurrency levels through the same /invocations route.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -56,6 +57,7 @@ class LocalServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        atexit.register(self.stop)  # a notebook kernel that dies mid-way must not leave the server running
         return self
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -81,6 +83,7 @@ class LocalServer:
         """SIGTERM (drains in-flight requests), then SIGKILL after timeout_s, as SageMaker does."""
         if self.proc is None:
             return None
+        atexit.unregister(self.stop)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -88,7 +91,8 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
     def __enter__(self) -> LocalServer:
@@ -111,6 +115,33 @@ def run_local_batch(input_path: str | Path, output_dir: str | Path, model_dir: s
     if proc.returncode != 0:
         raise RuntimeError(f"batch failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def simulate_transform(post_jsonlines, input_paths: list[Path], output_dir: str | Path,
+                       max_payload_mb: float = 6) -> list[Path]:
+    """What a batch transform with BatchStrategy=MultiRecord, SplitType=Line, AssembleWith=Line does with
+    each input file: pack whole lines into requests of at most MaxPayloadInMB, POST each as
+    application/jsonlines, and join the answers line by line into <name>.out.
+    `post_jsonlines(body: bytes) -> bytes` sends one request (e.g. a LocalTarget's post)."""
+    limit = int(max_payload_mb * 1024 * 1024)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = []
+    for path in input_paths:
+        lines = [ln + b"\n" for ln in Path(path).read_bytes().splitlines() if ln.strip()]
+        requests_, current = [], b""
+        for line in lines:
+            if current and len(current) + len(line) > limit:
+                requests_.append(current)
+                current = b""
+            current += line
+        if current:
+            requests_.append(current)
+        answers = [post_jsonlines(body) for body in requests_]
+        out = out_dir / f"{Path(path).name}.out"
+        out.write_bytes(b"".join(a if a.endswith(b"\n") else a + b"\n" for a in answers if a))
+        outputs.append(out)
+    return outputs
 
 
 def throughput_sweep(generate_fn, prompts: list[str], concurrencies: list[int], max_new_tokens: int = 32,
