@@ -20,6 +20,7 @@ from model.types import (
     EngineNotReady,
     FinishReason,
     GenerationRequest,
+    QueueFull,
     SamplingParams,
 )
 from serve import encoders as enc
@@ -48,16 +49,21 @@ class Ctx:
 
 @dataclass
 class Pending:
-    handles: list
+    items: list  # per prompt: its Handle, or its Completion if it was collected early (queue room)
     finish_fn: Callable[[list[Completion]], Any]
     ctx: Ctx
 
     def finish(self) -> Any:
         try:
-            return self.finish_fn([collect(self.ctx, h) for h in self.handles])
+            return self.finish_fn([x if isinstance(x, Completion) else collect(self.ctx, x) for x in self.items])
         finally:
-            for h in self.handles:  # no-op for finished handles; frees slots if collecting failed
-                h.cancel()
+            cancel_all(self.items)  # no-op for finished handles; frees slots if collecting failed
+
+
+def cancel_all(items: list) -> None:
+    for x in items:
+        if not isinstance(x, Completion):
+            x.cancel()
 
 
 def timed(ctx: Ctx, handle) -> Iterator:
@@ -108,15 +114,29 @@ def chat_prompt(ctx: Ctx, req: ChatRequest) -> str:
 
 
 def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams) -> list:
-    handles: list = []
+    """Submit every prompt of one request. When the queue is full and some of this request's own
+    prompts are in flight, wait for the oldest of them (which admits the next waiting sequence) and
+    retry, so a long list of inputs is not refused because of itself; QueueFull only when the
+    queue is full of other requests' work."""
+    items: list = []
+    oldest = 0
     try:
         for ids in prompts:
-            handles.append(ctx.engine.submit(GenerationRequest(ids, params, uuid.uuid4().hex)))
+            request = GenerationRequest(ids, params, uuid.uuid4().hex)
+            while True:
+                try:
+                    items.append(ctx.engine.submit(request))
+                    break
+                except QueueFull:
+                    while oldest < len(items) and isinstance(items[oldest], Completion):
+                        oldest += 1
+                    if oldest == len(items):
+                        raise
+                    items[oldest] = collect(ctx, items[oldest])
     except BaseException:
-        for h in handles:
-            h.cancel()
+        cancel_all(items)
         raise
-    return handles
+    return items
 
 
 def _ids(prefix: str) -> tuple[str, int]:
@@ -129,24 +149,24 @@ def start(ctx: Ctx, req: Any, record: bool = False) -> Pending:
     """record=True (JSON Lines): a single TGI input answers with an object instead of a list."""
     name = ctx.model_name
     if isinstance(req, TextRequest):
-        handles = submit_all(ctx, [encode_prompt(ctx, t, req.truncate) for t in req.inputs], req.params)
+        items = submit_all(ctx, [encode_prompt(ctx, t, req.truncate) for t in req.inputs], req.params)
 
         def finish_tgi(cs: list[Completion]) -> Any:
             items = [enc.tgi_item(p, c, req.details, req.return_full_text, req.params.top_n_tokens)
                      for p, c in zip(req.inputs, cs, strict=True)]
             return items[0] if record and not req.batched else items
 
-        return Pending(handles, finish_tgi, ctx)
+        return Pending(items, finish_tgi, ctx)
     if isinstance(req, ChatRequest):
-        handles = submit_all(ctx, [encode_prompt(ctx, chat_prompt(ctx, req))], req.params)
+        items = submit_all(ctx, [encode_prompt(ctx, chat_prompt(ctx, req))], req.params)
 
         def finish_chat(cs: list[Completion]) -> Any:
             rid, created = _ids("chatcmpl")
             return enc.chat_completion(rid, name, created, cs[0], bool(req.tools), req.logprobs)
 
-        return Pending(handles, finish_chat, ctx)
+        return Pending(items, finish_chat, ctx)
     if isinstance(req, CompletionRequest):
-        handles = submit_all(ctx, [encode_prompt(ctx, p) for p in req.prompts], req.params)
+        items = submit_all(ctx, [encode_prompt(ctx, p) for p in req.prompts], req.params)
 
         def finish_completion(cs: list[Completion]) -> Any:
             rid, created = _ids("cmpl")
@@ -155,7 +175,7 @@ def start(ctx: Ctx, req: Any, record: bool = False) -> Pending:
             return enc.text_completion(rid, name, created, choices, sum(c.prompt_tokens for c in cs),
                                        sum(c.generated_tokens for c in cs))
 
-        return Pending(handles, finish_completion, ctx)
+        return Pending(items, finish_completion, ctx)
     raise TypeError(f"not a request: {type(req).__name__}")
 
 

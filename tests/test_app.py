@@ -6,6 +6,7 @@ import time
 import pytest
 
 from model.engine import Engine
+from model.types import GenerationRequest, SamplingParams
 from serve.app import create_app
 from serve.config import load_config
 
@@ -180,10 +181,30 @@ def test_jsonlines_more_records_than_the_queue_holds(served):
     wait_free(engine)
 
 
-def test_queue_full_is_429_and_frees_everything(served):
+def test_long_input_list_waits_for_its_own_work(served):
     _, client, engine = served
-    r = client.post("/invocations", json={"inputs": ["x"] * 12, "parameters": {"max_new_tokens": 2}})
-    assert r.status_code == 429 and r.get_json()["error_type"] == "queue_full"
+    # 12 inputs > 4 slots + 4 queued: the request makes room by finishing its own oldest inputs
+    r = client.post("/invocations", json={"inputs": [f"x{i}" for i in range(12)], "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 200, r.data
+    assert [i["details"]["prompt_tokens"] > 0 for i in r.get_json()] == [True] * 12
+    wait_free(engine)
+
+
+def test_queue_full_of_other_work_is_429_and_frees_everything(served):
+    _, client, engine = served
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)  # busy until cancelled
+    hogs = [engine.submit(GenerationRequest((5, 6, 7), params)) for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 20
+        while engine.stats()["running"] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        hogs += [engine.submit(GenerationRequest((5, 6, 7), params)) for _ in range(4)]  # the queue is full now
+        r = client.post("/invocations", json={"inputs": "one more", "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 429 and r.get_json()["error_type"] == "queue_full"
+    finally:
+        for h in hogs:
+            h.cancel()
     wait_free(engine)
 
 
