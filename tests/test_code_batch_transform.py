@@ -133,3 +133,37 @@ def test_sdk_transformer_arguments(monkeypatch):
     t = calls["transform"]
     assert (t["content_type"], t["split_type"], t["data"]) == ("application/jsonlines", "Line", "s3://b/i/")
     assert t["model_client_config"]["InvocationsTimeoutInSeconds"] == 600
+
+
+def test_cli_main_end_to_end(tmp_path, monkeypatch, capsys):
+    """Shards for 2 instances -> upload -> create job -> wait -> download -> paired output."""
+    from tests.sdk_helpers import FakeSession
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    s3, sm = client("s3"), client("sagemaker")
+    monkeypatch.setattr(bt, "boto_session", lambda region, profile: FakeSession(sagemaker=sm, s3=s3))
+    monkeypatch.setattr(bt, "wait_transform_job", lambda sm_, name: {"TransformJobStatus": "Completed"})
+    base = "batch/job1"
+    with Stubber(s3) as s3stub, Stubber(sm) as smstub:
+        for i in range(2):
+            s3stub.add_response("put_object", {"ETag": '"e"'}, {"Bucket": "b", "Key": f"{base}/input/part-0000{i}.jsonl",
+                                                               "Body": ANY, "ChecksumAlgorithm": ANY})
+        smstub.add_response("create_transform_job", {"TransformJobArn": "arn:aws:sagemaker:us-east-1:1:transform-job/j"},
+                            bt.transform_job_request("job1", "granite-tar", f"s3://b/{base}/input/",
+                                                     f"s3://b/{base}/output", instance_type="ml.g5.xlarge",
+                                                     instance_count=2, invocations_timeout_s=900))
+        s3stub.add_response("list_objects_v2", {"Contents": [{"Key": f"{base}/output/part-0000{i}.jsonl.out"}
+                                                             for i in range(2)]},
+                            {"Bucket": "b", "Prefix": f"{base}/output/"})
+        for i, n in ((0, 3), (1, 2)):
+            body = "".join(json.dumps({"generated_text": f"g{i}{k}"}) + "\n" for k in range(n)).encode()
+            s3stub.add_response("get_object", {"Body": StreamingBody(io.BytesIO(body), len(body))},
+                                {"Bucket": "b", "Key": f"{base}/output/part-0000{i}.jsonl.out"})
+        assert bt.main(["--model-name", "granite-tar", "--input", str(src), "--s3", "s3://b/batch/",
+                        "--job-name", "job1", "--instance-count", "2", "--invocations-timeout", "900",
+                        "--work-dir", str(tmp_path / "work")]) == 0
+        s3stub.assert_no_pending_responses()
+        smstub.assert_no_pending_responses()
+    out = capsys.readouterr().out
+    assert out.count('"input"') == 5 and '"generated_text": "g11"' in out

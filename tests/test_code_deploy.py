@@ -201,3 +201,17 @@ def test_sdk_v2_model_deploy_arguments(monkeypatch):
     assert dep["container_startup_health_check_timeout"] == STARTUP_HEALTH_CHECK_TIMEOUT_S
     assert dep["model_data_download_timeout"] == MODEL_DATA_DOWNLOAD_TIMEOUT_S
     assert dep["instance_type"] == "ml.g6e.xlarge" and dep["endpoint_name"] == "granite-ep"
+
+
+def test_cli_main_deploys_with_boto3(monkeypatch, capsys):
+    from tests.sdk_helpers import FakeSession
+
+    sm = client("sagemaker")
+    monkeypatch.setattr(deploy, "boto_session", lambda region, profile: FakeSession(sagemaker=sm))
+    with Stubber(sm) as stub:
+        expect_creates(stub, {"Image": IMAGE, "Environment": {}, "ModelDataUrl": "s3://bucket/m/model.tar.gz"},
+                       instance_type="ml.p4d.24xlarge")
+        assert deploy.main(["--image-uri", IMAGE, "--role-arn", ROLE, "--model-data", "s3://bucket/m/model.tar.gz",
+                            "--instance-type", "ml.p4d.24xlarge", "--name", "granite-ep", "--no-wait"]) == 0
+        stub.assert_no_pending_responses()
+    assert '"endpoint": "granite-ep"' in capsys.readouterr().out

@@ -3,6 +3,7 @@ LOCAL mode (demo model, real server and batch CLI) with nbclient, producing ever
 
 import base64
 import re
+import subprocess
 import sys
 
 import nbformat
@@ -24,6 +25,16 @@ def test_committed_notebook_has_no_outputs_and_a_local_switch():
     assert all(c.outputs == [] and c.execution_count is None for c in code_cells(nb))
     assert nb.metadata["kernelspec"]["name"] == "python3"
     assert 'LOCAL = os.environ.get("LOCAL", "1") == "1"' in code_cells(nb)[0].source
+
+
+def test_every_branch_only_uses_defined_names():
+    """The AWS branches do not run here: pyflakes rules (ruff F) over all code cells catch undefined or
+    misspelled names in them."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    source = "\n\n".join(c.source for c in code_cells(nb))
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "F", "--stdin-filename",
+                        "notebook.py", "-"], input=source, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module")
