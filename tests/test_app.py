@@ -10,7 +10,7 @@ from model.types import GenerationRequest, SamplingParams
 from serve.app import create_app
 from serve.config import load_config
 
-ENV = {"MAX_CONCURRENT_SEQS": "4", "MAX_QUEUED_REQUESTS": "4", "MAX_INPUT_TOKENS": "200", "MAX_TOTAL_TOKENS": "256",
+ENV = {"MAX_CONCURRENT_SEQS": "4", "MAX_QUEUED_REQUESTS": "4", "MAX_INPUT_TOKENS": "1000", "MAX_TOTAL_TOKENS": "1100",
        "MAX_NEW_TOKENS": "6", "DEVICE": "cpu", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "1"}
 ATTR = "X-Amzn-SageMaker-Custom-Attributes"
 
@@ -210,7 +210,7 @@ def test_queue_full_of_other_work_is_429_and_frees_everything(served):
 
 def test_input_too_long_is_422(served):
     _, client, _ = served
-    r = client.post("/invocations", json={"inputs": "word " * 400})
+    r = client.post("/invocations", json={"inputs": "word " * 2000})
     assert r.status_code == 422 and r.get_json()["error_type"] == "input_too_long"
 
 
@@ -281,3 +281,19 @@ def test_failed_model_load_pings_503(tmp_path):
     assert r.status_code == 503 and "no model" in r.get_json()["error"]
     r = client.post("/invocations", json={"inputs": "x"})
     assert r.status_code == 503 and r.get_json()["error_type"] == "not_ready"
+
+
+def test_chat_with_tools_documents_and_tool_history(served):
+    _, client, _ = served
+    body = {"messages": [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": '{"temp": 20}', "tool_call_id": "c1"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "documents": ["Paris is in France."], "max_tokens": 2, "temperature": 0}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.data
+    with_tools = r.get_json()["usage"]["prompt_tokens"]
+    body.pop("tools")
+    assert client.post("/v1/chat/completions", json=body).get_json()["usage"]["prompt_tokens"] < with_tools
