@@ -113,9 +113,10 @@ LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true \
       org.opencontainers.image.title="granite-h-sagemaker" \
       org.opencontainers.image.description="IBM Granite 4.0 H micro on SageMaker: continuous batching for the hybrid Mamba-2/attention model"
 # SageMaker runs inference containers as root (AWS: "SageMaker AI expects all containers to run
-# with root users"), so root stays the default user; `granite` (uid 1000) is there for local
-# non-root runs (`docker run --user 1000 ...`), which the container test exercises.
-RUN useradd --uid 1000 --create-home --shell /usr/sbin/nologin granite
+# with root users"), so root stays the default user; the unprivileged `granite` user is there for
+# local runs (`docker run --user granite ...`), which the container test exercises. (A system
+# uid: Ubuntu 24.04 bases already have uid 1000.)
+RUN useradd --system --create-home --home-dir /home/granite --shell /usr/sbin/nologin granite
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/granite-entrypoint
 COPY model/ /opt/program/model/
 COPY serve/ /opt/program/serve/

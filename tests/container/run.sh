@@ -5,7 +5,7 @@
 #   1. hadolint on the Dockerfile (when installed)
 #   2. local Debian base image (debootstrap, cached) + wheelhouse (cached) + `podman build`
 #   3. the image passes SM_NUM_GPUS / CUDA_VISIBLE_DEVICES through to the worker layout
-#   4. `serve` as a non-root user, model mounted read-only at /opt/ml/model, port from
+#   4. `serve` as the non-root user `granite`, model mounted read-only at /opt/ml/model, port from
 #      SAGEMAKER_BIND_TO_PORT: time to the first /ping 200, JSON, SSE, JSON Lines, SIGTERM drain
 #   5. `batch` on a mounted folder: one .out line per input line
 # Prints the image size and serve-to-first-ping time. Cleans up what it started (by id).
@@ -53,7 +53,8 @@ fi
 
 step "podman build (FLAVOR=cpu)"
 build_start=$SECONDS
-podman build --quiet --build-arg FLAVOR=cpu --build-arg CPU_BASE="$BASE_IMAGE" \
+# --format docker: OCI image configs have no SHELL, and podman would ignore the Dockerfile's.
+podman build --quiet --format docker --build-arg FLAVOR=cpu --build-arg CPU_BASE="$BASE_IMAGE" \
     --build-context wheelhouse="$WHEELHOUSE" -t "$IMAGE" . >/dev/null
 size_bytes="$(podman image inspect --format '{{.Size}}' "$IMAGE")"
 echo "image: $IMAGE, size $((size_bytes / 1000000)) MB, build $((SECONDS - build_start)) s"
@@ -63,7 +64,7 @@ chmod 755 "$WORK"
 step "demo checkpoint (host) -> mounted read-only at /opt/ml/model"
 "$PY" -c "import sys; from model.demo import build_checkpoint; build_checkpoint(sys.argv[1], preset='demo')" \
     "$WORK/model" >/dev/null
-# Like an extracted model.tar.gz: world-readable files (the server runs as uid 1000 below).
+# Like an extracted model.tar.gz: world-readable files (the server runs as a non-root user below).
 chmod -R a+rX "$WORK/model"
 
 step "SM_NUM_GPUS / CUDA_VISIBLE_DEVICES reach the worker layout"
@@ -76,9 +77,9 @@ layout="$(podman run --rm --network none -e DEVICE=cuda -e CUDA_VISIBLE_DEVICES=
 echo "ok   SM_NUM_GPUS=4 -> 4 workers on GPUs 0-3; CUDA_VISIBLE_DEVICES=2,3 -> 2 workers"
 
 PORT="$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
-step "serve (uid 1000, port $PORT via SAGEMAKER_BIND_TO_PORT)"
+step "serve (as user granite, port $PORT via SAGEMAKER_BIND_TO_PORT)"
 started="$("$PY" -c "import time; print(time.time())")"
-cid="$(podman run -d --network host --user 1000:1000 \
+cid="$(podman run -d --network host --user granite \
     -e SAGEMAKER_BIND_TO_PORT="$PORT" -v "$WORK/model:/opt/ml/model:ro" "$IMAGE" serve)"
 CONTAINERS+=("$cid")
 if ! "$PY" tests/container/check_server.py --port "$PORT" --container "$cid" --started "$started" \
