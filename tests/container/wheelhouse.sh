@@ -10,14 +10,26 @@ PY="${PY:-$REPO/.venv/bin/python}"
 TORCH_CPU="${TORCH_CPU:-torch==2.13.0}"
 mkdir -p "$DIR"
 # The explicit interpreter/platform flags make the result independent of the host's Python.
-# torch: on these machines the CPU build lies in a local find-links dir and wins over the
-# multi-GB CUDA build on the index because its local version (+cpu) sorts higher; check that.
-"$PY" -m pip download --quiet --only-binary=:all: --dest "$DIR" \
-    --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform linux_x86_64 \
-    "$TORCH_CPU" -r "$REPO/docker/requirements.txt" -c "$REPO/docker/constraints.txt" \
-    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+TARGET=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+    --platform manylinux2014_x86_64 --platform linux_x86_64)
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
+# torch: the CPU build must come from a find-links dir (pip config / PIP_FIND_LINKS), where its
+# local version (+cpu) sorts above the multi-GB CUDA build on the index. Ask pip which file it
+# would take (metadata only) before downloading anything.
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+torch_url="$(quiet "$PY" -m pip install --dry-run --no-deps --ignore-installed --quiet --target "$scratch/t" \
+    --report - "${TARGET[@]}" "$TORCH_CPU" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["install"][0]["download_info"]["url"])')"
+case "$torch_url" in
+    *+cpu-* | *%2Bcpu-*) ;;
+    *) echo "wheelhouse: pip would take $torch_url for $TORCH_CPU, not a CPU build; put the CPU wheel" \
+            "in a find-links dir (PIP_FIND_LINKS) first" >&2
+       exit 1 ;;
+esac
+quiet "$PY" -m pip download --quiet --dest "$DIR" "${TARGET[@]}" \
+    "$TORCH_CPU" -r "$REPO/docker/requirements.txt" -c "$REPO/docker/constraints.txt"
 torch_wheel="$(ls "$DIR"/torch-*.whl)"
 case "$torch_wheel" in
     *+cpu-*) ;;
