@@ -297,3 +297,12 @@ def test_chat_with_tools_documents_and_tool_history(served):
     with_tools = r.get_json()["usage"]["prompt_tokens"]
     body.pop("tools")
     assert client.post("/v1/chat/completions", json=body).get_json()["usage"]["prompt_tokens"] < with_tools
+
+
+def test_importing_the_app_does_not_import_torch():
+    # the worker binds and answers /ping before torch (imported by the engine loader thread) is loaded
+    import subprocess
+    import sys
+
+    code = "import sys, serve.app, serve.gunicorn_conf; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
