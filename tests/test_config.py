@@ -129,6 +129,7 @@ def test_describe_lists_every_variable_once():
                      "MAX_NEW_TOKENS", "CUDA_VISIBLE_DEVICES", "LOG_LEVEL"):
         assert required in names
     assert all(r["meaning"] and r["default"] for r in rows)
+    assert not any("|" in r["meaning"] or "|" in r["default"] for r in rows)  # renders as a Markdown table
     assert {r["name"]: r["default"] for r in rows}["SAGEMAKER_MAX_PAYLOAD_IN_MB"] == "6"
 
 
