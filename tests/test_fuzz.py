@@ -17,6 +17,7 @@ from serve.app import create_app
 from serve.config import load_config
 from tests.server_helpers import ServerProcess
 
+pytestmark = pytest.mark.slow  # a real gunicorn process + model load: ~30-60 s on 2 cores
 ENV = {"MAX_CONCURRENT_SEQS": "4", "MAX_QUEUED_REQUESTS": "8", "MAX_INPUT_TOKENS": "128", "MAX_TOTAL_TOKENS": "136",
        "MAX_NEW_TOKENS": "2", "DEVICE": "cpu", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "1"}
 LIMIT = 1024 * 1024

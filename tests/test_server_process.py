@@ -18,6 +18,7 @@ import requests
 
 from tests.server_helpers import ROOT, ServerProcess, iter_sse
 
+pytestmark = pytest.mark.slow  # a real gunicorn process + model load: ~30-60 s on 2 cores
 ATTR = "X-Amzn-SageMaker-Custom-Attributes"
 INFERENCE_PY = '''
 import json
