@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Granite 4.0 H micro SageMaker inference image. One file, two flavors; every application layer
 # (the `image` stage at the bottom) is shared, so testing the CPU flavor proves it for both.
 #
@@ -65,12 +64,15 @@ RUN python /tmp/check_kernels.py
 # CUDA runtime dependencies: no compiler toolchain for CUDA, only what serving needs.
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_RUNTIME_BASE} AS cuda-deps
+# The user-space driver for hosts whose driver is older than CUDA 12.8 (docker/entrypoint.sh
+# switches to it only then); from NVIDIA's apt repository, which the nvidia/cuda bases configure.
+ARG CUDA_COMPAT_PACKAGE=cuda-compat-12-8
 ENV DEBIAN_FRONTEND=noninteractive
 # python3: the venv's interpreter (same Ubuntu release as the builder, so the same path).
 # gcc + libc6-dev + python3-dev: Triton compiles a small C launcher on first use of a kernel.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev \
+    && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev "${CUDA_COMPAT_PACKAGE}" \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=cuda-builder /opt/venv /opt/venv
 COPY docker/check_kernels.py /opt/program/docker/check_kernels.py
