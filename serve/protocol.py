@@ -26,6 +26,7 @@ _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 class ProtocolError(Exception):
     def __init__(self, status: int, message: str, error_type: str = "validation") -> None:
+        message = message if len(message) <= 500 else message[:497] + "..."  # user text may be echoed
         super().__init__(message)
         self.status = status
         self.message = message

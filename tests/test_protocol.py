@@ -247,3 +247,8 @@ def test_chat_route_requires_messages():
 def test_errors_serialise():
     err = error_of({"inputs": "x", "parameters": {"top_k": "many"}})
     json.dumps({"error": err.message, "error_type": err.error_type})
+
+
+def test_error_messages_stay_short():
+    err = error_of({"inputs": "x", "k" * 100_000: 1})
+    assert err.status == 422 and len(err.message) <= 500
