@@ -57,6 +57,9 @@ def load_user_module(model_dir: str | Path) -> ModuleType | None:
     path = Path(model_dir) / "code" / "inference.py"
     if not path.is_file():
         return None
+    if (path.parent / "requirements.txt").is_file():
+        log.warning("%s/requirements.txt is not installed by this container (it starts offline); "
+                    "bake extra packages into the image", path.parent)
     code_dir = str(path.parent)
     if code_dir not in sys.path:
         sys.path.insert(0, code_dir)  # so inference.py can import its neighbours
