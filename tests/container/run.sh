@@ -7,7 +7,8 @@
 #   3. the image passes SM_NUM_GPUS / CUDA_VISIBLE_DEVICES through to the worker layout
 #   4. `serve` as the non-root user `granite`, model mounted read-only at /opt/ml/model, port from
 #      SAGEMAKER_BIND_TO_PORT: time to the first /ping 200, JSON, SSE, JSON Lines, SIGTERM drain
-#   5. `batch` on a mounted folder: one .out line per input line
+#   5. no model configured: never a 200 from /ping (no silent fallback to a random model)
+#   6. `batch` on a mounted folder: one .out line per input line
 # Prints the image size and serve-to-first-ping time. Cleans up what it started (by id).
 # Env: CONTAINER_CACHE_DIR (default .container/), PY (host python with the project installed).
 set -euo pipefail
@@ -88,6 +89,34 @@ if ! "$PY" tests/container/check_server.py --port "$PORT" --container "$cid" --s
     podman logs "$cid" 2>&1 | tail -60
     exit 1
 fi
+
+step "no model configured: /ping stays 503, /invocations answers JSON 503, the log says why"
+PORT="$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
+nid="$(podman run -d --network host -e SAGEMAKER_BIND_TO_PORT="$PORT" "$IMAGE" serve)"
+CONTAINERS+=("$nid")
+for _ in $(seq 90); do
+    podman logs "$nid" 2>&1 | grep -q "no model" && break
+    sleep 1
+done
+"$PY" - "$PORT" <<'PY'
+import json
+import sys
+import urllib.error
+import urllib.request
+
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for path, data in (("/ping", None), ("/invocations", b'{"inputs": "hi"}')):
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise SystemExit(f"{path} answered 200 with no model configured")
+    except urllib.error.HTTPError as e:
+        assert e.code == 503, (path, e.code)
+        if data is not None:
+            assert "error" in json.loads(e.read()), path
+print("ok   no model: /ping 503, /invocations JSON 503, 'no model' in the log")
+PY
+podman rm -f -t 0 "$nid" >/dev/null
 
 step "batch on a mounted folder"
 mkdir -p "$WORK/in" "$WORK/out"
