@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,9 @@ class Pending:
             cancel_all(self.items)  # no-op for finished handles; frees slots if collecting failed
 
 
+_SUBMITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # handle -> submit time (for TTFT)
+
+
 def cancel_all(items: list) -> None:
     for x in items:
         if not isinstance(x, Completion):
@@ -68,7 +72,7 @@ def cancel_all(items: list) -> None:
 
 def timed(ctx: Ctx, handle) -> Iterator:
     """Iterate a handle's events, recording time to first token and time per output token."""
-    t0, first, n, last = time.monotonic(), None, 0, None
+    t0, first, n, last = _SUBMITTED.get(handle, time.monotonic()), None, 0, None
     for ev in handle:
         last = time.monotonic()
         if ev.token_id >= 0:
@@ -125,7 +129,9 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams)
             request = GenerationRequest(ids, params, uuid.uuid4().hex)
             while True:
                 try:
-                    items.append(ctx.engine.submit(request))
+                    handle = ctx.engine.submit(request)
+                    _SUBMITTED[handle] = time.monotonic()
+                    items.append(handle)
                     break
                 except QueueFull:
                     while oldest < len(items) and isinstance(items[oldest], Completion):
