@@ -85,6 +85,12 @@ def test_tgi_chat_completions_json(server):
     assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
     r = server.post("/v1/completions", {"prompt": "abc", "max_tokens": 2, "temperature": 0})
     assert r.json()["object"] == "text_completion" and 1 <= r.json()["usage"]["completion_tokens"] <= 2
+    r = server.post("/invocations", {"prompt": ["abc", "de"], "max_tokens": 2, "temperature": 0})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    r = server.post("/invocations", {"inputs": ["a", "b", "c"], "parameters": {"max_new_tokens": 2}})
+    assert len(r.json()) == 3 and all(x["details"]["generated_tokens"] >= 1 for x in r.json())
+    r = requests.get(server.url + "/metrics", timeout=5)
+    assert r.headers["Content-Type"].startswith("text/plain") and "granite_requests_total" in r.text
 
 
 def test_tgi_stream_event_by_event(server):
