@@ -85,7 +85,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG TORCH_CPU_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY docker/requirements.txt docker/constraints.txt /tmp/req/
-# The wheelhouse is bind-mounted, not copied: its ~200 MB of wheels never become an image layer.
+# The wheelhouse is bind-mounted, not copied: its ~250 MB of wheels never become an image layer.
 RUN --mount=type=bind,from=wheelhouse,target=/wheelhouse \
     python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-index --find-links=/wheelhouse "torch==${TORCH_CPU_VERSION}" \
