@@ -34,7 +34,8 @@ json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_
 small_new = st.one_of(st.integers(1, 3), st.integers(-5, 0), st.integers(10**3, 10**40), json_values)
 prompt = st.one_of(st.text(min_size=1, max_size=40), st.just(""), st.lists(st.text(max_size=10), max_size=3),
                    json_values)
-num = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=32), st.integers(-3, 300), json_values)
+num = st.one_of(st.floats(allow_nan=False, allow_infinity=False, width=32), st.integers(-3, 300),
+               st.integers(0, 10**7), json_values)
 TGI_KEYS = {"temperature": num, "top_k": num, "top_p": num, "typical_p": num, "do_sample": json_values,
             "seed": st.one_of(st.integers(-(2**65), 2**65), json_values), "repetition_penalty": num,
             "frequency_penalty": num, "stop": st.one_of(st.lists(st.text(max_size=3), max_size=3), json_values),
