@@ -38,7 +38,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY docker/requirements.txt docker/constraints.txt /tmp/req/
+COPY serve/container/requirements.txt serve/container/constraints.txt /tmp/req/
 RUN pip install "torch==${TORCH_VERSION}" einops==0.8.1 \
         -r /tmp/req/requirements.txt -c /tmp/req/constraints.txt
 # The kernels come from the exact release-asset URLs (their setup.py would guess a URL and, on a
@@ -57,14 +57,14 @@ RUN if [ "${KERNELS_FROM_SOURCE}" = "1" ]; then \
     fi
 # Build-time import check (no GPU needed): the compiled extensions load against this torch, and
 # the Triton kernels the engine uses import.
-COPY docker/check_kernels.py /tmp/check_kernels.py
+COPY serve/container/check_kernels.py /tmp/check_kernels.py
 RUN python /tmp/check_kernels.py
 
 # ---------------------------------------------------------------------------------------------
 # CUDA runtime dependencies: no compiler toolchain for CUDA, only what serving needs.
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_RUNTIME_BASE} AS cuda-deps
-# The user-space driver for hosts whose driver is older than CUDA 12.8 (docker/entrypoint.sh
+# The user-space driver for hosts whose driver is older than CUDA 12.8 (serve/container/entrypoint.sh
 # switches to it only then); from NVIDIA's apt repository, which the nvidia/cuda bases configure.
 ARG CUDA_COMPAT_PACKAGE=cuda-compat-12-8
 ENV DEBIAN_FRONTEND=noninteractive
@@ -75,7 +75,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev "${CUDA_COMPAT_PACKAGE}" \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=cuda-builder /opt/venv /opt/venv
-COPY docker/check_kernels.py /opt/program/docker/check_kernels.py
+COPY serve/container/check_kernels.py /opt/program/serve/container/check_kernels.py
 
 # ---------------------------------------------------------------------------------------------
 # CPU runtime dependencies, installed offline from the wheelhouse build context.
@@ -84,7 +84,7 @@ FROM ${CPU_BASE} AS cpu-deps
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG TORCH_CPU_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY docker/requirements.txt docker/constraints.txt /tmp/req/
+COPY serve/container/requirements.txt serve/container/constraints.txt /tmp/req/
 # The wheelhouse is bind-mounted, not copied: its ~250 MB of wheels never become an image layer.
 RUN --mount=type=bind,from=wheelhouse,target=/wheelhouse \
     python3 -m venv /opt/venv \
@@ -119,7 +119,7 @@ LABEL com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true \
 # local runs (`docker run --user granite ...`), which the container test exercises. (A system
 # uid: Ubuntu 24.04 bases already have uid 1000.)
 RUN useradd --system --create-home --home-dir /home/granite --shell /usr/sbin/nologin granite
-COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/granite-entrypoint
+COPY --chmod=0755 serve/container/entrypoint.sh /usr/local/bin/granite-entrypoint
 COPY model/ /opt/program/model/
 COPY serve/ /opt/program/serve/
 # Fail the build, not the endpoint, if the application cannot even be imported.

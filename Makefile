@@ -6,10 +6,11 @@ VPY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8080
 IMAGE ?= granite-h-sagemaker
+CONTAINER ?= docker
 TORCH_CPU ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test test-fast test-gpu test-container bench bench-gpu lint image image-cpu clean
+.PHONY: help install serve test test-fast test-gpu test-gpu-image test-container bench bench-gpu lint image image-cpu clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -39,14 +40,30 @@ test-fast: install ## the tests minus the slow server/fuzz/notebook ones
 test-gpu: ## on a CUDA machine: fused-kernel tests + a short full-size generation
 	$(VPY) -m pytest -q -m gpu tests/gpu
 
+test-container: install ## build the CPU image with podman and check the SageMaker contract (~5 min cold, ~1 min warm)
+	bash .ci/container.sh
+
+test-gpu-image: ## on a CUDA host with Docker + NVIDIA toolkit: kernel check, tests/gpu and the GPU bench inside $(IMAGE):cuda
+	docker run --rm --gpus all -v "$(CURDIR):/src" -w /src -e PYTHONPATH=/src $(IMAGE):cuda \
+	  bash -c "pip install -q pytest pytest-timeout && python serve/container/check_kernels.py && python -m pytest -q -p no:cacheprovider -m gpu tests/gpu && python bench/gpu_bench.py --out bench/results/gpu-image.json"
+
+image: ## build the CUDA image (needs Docker Hub for nvidia/cuda, PyPI and GitHub release downloads)
+	$(CONTAINER) build -t $(IMAGE):cuda .
+
+image-cpu: install ## build the CPU image offline from a local wheelhouse (.container/wheelhouse)
+	PY=$(VPY) bash tests/container/wheelhouse.sh .container/wheelhouse
+	$(CONTAINER) build --build-arg FLAVOR=cpu --build-context wheelhouse=.container/wheelhouse -t $(IMAGE):cpu .
+
 bench: install ## CPU benchmark: engine vs Hugging Face generate, writes bench/results/*.json
 	$(VPY) -m bench.run
 
 bench-gpu: ## on a CUDA machine: full-size architecture benchmark
 	$(VPY) bench/gpu_bench.py --out bench/results/gpu-$$(date +%Y%m%d).json
 
-lint: install ## ruff
+lint: install ## ruff, hadolint (Dockerfile), shellcheck
 	$(VENV)/bin/ruff check serve model code bench tests
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck -x serve/container/entrypoint.sh tests/container/*.sh .ci/container.sh .ci/run
 
 clean: ## remove caches (not .venv)
 	rm -rf .pytest_cache .ruff_cache .hypothesis

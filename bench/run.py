@@ -201,7 +201,7 @@ def run_concurrency(url: str, texts: list[str], conc: int, max_new: int) -> dict
 def memory(ckpt: Path, tokens: int) -> dict:
     import torch
 
-    from model.granite import GraniteArch
+    from model.arch import GraniteArch
     from model.runner import ModelRunner
     from model.state import bytes_per_seq
     from model.types import EngineConfig

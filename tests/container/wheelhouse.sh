@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fills a wheelhouse for the CPU image: CPU torch + docker/requirements.txt (pinned by
-# docker/constraints.txt), binary wheels for CPython 3.11 on x86_64 Linux (the CPU base image).
+# Fills a wheelhouse for the CPU image: CPU torch + serve/container/requirements.txt (pinned by
+# serve/container/constraints.txt), binary wheels for CPython 3.11 on x86_64 Linux (the CPU base image).
 # The Dockerfile installs from it with --no-index, as an air-gapped build would.
 # Usage: wheelhouse.sh DIR   (TORCH_CPU=torch==2.13.0 overrides the torch pin)
 set -euo pipefail
@@ -29,7 +29,7 @@ case "$torch_url" in
        exit 1 ;;
 esac
 quiet "$PY" -m pip download --quiet --dest "$DIR" "${TARGET[@]}" \
-    "$TORCH_CPU" -r "$REPO/docker/requirements.txt" -c "$REPO/docker/constraints.txt"
+    "$TORCH_CPU" -r "$REPO/serve/container/requirements.txt" -c "$REPO/serve/container/constraints.txt"
 torch_wheel="$(ls "$DIR"/torch-*.whl)"
 case "$torch_wheel" in
     *+cpu-*) ;;

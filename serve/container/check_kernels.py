@@ -2,7 +2,7 @@
 
 Runs at image build time (no GPU there: it proves the wheels match torch's ABI and the Triton
 kernels import) and can be rerun on a GPU host: `docker run --gpus all IMAGE python
-/opt/program/docker/check_kernels.py`.
+/opt/program/serve/container/check_kernels.py`.
 """
 
 import importlib
