@@ -16,6 +16,7 @@ from model.types import EngineConfig
 
 _ENGINE_DEFAULTS = EngineConfig()
 SAGEMAKER_MAX_PAYLOAD_MB = 6  # SageMaker's real-time limit: 6 MiB = 6,291,456 bytes each way
+BATCH_MAX_PAYLOAD_MB = 100  # batch transform's largest MaxPayloadInMB: never 413 a payload SageMaker may send
 
 
 class ConfigError(ValueError):
@@ -139,8 +140,9 @@ VARS: tuple[Var, ...] = (
         "gunicorn workers (engine replicas); default one per GPU, 1 on CPU.", _int(1)),
     Var("SAGEMAKER_MODEL_SERVER_TIMEOUT", 3600, "gunicorn worker timeout in seconds.", _int(1)),
     Var("SAGEMAKER_MAX_PAYLOAD_IN_MB", SAGEMAKER_MAX_PAYLOAD_MB,
-        "Largest request body in MiB (6 = SageMaker's 6,291,456 bytes); larger bodies get 413.", _int(1)),
-    Var("SAGEMAKER_BATCH", False, "Set by batch transform (true/True); informational.", _bool),
+        "Largest request body in MiB (6 = SageMaker's 6,291,456 bytes; 100 when SAGEMAKER_BATCH is set); "
+        "larger bodies get 413.", _int(1)),
+    Var("SAGEMAKER_BATCH", False, "Set by batch transform (true/True): payload limit defaults to 100 MiB.", _bool),
     Var("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD",
         "BatchStrategy reported by /execution-parameters.", _choice("SINGLE_RECORD", "MULTI_RECORD", upper=True)),
     Var("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", None,
@@ -241,6 +243,10 @@ def var_unset(env: Mapping[str, str], name: str) -> bool:
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     v = _read(env)
+    # An unset SAGEMAKER_MAX_PAYLOAD_IN_MB means 6 MiB for endpoints, 100 MiB under batch transform.
+    payload_mb = v["SAGEMAKER_MAX_PAYLOAD_IN_MB"]
+    if v["SAGEMAKER_BATCH"] and not (env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB") or "").strip():
+        payload_mb = BATCH_MAX_PAYLOAD_MB
     if v["DEVICE"] == "cpu" and v["KERNELS"] == "fused":
         raise ConfigError("KERNELS=fused needs CUDA but DEVICE=cpu")
     if v["MAX_NEW_TOKENS"] >= v["MAX_TOTAL_TOKENS"]:
@@ -257,7 +263,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             port=port,
             workers=workers,
             timeout_s=v["SAGEMAKER_MODEL_SERVER_TIMEOUT"],
-            max_payload_bytes=v["SAGEMAKER_MAX_PAYLOAD_IN_MB"] * 1024 * 1024,
+            max_payload_bytes=payload_mb * 1024 * 1024,
             batch=v["SAGEMAKER_BATCH"],
             batch_strategy=v["SAGEMAKER_BATCH_STRATEGY"],
             max_concurrent_transforms=v["SAGEMAKER_MAX_CONCURRENT_TRANSFORMS"],

@@ -136,3 +136,10 @@ def test_describe_lists_every_variable_once():
 def test_no_torch_import():
     code = "import sys, serve.config, serve.protocol; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_batch_mode_raises_the_default_payload_limit_only_when_unset():
+    assert load_config({}).server.max_payload_bytes == 6 * 1024 * 1024
+    assert load_config({"SAGEMAKER_BATCH": "True"}).server.max_payload_bytes == 100 * 1024 * 1024
+    cfg = load_config({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"})
+    assert cfg.server.max_payload_bytes == 20 * 1024 * 1024
