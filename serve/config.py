@@ -139,6 +139,9 @@ VARS: tuple[Var, ...] = (
     Var("SAGEMAKER_MODEL_SERVER_WORKERS", None,
         "gunicorn workers (engine replicas); default one per GPU, 1 on CPU.", _int(1)),
     Var("SAGEMAKER_MODEL_SERVER_TIMEOUT", 3600, "gunicorn worker timeout in seconds.", _int(1)),
+    Var("GRACEFUL_TIMEOUT", 25,
+        "Seconds SIGTERM waits for in-flight requests (SageMaker kills 30 s after SIGTERM); streams still "
+        "running 3 s before it end with an error event.", _int(2, 3600)),
     Var("SAGEMAKER_MAX_PAYLOAD_IN_MB", SAGEMAKER_MAX_PAYLOAD_MB,
         "Largest request body in MiB (6 = SageMaker's 6,291,456 bytes; 100 when SAGEMAKER_BATCH is set); "
         "larger bodies get 413.", _int(1)),
@@ -263,6 +266,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             port=port,
             workers=workers,
             timeout_s=v["SAGEMAKER_MODEL_SERVER_TIMEOUT"],
+            graceful_timeout_s=v["GRACEFUL_TIMEOUT"],
             max_payload_bytes=payload_mb * 1024 * 1024,
             batch=v["SAGEMAKER_BATCH"],
             batch_strategy=v["SAGEMAKER_BATCH_STRATEGY"],

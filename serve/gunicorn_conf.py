@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 from serve.config import load_config
 
@@ -56,6 +58,21 @@ def _shutdown_engine(worker, timeout: float) -> None:
     state = getattr(app, "extensions", {}).get("granite") if app is not None else None
     if state is not None:
         state.shutdown(timeout=timeout)
+
+
+def post_worker_init(worker):
+    # SIGTERM (scale-in, update, docker stop): gthread stops accepting and waits graceful_timeout for
+    # in-flight requests, then the master SIGKILLs the worker. Drain the engine on a deadline shorter
+    # than that, so a stream that cannot finish in time still ends with an error event, not a cut.
+    previous = signal.getsignal(signal.SIGTERM)
+    drain_s = max(1.0, graceful_timeout - 3.0)
+
+    def on_term(signum, frame):
+        threading.Thread(target=_shutdown_engine, args=(worker, drain_s), name="drain", daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def worker_int(worker):

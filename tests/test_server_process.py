@@ -231,3 +231,22 @@ def test_sigterm_lets_the_request_in_flight_finish(server):
     assert server.proc.wait(40) == 0, server.log()
     with pytest.raises(requests.ConnectionError):
         requests.get(server.url + "/ping", timeout=2)
+
+
+def test_sigterm_ends_a_stream_that_cannot_finish_with_an_error_event(tiny_ckpt, tmp_path):
+    """A stream still running when the drain deadline (GRACEFUL_TIMEOUT - 3 s) passes gets a final
+    error event and the process exits 0: the client is told, never silently cut off."""
+    proc = ServerProcess(dict(MODEL_DIR=str(tiny_ckpt), GRACEFUL_TIMEOUT="4", MAX_TOTAL_TOKENS="200000",
+                              MAX_INPUT_TOKENS="1000"), tmp_path / "server.log")
+    try:
+        proc.wait_ready()
+        r = proc.post("/invocations", {"inputs": "go on and on", "stream": True,
+                                       "parameters": {"max_new_tokens": 150000}}, stream=True)
+        events = iter_sse(r)
+        json.loads(next(events))
+        proc.proc.send_signal(signal.SIGTERM)
+        last = json.loads(list(events)[-1])
+        assert last.get("error_type") == "generation_error" and "shut down" in last["error"], last
+        assert proc.proc.wait(30) == 0, proc.log()
+    finally:
+        proc.stop()
