@@ -190,6 +190,7 @@ def build_checkpoint(out_dir, *, preset: str = "demo", seed: int = 0, **override
     gen_cfg = {"bos_token_id": ids[EOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD]}
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     save_file(_init_weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)  # safetensors writes 0600: a non-root server could not read it
     return out
 
 
@@ -204,6 +205,7 @@ def demo_dir(cache_dir, preset: str = "demo", seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
     try:
         build_checkpoint(tmp, preset=preset, seed=seed)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache may be shared with a non-root server
         try:
             os.rename(tmp, target)
         except OSError:

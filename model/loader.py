@@ -9,6 +9,7 @@ silent fallback to a random model. No environment variables are read here (serve
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,14 @@ def validate_checkpoint(path) -> dict:
     return cfg
 
 
+def _check_readable(files) -> None:
+    # A weight file the server's user cannot read would otherwise surface as a misleading FileNotFoundError.
+    unreadable = sorted(f.name for f in files if not os.access(f, os.R_OK))
+    if unreadable:
+        raise ModelLoadError(f"weight files not readable by this user (uid {os.getuid()}): {unreadable[:5]}; "
+                             f"make them world-readable (chmod a+r) or run as their owner")
+
+
 def _check_weights(path: Path) -> None:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -128,8 +137,11 @@ def _check_weights(path: Path) -> None:
         missing = sorted(s for s in shards if not (path / s).is_file())
         if missing:
             raise ModelLoadError(f"{path}: safetensors shards listed in the index are missing: {missing[:5]}")
+        _check_readable(path / s for s in shards)
         return
-    if any(path.glob("*.safetensors")):
+    weights = list(path.glob("*.safetensors"))
+    if weights:
+        _check_readable(weights)
         return
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:

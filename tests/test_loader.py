@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from model.demo import build_checkpoint, demo_dir
 from model.loader import ALLOW_PATTERNS, ModelLoadError, ResolvedModel, resolve_model, validate_checkpoint
 
 
@@ -156,3 +157,22 @@ def test_downloaded_pickle_only_repo_is_refused(monkeypatch, tmp_path, tiny_ckpt
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: str(repo))
     with pytest.raises(ModelLoadError, match="safetensors"):
         _resolve(None, hf="org/pickles", cache=tmp_path)
+
+
+def test_unreadable_weights_are_named(tmp_path, monkeypatch):
+    import os
+
+    ckpt = build_checkpoint(tmp_path / "c", preset="tiny")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith(".safetensors") else real_access(p, mode))
+    with pytest.raises(ModelLoadError, match="not readable"):
+        validate_checkpoint(ckpt)
+
+
+def test_built_checkpoints_are_world_readable(tmp_path):
+    import stat
+
+    ckpt = demo_dir(tmp_path / "cache", preset="tiny")
+    assert ckpt.stat().st_mode & stat.S_IROTH and ckpt.stat().st_mode & stat.S_IXOTH
+    for f in ckpt.iterdir():
+        assert f.stat().st_mode & stat.S_IROTH, f.name
