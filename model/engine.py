@@ -18,20 +18,15 @@ from model.handle import Handle, StopBuffer, end_event, top_tokens
 from model.scheduler import Scheduler, SeqStatus, Sequence
 from model.types import (
     EngineConfig,
-    EngineError,
     EngineNotReady,
     FinishReason,
     GenerationRequest,
     InputTooLong,
+    InvalidRequest,
     TokenEvent,
 )
 
 log = logging.getLogger(__name__)
-
-
-class InvalidRequest(EngineError):
-    status = 400
-    error_type = "invalid_request"
 
 
 class _SeqCtx:

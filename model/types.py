@@ -165,6 +165,11 @@ class EngineError(Exception):
     error_type = "engine_error"
 
 
+class InvalidRequest(EngineError):
+    status = 400
+    error_type = "invalid_request"
+
+
 class QueueFull(EngineError):
     status = 429
     error_type = "queue_full"

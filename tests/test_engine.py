@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.blocks import SlotAllocator
-from model.engine import Engine, InvalidRequest
+from model.engine import Engine
 from model.handle import StopBuffer
 from model.types import (
     EngineConfig,
@@ -22,6 +22,7 @@ from model.types import (
     FinishReason,
     GenerationRequest,
     InputTooLong,
+    InvalidRequest,
     QueueFull,
     SamplingParams,
 )
