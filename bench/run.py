@@ -268,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         if not a.skip_batch:
             print("batch ...", flush=True)
-            from bench.batch_bench import run as batch_run
+            from bench.batch_bench import run_bench
 
-            report["batch"] = batch_run(ckpt)
+            report["batch"] = run_bench(model_dir=str(ckpt))
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"{platform.node() or 'host'}-{dt.date.today().isoformat()}.json"
     text = json.dumps(report, indent=2, default=float)
