@@ -95,8 +95,12 @@ class Engine:
                 self._loop_thread.start()
                 self._accepting = True
                 self._ready = True
-            log.info("engine ready: model=%s device=%s in %.1fs", self.model_name,
-                     getattr(self.runner, "device", "?"), time.monotonic() - t0)
+            model = getattr(self.runner, "model", None)
+            params = sum(p.numel() for p in model.parameters()) if model is not None else 0
+            log.info("engine ready: model=%s path=%s device=%s dtype=%s parameters=%.2fM slots=%d in %.1fs",
+                     self.model_name, self.model_dir, getattr(self.runner, "device", "?"),
+                     getattr(self.runner, "dtype", "?"), params / 1e6, self.config.max_concurrent_seqs,
+                     time.monotonic() - t0)
         except Exception as e:  # the server reports this on /ping (503) and in its log
             self.error = f"model load failed: {type(e).__name__}: {e}"
             log.exception("engine: %s", self.error)
