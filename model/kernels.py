@@ -186,9 +186,15 @@ class Kernels:
     # ---- attention -------------------------------------------------------------------------
     @staticmethod
     def attention(q, k, v, mask, scale):
-        """q (b, hq, lq, e); k, v (b, hkv, lk, e); mask (b|1, 1, lq, lk) bool (True = attend)."""
-        rep = q.shape[1] // k.shape[1]
+        """q (b, hq, lq, e); k, v (b, hkv, lk, e); mask (b|1, 1, lq, lk) bool (True = attend).
+
+        GQA without repeating K/V: query head i reads KV head i // rep, so the rep query heads of one KV
+        head become rep * lq query rows of that head: (b, hkv, rep * lq, e), mask tiled to match.
+        """
+        b, hq, lq, e = q.shape
+        rep = hq // k.shape[1]
         if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            q = q.reshape(b, k.shape[1], rep * lq, e)
+            mask = mask.expand(-1, -1, rep, -1) if lq == 1 else mask.repeat(1, 1, rep, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return o.view(b, hq, lq, e)

@@ -107,10 +107,25 @@ def ssm_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=NO_DT_LIMIT):
 
 
 def ssm_decode_inplace(state_pool, slots, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=NO_DT_LIMIT):
-    """One step for B sequences whose states live at state_pool[slots] (updated in place). Returns y (B, h, p)."""
-    y, new = ssm_step(state_pool[slots], x, dt, A, B, C, D, dt_bias, dt_limit)
-    state_pool.index_copy_(0, slots, new.to(state_pool.dtype))
-    return y
+    """One step for B sequences whose states live at state_pool[slots] (updated in place). Returns y (B, h, p).
+
+    The same arithmetic as ssm_step, in place on the gathered copy and with heads grouped as
+    (g, h/g * p) so B and C broadcast per group instead of being repeated per head.
+    """
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    dt = discretize_dt(dt, dt_bias, dt_limit)  # (b, h)
+    dA = torch.exp(dt * A.float())  # (b, h)
+    st = state_pool[slots].float()  # (b, h, p, n): a gathered copy
+    st.mul_(dA[..., None, None])
+    sg = st.view(b, g, (h // g) * p, n)
+    dtx = (dt[..., None] * x.float()).reshape(b, g, -1, 1)  # (b, g, h/g * p, 1)
+    sg.addcmul_(dtx, B.float()[:, :, None, :])  # += dt x B^T per group
+    y = torch.matmul(sg, C.float()[:, :, :, None]).view(b, h, p)  # (b, h, p)
+    if D is not None:
+        y = y + x.float() * D.float()[:, None]
+    state_pool.index_copy_(0, slots, st.to(state_pool.dtype))
+    return y.to(x.dtype)
 
 
 def causal_conv(x, conv_state, weight, bias=None):
