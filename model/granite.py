@@ -3,7 +3,8 @@
 Parameter names equal the Hugging Face checkpoint's, so safetensors load straight into a model built on
 the meta device (assign=True: nothing initialised twice). All sequence state lives in a StatePool
 (model/state.py); the network only reads and writes it by slot (Mamba) or KV block (attention):
-  prefill: many tokens of ONE sequence, continuing from its slot's state and existing KV
+  prefill: the chunks of several sequences packed in one forward (model/packed.py), each continuing
+           from its slot's state and existing KV
   decode:  one token for each of B sequences, states updated in place by slot index
 Every op that has a fused CUDA kernel goes through a Kernels object (model/kernels.py).
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.arch import GraniteArch
+from model.packed import Packed
 
 __all__ = ["GraniteArch", "GraniteForCausalLM", "load_granite", "FP32_PARAMS"]
 
@@ -76,18 +78,19 @@ class MambaMixer(nn.Module):
         return (x.unflatten(-1, (a.m_heads, a.m_head_dim)), B.unflatten(-1, (a.m_groups, a.m_state)),
                 C.unflatten(-1, (a.m_groups, a.m_state)))
 
-    def prefill(self, h, conv_state, ssm_state, K):
-        """h (1, l, hidden); conv_state (1, d, w-1) and ssm_state (1, h, p, n): pool views, written back."""
+    def prefill(self, h, pk: Packed, conv_pool, ssm_pool, K):
+        """h (T, hidden) packed tokens of pk's sequences; pools (S, ...) read and written at pk.slots."""
         a = self.a
         gate, xbc, dt = self.in_proj(h).split([a.m_inner, a.conv_dim, a.m_heads], dim=-1)
-        xbc, new_conv = K.conv_prefill(xbc.transpose(1, 2), conv_state, self.conv1d.weight.squeeze(1),
-                                       self.conv1d.bias)
-        conv_state.copy_(new_conv)
-        x, B, C = self._split_xbc(xbc.transpose(1, 2))
+        xbc, new_conv = K.conv_prefill(pk.pad(xbc).transpose(1, 2), conv_pool[pk.slots],
+                                       self.conv1d.weight.squeeze(1), self.conv1d.bias, pk.lengths)  # (b, d, L)
+        conv_pool.index_copy_(0, pk.slots, new_conv.to(conv_pool.dtype))
+        x, B, C = self._split_xbc(xbc.transpose(1, 2))  # (b, L, ...)
         A = -torch.exp(self.A_log.float())
-        y, final = K.ssd_prefill(x, dt, A, B, C, a.m_chunk, self.D, self.dt_bias, ssm_state, a.dt_limit)
-        ssm_state.copy_(final)
-        return self.out_proj(self.norm(y.flatten(-2), gate).to(h.dtype))
+        y, final = K.ssd_prefill(x, pk.pad(dt), A, B, C, a.m_chunk, self.D, self.dt_bias, ssm_pool[pk.slots],
+                                 a.dt_limit, pk.lengths)
+        ssm_pool.index_copy_(0, pk.slots, final.to(ssm_pool.dtype))
+        return self.out_proj(self.norm(pk.unpad(y.flatten(-2)), gate).to(h.dtype))  # (T, hidden)
 
     def decode(self, h, conv_pool, ssm_pool, slots, K):
         """h (B, hidden); pools (S, ...) updated in place at slots (B,)."""
@@ -116,21 +119,16 @@ class Attention(nn.Module):
         return (self.q_proj(h).unflatten(-1, (-1, e)), self.k_proj(h).unflatten(-1, (-1, e)),
                 self.v_proj(h).unflatten(-1, (-1, e)))
 
-    def prefill(self, h, k_cache, v_cache, block_table, start, K):
-        """h (1, l, hidden); block_table (nb,) long; the sequence already has `start` tokens of KV."""
-        bs = k_cache.shape[1]
-        q, k, v = self._qkv(h[0])  # (l, heads, e)
-        length = h.shape[1]
-        pos = torch.arange(start + length, device=h.device)
-        flat = block_table[pos // bs] * bs + pos % bs  # (start + l,) rows of the flattened cache
+    def prefill(self, h, pk: Packed, k_cache, v_cache, K):
+        """h (T, hidden) packed; new KV written at pk.kv_write, each sequence's keys read at pk.kv_read."""
+        q, k, v = self._qkv(h)  # (T, heads, e)
         kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-        kf.index_copy_(0, flat[start:], k.to(kf.dtype))
-        vf.index_copy_(0, flat[start:], v.to(vf.dtype))
-        keys, vals = kf[flat].to(q.dtype), vf[flat].to(q.dtype)  # (T, kv_heads, e)
-        mask = pos[None, :] <= pos[start:, None]  # (l, T): causal with offset `start`
-        o = K.attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None], vals.transpose(0, 1)[None],
-                        mask[None, None], self.a.attention_multiplier)  # (1, heads, l, e)
-        return self.o_proj(o[0].transpose(0, 1).flatten(-2))[None]
+        kf.index_copy_(0, pk.kv_write, k.to(kf.dtype))
+        vf.index_copy_(0, pk.kv_write, v.to(vf.dtype))
+        keys, vals = kf[pk.kv_read].to(q.dtype), vf[pk.kv_read].to(q.dtype)  # (b, Tk, kv_heads, e)
+        o = K.attention(pk.pad(q).transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), pk.mask,
+                        self.a.attention_multiplier)  # (b, heads, L, e)
+        return self.o_proj(pk.unpad(o.transpose(1, 2).flatten(-2)))  # (T, hidden)
 
     def decode(self, h, k_cache, v_cache, block_tables, positions, K):
         """h (B, hidden); block_tables (B, mb) long; positions (B,) = tokens already cached per sequence."""
@@ -163,12 +161,12 @@ class DecoderLayer(nn.Module):
     def _mlp(self, h):
         return h + self.shared_mlp(self.post_attention_layernorm(h)) * self.res
 
-    def prefill(self, h, slot, start, block_table, state, K):
+    def prefill(self, h, pk, state, K):
         x, i = self.input_layernorm(h), self.kind_index
         if self.kind == "mamba":
-            y = self.mamba.prefill(x, state.conv[i, slot:slot + 1], state.ssm[i, slot:slot + 1], K)
+            y = self.mamba.prefill(x, pk, state.conv[i], state.ssm[i], K)
         else:
-            y = self.self_attn.prefill(x, state.k[i], state.v[i], block_table, start, K)
+            y = self.self_attn.prefill(x, pk, state.k[i], state.v[i], K)
         return self._mlp(h + y * self.res)
 
     def decode(self, h, slots, block_tables, positions, state, K):
@@ -204,12 +202,18 @@ class GraniteForCausalLM(nn.Module):
         return self.model.embed_tokens(ids) * self.arch.embedding_multiplier
 
     @torch.no_grad()
-    def prefill(self, ids, slot: int, start: int, block_table, state, K) -> torch.Tensor:
-        """ids (l,) of one sequence -> final-normed hidden states (l, hidden)."""
-        h = self._embed(ids)[None]
+    def prefill_packed(self, ids, pk: Packed, state, K) -> torch.Tensor:
+        """ids (T,): the chunks of pk's sequences back to back -> final-normed hidden states (T, hidden)."""
+        h = self._embed(ids)
         for layer in self.model.layers:
-            h = layer.prefill(h, slot, start, block_table, state, K)
-        return self.model.norm(h[0])
+            h = layer.prefill(h, pk, state, K)
+        return self.model.norm(h)
+
+    def prefill(self, ids, slot: int, start: int, block_table, state, K) -> torch.Tensor:
+        """ids (l,) of one sequence continuing from `start` -> final-normed hidden states (l, hidden)."""
+        pk = Packed.build([slot], [start], [len(ids)], [block_table], state.block_size, state.dummy_block,
+                          ids.device)
+        return self.prefill_packed(ids, pk, state, K)
 
     @torch.no_grad()
     def decode(self, ids, slots, block_tables, positions, state, K) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The ONE place that picks, per op, a fused CUDA kernel or the pure-torch reference (model/ssd.py).
 
 Ops (shapes as in model/ssd.py):
-  ssd_prefill  x (1, l, h, p) ... initial state (1, h, p, n) -> (y, final state)   mamba_chunk_scan_combined
+  ssd_prefill  x (b, l, h, p) ... initial states (b, h, p, n) -> (y, final states) mamba_chunk_scan_combined
+               (padded rows of a packed prefill: one kernel call per row, see ssd_prefill)
   ssm_decode   one token for B slots, state pool (S, h, p, n) updated in place       selective_state_update
-  conv_prefill x (1, d, l) from conv state (1, d, w-1) -> (y, new state)              causal_conv1d_fn
+  conv_prefill x (b, d, l) from conv states (b, d, w-1) -> (y, new states)           causal_conv1d_fn
   conv_decode  x (B, d), conv pool (S, d, w-1) updated in place                       causal_conv1d_update
   attention    SDPA (torch picks flash / memory-efficient / math itself)
 Fused modules are imported lazily and only for CUDA. `report` says which path each op took.
@@ -126,10 +127,26 @@ class Kernels:
             log.info("fused kernels not loaded: %s", fused.errors)
 
     # ---- Mamba SSM -------------------------------------------------------------------------
-    def ssd_prefill(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit):
+    def ssd_prefill(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit, lengths=None):
+        """x (b, L, h, p) ... initial_states (b, h, p, n); lengths (b,) long: real tokens per row (pads after)."""
         if self.f.mamba_chunk_scan_combined is None:
             return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
-                                      initial_states=initial_states, dt_limit=dt_limit)
+                                      initial_states=initial_states, dt_limit=dt_limit, lengths=lengths)
+        ns = lengths.tolist() if lengths is not None else None
+        if ns is None or all(n == x.shape[1] for n in ns):
+            return self._ssd_fused(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit)
+        # Padded rows of a packed prefill. The kernel takes one initial state per batch row but no per-row
+        # length (its varlen mode, seq_idx / cu_seqlens, cannot start packed sequences from separate
+        # states): one call per row, on that row's real tokens.
+        y, finals = torch.zeros_like(x), []
+        for i, n in enumerate(ns):
+            yi, fi = self._ssd_fused(x[i:i + 1, :n], dt[i:i + 1, :n], A, B[i:i + 1, :n], C[i:i + 1, :n],
+                                     chunk_size, D, dt_bias, initial_states[i:i + 1], dt_limit)
+            y[i, :n] = yi[0]
+            finals.append(fi)
+        return y, torch.cat(finals)
+
+    def _ssd_fused(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit):
         # Newer mamba_ssm materialises inter-chunk (and final) states in C's dtype unless told otherwise.
         extra = {"state_dtype": initial_states.dtype} if self.ssd_state_dtype_arg else {}
         y, final = self.f.mamba_chunk_scan_combined(
@@ -165,16 +182,17 @@ class Kernels:
         return y
 
     # ---- causal depthwise conv ------------------------------------------------------------
-    def conv_prefill(self, x, conv_state, weight, bias):
-        """x (1, d, l); conv_state (1, d, w-1); weight (d, w). Returns (silu(conv) (1, d, l), new state)."""
+    def conv_prefill(self, x, conv_state, weight, bias, lengths=None):
+        """x (b, d, l); conv_state (b, d, w-1); weight (d, w); lengths (b,) long: real inputs per row (pads
+        after). Returns (silu(conv) (b, d, l), new state (b, d, w-1) taken at each row's end)."""
         if self.f.causal_conv1d_fn is None:
-            return ssd.causal_conv(x, conv_state, weight, bias)
+            return ssd.causal_conv(x, conv_state, weight, bias, lengths)
         # Prepend the carried state and drop its outputs: exact, and needs no channel-last layout
         # (causal_conv1d_fn's own initial_states argument requires x with stride(1) == 1).
         w = weight.shape[-1]
         xx = torch.cat([conv_state.to(x.dtype), x], dim=-1).contiguous()
         y = self.f.causal_conv1d_fn(xx, weight, bias, activation="silu")
-        return y[..., w - 1:], xx[..., xx.shape[-1] - (w - 1):]
+        return y[..., w - 1:], ssd.conv_state_at(xx, lengths, w)
 
     def conv_decode(self, x, conv_pool, slots, weight, bias):
         """x (B, d); conv_pool (S, d, w-1) updated in place at slots. Returns (B, d)."""

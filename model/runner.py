@@ -1,7 +1,7 @@
 """ModelRunner: turns a StepBatch into tensors, runs the network, returns float32 logits.
 
-Prefill chunks run one sequence at a time from the slot's state (start == 0 means a fresh sequence:
-its Mamba state is zeroed first). Decode chunks (one token, start > 0) run together in one call; with
+All prefill chunks of a step run in one packed forward (model/packed.py), each from its slot's state
+(start == 0 means a fresh sequence: its Mamba state is zeroed first). Decode chunks (one token, start > 0) run together in one call; with
 static decode they are padded to a batch-size bucket with the dummy slot and run through fixed buffers,
 which on CUDA are captured once per bucket as CUDA graphs and replayed.
 """
@@ -18,6 +18,7 @@ from model.blocks import SlotAllocator
 from model.decode_static import StaticDecode, decode_buckets
 from model.granite import GraniteForCausalLM, load_granite
 from model.kernels import Kernels
+from model.packed import Packed
 from model.state import BLOCK_SIZE, StatePool, auto_kv_tokens, bytes_per_seq
 from model.types import EngineConfig, SeqChunk, StepBatch
 
@@ -94,12 +95,15 @@ class ModelRunner:
         rows: dict[int, torch.Tensor] = {}
         decode_idx = [i for i, c in enumerate(batch.chunks) if len(c.token_ids) == 1 and c.start > 0]
         decode_set = set(decode_idx)
-        for i, c in enumerate(batch.chunks):
-            if i in decode_set:
-                continue
-            h = self._prefill(c)
-            if c.want_logits:
-                rows[i] = h[-1:]
+        prefill_idx = [i for i in range(len(batch.chunks)) if i not in decode_set]
+        if prefill_idx:
+            h = self._prefill([batch.chunks[i] for i in prefill_idx])  # (T, hidden)
+            end = 0
+            for i in prefill_idx:
+                c = batch.chunks[i]
+                end += len(c.token_ids)
+                if c.want_logits:
+                    rows[i] = h[end - 1:end]
         if decode_idx:
             h = self._decode([batch.chunks[i] for i in decode_idx])
             for j, i in enumerate(decode_idx):
@@ -117,15 +121,20 @@ class ModelRunner:
                                f"{len(table) * BLOCK_SIZE}")
         return table
 
-    def _prefill(self, c: SeqChunk) -> torch.Tensor:
-        if not c.token_ids:
-            raise ValueError(f"empty chunk for slot {c.slot}")
-        table = self._check_room(c)
-        if c.start == 0:
-            self.pool.reset_slot(c.slot)
-        ids = torch.tensor(c.token_ids, dtype=torch.long, device=self._dev)
-        bt = torch.tensor(table, dtype=torch.long, device=self._dev)
-        return self.model.prefill(ids, c.slot, c.start, bt, self.pool, self.kernels)
+    def _prefill(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """All prefill chunks of the step in one packed forward -> hidden (T, hidden), chunks back to back."""
+        tables = []
+        for c in chunks:
+            if not c.token_ids:
+                raise ValueError(f"empty chunk for slot {c.slot}")
+            tables.append(self._check_room(c))
+        for c in chunks:
+            if c.start == 0:
+                self.pool.reset_slot(c.slot)
+        pk = Packed.build([c.slot for c in chunks], [c.start for c in chunks], [len(c.token_ids) for c in chunks],
+                          tables, BLOCK_SIZE, self.pool.dummy_block, self._dev)
+        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self._dev)
+        return self.model.prefill_packed(ids, pk, self.pool, self.kernels)
 
     def _decode_hidden(self, ids, slots, tables, positions) -> torch.Tensor:
         return self.model.decode(ids, slots, tables, positions, self.pool, self.kernels)

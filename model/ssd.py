@@ -35,8 +35,12 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     return s.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool, device=a.device)), -torch.inf)
 
 
-def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None, dt_limit=NO_DT_LIMIT):
+def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None, dt_limit=NO_DT_LIMIT,
+                   lengths=None):
     """Chunked SSD scan (the Mamba-2 paper's algorithm). Returns (y (b, l, h, p), final state (b, h, p, n) fp32).
+
+    lengths (b,) long: row i holds lengths[i] real tokens then pads; pads get dt = 0 (no decay, no input),
+    so its final state is the state after its last real token (its y at pads is meaningless).
 
     1. intra-chunk outputs (a masked "attention" C B^T inside each chunk),
     2. each chunk's own end state, 3. a recurrence over chunk end states from `initial_states`,
@@ -45,6 +49,8 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_sta
     b, seqlen, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     dt = discretize_dt(dt, dt_bias, dt_limit)  # (b, l, h)
+    if lengths is not None:
+        dt = dt * (torch.arange(seqlen, device=x.device)[None, :] < lengths[:, None])[..., None]
     xf = x.float()
     Bf = B.float().repeat_interleave(h // g, dim=2)  # (b, l, h, n)
     Cf = C.float().repeat_interleave(h // g, dim=2)
@@ -128,17 +134,27 @@ def ssm_decode_inplace(state_pool, slots, x, dt, A, B, C, D=None, dt_bias=None, 
     return y.to(x.dtype)
 
 
-def causal_conv(x, conv_state, weight, bias=None):
+def conv_state_at(xx, lengths, w):
+    """xx (b, d, w-1+l) = [state, inputs]; the new conv state of row i ends at its lengths[i]-th input."""
+    if lengths is None:
+        return xx[..., xx.shape[-1] - (w - 1):]
+    idx = lengths[:, None] + torch.arange(w - 1, device=xx.device)  # (b, w-1) columns of xx
+    return xx.gather(2, idx[:, None, :].expand(-1, xx.shape[1], -1))
+
+
+def causal_conv(x, conv_state, weight, bias=None, lengths=None):
     """Depthwise causal conv + SiLU continuing from conv_state.
 
-    x (b, d, l); conv_state (b, d, w-1) or None (= zeros); weight (d, w). Returns (y (b, d, l), new state).
+    x (b, d, l); conv_state (b, d, w-1) or None (= zeros); weight (d, w); lengths (b,) long or None: row i
+    has lengths[i] real inputs then pads (causal: pads never change a real output). Returns (y (b, d, l),
+    new state).
     """
     w = weight.shape[-1]
     if conv_state is None:
         conv_state = x.new_zeros(x.shape[0], x.shape[1], w - 1)
     xx = torch.cat([conv_state.to(x.dtype), x], dim=-1)  # (b, d, w-1+l)
     y = F.conv1d(xx, weight.unsqueeze(1).to(x.dtype), bias, groups=x.shape[1])
-    return F.silu(y), xx[..., xx.shape[-1] - (w - 1):]
+    return F.silu(y), conv_state_at(xx, lengths, w)
 
 
 def conv_decode_inplace(x, conv_pool, slots, weight, bias=None):

@@ -255,3 +255,36 @@ def test_low_precision_paths_run_and_stay_close(ckpt, dtype, ssm):
         outs.append(torch.cat(rows))
     assert outs[1].dtype == torch.float32
     torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_packed_prefill_equals_one_at_a_time(ckpt, fused):
+    """One step with several prefill chunks (different lengths, some continuing from existing state and KV,
+    across SSD chunk boundaries of 16) and decode rows gives the logits and final states of running each
+    chunk alone."""
+    from model.kernels import Kernels
+    from tests.fake_kernels import fake_ops
+
+    prompts = [list(range(3, 40)), list(range(50, 53)), list(range(60, 81)), list(range(90, 108)), [7, 8, 9, 10]]
+    done = [10, 0, 17, 0, 4]  # tokens already in each slot before the step (seq 4 is decoding)
+    results = []
+    for packed in (True, False):
+        r = ModelRunner(ckpt[0], _cfg())
+        if fused:
+            r.kernels = Kernels("fused", "cpu", fused=fake_ops())
+        slots = [r.allocator.allocate(48) for _ in prompts]
+        for s, p, n in zip(slots, prompts, done, strict=True):
+            if n:
+                r.forward(StepBatch((SeqChunk(s, tuple(p[:n]), 0, True),)))
+        chunks = [SeqChunk(s, tuple(p[n:]), n, True) if n < len(p) else SeqChunk(s, (11,), n, True)
+                  for s, p, n in zip(slots, prompts, done, strict=True)]
+        chunks[3] = SeqChunk(slots[3], chunks[3].token_ids, 0, False)  # a non-final chunk: no logits row
+        if packed:
+            logits = r.forward(StepBatch(tuple(chunks)))
+        else:
+            logits = torch.cat([r.forward(StepBatch((c,))) for c in chunks])
+        assert logits.shape == (4, r.vocab_size)
+        idx = torch.tensor(slots)
+        results.append([logits, r.pool.conv[:, idx], r.pool.ssm[:, idx], r.pool.k, r.pool.v])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)

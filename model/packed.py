@@ -1,0 +1,57 @@
+"""Packed prefill: the chunks of several sequences in ONE network forward, with metadata built once per step.
+
+Dense ops (embedding, norms, projections, MLP, lm_head) run on all T packed tokens at once, (T, hidden).
+Ops with per-sequence state run on a padded view (b, L, ...) in which every sequence starts at column 0
+and has zeros after its end (L = the longest chunk):
+  causal conv   from each slot's conv state; the new state is taken at each sequence's own end
+  SSD scan      from each slot's SSM state; pads get dt = 0 (no decay, no input), so the final
+                state is the state after the sequence's last real token
+  attention     each sequence's own KV (start + length keys) with a causal mask offset by its start
+Pad rows are computed and dropped by unpad(); they never reach a real row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Packed:
+    slots: torch.Tensor  # (b,) long: each sequence's slot in the state pool
+    lengths: torch.Tensor  # (b,) long: tokens of each chunk
+    pad_index: torch.Tensor  # (b, L) long: packed row of each padded position; T (a zero row) at pads
+    unpad_index: torch.Tensor  # (T,) long: row of each packed token in the flattened (b * L) view
+    kv_write: torch.Tensor  # (T,) long: row of each packed token in the flattened KV cache
+    kv_read: torch.Tensor  # (b, Tk) long: flattened KV rows of keys 0..Tk-1 of each sequence
+    mask: torch.Tensor  # (b, 1, L, Tk) bool: key j is visible to query l iff j <= start + l
+
+    @classmethod
+    def build(cls, slots, starts, lengths, tables, block_size: int, dummy_block: int, device) -> Packed:
+        """slots, starts, lengths: ints per sequence; tables: each sequence's KV block ids (list or tensor)."""
+        tables = [t.tolist() if isinstance(t, torch.Tensor) else list(t) for t in tables]
+        L, T = max(lengths), sum(lengths)
+        tk = max(s + n for s, n in zip(starts, lengths, strict=True))
+        nb = -(-tk // block_size)
+        pad_index, unpad_index, kv_write, off = [], [], [], 0
+        for i, (s, n, tab) in enumerate(zip(starts, lengths, tables, strict=True)):
+            pad_index.append(list(range(off, off + n)) + [T] * (L - n))
+            unpad_index.extend(range(i * L, i * L + n))
+            kv_write.extend(tab[p // block_size] * block_size + p % block_size for p in range(s, s + n))
+            off += n
+        long = {"dtype": torch.long, "device": device}
+        tabs = torch.tensor([t[:nb] + [dummy_block] * (nb - len(t[:nb])) for t in tables], **long)  # (b, nb)
+        kv_read = (tabs[:, :, None] * block_size + torch.arange(block_size, **long)).flatten(1)[:, :tk]
+        st = torch.tensor(starts, **long)
+        mask = torch.arange(tk, **long)[None, None, :] <= (st[:, None] + torch.arange(L, **long))[:, :, None]
+        return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), torch.tensor(pad_index, **long),
+                   torch.tensor(unpad_index, **long), torch.tensor(kv_write, **long), kv_read, mask[:, None])
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (b, L, ...), zeros at pads."""
+        return torch.cat([t, t.new_zeros(1, *t.shape[1:])])[self.pad_index]
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """(b, L, ...) -> (T, ...)."""
+        return t.flatten(0, 1)[self.unpad_index]
