@@ -93,7 +93,7 @@ class MambaMixer(nn.Module):
         return self.out_proj(self.norm(pk.unpad(y.flatten(-2)), gate).to(h.dtype))  # (T, hidden)
 
     def decode(self, h, conv_pool, ssm_pool, slots, K):
-        """h (B, hidden); pools (S, ...) updated in place at slots (B,)."""
+        """h (B, hidden); pools (S, ...) updated in place at slots: (B,) long, or a slice of consecutive slots."""
         a = self.a
         gate, xbc, dt = self.in_proj(h).split([a.m_inner, a.conv_dim, a.m_heads], dim=-1)
         xbc = K.conv_decode(xbc, conv_pool, slots, self.conv1d.weight.squeeze(1), self.conv1d.bias)

@@ -90,6 +90,13 @@ def _accepts(fn: Callable, arg: str) -> bool:
         return False
 
 
+def _slot_tensor(slots, device) -> torch.Tensor:
+    """Decode slots as the (B,) long tensor the fused kernels index with (the reference also takes a slice)."""
+    if isinstance(slots, slice):
+        return torch.arange(slots.start, slots.stop, dtype=torch.long, device=device)
+    return slots
+
+
 class Kernels:
     def __init__(self, mode: str, device: torch.device, fused: FusedOps | None = None) -> None:
         """mode auto|fused|reference. `fused` injects kernel implementations (tests); else load_fused() on CUDA."""
@@ -155,9 +162,11 @@ class Kernels:
         return y, final
 
     def ssm_decode(self, state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit):
-        """state_pool (S, h, p, n); slots (B,) long; x (B, h, p); dt (B, h); B, C (B, g, n). Returns y (B, h, p)."""
+        """state_pool (S, h, p, n); slots (B,) long or a slice (a run of consecutive slots); x (B, h, p);
+        dt (B, h); B, C (B, g, n). Returns y (B, h, p)."""
         if self.f.selective_state_update is None:
             return ssd.ssm_decode_inplace(state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit)
+        slots = _slot_tensor(slots, state_pool.device)
         h, p, n = state_pool.shape[1:]
         # The kernel wants per-(head, channel) parameters; expanded views with stride 0 over p let it
         # take its "tied head dim" fast path.
@@ -198,6 +207,7 @@ class Kernels:
         """x (B, d); conv_pool (S, d, w-1) updated in place at slots. Returns (B, d)."""
         if self.f.causal_conv1d_update is None:
             return ssd.conv_decode_inplace(x, conv_pool, slots, weight, bias)
+        slots = _slot_tensor(slots, conv_pool.device)
         return self.f.causal_conv1d_update(x.contiguous(), conv_pool, weight, bias, activation="silu",
                                            conv_state_indices=slots.to(torch.int32))
 

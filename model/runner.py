@@ -94,6 +94,7 @@ class ModelRunner:
             raise ValueError("a step may hold at most one chunk per slot")
         rows: dict[int, torch.Tensor] = {}
         decode_idx = [i for i, c in enumerate(batch.chunks) if len(c.token_ids) == 1 and c.start > 0]
+        decode_idx.sort(key=lambda i: batch.chunks[i].slot)  # rows go back in chunk order below
         decode_set = set(decode_idx)
         prefill_idx = [i for i in range(len(batch.chunks)) if i not in decode_set]
         if prefill_idx:
@@ -149,7 +150,10 @@ class ModelRunner:
         width = max(math.ceil((p + 1) / BLOCK_SIZE) for p in positions)
         padded = [t[:width] + [self.pool.dummy_block] * (width - len(t[:width])) for t in tables]
         t = lambda v: torch.tensor(v, dtype=torch.long, device=self._dev)  # noqa: E731
-        return self._decode_hidden(t(ids), t(slots), t(padded), t(positions))
+        # forward() sorts decode rows by slot: a run of consecutive slots (every slot busy decoding, the
+        # steady state) updates the Mamba state pools through views instead of gather + scatter.
+        run = slice(slots[0], slots[-1] + 1) if slots == list(range(slots[0], slots[0] + len(slots))) else None
+        return self._decode_hidden(t(ids), run or t(slots), t(padded), t(positions))
 
     # ---- setup / reporting --------------------------------------------------------------------
     def warmup(self) -> None:

@@ -115,14 +115,17 @@ def ssm_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=NO_DT_LIMIT):
 def ssm_decode_inplace(state_pool, slots, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=NO_DT_LIMIT):
     """One step for B sequences whose states live at state_pool[slots] (updated in place). Returns y (B, h, p).
 
-    The same arithmetic as ssm_step, in place on the gathered copy and with heads grouped as
-    (g, h/g * p) so B and C broadcast per group instead of being repeated per head.
+    slots: (B,) long, or a slice when the rows are a run of consecutive slots: then an fp32 pool is
+    updated through a view, with no gather / scatter. The same arithmetic as ssm_step, in place, with
+    heads grouped as (g, h/g * p) so B and C broadcast per group instead of being repeated per head.
     """
     b, h, p = x.shape
     g, n = B.shape[1], B.shape[2]
     dt = discretize_dt(dt, dt_bias, dt_limit)  # (b, h)
     dA = torch.exp(dt * A.float())  # (b, h)
-    st = state_pool[slots].float()  # (b, h, p, n): a gathered copy
+    st = state_pool[slots]  # (b, h, p, n): a view for a slice, else a gathered copy
+    view = isinstance(slots, slice) and st.dtype == torch.float32
+    st = st if view else st.float()
     st.mul_(dA[..., None, None])
     sg = st.view(b, g, (h // g) * p, n)
     dtx = (dt[..., None] * x.float()).reshape(b, g, -1, 1)  # (b, g, h/g * p, 1)
@@ -130,7 +133,11 @@ def ssm_decode_inplace(state_pool, slots, x, dt, A, B, C, D=None, dt_bias=None, 
     y = torch.matmul(sg, C.float()[:, :, :, None]).view(b, h, p)  # (b, h, p)
     if D is not None:
         y = y + x.float() * D.float()[:, None]
-    state_pool.index_copy_(0, slots, st.to(state_pool.dtype))
+    if isinstance(slots, slice):
+        if not view:
+            state_pool[slots] = st.to(state_pool.dtype)
+    else:
+        state_pool.index_copy_(0, slots, st.to(state_pool.dtype))
     return y.to(x.dtype)
 
 
@@ -158,10 +165,14 @@ def causal_conv(x, conv_state, weight, bias=None, lengths=None):
 
 
 def conv_decode_inplace(x, conv_pool, slots, weight, bias=None):
-    """x (B, d): one new conv input per sequence; conv_pool (S, d, w-1) updated in place at slots. Returns (B, d)."""
+    """x (B, d): one new conv input per sequence; conv_pool (S, d, w-1) updated in place at slots ((B,) long,
+    or a slice for a run of consecutive slots). Returns (B, d)."""
     window = torch.cat([conv_pool[slots].to(x.dtype), x[..., None]], dim=-1)  # (B, d, w)
     y = (window * weight.to(x.dtype)).sum(-1)
     if bias is not None:
         y = y + bias
-    conv_pool.index_copy_(0, slots, window[..., 1:].to(conv_pool.dtype))
+    if isinstance(slots, slice):
+        conv_pool[slots] = window[..., 1:]
+    else:
+        conv_pool.index_copy_(0, slots, window[..., 1:].to(conv_pool.dtype))
     return F.silu(y)

@@ -60,18 +60,28 @@ def test_conv_with_state_equals_full_conv():
     ys = [ssd.conv_decode_inplace(x[..., t], pool, slots, weight, bias) for t in range(seqlen)]
     torch.testing.assert_close(torch.stack(ys, -1), full, atol=1e-6, rtol=1e-6)
     assert float(pool[1].abs().sum()) == 0
+    # a slice of consecutive slots (the view path) gives the same outputs and state
+    pool2 = torch.zeros(3, d, w - 1)
+    ys2 = [ssd.conv_decode_inplace(x[..., t], pool2, slice(1, 3), weight, bias) for t in range(seqlen)]
+    torch.testing.assert_close(torch.stack(ys2, -1), full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pool2[1:], pool[slots])
 
 
-def test_ssm_decode_inplace_equals_recurrence():
+@pytest.mark.parametrize("slots,pool_dtype", [(torch.tensor([3, 1]), torch.float32), (slice(1, 3), torch.float32),
+                                              (slice(2, 4), torch.float64)])
+def test_ssm_decode_inplace_equals_recurrence(slots, pool_dtype):
+    """Indexed slots gather + scatter; a slice of consecutive slots updates the pool through a view
+    (or, for a pool that is not fp32, writes back a copy)."""
     inp = _ssm_inputs(seqlen=6)
     y_ref, final_ref = ssd.ssd_naive(**inp)
-    pool = torch.zeros(4, *inp["initial_states"].shape[1:])
-    slots = torch.tensor([3, 1])
-    pool[slots] = inp["initial_states"]
+    pool = torch.zeros(4, *inp["initial_states"].shape[1:], dtype=pool_dtype)
+    pool[slots] = inp["initial_states"].to(pool_dtype)
     ys = [ssd.ssm_decode_inplace(pool, slots, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t],
                                  inp["C"][:, t], inp["D"], inp["dt_bias"]) for t in range(6)]
     torch.testing.assert_close(torch.stack(ys, 1), y_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pool[slots], final_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool[slots].float(), final_ref, atol=1e-5, rtol=1e-5)
+    untouched = [i for i in range(4) if i not in range(4)[slots]] if isinstance(slots, slice) else [0, 2]
+    assert float(pool[untouched].abs().sum()) == 0
 
 
 def _run_ops(K, dtype=torch.float32, limit=ssd.NO_DT_LIMIT):
