@@ -52,35 +52,40 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_sta
     if lengths is not None:
         dt = dt * (torch.arange(seqlen, device=x.device)[None, :] < lengths[:, None])[..., None]
     xf = x.float()
-    Bf = B.float().repeat_interleave(h // g, dim=2)  # (b, l, h, n)
-    Cf = C.float().repeat_interleave(h // g, dim=2)
+    r = h // g  # heads per group: B and C are shared by the r heads of a group, never repeated
     pad = (-seqlen) % chunk_size
-    xdt = F.pad(xf * dt[..., None], (0, 0, 0, 0, 0, pad))  # padded steps: zero input, no decay
+    xdt = F.pad(xf * dt[..., None], (0, 0, 0, 0, 0, pad))  # (b, L, h, p); padded steps: zero input, no decay
     Adt = F.pad(A.float()[None, None] * dt, (0, 0, 0, pad))  # (b, L, h)
-    Bc = F.pad(Bf, (0, 0, 0, 0, 0, pad))
-    Cc = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+    Bc = F.pad(B.float(), (0, 0, 0, 0, 0, pad))  # (b, L, g, n)
+    Cc = F.pad(C.float(), (0, 0, 0, 0, 0, pad))
     nc = (seqlen + pad) // chunk_size
-    # (b, c, s, ...) with s = position inside the chunk
-    xdt, Bc, Cc = (t.reshape(b, nc, chunk_size, h, -1) for t in (xdt, Bc, Cc))
-    Adt = Adt.reshape(b, nc, chunk_size, h).permute(0, 3, 1, 2)  # (b, h, c, s)
+    # Matmul layouts, c = chunk, s (or l) = position inside the chunk, heads split as (g, r):
+    xdt = xdt.reshape(b, nc, chunk_size, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, s, p)
+    Bc, Cc = (t.reshape(b, nc, chunk_size, g, n).transpose(2, 3) for t in (Bc, Cc))  # (b, c, g, s, n)
+    Adt = Adt.reshape(b, nc, chunk_size, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, s)
     A_cum = torch.cumsum(Adt, dim=-1)
 
-    # 1. intra-chunk
-    L = torch.exp(_segsum(Adt))  # (b, h, c, s, s)
-    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cc, Bc, L, xdt)
-    # 2. chunk end states
-    decay_states = torch.exp(A_cum[..., -1:] - A_cum)  # (b, h, c, s)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_states, xdt)
+    # 1. intra-chunk: y_diag[l] = sum_{s <= l} (C_l . B_s) exp(sum Adt(s, l]) xdt_s
+    # The decay exp(A_cum[l] - A_cum[s]) as a difference of cumulative sums, as the fused kernel computes
+    # it (_segsum's stable form costs two more passes over (l, s)); in place, -inf above the diagonal.
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    L = (A_cum[..., :, None] - A_cum[..., None, :]).masked_fill_(~causal, -torch.inf).exp_()  # (b, c, g, r, l, s)
+    L.mul_((Cc @ Bc.transpose(-1, -2))[:, :, :, None])  # * C_l . B_s, computed once per group
+    y_diag = L @ xdt  # (b, c, g, r, l, p)
+    # 2. chunk end states: sum_s exp(sum Adt(s, end]) xdt_s B_s^T
+    decay_states = torch.exp(A_cum[..., -1:] - A_cum)  # (b, c, g, r, s)
+    states = (xdt * decay_states[..., None]).transpose(-1, -2) @ Bc[:, :, :, None]  # (b, c, g, r, p, n)
     # 3. recurrence over chunks
     if initial_states is None:
         initial_states = torch.zeros(b, h, p, n, device=x.device)
-    states = torch.cat([initial_states.float()[:, None], states], dim=1)  # (b, c+1, h, p, n)
-    decay_chunk = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
-    states, final = new_states[:, :-1], new_states[:, -1]
-    # 4. state -> output
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, torch.exp(A_cum))
-    y = (y_diag + y_off).reshape(b, nc * chunk_size, h, p)[:, :seqlen]
+    init = initial_states.float().reshape(b, 1, g, r, p, n)
+    states = torch.cat([init, states], dim=1)  # (b, c+1, g, r, p, n)
+    decay_chunk = torch.exp(_segsum(F.pad(A_cum[..., -1].permute(0, 2, 3, 1), (1, 0))))  # (b, g, r, c+1, c+1)
+    new_states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, states)
+    states, final = new_states[:, :-1], new_states[:, -1].reshape(b, h, p, n)
+    # 4. state -> output: y_off[l] = exp(sum Adt[.., l]) C_l . chunk start state
+    y_off = (Cc[:, :, :, None] @ states.transpose(-1, -2)) * torch.exp(A_cum)[..., None]  # (b, c, g, r, l, p)
+    y = (y_diag + y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, nc * chunk_size, h, p)[:, :seqlen]
     if D is not None:
         y = y + xf * D.float()[:, None]
     return y.to(x.dtype), final
