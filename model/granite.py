@@ -122,12 +122,13 @@ class Attention(nn.Module):
                 self.v_proj(h).unflatten(-1, (-1, e)))
 
     def prefill(self, h, pk: Packed, k_cache, v_cache, K):
-        """h (T, hidden) packed; new KV written at pk.kv_write, each sequence's keys read at pk.kv_read."""
+        """h (T, hidden) packed; new KV written at pk.kv_write, each sequence's keys read from pk.kv_blocks."""
         q, k, v = self._qkv(h)  # (T, heads, e)
         kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         kf.index_copy_(0, pk.kv_write, k.to(kf.dtype))
         vf.index_copy_(0, pk.kv_write, v.to(vf.dtype))
-        keys, vals = kf[pk.kv_read].to(q.dtype), vf[pk.kv_read].to(q.dtype)  # (b, Tk, kv_heads, e)
+        keys = k_cache[pk.kv_blocks].flatten(1, 2).to(q.dtype)  # (b, Tk = nb * bs, kv_heads, e)
+        vals = v_cache[pk.kv_blocks].flatten(1, 2).to(q.dtype)
         o = K.attention(pk.pad(q).transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), pk.mask,
                         self.a.attention_multiplier)  # (b, heads, L, e)
         return self.o_proj(pk.unpad(o.transpose(1, 2).flatten(-2)))  # (T, hidden)
@@ -140,9 +141,10 @@ class Attention(nn.Module):
         new = block_tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
         kf.index_copy_(0, new, k.to(kf.dtype))
         vf.index_copy_(0, new, v.to(vf.dtype))
-        rows = (block_tables[:, :, None] * bs + torch.arange(bs, device=h.device)).flatten(1)  # (B, T)
-        keys, vals = kf[rows].to(q.dtype), vf[rows].to(q.dtype)  # (B, T, kv_heads, e)
-        mask = torch.arange(rows.shape[1], device=h.device)[None, :] <= positions[:, None]  # (B, T)
+        # whole blocks (bs * kv_heads * e contiguous values each), not single rows: one wide gather
+        keys = k_cache[block_tables].flatten(1, 2).to(q.dtype)  # (B, T = mb * bs, kv_heads, e)
+        vals = v_cache[block_tables].flatten(1, 2).to(q.dtype)
+        mask = torch.arange(keys.shape[1], device=h.device)[None, :] <= positions[:, None]  # (B, T)
         o = K.attention(q[:, :, None], keys.transpose(1, 2), vals.transpose(1, 2), mask[:, None, None],
                         self.a.attention_multiplier)  # (B, heads, 1, e)
         return self.o_proj(o[:, :, 0].flatten(-2))

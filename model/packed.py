@@ -24,8 +24,8 @@ class Packed:
     pad_index: torch.Tensor  # (b, L) long: packed row of each padded position; T (a zero row) at pads
     unpad_index: torch.Tensor  # (T,) long: row of each packed token in the flattened (b * L) view
     kv_write: torch.Tensor  # (T,) long: row of each packed token in the flattened KV cache
-    kv_read: torch.Tensor  # (b, Tk) long: flattened KV rows of keys 0..Tk-1 of each sequence
-    mask: torch.Tensor  # (b, 1, L, Tk) bool: key j is visible to query l iff j <= start + l
+    kv_blocks: torch.Tensor  # (b, nb) long: each sequence's first nb KV blocks (dummy block past its table)
+    mask: torch.Tensor  # (b, 1, L, Tk = nb * block_size) bool: key j is visible to query l iff j <= start + l
 
     @classmethod
     def build(cls, slots, starts, lengths, tables, block_size: int, dummy_block: int, device) -> Packed:
@@ -41,12 +41,11 @@ class Packed:
             kv_write.extend(tab[p // block_size] * block_size + p % block_size for p in range(s, s + n))
             off += n
         long = {"dtype": torch.long, "device": device}
-        tabs = torch.tensor([t[:nb] + [dummy_block] * (nb - len(t[:nb])) for t in tables], **long)  # (b, nb)
-        kv_read = (tabs[:, :, None] * block_size + torch.arange(block_size, **long)).flatten(1)[:, :tk]
+        kv_blocks = torch.tensor([t[:nb] + [dummy_block] * (nb - len(t[:nb])) for t in tables], **long)
         st = torch.tensor(starts, **long)
-        mask = torch.arange(tk, **long)[None, None, :] <= (st[:, None] + torch.arange(L, **long))[:, :, None]
+        mask = torch.arange(nb * block_size, **long)[None, None, :] <= (st[:, None] + torch.arange(L, **long))[:, :, None]
         return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), torch.tensor(pad_index, **long),
-                   torch.tensor(unpad_index, **long), torch.tensor(kv_write, **long), kv_read, mask[:, None])
+                   torch.tensor(unpad_index, **long), torch.tensor(kv_write, **long), kv_blocks, mask[:, None])
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (b, L, ...), zeros at pads."""
