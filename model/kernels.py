@@ -230,4 +230,4 @@ class Kernels:
             q = q.reshape(b, k.shape[1], rep * lq, e)
             mask = mask.expand(-1, -1, rep, -1) if lq == 1 else mask.repeat(1, 1, rep, 1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return o.view(b, hq, lq, e)
+        return o.reshape(b, hq, lq, e)  # (SDPA may return a transposed layout: not always viewable)

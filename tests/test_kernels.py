@@ -184,3 +184,22 @@ def test_import_triton_submodule_without_package_init(tmp_path, monkeypatch):
 
 def test_fused_ops_dataclass_defaults():
     assert FusedOps().mamba_chunk_scan_combined is None
+
+
+@pytest.mark.parametrize("lq", [1, 5])
+def test_attention_gqa_equals_repeated_kv(monkeypatch, lq):
+    """GQA by grouping query heads per KV head equals SDPA over repeat_interleave'd K/V, also when SDPA
+    hands back a transposed layout (as CUDA kernels do)."""
+    gen = torch.Generator().manual_seed(3)
+    b, hq, hkv, lk, e = 3, 8, 2, 7, 4
+    q = torch.randn(b, hq, lq, e, generator=gen)
+    k, v = torch.randn(b, hkv, lk, e, generator=gen), torch.randn(b, hkv, lk, e, generator=gen)
+    mask = torch.rand(b, 1, lq, lk, generator=gen) < 0.7
+    mask[..., 0] = True
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask,
+                                         scale=0.3)
+    torch.testing.assert_close(Kernels.attention(q, k, v, mask, 0.3), ref)
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    torch.testing.assert_close(Kernels.attention(q, k, v, mask, 0.3), ref)
