@@ -166,7 +166,7 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState], outputs: Sequence[Seq
         raise ValueError(f"{logits.shape[0]} logit rows, {len(rows)} rows, {len(outputs)} outputs")
     x, sampled = process_logits(logits, rows, outputs)
     logp = torch.log_softmax(x, dim=-1)  # (B, V)
-    tokens = x.argmax(dim=-1)  # greedy rows; sampled rows are overwritten below
+    tokens = x.max(dim=-1).indices  # greedy rows (first maximum, as argmax; faster on CPU); sampled: below
     if sampled is not None:
         probs = logp[sampled].exp()
         draws = []
