@@ -16,6 +16,22 @@ from dataclasses import dataclass
 
 import torch
 
+# Padded key rows (sequences x longest start + length) one packed forward may gather for attention: a long
+# context continuing next to short prompts would otherwise make every sequence gather its whole key range.
+MAX_PACK_KEY_ROWS = 1 << 16
+
+
+def pack_runs(extents: list[int], budget: int = MAX_PACK_KEY_ROWS) -> list[range]:
+    """Split chunks (extent = start + length each) into consecutive runs with len(run) x max extent <= budget
+    (a single chunk always forms a run). Torch-free."""
+    runs, first, widest = [], 0, 0
+    for i, e in enumerate(extents):
+        if i > first and (i - first + 1) * max(widest, e) > budget:
+            runs.append(range(first, i))
+            first, widest = i, 0
+        widest = max(widest, e)
+    return runs + [range(first, len(extents))] if extents else runs
+
 
 @dataclass
 class Packed:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from model import packed
 from model.blocks import SlotAllocator
 from model.decode_static import StaticDecode, decode_buckets
 from model.granite import GraniteForCausalLM, load_granite
 from model.kernels import Kernels
-from model.packed import Packed
+from model.packed import Packed, pack_runs
 from model.state import BLOCK_SIZE, StatePool, auto_kv_tokens, bytes_per_seq
 from model.types import EngineConfig, SeqChunk, StepBatch
 
@@ -123,7 +124,8 @@ class ModelRunner:
         return table
 
     def _prefill(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """All prefill chunks of the step in one packed forward -> hidden (T, hidden), chunks back to back."""
+        """The step's prefill chunks in one packed forward (or a few, see pack_runs) -> hidden (T, hidden),
+        chunks back to back."""
         tables = []
         for c in chunks:
             if not c.token_ids:
@@ -132,10 +134,14 @@ class ModelRunner:
         for c in chunks:
             if c.start == 0:
                 self.pool.reset_slot(c.slot)
-        pk = Packed.build([c.slot for c in chunks], [c.start for c in chunks], [len(c.token_ids) for c in chunks],
-                          tables, BLOCK_SIZE, self.pool.dummy_block, self._dev)
-        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self._dev)
-        return self.model.prefill_packed(ids, pk, self.pool, self.kernels)
+        out = []
+        for run in pack_runs([c.start + len(c.token_ids) for c in chunks], packed.MAX_PACK_KEY_ROWS):
+            cs = [chunks[i] for i in run]
+            pk = Packed.build([c.slot for c in cs], [c.start for c in cs], [len(c.token_ids) for c in cs],
+                              [tables[i] for i in run], BLOCK_SIZE, self.pool.dummy_block, self._dev)
+            ids = torch.tensor([t for c in cs for t in c.token_ids], dtype=torch.long, device=self._dev)
+            out.append(self.model.prefill_packed(ids, pk, self.pool, self.kernels))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _decode_hidden(self, ids, slots, tables, positions) -> torch.Tensor:
         return self.model.decode(ids, slots, tables, positions, self.pool, self.kernels)

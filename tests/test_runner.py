@@ -257,13 +257,16 @@ def test_low_precision_paths_run_and_stay_close(ckpt, dtype, ssm):
     torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_packed_prefill_equals_one_at_a_time(ckpt, fused):
+@pytest.mark.parametrize("fused,budget", [(False, 1 << 16), (True, 1 << 16), (False, 60)])
+def test_packed_prefill_equals_one_at_a_time(ckpt, monkeypatch, fused, budget):
     """One step with several prefill chunks (different lengths, some continuing from existing state and KV,
     across SSD chunk boundaries of 16) and decode rows gives the logits and final states of running each
-    chunk alone."""
+    chunk alone; also when the key-row budget splits the chunks into several packed forwards."""
+    from model import packed as packed_mod
     from model.kernels import Kernels
     from tests.fake_kernels import fake_ops
+
+    monkeypatch.setattr(packed_mod, "MAX_PACK_KEY_ROWS", budget)
 
     prompts = [list(range(3, 40)), list(range(50, 53)), list(range(60, 81)), list(range(90, 108)), [7, 8, 9, 10]]
     done = [10, 0, 17, 0, 4]  # tokens already in each slot before the step (seq 4 is decoding)
@@ -288,3 +291,13 @@ def test_packed_prefill_equals_one_at_a_time(ckpt, fused):
         results.append([logits, r.pool.conv[:, idx], r.pool.ssm[:, idx], r.pool.k, r.pool.v])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+
+
+def test_pack_runs():
+    from model.packed import pack_runs
+
+    assert pack_runs([]) == []
+    assert pack_runs([10, 20, 30], 100) == [range(0, 3)]
+    assert pack_runs([50, 50, 50], 100) == [range(0, 2), range(2, 3)]
+    # a long context alone; a single chunk always runs even past the budget
+    assert pack_runs([10, 5000, 10, 10], 200) == [range(0, 1), range(1, 2), range(2, 4)]
