@@ -65,8 +65,10 @@ class Packed:
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (b, L, ...), zeros at pads."""
+        if self.pad_index.shape[0] == 1:  # one sequence: no pads, a view
+            return t[None]
         return torch.cat([t, t.new_zeros(1, *t.shape[1:])])[self.pad_index]
 
     def unpad(self, t: torch.Tensor) -> torch.Tensor:
         """(b, L, ...) -> (T, ...)."""
-        return t.flatten(0, 1)[self.unpad_index]
+        return t[0] if t.shape[0] == 1 else t.flatten(0, 1)[self.unpad_index]
