@@ -164,9 +164,11 @@ def test_stop_buffer_property(text, stops, cuts):
         assert not any(s in emitted for s in stops)
         if stopped:
             break
-    hits = [text.find(s) for s in stops if s in text]
-    if hits:
-        assert stopped and emitted == text[: min(hits)]
+    # Generation stops as soon as a stop string first appears: at the first piece boundary whose prefix
+    # holds one, cut before the earliest-starting stop string in that prefix (later text never exists).
+    seen = next((text[:b] for b in bounds[1:] if any(s in text[:b] for s in stops)), None)
+    if seen is not None:
+        assert stopped and emitted == seen[: min(seen.find(s) for s in stops if s in seen)]
     else:
         assert not stopped and emitted + buf.flush() == text
 
