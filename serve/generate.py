@@ -213,6 +213,14 @@ def _guarded(ctx: Ctx, handle, body: Iterator[bytes]) -> Iterator[bytes]:
         handle.cancel()  # client went away (GeneratorExit): free the slot at the next step
 
 
+def _openai_abort(ev) -> Iterator[bytes]:
+    # A sequence that ended without a token: failed -> an error event and [DONE]; cancelled -> nothing
+    # (its client is gone).
+    if ev.finish_reason != FinishReason.CANCELLED:
+        yield _error_event(ev, openai=True)
+        yield enc.DONE
+
+
 def _error_event(ev, openai: bool) -> bytes:
     err = GenerationFailed(ev.error or f"generation ended: {ev.finish_reason.value}")
     return enc.sse(enc.error_body(str(err), err.error_type), openai=openai)
@@ -239,9 +247,7 @@ def _chat_stream(ctx: Ctx, req: ChatRequest, handle) -> Iterator[bytes]:
     n = 0
     for ev in timed(ctx, handle):
         if ev.token_id < 0:
-            if ev.finish_reason != FinishReason.CANCELLED:
-                yield _error_event(ev, openai=True)
-                yield enc.DONE
+            yield from _openai_abort(ev)
             return
         n += 1
         text = hold.push(ev.text) if hold else ev.text
@@ -274,9 +280,7 @@ def _completion_stream(ctx: Ctx, req: CompletionRequest, handle) -> Iterator[byt
     n = 0
     for ev in timed(ctx, handle):
         if ev.token_id < 0:
-            if ev.finish_reason != FinishReason.CANCELLED:
-                yield _error_event(ev, openai=True)
-                yield enc.DONE
+            yield from _openai_abort(ev)
             return
         n += 1
         lp = None
