@@ -8,6 +8,12 @@ PORT ?= 8080
 IMAGE ?= granite-h-sagemaker
 CONTAINER ?= docker
 TORCH_CPU ?= torch==2.13.0
+# The triton that torch 2.13 pins (the CPU wheel does not install it): its interpreter runs mamba-ssm's
+# Triton kernels on CPU tensors in tests/triton. mamba-ssm is built here as a Triton-only wheel
+# (py3-none-any, no CUDA), which `make gpu-check` also carries to a GPU machine.
+TRITON_CPU ?= triton==3.7.1
+MAMBA_SSM ?= mamba-ssm==2.3.2.post1
+WHEELS ?= build/wheels
 
 .DEFAULT_GOAL := help
 .PHONY: help install serve test test-fast test-gpu test-gpu-image test-container bench bench-gpu lint image image-cpu clean
@@ -21,6 +27,10 @@ $(VENV)/.installed: pyproject.toml
 	# CPU torch first: a plain `torch` requirement would pull the multi-GB CUDA build.
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_CPU)"
 	$(VPY) -m pip install -q -e '.[dev]'
+	$(VPY) -m pip install -q "$(TRITON_CPU)"
+	ls $(WHEELS)/mamba_ssm-*-py3-none-any.whl >/dev/null 2>&1 || MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+	  $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEELS) "$(MAMBA_SSM)"
+	$(VPY) -m pip install -q --no-deps $(WHEELS)/mamba_ssm-*-py3-none-any.whl
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with the CPU runtime and the dev tools
@@ -31,8 +41,9 @@ serve: install ## run the server on $(HOST):$(PORT) (demo model unless MODEL_DIR
 	  export MODEL_ID=demo; fi; \
 	$(VPY) -m serve serve --host $(HOST) --port $(PORT)
 
-test: install ## run every CPU test (what .ci/run runs)
+test: install ## run every CPU test (what .ci/run runs), then the Triton-interpreter suite in its own process
 	$(VPY) -m pytest -q -m "not gpu and not container" tests
+	TRITON_INTERPRET=1 MAMBA_DETERMINISTIC=1 $(VPY) -m pytest -q -p no:cacheprovider tests/triton
 
 test-fast: install ## the tests minus the slow server/fuzz/notebook ones
 	$(VPY) -m pytest -q -x -m "not gpu and not container and not slow" tests

@@ -9,11 +9,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from model.demo import build_checkpoint
+
+# tests/triton runs the real Triton kernels under the interpreter, which must be switched on before any
+# import of triton: it has its own pytest process (see tests/triton/conftest.py; `make test` runs both).
+collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["triton"]
 
 
 def build_variant(out_dir, *, preset: str = "tiny", seed: int = 0, **overrides) -> Path:

@@ -1,0 +1,47 @@
+"""The real upstream Triton kernels (mamba-ssm's SSD scan, selective_state_update, norms) on CPU tensors,
+run by Triton's interpreter. This folder runs in its own pytest process (`make test` does it):
+
+- TRITON_INTERPRET=1 must be in the environment before anything imports triton (transformers' model
+  imports do), so it cannot be switched on from inside a process that already collected other tests;
+- MAMBA_DETERMINISTIC=1 keeps one autotune config per kernel (the interpreter cannot benchmark);
+- mamba_ssm/__init__.py imports the compiled selective_scan_cuda, absent from the Triton-only build:
+  model.kernels imports the Triton submodules without executing it (the same code production runs);
+- every wrapper enters `torch.cuda.device(x.device.index)`, which raises for CPU tensors (index None):
+  a null context stands in for index None, for this process only.
+
+A missing mamba-ssm or triton is a failure here, never a skip: `make install` installs both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise pytest.UsageError("tests/triton needs TRITON_INTERPRET=1 set before the process starts: "
+                            "run `make test`, or `TRITON_INTERPRET=1 python -m pytest tests/triton`")
+os.environ.setdefault("MAMBA_DETERMINISTIC", "1")
+
+import torch  # noqa: E402
+
+_cuda_device = torch.cuda.device
+
+
+def _device_or_null(index):
+    return contextlib.nullcontext() if index is None else _cuda_device(index)
+
+
+torch.cuda.device = _device_or_null
+
+
+@pytest.fixture(scope="session")
+def mamba_ops():
+    """model.kernels.FusedOps with the real mamba-ssm Triton kernels (causal-conv1d is CUDA C++: absent)."""
+    from model.kernels import load_fused
+
+    ops = load_fused()
+    missing = [n for n in ("mamba_chunk_scan_combined", "selective_state_update") if getattr(ops, n) is None]
+    assert not missing, f"mamba-ssm Triton kernels not importable ({missing}): {ops.errors}; run make install"
+    return ops
