@@ -1,0 +1,160 @@
+"""SageMaker stateful sessions (InvokeEndpoint `SessionId`): this worker's session table. torch-free.
+
+The runtime passes the session as a request header; the container answers with headers of its own:
+  request   X-Amzn-SageMaker-Session-Id: NEW_SESSION | <id>
+  response  X-Amzn-SageMaker-New-Session-Id: <id>; Expires=<UTC YYYY-MM-DDTHH:MM:SSZ>   (a session opened)
+            X-Amzn-SageMaker-Closed-Session-Id: <id>                                   (a session closed)
+Bodies `{"requestType": "NEW_SESSION"}` / `{"requestType": "CLOSE"}` open / close without generating (as the
+DJL LMI container accepts); any other body with NEW_SESSION runs inside the new session.
+
+A session keeps its conversation: the token ids it has consumed and produced, and for chat its messages, so a
+client may send only the new turn. The engine keeps the matching state snapshot pinned while the session
+lives (`on_end` releases it). Ids name the worker that holds the session (`w<worker>-<hex>`, botocore's pattern),
+so a request that gunicorn hands to another worker can be forwarded to the owner (serve/affinity.py).
+Idle sessions expire after `ttl_s` (refreshed by every request); their number is bounded. An unknown, closed or
+expired id is an error naming the id, never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
+NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
+CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
+NEW_SESSION = "NEW_SESSION"
+ID_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")  # botocore's SessionId shape
+MAX_ID_LEN = 256
+_OWNER = re.compile(r"^w(\d{1,4})-[0-9a-f]{32}$")
+_ENDED_MEMORY = 4096  # ids of ended sessions remembered, so their errors say "closed" / "expired"
+
+
+class SessionError(Exception):
+    def __init__(self, status: int, message: str, error_type: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_type = status, message, error_type
+
+
+@dataclass
+class Session:
+    id: str
+    expires_at: float  # wall-clock seconds
+    ids: tuple[int, ...] = ()  # the conversation's token ids so far: every prompt and generated token
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat turns so far (assistant answers too)
+    busy: bool = False  # a request of this session is running (one at a time)
+    turns: int = 0
+
+
+def expires_text(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def check_id(raw: str) -> str:
+    """The header value as a session id, or NEW_SESSION; SessionError 400 when it cannot be one."""
+    raw = raw.strip()
+    if raw == NEW_SESSION:
+        return raw
+    if not raw or len(raw) > MAX_ID_LEN or not ID_PATTERN.match(raw):
+        raise SessionError(400, f"malformed session id {raw[:64]!r}: at most {MAX_ID_LEN} letters, digits and "
+                                "inner hyphens, or NEW_SESSION", "invalid_session")
+    return raw
+
+
+def owner_of(session_id: str) -> int | None:
+    """The worker index a session id names, or None for an id this server never issues."""
+    m = _OWNER.match(session_id)
+    return int(m.group(1)) if m else None
+
+
+class SessionTable:
+    def __init__(self, worker: int, ttl_s: float, max_sessions: int,
+                 on_end: Callable[[Session], None] | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.worker, self.ttl_s, self.max_sessions = worker, ttl_s, max_sessions
+        self._on_end = on_end or (lambda s: None)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._live: dict[str, Session] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()  # id -> "closed" | "expired"
+        self.counters = dict(opened=0, closed=0, expired=0)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def open(self) -> Session:
+        self.sweep()
+        with self._lock:
+            if len(self._live) >= self.max_sessions:
+                raise SessionError(429, f"this worker holds its maximum of {self.max_sessions} sessions "
+                                        f"(SESSION_MAX); close one, or wait for idle ones to expire after "
+                                        f"{self.ttl_s:g} s", "too_many_sessions")
+            s = Session(f"w{self.worker}-{secrets.token_hex(16)}", self._clock() + self.ttl_s)
+            self._live[s.id] = s
+            self.counters["opened"] += 1
+            return s
+
+    def acquire(self, session_id: str) -> Session:
+        """The live session for one request, marked busy until release(); its idle clock restarts."""
+        self.sweep()
+        with self._lock:
+            s = self._live.get(session_id)
+            if s is None:
+                why = self._ended.get(session_id)
+                if why is not None:
+                    raise SessionError(410, f"session {session_id} is {why}; open a new one with "
+                                            f"SessionId=NEW_SESSION", f"session_{why}")
+                raise SessionError(404, f"unknown session {session_id}: this endpoint never opened it, or it "
+                                        "was lost when its worker restarted", "session_not_found")
+            if s.busy:
+                raise SessionError(409, f"session {session_id} is already running a request; send its turns "
+                                        "one at a time", "session_busy")
+            s.busy = True
+            s.expires_at = self._clock() + self.ttl_s
+            return s
+
+    def release(self, s: Session, ids: tuple[int, ...] | None = None,
+                messages: list[dict[str, Any]] | None = None) -> None:
+        """End a request of `s`; a completed turn passes the conversation as it now stands."""
+        with self._lock:
+            if ids is not None:
+                s.ids, s.turns = tuple(ids), s.turns + 1
+            if messages is not None:
+                s.messages = list(messages)
+            s.busy = False
+            s.expires_at = self._clock() + self.ttl_s
+
+    def close(self, session_id: str) -> Session:
+        s = self.acquire(session_id)
+        self._end(s, "closed")
+        return s
+
+    def sweep(self) -> list[Session]:
+        """Remove idle sessions past their expiry (never one that is running a request)."""
+        now = self._clock()
+        with self._lock:
+            gone = [s for s in self._live.values() if s.expires_at <= now and not s.busy]
+        for s in gone:
+            self._end(s, "expired")
+        return gone
+
+    def close_all(self) -> None:
+        with self._lock:
+            live = list(self._live.values())
+        for s in live:
+            self._end(s, "closed")
+
+    def _end(self, s: Session, why: str) -> None:
+        with self._lock:
+            if self._live.pop(s.id, None) is None:
+                return
+            self._ended[s.id] = why
+            while len(self._ended) > _ENDED_MEMORY:
+                self._ended.popitem(last=False)
+            self.counters[why] += 1
+        self._on_end(s)

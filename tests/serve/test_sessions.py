@@ -1,0 +1,117 @@
+"""The session table: ids, expiry, bounds and the errors that name the id."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve import sessions as ss
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _table(**kw):
+    ended = []
+    clock = Clock()
+    t = ss.SessionTable(worker=kw.pop("worker", 3), ttl_s=kw.pop("ttl_s", 60), max_sessions=kw.pop("max", 4),
+                        on_end=ended.append, clock=clock)
+    return t, clock, ended
+
+
+def test_ids_match_botocore_pattern_and_name_their_worker():
+    t, _, _ = _table(worker=3)
+    ids = {t.open().id for _ in range(4)}
+    assert len(ids) == 4
+    for sid in ids:
+        assert ss.ID_PATTERN.match(sid) and len(sid) <= ss.MAX_ID_LEN
+        assert ss.owner_of(sid) == 3
+    assert ss.owner_of("client-made-id") is None
+
+
+@pytest.mark.parametrize("raw", ["", "-x", "x-", "a b", "a_b", "x" * 257, "é"])
+def test_malformed_ids_are_400(raw):
+    with pytest.raises(ss.SessionError) as e:
+        ss.check_id(raw)
+    assert e.value.status == 400
+
+
+def test_check_id_accepts_new_session_and_issued_ids():
+    assert ss.check_id(" NEW_SESSION ") == ss.NEW_SESSION
+    assert ss.check_id("w0-" + "a" * 32) == "w0-" + "a" * 32
+
+
+def test_conversation_kept_between_turns_and_close_releases():
+    t, _, ended = _table()
+    s = t.open()
+    got = t.acquire(s.id)
+    t.release(got, ids=(1, 2, 3), messages=[{"role": "user", "content": "hi"}])
+    again = t.acquire(s.id)
+    assert again.ids == (1, 2, 3) and again.turns == 1 and again.messages[0]["content"] == "hi"
+    t.release(again)
+    closed = t.close(s.id)
+    assert closed is s and ended == [s] and len(t) == 0
+    with pytest.raises(ss.SessionError) as e:
+        t.acquire(s.id)
+    assert e.value.status == 410 and s.id in e.value.message and "closed" in e.value.message
+
+
+def test_unknown_id_is_404_naming_it():
+    t, _, _ = _table()
+    with pytest.raises(ss.SessionError) as e:
+        t.acquire("w3-" + "0" * 32)
+    assert e.value.status == 404 and "w3-" + "0" * 32 in e.value.message
+
+
+def test_idle_sessions_expire_and_use_refreshes():
+    t, clock, ended = _table(ttl_s=60)
+    a, b = t.open(), t.open()
+    clock.t += 50
+    t.release(t.acquire(a.id))  # a used at +50: lives until +110
+    clock.t += 20  # +70: b idle for 70 s
+    t.sweep()
+    assert ended == [b] and len(t) == 1
+    with pytest.raises(ss.SessionError) as e:
+        t.acquire(b.id)
+    assert e.value.status == 410 and "expired" in e.value.message
+    clock.t += 100
+    assert t.sweep() == [a]
+
+
+def test_a_running_session_never_expires_under_its_request():
+    t, clock, ended = _table(ttl_s=10)
+    s = t.open()
+    t.acquire(s.id)
+    clock.t += 100
+    assert t.sweep() == [] and not ended
+    t.release(s)
+    clock.t += 11
+    assert t.sweep() == [s]
+
+
+def test_one_request_at_a_time_per_session():
+    t, _, _ = _table()
+    s = t.open()
+    t.acquire(s.id)
+    with pytest.raises(ss.SessionError) as e:
+        t.acquire(s.id)
+    assert e.value.status == 409
+
+
+def test_number_of_sessions_is_bounded():
+    t, clock, _ = _table(max=2, ttl_s=5)
+    t.open(), t.open()
+    with pytest.raises(ss.SessionError) as e:
+        t.open()
+    assert e.value.status == 429 and "SESSION_MAX" in e.value.message
+    clock.t += 6  # both idle past their expiry: room again
+    t.open()
+    assert len(t) == 1
+
+
+def test_expires_text_is_utc_iso():
+    assert ss.expires_text(0) == "1970-01-01T00:00:00Z"
