@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 
+from serve import affinity
 from serve.config import load_config
 
 _cfg = load_config()
@@ -33,24 +36,37 @@ errorlog = "-"
 accesslog = "-" if _cfg.server.log_level == "DEBUG" else None
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat file off slow disks
 _GPUS = _cfg.server.gpu_ids
+_RUN_DIR: str | None = None
 log = logging.getLogger("gunicorn.error")
 
 
+def on_starting(server):
+    # Master: a folder for the workers' private sockets (session forwarding, serve/affinity.py).
+    global _RUN_DIR
+    _RUN_DIR = tempfile.mkdtemp(prefix="granite-h-workers-")
+
+
+def on_exit(server):
+    if _RUN_DIR:
+        shutil.rmtree(_RUN_DIR, ignore_errors=True)
+
+
 def pre_fork(server, worker):
-    # Master: give the new worker a GPU no living worker holds (a respawned worker takes over the
-    # GPU of the one that died).
-    if not _GPUS:
-        return
-    taken = {getattr(w, "gpu_index", None) for w in server.WORKERS.values()}
-    worker.gpu_index = next((i for i in range(len(_GPUS)) if i not in taken), len(server.WORKERS) % len(_GPUS))
+    # Master: give the new worker an index (and so a GPU) no living worker holds: a respawned worker
+    # takes over the index of the one that died.
+    taken = {getattr(w, "worker_index", None) for w in server.WORKERS.values()}
+    worker.worker_index = next((i for i in range(workers) if i not in taken), len(server.WORKERS) % workers)
 
 
 def post_fork(server, worker):
     # Worker, before the app (and torch) is imported: see only this worker's GPU.
-    index = getattr(worker, "gpu_index", None)
-    if index is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = _GPUS[index]
-        log.info("worker %s pinned to GPU %s", worker.pid, _GPUS[index])
+    index = worker.worker_index
+    if _GPUS:
+        gpu = _GPUS[index % len(_GPUS)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        log.info("worker %s pinned to GPU %s", worker.pid, gpu)
+    if workers > 1:
+        affinity.this_worker = affinity.WorkerId(index, workers, _RUN_DIR)
 
 
 def _shutdown_engine(worker, timeout: float) -> None:

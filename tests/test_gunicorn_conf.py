@@ -44,13 +44,13 @@ def test_each_worker_gets_its_own_gpu(monkeypatch):
         conf.pre_fork(server, w)  # master
         server.WORKERS[pid] = w
         workers.append(w)
-    assert sorted(w.gpu_index for w in workers) == [0, 1]
+    assert sorted(w.worker_index for w in workers) == [0, 1]
     del server.WORKERS[101]  # worker on GPU index 0 died: its replacement takes that GPU
     respawn = types.SimpleNamespace(pid=103)
     conf.pre_fork(server, respawn)
-    assert respawn.gpu_index == workers[0].gpu_index
+    assert respawn.worker_index == workers[0].worker_index
     conf.post_fork(server, respawn)  # in the worker, before torch is imported
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == ("3", "5")[workers[0].gpu_index]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ("3", "5")[workers[0].worker_index]
 
 
 def test_no_gpus_no_pinning(monkeypatch):
@@ -78,3 +78,26 @@ def restore_conf():
     import serve.gunicorn_conf as conf
 
     importlib.reload(conf)
+
+
+def test_workers_know_their_index_for_session_forwarding(monkeypatch):
+    from serve import affinity
+
+    conf = load_conf(monkeypatch, SAGEMAKER_MODEL_SERVER_WORKERS="2", DEVICE="cpu")
+    server = types.SimpleNamespace(WORKERS={})
+    conf.on_starting(server)
+    try:
+        seen = []
+        for pid in (201, 202):
+            w = types.SimpleNamespace(pid=pid)
+            conf.pre_fork(server, w)
+            server.WORKERS[pid] = w
+            conf.post_fork(server, w)  # (each in its own process in real life)
+            seen.append(affinity.this_worker)
+        assert [s.index for s in seen] == [0, 1] and {s.count for s in seen} == {2}
+        assert seen[0].run_dir == seen[1].run_dir and os.path.isdir(seen[0].run_dir)
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    finally:
+        monkeypatch.setattr(affinity, "this_worker", None)
+        conf.on_exit(server)
+    assert not os.path.exists(seen[0].run_dir)
