@@ -99,7 +99,7 @@ class ServerState:
 
 
 def _error(status: int, message: str, error_type: str) -> Response:
-    return Response(enc.dumps(enc.error_body(message, error_type)), status=status, mimetype="application/json")
+    return Response(enc.json_body(enc.error_body(message, error_type)), status=status, mimetype="application/json")
 
 
 def _guard_stream(body: Iterator[bytes], openai: bool) -> Iterator[bytes]:
@@ -155,7 +155,7 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
         ctx = Ctx(service.engine, state.model_name, state.metrics)
         if req.stream:
             return _respond(stream(ctx, req), "text/event-stream", openai=True)
-        return _respond(enc.dumps(start(ctx, req).finish()), "application/json")
+        return _respond(enc.json_body(start(ctx, req).finish()), "application/json")
 
     app.post("/v1/chat/completions", endpoint="chat")(lambda: openai_route("chat"))
     app.post("/v1/completions", endpoint="completions")(lambda: openai_route("completions"))

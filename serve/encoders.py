@@ -25,6 +25,11 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).translate(_LINE_BREAKS)
 
 
+def json_body(obj: Any) -> bytes:
+    # A JSON response body ends with a newline: line-based readers (langchain-aws's LineIterator) wait for one.
+    return (dumps(obj) + "\n").encode()
+
+
 def sse(obj: Any, openai: bool = False) -> bytes:
     # TGI writes "data:{...}", OpenAI "data: {...}"; both are valid SSE.
     return (("data: " if openai else "data:") + dumps(obj) + "\n\n").encode()

@@ -161,7 +161,7 @@ def default_output_fn(prediction: Any, accept: str | None) -> tuple[Any, str]:
         return "".join(enc.dumps(x) + "\n" for x in prediction).encode(), "application/jsonlines"
     if isinstance(prediction, (bytes, str)):
         return prediction, _accept_or_json(accept)
-    return enc.dumps(prediction).encode(), "application/json"
+    return enc.json_body(prediction), "application/json"
 
 
 def _accept_or_json(accept: str | None) -> str:
@@ -211,4 +211,4 @@ class Service:
         body, ctype = result if isinstance(result, tuple) and len(result) == 2 else default_output_fn(result, accept)
         if isinstance(body, (bytes, str, Iterator)):
             return body, str(ctype)
-        return enc.dumps(body).encode(), str(ctype)
+        return enc.json_body(body), str(ctype)

@@ -306,3 +306,20 @@ def test_importing_the_app_does_not_import_torch():
 
     code = "import sys, serve.app, serve.gunicorn_conf; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_json_bodies_end_with_a_newline(served):
+    # langchain-aws's LineIterator (and other line-based readers) wait for the newline that ends a body.
+    _, client, _ = served
+    bodies = [
+        client.post("/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}),
+        client.post("/invocations", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}),
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        client.post("/invocations", data=b"{oops", content_type="application/json"),
+        client.get("/nowhere"),
+        client.get("/v1/models"),
+    ]
+    for r in bodies:
+        assert r.mimetype == "application/json" and r.data.endswith(b"\n"), (r.status_code, r.data[-40:])
+        assert r.data.count(b"\n") == 1
