@@ -93,7 +93,7 @@ def test_default_input_and_output_fns():
     with pytest.raises(ProtocolError) as err:
         default_input_fn(b"x", "text/csv")
     assert err.value.status == 415
-    assert default_output_fn({"a": "é"}, "*/*") == ('{"a":"é"}'.encode(), "application/json")
+    assert default_output_fn({"a": "é"}, "*/*") == ('{"a":"é"}\n'.encode(), "application/json")
     assert default_output_fn(JsonLines([{"a": 1}, {"b": 2}]), None) == (b'{"a":1}\n{"b":2}\n', "application/jsonlines")
     assert default_output_fn("raw", "text/plain") == ("raw", "text/plain")
     body = iter([b"data:x\n\n"])
