@@ -91,12 +91,32 @@ def test_event_text_skips_special_tokens():
     assert invoke.event_text({"choices": [{"text": "x", "index": 0}]}) == "x"
 
 
-def test_payload_parts_raise_on_stream_errors():
-    good = {"PayloadPart": {"Bytes": b"x"}}
-    with pytest.raises(invoke.InvokeError, match="ModelStreamError|E1"):
-        list(invoke.payload_parts([good, {"ModelStreamError": {"ErrorCode": "E1", "Message": "boom"}}]))
-    with pytest.raises(invoke.InvokeError, match="InternalStreamFailure"):
-        list(invoke.payload_parts([{"InternalStreamFailure": {"Message": "down"}}]))
+@pytest.mark.parametrize("kind,fields", [
+    ("ModelStreamError", {"Message": "boom", "ErrorCode": "E1"}),
+    ("InternalStreamFailure", {"Message": "down"}),
+])
+def test_payload_parts_raise_invoke_error_on_stream_errors(kind, fields):
+    # botocore's real EventStream parser fed real frames: it raises EventStreamError for exception
+    # events (it never yields a dict with that key); the caller sees InvokeError, after the good parts.
+    stream = payload_event_stream([b"data:1\n\n", b"data:2\n\n"], error=(kind, fields))
+    seen = []
+    with pytest.raises(invoke.InvokeError) as info:
+        for part in invoke.payload_parts(stream):
+            seen.append(part)
+    assert b"".join(seen) == b"data:1\n\ndata:2\n\n"
+    assert kind in str(info.value) and fields["Message"] in str(info.value)
+
+
+def test_cli_prints_a_stream_error_alone_and_exits_non_zero(monkeypatch, capsys):
+    def failing(*a, **kw):
+        raise invoke.InvokeError(None, "ModelStreamError: boom")
+        yield  # a generator, like the real stream
+
+    monkeypatch.setattr(invoke, "stream_text", failing)
+    code = invoke.main(["--url", "http://127.0.0.1:9", "--stream"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: ModelStreamError: boom"
 
 
 def _body(obj) -> StreamingBody:
