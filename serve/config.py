@@ -239,6 +239,33 @@ def _gpu_ids(v: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(i) for i in range(count or 0))
 
 
+def gunicorn_settings(cfg: Config) -> dict[str, Any]:
+    """serve/gunicorn_conf.py's settings (module globals gunicorn reads), all from `cfg`."""
+    s = cfg.server
+    return {
+        "bind": [f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"],
+        "wsgi_app": "serve.app:create_app()",
+        "worker_class": "gthread",
+        "workers": s.workers,
+        "threads": cfg.threads,
+        "timeout": s.timeout_s,
+        "graceful_timeout": s.graceful_timeout_s,
+        "keepalive": 75,  # longer than typical client/LB idle timeouts (60 s), so pooled connections stay valid
+        "preload_app": False,
+        "control_socket_disable": True,  # gunicorn >= 25: no runtime-control socket (read-only homes)
+        "loglevel": s.log_level.lower(),
+        "errorlog": "-",
+        "accesslog": "-" if s.log_level == "DEBUG" else None,
+        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,  # heartbeat file off slow disks
+    }
+
+
+def pin_gpu(gpu_id: str) -> None:
+    """In a fresh gunicorn worker, before torch is imported: see only this GPU (the one write to the
+    process environment, kept next to the reads)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+
+
 def var_unset(env: Mapping[str, str], name: str) -> bool:
     return not (env.get(name) or "").strip()
 

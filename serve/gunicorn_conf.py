@@ -10,28 +10,13 @@ The app (and so torch and the model) is created in the worker, never in the mast
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 
-from serve.config import load_config
+from serve.config import gunicorn_settings, load_config, pin_gpu
 
 _cfg = load_config()
-_host = _cfg.server.host
-bind = [f"[{_host}]:{_cfg.server.port}" if ":" in _host else f"{_host}:{_cfg.server.port}"]
-wsgi_app = "serve.app:create_app()"
-worker_class = "gthread"
-workers = _cfg.server.workers
-threads = _cfg.threads
-timeout = _cfg.server.timeout_s
-graceful_timeout = _cfg.server.graceful_timeout_s
-keepalive = 75  # longer than typical client/LB idle timeouts (60 s), so pooled connections stay valid
-preload_app = False
-control_socket_disable = True  # gunicorn >= 25: no runtime-control socket (read-only homes, parallel servers)
-loglevel = _cfg.server.log_level.lower()
-errorlog = "-"
-accesslog = "-" if _cfg.server.log_level == "DEBUG" else None
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat file off slow disks
+globals().update(gunicorn_settings(_cfg))  # bind, workers, threads, timeouts, logging: see serve/config.py
 _GPUS = _cfg.server.gpu_ids
 log = logging.getLogger("gunicorn.error")
 
@@ -49,7 +34,7 @@ def post_fork(server, worker):
     # Worker, before the app (and torch) is imported: see only this worker's GPU.
     index = getattr(worker, "gpu_index", None)
     if index is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = _GPUS[index]
+        pin_gpu(_GPUS[index])
         log.info("worker %s pinned to GPU %s", worker.pid, _GPUS[index])
 
 
@@ -65,7 +50,7 @@ def post_worker_init(worker):
     # in-flight requests, then the master SIGKILLs the worker. Drain the engine on a deadline shorter
     # than that, so a stream that cannot finish in time still ends with an error event, not a cut.
     previous = signal.getsignal(signal.SIGTERM)
-    drain_s = max(1.0, graceful_timeout - 3.0)
+    drain_s = max(1.0, _cfg.server.graceful_timeout_s - 3.0)
 
     def on_term(signum, frame):
         threading.Thread(target=_shutdown_engine, args=(worker, drain_s), name="drain", daemon=True).start()

@@ -143,3 +143,22 @@ def test_batch_mode_raises_the_default_payload_limit_only_when_unset():
     assert load_config({"SAGEMAKER_BATCH": "True"}).server.max_payload_bytes == 100 * 1024 * 1024
     cfg = load_config({"SAGEMAKER_BATCH": "true", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20"})
     assert cfg.server.max_payload_bytes == 20 * 1024 * 1024
+
+
+def test_only_config_touches_the_process_environment():
+    """serve/config.py is the one module that reads (or writes) os.environ; gunicorn_conf goes through it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*(root / "serve").rglob("*.py"), *(root / "model").rglob("*.py")]):
+        if path == root / "serve" / "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if isinstance(node, ast.ImportFrom) and node.module == "os":
+                name = next((a.name for a in node.names if a.name in ("environ", "getenv", "putenv")), None)
+            if name in ("environ", "getenv", "putenv", "environb"):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders
