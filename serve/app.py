@@ -28,6 +28,7 @@ log = logging.getLogger("serve")
 DEMO_NAME = "granite-4.0-h-micro-DEMO-random-weights"
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+DRAIN_MIN_BYTES = 64 * 1024 * 1024  # an answered request's unread body is read and dropped up to this (or 2x limit)
 
 
 class ServerState:
@@ -122,6 +123,22 @@ def _respond(body: Any, content_type: str, openai: bool = False) -> Response:
                     direct_passthrough=True)
 
 
+def _drain_unread_body(response: Response, limit: int) -> None:
+    # A response sent before the body was read (413 from the headers, 415, 503 while loading): read and
+    # drop the rest, so a client that writes its whole body before reading gets the answer, not a broken
+    # pipe from a connection closed under it. Past `limit` the connection is closed instead.
+    if request.content_length is None and "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+        return  # no body, or one we cannot delimit
+    stream = request.environ.get("wsgi.input")
+    left = limit
+    while stream is not None and left > 0:
+        chunk = stream.read(min(1 << 16, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+    response.headers["Connection"] = "close"
+
+
 def create_app(config: Config | None = None, engine: Any = None) -> Flask:
     config = config or load_config()
     if not logging.getLogger().handlers:
@@ -208,6 +225,7 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
         if attrs is not None:
             response.headers[CUSTOM_ATTRIBUTES] = attrs
         state.metrics.request(getattr(g, "route", "other"), response.status_code)
+        _drain_unread_body(response, max(DRAIN_MIN_BYTES, 2 * config.server.max_payload_bytes))
         return response
 
     state.start()

@@ -139,6 +139,30 @@ def test_errors_are_json_with_status(server):
     assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
 
 
+def test_413_reaches_a_client_that_writes_the_whole_body_first(server):
+    # urllib and many HTTP/1.1 clients send the whole body before reading: they must get the 413 JSON,
+    # not a broken pipe from a connection closed while they were still uploading.
+    body = b'{"inputs": "' + b"x" * (8 * 1024 * 1024) + b'"}'
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        sock.sendall(body)  # BrokenPipeError here on the old main
+        head, _, rest = _read_response(sock)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert json.loads(rest)["error_type"] == "payload_too_large"
+
+
+def _read_response(sock) -> tuple[bytes, bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head, b"", rest
+
+
 def test_custom_inference_py_overrides_output(server):
     body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
     r = server.post("/invocations", body, headers={"Accept": "application/x-wrapped"})
