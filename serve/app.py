@@ -7,6 +7,7 @@ background thread, so the port answers immediately and /ping says 503 until the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from serve.generate import Ctx, start, stream
 from serve.handler import Service, load_user_module
 from serve.metrics import Metrics
 from serve.protocol import JSON_TYPES, Limits, ProtocolError, decode_json, media_type, parse_request
+from serve.watch import DISCONNECTED, watching
 
 log = logging.getLogger("serve")
 DEMO_NAME = "granite-4.0-h-micro-DEMO-random-weights"
@@ -155,13 +157,27 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
             return Response(b"", status=200)
         return _error(503, state.error or "the model is still loading", "not_ready")
 
+    def watched(view):
+        # Non-streaming work of this request is cancelled when its client hangs up or its deadline passes.
+        @functools.wraps(view)
+        def run(*args):
+            with watching(request.environ.get("gunicorn.socket"), config.server.request_timeout_s) as w:
+                try:
+                    return view(*args)
+                finally:
+                    if w.reason == DISCONNECTED:
+                        state.metrics.disconnect()
+        return run
+
     @app.post("/invocations")
+    @watched
     def invocations():
         service = state.require()
         body = request.get_data(cache=False)
         out, content_type = service.invoke(body, request.headers.get("Content-Type"), request.headers.get("Accept"))
         return _respond(out, content_type)
 
+    @watched
     def openai_route(route: str):
         service = state.require()
         media = media_type(request.headers.get("Content-Type"))

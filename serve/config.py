@@ -16,6 +16,7 @@ from model.types import EngineConfig
 
 _ENGINE_DEFAULTS = EngineConfig()
 SAGEMAKER_MAX_PAYLOAD_MB = 6  # SageMaker's real-time limit: 6 MiB = 6,291,456 bytes each way
+REALTIME_TIMEOUT_S = 60  # SageMaker's real-time invocation timeout
 BATCH_MAX_PAYLOAD_MB = 100  # batch transform's largest MaxPayloadInMB: never 413 a payload SageMaker may send
 
 
@@ -35,6 +36,7 @@ class ServerConfig:
     batch_strategy: str = "MULTI_RECORD"
     max_concurrent_transforms: int | None = None  # None: derived from engine slots
     default_max_new_tokens: int = 256
+    request_timeout_s: float | None = 60.0  # non-streaming real-time requests; None = no deadline (batch)
     gpu_ids: tuple[str, ...] = ()  # devices visible to the server; one worker each
     log_level: str = "INFO"
 
@@ -107,6 +109,16 @@ def _choice(*options: str, upper: bool = False) -> Callable[[str], str]:
     return parse
 
 
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not 0 <= value < 1e7:
+        raise ValueError("must be >= 0 seconds")
+    return value
+
+
 def _str(raw: str) -> str:
     return raw.strip()
 
@@ -145,6 +157,9 @@ VARS: tuple[Var, ...] = (
     Var("SAGEMAKER_MAX_PAYLOAD_IN_MB", SAGEMAKER_MAX_PAYLOAD_MB,
         "Largest request body in MiB (6 = SageMaker's 6,291,456 bytes; 100 when SAGEMAKER_BATCH is set); "
         "larger bodies get 413.", _int(1)),
+    Var("REQUEST_TIMEOUT", REALTIME_TIMEOUT_S,
+        "Seconds a non-streaming request may run before it is stopped with 504 (SageMaker gives up after 60 s and "
+        "botocore retries); 0 = none, the default when SAGEMAKER_BATCH is set.", _seconds),
     Var("SAGEMAKER_BATCH", False, "Set by batch transform (true/True): payload limit defaults to 100 MiB.", _bool),
     Var("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD",
         "BatchStrategy reported by /execution-parameters.", _choice("SINGLE_RECORD", "MULTI_RECORD", upper=True)),
@@ -277,6 +292,9 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     payload_mb = v["SAGEMAKER_MAX_PAYLOAD_IN_MB"]
     if v["SAGEMAKER_BATCH"] and not (env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB") or "").strip():
         payload_mb = BATCH_MAX_PAYLOAD_MB
+    timeout_s = v["REQUEST_TIMEOUT"]
+    if v["SAGEMAKER_BATCH"] and var_unset(env, "REQUEST_TIMEOUT"):
+        timeout_s = 0  # batch transform invocations may run for up to SAGEMAKER_MODEL_SERVER_TIMEOUT
     if v["DEVICE"] == "cpu" and v["KERNELS"] == "fused":
         raise ConfigError("KERNELS=fused needs CUDA but DEVICE=cpu")
     if v["MAX_NEW_TOKENS"] >= v["MAX_TOTAL_TOKENS"]:
@@ -299,6 +317,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             batch_strategy=v["SAGEMAKER_BATCH_STRATEGY"],
             max_concurrent_transforms=v["SAGEMAKER_MAX_CONCURRENT_TRANSFORMS"],
             default_max_new_tokens=v["MAX_NEW_TOKENS"],
+            request_timeout_s=float(timeout_s) or None,
             gpu_ids=gpu_ids,
             log_level=v["LOG_LEVEL"],
         )

@@ -21,7 +21,8 @@ from typing import Any
 
 from model.types import EngineError, QueueFull
 from serve import encoders as enc
-from serve.generate import Ctx, Pending, start, stream
+from serve import watch
+from serve.generate import Ctx, Pending, raise_if_abandoned, start, stream
 from serve.openai import ChatRequest, CompletionRequest
 from serve.protocol import (
     JSON_TYPES,
@@ -113,9 +114,13 @@ def handle_records(engine: Any, lines: list, defaults: dict | None = None, *, li
         except Exception as e:
             out[j] = error_record(e)
 
+    w = watch.current()
     for i, line in enumerate(lines):
         deadline = time.monotonic() + QUEUE_WAIT_S
         while out[i] is None:
+            if w is not None and w.reason is not None:  # abandoned: submit no more records
+                out[i] = error_record(_abandoned(w))
+                break
             try:
                 inflight.append((i, _start_record(ctx, line, lim)))
                 break
@@ -131,6 +136,14 @@ def handle_records(engine: Any, lines: list, defaults: dict | None = None, *, li
     while inflight:
         finish_oldest()
     return out
+
+
+def _abandoned(w: watch.Watch) -> Exception:
+    try:
+        raise_if_abandoned()
+    except Exception as e:
+        return e
+    return RuntimeError(w.reason)
 
 
 def handle_record(engine: Any, record: str, defaults: dict | None = None) -> dict:
@@ -190,7 +203,9 @@ class Service:
     def predict_fn(self, data: Any, model: Any) -> Any:
         engine = model if hasattr(model, "submit") else self.engine  # model_fn may return something else
         if isinstance(data, JsonLines):
-            return JsonLines(handle_records(engine, data, limits=self.limits, metrics=self.metrics))
+            out = JsonLines(handle_records(engine, data, limits=self.limits, metrics=self.metrics))
+            raise_if_abandoned()  # every record was cancelled; the request as a whole answers the error
+            return out
         req = data if isinstance(data, REQUEST_TYPES) else parse_request(data, self.limits)
         ctx = Ctx(engine, engine.model_name, self.metrics)
         if getattr(req, "stream", False):

@@ -79,15 +79,3 @@ def load(module: str):
     import importlib
 
     return importlib.import_module(f"granite_sm.{module}")
-
-
-class FakeSession:
-    """Stands in for boto3.Session in a script's main(): hands out the (stubbed) clients given."""
-
-    region_name = REGION
-
-    def __init__(self, **clients) -> None:
-        self.clients = clients
-
-    def client(self, name: str):
-        return self.clients[name.replace("-", "_")]

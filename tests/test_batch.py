@@ -11,7 +11,8 @@ from serve import batch_io
 from serve.batch_journal import Journal
 from serve.batch_records import may_sample, seed_for
 from serve.batch_runner import BatchJob, BatchRun
-from tests.batch_helpers import fake_infer, prompts, read_lines, write
+from tests.batch_helpers import prompts, read_lines, write
+from tests.fakes import fake_infer
 
 
 def run(tmp_path, inp, out=None, infer=fake_infer, **kw):

@@ -24,7 +24,7 @@ import functools, sys
 from serve.batch_runner import BatchJob, BatchRun
 import pytest
 
-from tests.batch_helpers import fake_infer
+from tests.fakes import fake_infer
 inp, out = sys.argv[1], sys.argv[2]
 job = BatchJob(input=inp, output=out, work_dir=out + "/.batch", progress="none", concurrency=8,
                defaults={"max_new_tokens": 2}, join_input=True)

@@ -15,7 +15,8 @@ import pytest
 
 from serve import s3io
 from serve.batch_runner import BatchJob, BatchRun
-from tests.batch_helpers import fake_infer, prompts, read_lines, write
+from tests.batch_helpers import prompts, read_lines, write
+from tests.fakes import fake_infer
 
 ROOT = Path(__file__).resolve().parents[1]
 

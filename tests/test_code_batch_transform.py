@@ -137,7 +137,7 @@ def test_sdk_transformer_arguments(monkeypatch):
 
 def test_cli_main_end_to_end(tmp_path, monkeypatch, capsys):
     """Shards for 2 instances -> upload -> create job -> wait -> download -> paired output."""
-    from tests.sdk_helpers import FakeSession
+    from tests.fakes import FakeSession
 
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))

@@ -204,7 +204,7 @@ def test_sdk_v2_model_deploy_arguments(monkeypatch):
 
 
 def test_cli_main_deploys_with_boto3(monkeypatch, capsys):
-    from tests.sdk_helpers import FakeSession
+    from tests.fakes import FakeSession
 
     sm = client("sagemaker")
     monkeypatch.setattr(deploy, "boto_session", lambda region, profile: FakeSession(sagemaker=sm))

@@ -145,6 +145,9 @@ def test_batch_mode_raises_the_default_payload_limit_only_when_unset():
     assert cfg.server.max_payload_bytes == 20 * 1024 * 1024
 
 
+ENV_NAMES = ("environ", "environb", "getenv", "getenvb", "putenv", "unsetenv")
+
+
 def test_only_config_touches_the_process_environment():
     """serve/config.py is the one module that reads (or writes) os.environ; gunicorn_conf goes through it."""
     import ast
@@ -156,9 +159,10 @@ def test_only_config_touches_the_process_environment():
         if path == root / "serve" / "config.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
-            if isinstance(node, ast.ImportFrom) and node.module == "os":
-                name = next((a.name for a in node.names if a.name in ("environ", "getenv", "putenv")), None)
-            if name in ("environ", "getenv", "putenv", "environb"):
+            hit = isinstance(node, ast.Attribute) and node.attr in ENV_NAMES and \
+                isinstance(node.value, ast.Name) and node.value.id == "os"
+            hit = hit or (isinstance(node, ast.ImportFrom) and node.module == "os"
+                          and any(a.name in ENV_NAMES for a in node.names))
+            if hit:
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not offenders, offenders

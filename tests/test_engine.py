@@ -13,7 +13,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.blocks import SlotAllocator
 from model.engine import Engine
 from model.handle import StopBuffer
 from model.types import (
@@ -26,104 +25,7 @@ from model.types import (
     QueueFull,
     SamplingParams,
 )
-
-# ---- fakes --------------------------------------------------------------------------------------
-
-V = 64
-ALPHA = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-_+*/=<>()[]{}@#$%&"[:V]
-EOS = 0
-
-
-class FakeDetok:
-    def __init__(self, tok):
-        self.tok = tok
-        self.text = ""
-
-    def push(self, t):
-        piece = "" if self.tok.is_special(t) else ALPHA[t]
-        self.text += piece
-        return piece
-
-
-class FakeTokenizer:
-    eos_token_id = EOS
-    pad_token_id = 1
-    vocab_size = V
-
-    def encode(self, text):
-        return [ALPHA.index(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join("<eos>" if i == EOS else ALPHA[i] for i in ids)
-
-    def is_special(self, t):
-        return t == EOS
-
-    def detokenizer(self):
-        return FakeDetok(self)
-
-
-class FakeRunner:
-    """Next token = (last fed token + 1) % V, or `script[last]` when given. Runs with a real allocator."""
-
-    def __init__(self, model_dir, config, script=None, slots=None, blocks=256):
-        self.allocator = SlotAllocator(slots or config.max_concurrent_seqs, blocks, 4)
-        self.vocab_size = V
-        self.device = "cpu"
-        self.script = script or {}
-        self.fail_next = 0  # fail this many forward() calls
-        self.gate: threading.Event | None = None  # when set, forward() waits for it
-        self.batches = []
-
-    def warmup(self):
-        pass
-
-    def forward(self, batch):
-        if self.gate is not None:
-            self.gate.wait(10)
-        for c in batch.chunks:
-            assert self.allocator.is_allocated(c.slot)
-            assert c.start + len(c.token_ids) <= self.allocator.capacity(c.slot)
-        self.batches.append(batch)
-        if self.fail_next:
-            self.fail_next -= 1
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        rows = []
-        for c in batch.chunks:
-            if c.want_logits:
-                last = c.token_ids[-1]
-                row = torch.zeros(V)
-                row[self.script.get(last, (last + 1) % V)] = 20.0
-                rows.append(row)
-        return torch.stack(rows) if rows else torch.empty(0, V)
-
-
-ENGINES: list[Engine] = []
-
-
-def fake_engine(script=None, slots=4, blocks=256, **cfg) -> Engine:
-    defaults = dict(max_concurrent_seqs=slots, max_input_tokens=100, max_total_tokens=200, max_step_tokens=64,
-                    prefill_chunk_tokens=16, max_queued_requests=16)
-    defaults.update(cfg)
-    config = EngineConfig(**defaults)
-    eng = Engine(Path("/nonexistent"), config, "fake",
-                 runner_factory=lambda d, c: FakeRunner(d, c, script, slots, blocks),
-                 tokenizer_factory=lambda d: FakeTokenizer())
-    eng.start()
-    assert eng.wait_ready(10), eng.error
-    ENGINES.append(eng)
-    return eng
-
-
-def req(prompt, **params) -> GenerationRequest:
-    ids = [ALPHA.index(c) for c in prompt] if isinstance(prompt, str) else list(prompt)
-    return GenerationRequest(tuple(ids), SamplingParams(**params))
-
-
-def wait_idle(eng: Engine, timeout=20.0):
-    end = time.monotonic() + timeout
-    while eng.scheduler.has_work() and time.monotonic() < end:
-        time.sleep(0.01)
+from tests.fakes import ALPHA, ENGINES, EOS, FakeRunner, FakeTokenizer, V, fake_engine, req, wait_idle
 
 
 @pytest.fixture(autouse=True)

@@ -228,6 +228,33 @@ def test_client_disconnect_cancels_generation(server):
     assert "granite_free_slots 16" in text and "granite_client_disconnects_total 1" in text
 
 
+def test_client_that_leaves_a_jsonlines_request_cancels_every_record(server):
+    # Non-streaming: nothing is written until the answer, so only watching the socket notices the hang-up.
+    def metric(pattern: str) -> int:
+        text = requests.get(server.url + "/metrics", timeout=5).text
+        return int(re.search(pattern, text, re.M).group(1))
+
+    cancelled = r'^granite_engine_finished_total\{reason="cancelled"\} (\d+)$'
+    before, gone = metric(cancelled), metric(r"^granite_client_disconnects_total (\d+)$")
+    records = 20  # 16 slots running + 4 waiting
+    body = b"".join(json.dumps({"inputs": f"record {i}", "parameters": {
+        "max_new_tokens": 400, "do_sample": True, "temperature": 5.0, "seed": i}}).encode() + b"\n"
+        for i in range(records))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/jsonlines\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while metric(r"^granite_running_sequences (\d+)$") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + 20
+    while metric(cancelled) < before + records:  # the old main generated all 20 x 400 tokens for nobody
+        assert time.monotonic() < deadline, f"{metric(cancelled) - before} of {records} records cancelled"
+        time.sleep(0.1)
+    assert metric(r"^granite_free_slots (\d+)$") == 16
+    assert metric(r"^granite_client_disconnects_total (\d+)$") == gone + 1
+
+
 def test_demo_model_says_so(tmp_path):
     # `make serve` with no model: MODEL_ID=demo, built into MODEL_CACHE_DIR; name and log say DEMO.
     srv = ServerProcess({"MODEL_ID": "demo", "MODEL_CACHE_DIR": str(tmp_path / "cache"), "MODEL_DIR": str(tmp_path)},
