@@ -71,7 +71,7 @@ def machine() -> str:
 def run_bench(records: int = 256, max_new_tokens: int = 16, model_dir: str | None = None,
               model_id: str | None = None, concurrency: int = 0, out: str | None = None) -> dict:
     cfg = load_config()
-    engine, name = start_engine(cfg, model_dir, model_id or (None if model_dir else "demo"))
+    engine, name, cfg = start_engine(cfg, model_dir, model_id or (None if model_dir else "demo"))
     from serve.handler import handle_record
 
     def infer(rec, defaults):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEMO_NAME = "granite-4.0-h-demo-random-weights"
@@ -30,6 +30,7 @@ class ResolvedModel:
     path: Path
     name: str
     is_demo: bool
+    config: dict = field(default_factory=dict, compare=False)  # its validated config.json
 
 
 def resolve_model(model_dir: str | None, hf_model_id: str | None, hf_revision: str | None, hf_token: str | None,
@@ -38,16 +39,13 @@ def resolve_model(model_dir: str | None, hf_model_id: str | None, hf_revision: s
         from model.demo import demo_dir
 
         path = demo_dir(Path(cache_dir))
-        validate_checkpoint(path)
-        return ResolvedModel(path=path, name=DEMO_NAME, is_demo=True)
+        return ResolvedModel(path=path, name=DEMO_NAME, is_demo=True, config=validate_checkpoint(path))
     local = find_checkpoint_dir(Path(model_dir)) if model_dir else None
     if local is not None:
-        validate_checkpoint(local)
-        return ResolvedModel(path=local, name=_model_name(local), is_demo=False)
+        return ResolvedModel(path=local, name=_model_name(local), is_demo=False, config=validate_checkpoint(local))
     if hf_model_id:
         path = download(hf_model_id, hf_revision, hf_token, cache_dir)
-        validate_checkpoint(path)
-        return ResolvedModel(path=path, name=hf_model_id, is_demo=False)
+        return ResolvedModel(path=path, name=hf_model_id, is_demo=False, config=validate_checkpoint(path))
     if model_dir and Path(model_dir).is_dir() and any(Path(model_dir).iterdir()):
         found = ", ".join(sorted(p.name for p in Path(model_dir).iterdir())[:10])
         raise ModelLoadError(f"{model_dir} holds no Hugging Face checkpoint (no config.json; found: {found}). {NO_MODEL}")

@@ -41,7 +41,9 @@ class Tokenizer:
         return getattr(self.hf, "chat_template", None)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=False))
+        # verbose=False: the server enforces its own limits (MAX_INPUT_TOKENS); the tokenizer's
+        # model_max_length warning ("sequence length is longer than the specified maximum") would be noise.
+        return list(self.hf.encode(text, add_special_tokens=False, verbose=False))
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

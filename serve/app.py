@@ -27,7 +27,6 @@ from serve.protocol import JSON_TYPES, Limits, ProtocolError, decode_json, media
 from serve.watch import DISCONNECTED, watching
 
 log = logging.getLogger("serve")
-DEMO_NAME = "granite-4.0-h-micro-DEMO-random-weights"
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 DRAIN_MIN_BYTES = 64 * 1024 * 1024  # an answered request's unread body is read and dropped up to this (or 2x limit)
@@ -44,8 +43,7 @@ class ServerState:
         self.error: str | None = None
         self.ready = False
         self.metrics = Metrics()
-        self.limits = Limits(default_max_new_tokens=config.server.default_max_new_tokens,
-                             max_new_tokens=config.engine.max_total_tokens - 1)
+        self.limits = Limits()  # set from the engine's context limits once it is loaded
         self._thread = threading.Thread(target=self._load, name="server-load", daemon=True)
 
     def start(self) -> None:
@@ -58,6 +56,9 @@ class ServerState:
             self.engine.start()  # idempotent
             if not self.engine.wait_ready():
                 raise RuntimeError(self.engine.error or "the engine did not start")
+            total = self.engine.config.max_total_tokens
+            self.limits = Limits(default_max_new_tokens=min(self.config.server.default_max_new_tokens, total - 1),
+                                 max_new_tokens=total - 1)
             # code/inference.py sits at the top of the model dir (the checkpoint may be one level down)
             model_dir = Path(self.config.model.model_dir)
             if not (model_dir / "code" / "inference.py").is_file():
@@ -72,20 +73,11 @@ class ServerState:
             log.exception("model load failed; /ping answers 503: %s", self.error)
 
     def _create_engine(self) -> Any:
-        from model.engine import Engine
-        from model.loader import resolve_model
+        from serve.engine_setup import build_engine
 
-        m = self.config.model
-        resolved = resolve_model(m.model_dir, m.hf_model_id, m.hf_revision, m.hf_token, m.model_id, m.cache_dir)
-        name = resolved.name
-        if resolved.is_demo:
-            name = name if "demo" in name.lower() else DEMO_NAME
-            log.warning("!" * 78)
-            log.warning("DEMO MODEL: %s has RANDOM WEIGHTS; its text is meaningless. Set MODEL_DIR or "
-                        "HF_MODEL_ID to serve Granite.", name)
-            log.warning("!" * 78)
-        self.model_name = name
-        return Engine(resolved.path, self.config.engine, name)
+        engine, self.config = build_engine(self.config)
+        self.model_name = engine.model_name
+        return engine
 
     def live(self) -> bool:
         return self.ready and bool(getattr(self.engine, "ready", False))

@@ -18,7 +18,6 @@ arguments/model/input, 130 interrupted (SIGINT/SIGTERM; run again to resume).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -128,29 +127,21 @@ def default_concurrency(engine_cfg) -> int:
 
 
 def start_engine(cfg, model_dir: str | None, model_id: str | None):
-    """-> (engine, model name) once ready; SystemExit(2) with the reason when loading fails."""
-    from model.engine import Engine
-    from model.loader import resolve_model
+    """-> (engine, model name, cfg with the checkpoint's context limits) once ready; SystemExit(2) with the
+    reason when loading fails."""
+    from serve.engine_setup import build_engine
 
-    src = cfg.model
-    if model_dir or model_id:
-        src = dataclasses.replace(src, model_dir=model_dir or src.model_dir, model_id=model_id or src.model_id,
-                                  hf_model_id=None if model_dir else src.hf_model_id)
     try:
-        resolved = resolve_model(src.model_dir, src.hf_model_id, src.hf_revision, src.hf_token, src.model_id,
-                                 src.cache_dir)
+        engine, cfg = build_engine(cfg, model_dir, model_id)
     except Exception as e:
         log.error("batch: %s", e)
         raise SystemExit(2) from None
-    if resolved.is_demo:
-        log.warning("batch: serving the DEMO model (random weights): its text is meaningless")
-    engine = Engine(resolved.path, cfg.engine, resolved.name)
     engine.start()
     if not engine.wait_ready():
         log.error("batch: %s", engine.error or "the engine did not start")
         engine.shutdown(timeout=1.0)
         raise SystemExit(2)
-    return engine, resolved.name
+    return engine, engine.model_name, cfg
 
 
 def check_input(uri: str) -> None:
@@ -181,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         defaults = job_defaults(args)
         check_input(args.input)
-        engine, name = start_engine(cfg, args.model_dir, args.model_id)
+        engine, name, cfg = start_engine(cfg, args.model_dir, args.model_id)
     except SystemExit as e:
         if isinstance(e.code, str):
             log.error("batch: %s", e.code)

@@ -7,6 +7,7 @@ No other module reads the environment. torch is never imported here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,7 @@ from model.types import EngineConfig
 
 _ENGINE_DEFAULTS = EngineConfig()
 SAGEMAKER_MAX_PAYLOAD_MB = 6  # SageMaker's real-time limit: 6 MiB = 6,291,456 bytes each way
+DEFAULT_MAX_NEW_TOKENS = 256
 REALTIME_TIMEOUT_S = 60  # SageMaker's real-time invocation timeout
 BATCH_MAX_PAYLOAD_MB = 100  # batch transform's largest MaxPayloadInMB: never 413 a payload SageMaker may send
 
@@ -63,10 +65,21 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class Context:
+    """MAX_INPUT_TOKENS / MAX_TOTAL_TOKENS / MAX_NEW_TOKENS as set; None: unset (from the checkpoint)."""
+
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelSource = field(default_factory=ModelSource)
+    # Until with_context() has seen the checkpoint, the context limits here are provisional.
     engine: EngineConfig = field(default_factory=EngineConfig)
+    context: Context = field(default_factory=Context)
 
     @property
     def threads(self) -> int:
@@ -171,13 +184,17 @@ VARS: tuple[Var, ...] = (
     Var("HF_TOKEN", None, "Token for gated/private HF_MODEL_ID downloads (never logged).", _str),
     Var("MODEL_ID", None, "'demo': serve the built-in demo model (random weights, meaningless text); wins over MODEL_DIR.", _str),
     Var("MODEL_CACHE_DIR", "/tmp/granite-h-cache", "Writable directory for downloads and the demo model.", _str),
-    Var("MAX_INPUT_TOKENS", _ENGINE_DEFAULTS.max_input_tokens, "Longest prompt accepted (longer: 422).", _int(1)),
-    Var("MAX_TOTAL_TOKENS", _ENGINE_DEFAULTS.max_total_tokens, "Prompt + generated tokens per sequence.", _int(2)),
+    Var("MAX_INPUT_TOKENS", None, "Longest prompt accepted (longer: 422); unset: MAX_TOTAL_TOKENS - 1.", _int(1)),
+    Var("MAX_TOTAL_TOKENS", None,
+        "Prompt + generated tokens per sequence; unset: the checkpoint's context length (max_position_embeddings, "
+        "131,072 for micro). Sequences are admitted by KV memory; the server refuses to start if one sequence this "
+        "long cannot fit the KV pool.", _int(2)),
     Var("MAX_CONCURRENT_SEQS", _ENGINE_DEFAULTS.max_concurrent_seqs,
         "Sequences generated at once (state-pool slots).", _int(1)),
     Var("MAX_QUEUED_REQUESTS", _ENGINE_DEFAULTS.max_queued_requests,
         "Waiting requests beyond this are refused with 429.", _int(1)),
-    Var("MAX_NEW_TOKENS", 256, "max_new_tokens when a request does not say (unset: at most MAX_TOTAL_TOKENS - 1).", _int(1)),
+    Var("MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS,
+        "max_new_tokens when a request does not say (unset: at most MAX_TOTAL_TOKENS - 1).", _int(1)),
     Var("MAX_STEP_TOKENS", _ENGINE_DEFAULTS.max_step_tokens,
         "Tokens run per engine step (prefill chunks + one per decoding sequence).", _int(1)),
     Var("PREFILL_CHUNK_TOKENS", _ENGINE_DEFAULTS.prefill_chunk_tokens, "Prompts are prefilled in chunks of this.",
@@ -222,13 +239,13 @@ def _read(env: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def _engine_config(v: dict[str, Any]) -> EngineConfig:
+def _engine_config(v: dict[str, Any], total: int, inp: int) -> EngineConfig:
     names = {f.name: f.name.upper() for f in fields(EngineConfig)}
     try:
         return EngineConfig(
             max_concurrent_seqs=v["MAX_CONCURRENT_SEQS"],
-            max_input_tokens=v["MAX_INPUT_TOKENS"],
-            max_total_tokens=v["MAX_TOTAL_TOKENS"],
+            max_input_tokens=inp,
+            max_total_tokens=total,
             max_step_tokens=v["MAX_STEP_TOKENS"],
             kv_cache_tokens=v["KV_CACHE_TOKENS"],
             max_queued_requests=v["MAX_QUEUED_REQUESTS"],
@@ -297,11 +314,12 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         timeout_s = 0  # batch transform invocations may run for up to SAGEMAKER_MODEL_SERVER_TIMEOUT
     if v["DEVICE"] == "cpu" and v["KERNELS"] == "fused":
         raise ConfigError("KERNELS=fused needs CUDA but DEVICE=cpu")
-    if v["MAX_NEW_TOKENS"] >= v["MAX_TOTAL_TOKENS"]:
-        if var_unset(env, "MAX_NEW_TOKENS"):  # the built-in default yields to a small context
-            v["MAX_NEW_TOKENS"] = v["MAX_TOTAL_TOKENS"] - 1
-    if v["MAX_NEW_TOKENS"] >= v["MAX_TOTAL_TOKENS"]:
-        raise ConfigError(f"MAX_NEW_TOKENS ({v['MAX_NEW_TOKENS']}) must be < MAX_TOTAL_TOKENS ({v['MAX_TOTAL_TOKENS']})")
+    context = Context(v["MAX_INPUT_TOKENS"], v["MAX_TOTAL_TOKENS"],
+                      None if var_unset(env, "MAX_NEW_TOKENS") else v["MAX_NEW_TOKENS"])
+    # Provisional until the checkpoint is known (with_context); explicit values are checked now.
+    total = context.max_total_tokens or max(_ENGINE_DEFAULTS.max_total_tokens, (context.max_input_tokens or 0) + 1)
+    if context.max_total_tokens is not None:
+        v["MAX_NEW_TOKENS"] = _max_new_tokens(context, total)
     gpu_ids = _gpu_ids(v) if v["DEVICE"] != "cpu" else ()
     workers = v["SAGEMAKER_MODEL_SERVER_WORKERS"] or max(1, len(gpu_ids))
     port = v["SAGEMAKER_BIND_TO_PORT"] or v["PORT"]
@@ -331,4 +349,34 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         model_id=v["MODEL_ID"],
         cache_dir=v["MODEL_CACHE_DIR"],
     )
-    return Config(server=server, model=model, engine=_engine_config(v))
+    return Config(server=server, model=model, context=context,
+                  engine=_engine_config(v, total, context.max_input_tokens or total - 1))
+
+
+def _max_new_tokens(c: Context, total: int) -> int:
+    if c.max_new_tokens is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, total - 1)  # the built-in default yields to a small context
+    if c.max_new_tokens >= total:
+        raise ConfigError(f"MAX_NEW_TOKENS ({c.max_new_tokens}) must be < MAX_TOTAL_TOKENS ({total})")
+    return c.max_new_tokens
+
+
+def with_context(cfg: Config, context_length: int | None) -> Config:
+    """`cfg` with the context limits left unset taken from the checkpoint: MAX_TOTAL_TOKENS = its
+    context length (max_position_embeddings), MAX_INPUT_TOKENS = MAX_TOTAL_TOKENS - 1. ConfigError,
+    naming the variables, when the limits contradict each other or one full-length sequence cannot
+    fit a KV pool of KV_CACHE_TOKENS (the automatic size always holds one; on CUDA the runner checks
+    that free memory does)."""
+    c = cfg.context
+    total = c.max_total_tokens or max(context_length or _ENGINE_DEFAULTS.max_total_tokens, (c.max_input_tokens or 0) + 1)
+    inp = c.max_input_tokens or total - 1
+    where = "" if c.max_total_tokens else f" (the checkpoint's max_position_embeddings={context_length})"
+    if inp >= total:
+        raise ConfigError(f"MAX_INPUT_TOKENS ({inp}) must be < MAX_TOTAL_TOKENS ({total}{where})")
+    kv = cfg.engine.kv_cache_tokens
+    if kv and kv < total:
+        raise ConfigError(f"KV_CACHE_TOKENS={kv} cannot hold one sequence of MAX_TOTAL_TOKENS={total}{where}: "
+                          f"raise KV_CACHE_TOKENS (or 0 = auto) or set MAX_TOTAL_TOKENS lower")
+    server = dataclasses.replace(cfg.server, default_max_new_tokens=_max_new_tokens(c, total))
+    engine = dataclasses.replace(cfg.engine, max_total_tokens=total, max_input_tokens=inp)
+    return dataclasses.replace(cfg, server=server, engine=engine)

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from model.types import EngineConfig
-from serve.config import VARS, Config, ConfigError, describe, load_config
+from serve.config import VARS, Config, ConfigError, Context, describe, load_config, with_context
 
 
 def test_defaults_match_sagemaker_contract():
@@ -19,7 +19,8 @@ def test_defaults_match_sagemaker_contract():
     assert cfg.server.max_concurrent_transforms is None
     assert cfg.model.model_dir == "/opt/ml/model"
     assert cfg.model.model_id is None and cfg.model.hf_model_id is None
-    assert cfg.engine == EngineConfig()
+    assert cfg.context == Context()  # the context limits come from the checkpoint (with_context)
+    assert dataclasses.replace(cfg.engine, max_input_tokens=8192, max_total_tokens=16384) == EngineConfig()
     assert cfg.server.gpu_ids == ()
 
 
@@ -83,7 +84,7 @@ def test_model_source_and_token_hidden():
         ({"SAGEMAKER_BATCH_STRATEGY": "ALL"}, "SAGEMAKER_BATCH_STRATEGY"),
         ({"MAX_CONCURRENT_SEQS": "0"}, "MAX_CONCURRENT_SEQS"),
         ({"MAX_INPUT_TOKENS": "500", "MAX_TOTAL_TOKENS": "400"}, "MAX_INPUT_TOKENS"),
-        ({"MAX_NEW_TOKENS": "20000"}, "MAX_NEW_TOKENS"),
+        ({"MAX_NEW_TOKENS": "20000", "MAX_TOTAL_TOKENS": "16384"}, "MAX_NEW_TOKENS"),
         ({"DTYPE": "int8"}, "DTYPE"),
         ({"DEVICE": "tpu"}, "DEVICE"),
         ({"KERNELS": "fused", "DEVICE": "cpu"}, "KERNELS"),
@@ -166,3 +167,31 @@ def test_only_config_touches_the_process_environment():
             if hit:
                 offenders.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_context_defaults_to_the_checkpoint():
+    # Unset limits: the checkpoint's context length (131,072 for micro), not a fixed 8K/16K.
+    cfg = with_context(load_config({}), 131072)
+    assert (cfg.engine.max_total_tokens, cfg.engine.max_input_tokens) == (131072, 131071)
+    assert cfg.server.default_max_new_tokens == 256
+    small = with_context(load_config({}), 100)  # the default max_new_tokens yields to a small context
+    assert (small.engine.max_total_tokens, small.server.default_max_new_tokens) == (100, 99)
+    set_ = with_context(load_config({"MAX_TOTAL_TOKENS": "4000", "MAX_INPUT_TOKENS": "1000"}), 131072)
+    assert (set_.engine.max_total_tokens, set_.engine.max_input_tokens) == (4000, 1000)  # explicit wins
+    only_input = with_context(load_config({"MAX_INPUT_TOKENS": "50000"}), 32768)
+    assert (only_input.engine.max_total_tokens, only_input.engine.max_input_tokens) == (50001, 50000)
+    assert load_config({"MAX_NEW_TOKENS": "20000"}).server.default_max_new_tokens == 20000  # checked later
+
+
+@pytest.mark.parametrize("env,context,names", [
+    ({"KV_CACHE_TOKENS": "4096"}, 131072, ("KV_CACHE_TOKENS=4096", "MAX_TOTAL_TOKENS=131072",
+                                             "max_position_embeddings")),
+    ({"KV_CACHE_TOKENS": "4096", "MAX_TOTAL_TOKENS": "8192"}, 131072, ("KV_CACHE_TOKENS=4096", "MAX_TOTAL_TOKENS=8192")),
+    ({"MAX_NEW_TOKENS": "20000"}, 16384, ("MAX_NEW_TOKENS", "MAX_TOTAL_TOKENS")),
+])
+def test_context_that_cannot_work_refuses_to_start_naming_the_variables(env, context, names):
+    cfg = load_config(env)
+    with pytest.raises(ConfigError) as err:
+        with_context(cfg, context)
+    for name in names:
+        assert name in str(err.value)
