@@ -22,6 +22,7 @@ from serve import encoders as enc
 from serve.config import Config, load_config
 from serve.generate import Ctx, start, stream
 from serve.handler import Service, load_user_module
+from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serve.metrics import Metrics
 from serve.protocol import JSON_TYPES, Limits, ProtocolError, decode_json, media_type, parse_request
 from serve.watch import DISCONNECTED, watching
@@ -42,7 +43,7 @@ class ServerState:
         self.model_name = getattr(engine, "model_name", None) or "granite"
         self.error: str | None = None
         self.ready = False
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.server.metrics_dir)
         self.limits = Limits()  # set from the engine's context limits once it is loaded
         self._thread = threading.Thread(target=self._load, name="server-load", daemon=True)
 
@@ -67,6 +68,7 @@ class ServerState:
             service.load_model()
             self.service = service
             self.ready = True
+            self.metrics.start_sync(self.engine.stats)
             log.info("server ready: model %s", self.model_name)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"[:500]
@@ -89,6 +91,7 @@ class ServerState:
 
     def shutdown(self, timeout: float) -> None:
         self.ready = False
+        self.metrics.stop()
         if self.engine is not None:
             self.engine.shutdown(timeout=timeout)
 
@@ -202,7 +205,7 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
     @app.get("/metrics")
     def metrics():
         stats = state.engine.stats() if state.live() else {"ready": False}
-        return Response(state.metrics.render(stats), content_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(state.metrics.render(stats), content_type=METRICS_CONTENT_TYPE)
 
     @app.errorhandler(ProtocolError)
     def protocol_error(e: ProtocolError):

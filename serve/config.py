@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -41,6 +42,7 @@ class ServerConfig:
     request_timeout_s: float | None = 60.0  # non-streaming real-time requests; None = no deadline (batch)
     gpu_ids: tuple[str, ...] = ()  # devices visible to the server; one worker each
     log_level: str = "INFO"
+    metrics_dir: str | None = None  # prometheus-client multiprocess directory (gunicorn); None: one process
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -210,6 +212,9 @@ VARS: tuple[Var, ...] = (
         _choice("auto", "fused", "reference")),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
     Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
+    Var("PROMETHEUS_MULTIPROC_DIR", None,
+        "Directory where the gunicorn workers' metrics meet, so one /metrics scrape covers the instance; "
+        "`python -m serve serve` makes a fresh one when unset.", _str),
     Var("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR.", _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True)),
 )
 
@@ -292,6 +297,18 @@ def gunicorn_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
+def prepare_metrics_dir(cfg: Config) -> str:
+    """In the gunicorn master, before any worker forks (and before prometheus_client is imported, which
+    picks its multiprocess mode from the environment): an empty PROMETHEUS_MULTIPROC_DIR, exported."""
+    path = cfg.server.metrics_dir or tempfile.mkdtemp(prefix="granite-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):  # values of a previous run
+            os.remove(os.path.join(path, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
 def pin_gpu(gpu_id: str) -> None:
     """In a fresh gunicorn worker, before torch is imported: see only this GPU (the one write to the
     process environment, kept next to the reads)."""
@@ -338,6 +355,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             request_timeout_s=float(timeout_s) or None,
             gpu_ids=gpu_ids,
             log_level=v["LOG_LEVEL"],
+            metrics_dir=v["PROMETHEUS_MULTIPROC_DIR"],
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -65,6 +65,14 @@ def worker_int(worker):
     _shutdown_engine(worker, timeout=2.0)
 
 
+def child_exit(server, worker):
+    # Master: a dead worker's gauges leave the instance totals (its counters stay counted).
+    if _cfg.server.metrics_dir:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, path=_cfg.server.metrics_dir)
+
+
 def worker_exit(server, worker):
     # After gthread has waited (graceful_timeout) for in-flight requests: stop the engine loop.
     _shutdown_engine(worker, timeout=5.0)

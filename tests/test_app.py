@@ -262,7 +262,7 @@ def test_models_execution_parameters_metrics(served):
         "MaxConcurrentTransforms": 4, "BatchStrategy": "MULTI_RECORD", "MaxPayloadInMB": 1}
     text = client.get("/metrics").data.decode()
     assert 'granite_requests_total{route="/invocations",status="200"}' in text
-    for name in ("granite_queue_depth", "granite_running_sequences", "granite_free_slots 4",
+    for name in ("granite_queue_depth", "granite_running_sequences", "granite_free_slots 4.0",
                  "granite_time_to_first_token_seconds_bucket", "granite_time_per_output_token_seconds_count",
                  "granite_engine_generated_tokens_total"):
         assert name in text

@@ -211,7 +211,7 @@ def test_process_survives_hostile_http(tiny_ckpt, tmp_path):
         deadline = time.monotonic() + 20
         while True:
             metrics = requests.get(srv.url + "/metrics", timeout=5).text
-            if "granite_free_slots 4" in metrics and "granite_running_sequences 0" in metrics:
+            if "granite_free_slots 4.0" in metrics and "granite_running_sequences 0.0" in metrics:
                 break
             assert time.monotonic() < deadline, metrics
             time.sleep(0.1)

@@ -193,7 +193,7 @@ def test_ping_answers_while_16_streams_generate(server):
         r = requests.get(server.url + "/ping", timeout=2)  # SageMaker's own limit
         pings.append((r.status_code, time.monotonic() - t0))
         metrics = requests.get(server.url + "/metrics", timeout=2).text
-        running.append(int(re.search(r"^granite_running_sequences (\d+)$", metrics, re.M).group(1)))
+        running.append(float(re.search(r"^granite_running_sequences ([\d.]+)$", metrics, re.M).group(1)))
         time.sleep(0.05)
     for t in threads:
         t.join(300)
@@ -202,13 +202,13 @@ def test_ping_answers_while_16_streams_generate(server):
     assert pings and all(code == 200 for code, _ in pings), pings
     assert max(running) >= 8, running  # the pings above really were answered under load
     metrics = requests.get(server.url + "/metrics", timeout=2).text
-    assert "granite_free_slots 16" in metrics and "granite_queue_depth 0" in metrics
+    assert "granite_free_slots 16.0" in metrics and "granite_queue_depth 0.0" in metrics
 
 
 def test_client_disconnect_cancels_generation(server):
     def cancelled() -> int:
         text = requests.get(server.url + "/metrics", timeout=5).text
-        return int(re.search(r'^granite_engine_finished_total\{reason="cancelled"\} (\d+)$', text, re.M).group(1))
+        return float(re.search(r'^granite_engine_finished_total\{reason="cancelled"\} ([\d.]+)$', text, re.M).group(1))
 
     before = cancelled()
     body = json.dumps({"inputs": "go on", "stream": True, "parameters": {
@@ -225,17 +225,17 @@ def test_client_disconnect_cancels_generation(server):
         assert time.monotonic() < deadline, "the server kept generating for a client that left"
         time.sleep(0.1)
     text = requests.get(server.url + "/metrics", timeout=5).text
-    assert "granite_free_slots 16" in text and "granite_client_disconnects_total 1" in text
+    assert "granite_free_slots 16.0" in text and "granite_client_disconnects_total 1.0" in text
 
 
 def test_client_that_leaves_a_jsonlines_request_cancels_every_record(server):
     # Non-streaming: nothing is written until the answer, so only watching the socket notices the hang-up.
     def metric(pattern: str) -> int:
         text = requests.get(server.url + "/metrics", timeout=5).text
-        return int(re.search(pattern, text, re.M).group(1))
+        return float(re.search(pattern, text, re.M).group(1))
 
-    cancelled = r'^granite_engine_finished_total\{reason="cancelled"\} (\d+)$'
-    before, gone = metric(cancelled), metric(r"^granite_client_disconnects_total (\d+)$")
+    cancelled = r'^granite_engine_finished_total\{reason="cancelled"\} ([\d.]+)$'
+    before, gone = metric(cancelled), metric(r"^granite_client_disconnects_total ([\d.]+)$")
     records = 20  # 16 slots running + 4 waiting
     body = b"".join(json.dumps({"inputs": f"record {i}", "parameters": {
         "max_new_tokens": 400, "do_sample": True, "temperature": 5.0, "seed": i}}).encode() + b"\n"
@@ -244,15 +244,40 @@ def test_client_that_leaves_a_jsonlines_request_cancels_every_record(server):
         sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/jsonlines\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         deadline = time.monotonic() + 30
-        while metric(r"^granite_running_sequences (\d+)$") == 0:
+        while metric(r"^granite_running_sequences ([\d.]+)$") == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
     deadline = time.monotonic() + 20
     while metric(cancelled) < before + records:  # the old main generated all 20 x 400 tokens for nobody
         assert time.monotonic() < deadline, f"{metric(cancelled) - before} of {records} records cancelled"
         time.sleep(0.1)
-    assert metric(r"^granite_free_slots (\d+)$") == 16
-    assert metric(r"^granite_client_disconnects_total (\d+)$") == gone + 1
+    assert metric(r"^granite_free_slots ([\d.]+)$") == 16
+    assert metric(r"^granite_client_disconnects_total ([\d.]+)$") == gone + 1
+
+
+def test_one_scrape_reports_every_worker(tiny_ckpt, tmp_path):
+    # Two gunicorn workers (two engine replicas): whichever answers /metrics reports the instance.
+    srv = ServerProcess({"MODEL_DIR": str(tiny_ckpt), "SAGEMAKER_MODEL_SERVER_WORKERS": "2",
+                         "MAX_CONCURRENT_SEQS": "3", "MAX_TOTAL_TOKENS": "256"}, tmp_path / "two.log")
+    try:
+        srv.wait_ready()
+        deadline = time.monotonic() + 120
+        while "granite_ready 1.0" not in requests.get(srv.url + "/metrics", timeout=5).text:  # both loaded
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.2)
+        for i in range(6):
+            with requests.Session() as s:  # a new connection each: the requests spread over the workers
+                r = s.post(srv.url + "/invocations", json={"inputs": f"hi {i}", "parameters": {"max_new_tokens": 2}})
+                assert r.status_code == 200
+        time.sleep(1.5)  # each worker copies its engine's numbers every second
+        for _ in range(6):
+            with requests.Session() as s:
+                text = s.get(srv.url + "/metrics", timeout=5).text
+            assert "granite_total_slots 6.0" in text, text  # 2 x 3 slots; the old main showed one worker's 3
+            assert 'granite_requests_total{route="/invocations",status="200"} 6.0' in text, text
+            assert "granite_engine_generated_tokens_total 12.0" in text, text
+    finally:
+        srv.stop()
 
 
 def test_demo_model_says_so(tmp_path):
