@@ -7,8 +7,8 @@ Streaming: InvokeEndpointWithResponseStream delivers PayloadPart bytes split at 
 even inside a UTF-8 character. `iter_lines` decodes incrementally and re-splits on newlines,
 `iter_sse` groups `data:` lines into events, `iter_events` parses them until `data: [DONE]`.
 
-    python code/granite_sm/invoke.py --endpoint-name granite-4-h-micro-20260101-120000 --prompt "Hi" --stream
-    python code/granite_sm/invoke.py --url http://127.0.0.1:8080 --chat --prompt "Hi"
+    python -m granite_sm.invoke --endpoint-name granite-4-h-micro-20260101-120000 --prompt "Hi" --stream
+    python -m granite_sm.invoke --url http://127.0.0.1:8080 --chat --prompt "Hi"
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file: make `granite_sm` importable, keep this folder off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from granite_sm.common import add_aws_args, clients
 
