@@ -1,7 +1,7 @@
 """Tokenizer wrapper over a checkpoint's own Hugging Face tokenizer (local files only, no remote code).
 
 Chat prompts are rendered with the checkpoint's chat template; streaming text comes from an incremental
-detokenizer (model/detok.py); tool calls in generated text are parsed by model/toolcalls.py.
+detokenizer (model/detok.py); tool calls in generated text are parsed by serve/protocol/toolcalls.py.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 from model.detok import IncrementalDetokenizer, PrefixDetokenizer, byte_table
-from model.toolcalls import parse_tool_calls
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer", "parse_tool_calls"]
+__all__ = ["Tokenizer", "IncrementalDetokenizer"]
 
 
 class Tokenizer:

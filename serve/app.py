@@ -24,7 +24,7 @@ from serve.generate import Ctx, start, stream
 from serve.handler import Service, load_user_module
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serve.metrics import Metrics
-from serve.protocol import JSON_TYPES, Limits, ProtocolError, decode_json, media_type, parse_request
+from serve.protocol import JSON_TYPES, KINDS, Limits, ProtocolError, decode_json, media_type, parse_request
 from serve.watch import DISCONNECTED, watching
 
 log = logging.getLogger("serve")
@@ -173,20 +173,21 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
         return _respond(out, content_type)
 
     @watched
-    def openai_route(route: str):
+    def openai_route(kind: str):
         service = state.require()
         media = media_type(request.headers.get("Content-Type"))
         if media not in JSON_TYPES:
             raise ProtocolError(415, f"unsupported content type {media!r}: use application/json",
                                 "unsupported_media_type")
-        req = parse_request(decode_json(request.get_data(cache=False)), state.limits, route)
+        req = parse_request(decode_json(request.get_data(cache=False)), state.limits, kind)
         ctx = Ctx(service.engine, state.model_name, state.metrics)
         if req.stream:
             return _respond(stream(ctx, req), "text/event-stream", openai=True)
         return _respond(enc.json_body(start(ctx, req).finish()), "application/json")
 
-    app.post("/v1/chat/completions", endpoint="chat")(lambda: openai_route("chat"))
-    app.post("/v1/completions", endpoint="completions")(lambda: openai_route("completions"))
+    for k in KINDS:
+        if k.route is not None:
+            app.post(f"/v1/{k.route}", endpoint=k.name)(functools.partial(openai_route, k.name))
 
     @app.get("/v1/models")
     def models():

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from model.toolcalls import parse_tool_calls
 from model.types import Completion, FinishReason, TokenEvent, TopToken
+from serve.protocol.toolcalls import parse_tool_calls
 
 DONE = b"data: [DONE]\n\n"
-TOOL_OPEN = "<tool_call>"
 
 
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
@@ -138,32 +137,6 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | No
 def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> bytes:
     return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
                 "usage": usage(prompt_tokens, completion_tokens)}, openai=True)
-
-
-class ToolCallHoldback:
-    """Streams content but holds back text from the first `<tool_call>` on (and any tail that could
-    start one), so tool-call markup is never streamed as content; finish() parses the held text."""
-
-    def __init__(self) -> None:
-        self.held = ""
-        self.in_call = False
-
-    def push(self, text: str) -> str:
-        self.held += text
-        if self.in_call:
-            return ""
-        at = self.held.find(TOOL_OPEN)
-        if at >= 0:
-            out, self.held, self.in_call = self.held[:at], self.held[at:], True
-            return out
-        keep = next((n for n in range(min(len(TOOL_OPEN) - 1, len(self.held)), 0, -1)
-                     if self.held.endswith(TOOL_OPEN[:n])), 0)
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out
-
-    def finish(self) -> tuple[str, list[dict]]:
-        text, self.held = self.held, ""
-        return parse_tool_calls(text) if self.in_call else (text, [])
 
 
 def completion_choice(index: int, prompt: str, c: Completion, echo: bool, logprobs: int | None) -> dict:

@@ -27,8 +27,8 @@ from model.types import (
 from serve import encoders as enc
 from serve import watch
 from serve.metrics import Metrics
-from serve.openai import ChatRequest, CompletionRequest
-from serve.protocol import ProtocolError, TextRequest
+from serve.protocol import ChatRequest, CompletionRequest, ProtocolError, TextRequest
+from serve.protocol.toolcalls import ToolCallHoldback
 
 
 class GenerationFailed(EngineError):
@@ -267,7 +267,7 @@ def _tgi_stream(ctx: Ctx, req: TextRequest, handle) -> Iterator[bytes]:
 def _chat_stream(ctx: Ctx, req: ChatRequest, handle) -> Iterator[bytes]:
     rid, created = _ids("chatcmpl")
     name = ctx.model_name
-    hold = enc.ToolCallHoldback() if req.tools else None
+    hold = ToolCallHoldback() if req.tools else None
     yield enc.chat_chunk(rid, name, created, {"role": "assistant", "content": ""})
     n = 0
     for ev in timed(ctx, handle):

@@ -23,13 +23,12 @@ from model.types import EngineError, QueueFull
 from serve import encoders as enc
 from serve import watch
 from serve.generate import Ctx, Pending, raise_if_abandoned, start, stream
-from serve.openai import ChatRequest, CompletionRequest
 from serve.protocol import (
     JSON_TYPES,
     JSONL_TYPES,
+    REQUEST_TYPES,
     Limits,
     ProtocolError,
-    TextRequest,
     decode_json,
     media_type,
     parse_request,
@@ -37,7 +36,6 @@ from serve.protocol import (
     tgi_params,
 )
 
-REQUEST_TYPES = (TextRequest, ChatRequest, CompletionRequest)
 log = logging.getLogger(__name__)
 HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
 QUEUE_WAIT_S = 600.0  # how long JSON Lines records wait for queue room before answering 429

@@ -2,6 +2,7 @@ import json
 
 from model.types import Completion, FinishReason, TokenEvent, TopToken
 from serve import encoders as enc
+from serve.protocol.toolcalls import ToolCallHoldback
 
 
 def completion(text="hello", reason=FinishReason.LENGTH, n=2, prompt_tokens=3, tops=()):
@@ -62,7 +63,7 @@ def test_chat_completion_parses_tool_calls_only_when_tools_were_given():
 
 
 def test_holdback_never_streams_tool_call_markup():
-    hold = enc.ToolCallHoldback()
+    hold = ToolCallHoldback()
     pieces = ["Sure", " <tool", "_ca", "ll>\n{\"name\": \"f\", ", "\"arguments\": {}}\n</tool_call>"]
     streamed = "".join(hold.push(p) for p in pieces)
     assert streamed == "Sure "
@@ -71,7 +72,7 @@ def test_holdback_never_streams_tool_call_markup():
 
 
 def test_holdback_releases_lookalikes():
-    hold = enc.ToolCallHoldback()
+    hold = ToolCallHoldback()
     assert hold.push("a <to") == "a "
     assert hold.push("y>") == "<toy>"
     assert hold.finish() == ("", [])

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from serve.openai import ChatRequest, CompletionRequest
 from serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
     Limits,
     ProtocolError,
     TextRequest,
@@ -17,8 +18,11 @@ from serve.protocol import (
 LIMITS = Limits(default_max_new_tokens=20, max_new_tokens=100)
 
 
+ROUTE_KIND = {"invocations": None, "chat": "chat", "completions": "completion"}
+
+
 def parse(obj, route="invocations", limits=LIMITS):
-    return parse_request(obj, limits, route)
+    return parse_request(obj, limits, ROUTE_KIND[route])
 
 
 def error_of(obj, route="invocations"):

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.detok import PrefixDetokenizer
-from model.tokenizer import Tokenizer, parse_tool_calls
+from model.tokenizer import Tokenizer
+from serve.protocol.toolcalls import parse_tool_calls
 
 SOR, EOR, EOT = "<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"
 

@@ -12,6 +12,7 @@ import re
 import uuid
 
 # A block's body never contains another opening tag, so one broken block cannot swallow the next.
+TOOL_OPEN = "<tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*((?:(?!<tool_call>).)*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -63,3 +64,29 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     pieces.append(text[pos:])
     content = "".join(pieces) if calls else text
     return (content.strip() if calls else content), calls
+
+
+class ToolCallHoldback:
+    """Streams content but holds back text from the first `<tool_call>` on (and any tail that could
+    start one), so tool-call markup is never streamed as content; finish() parses the held text."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.in_call = False
+
+    def push(self, text: str) -> str:
+        self.held += text
+        if self.in_call:
+            return ""
+        at = self.held.find(TOOL_OPEN)
+        if at >= 0:
+            out, self.held, self.in_call = self.held[:at], self.held[at:], True
+            return out
+        keep = next((n for n in range(min(len(TOOL_OPEN) - 1, len(self.held)), 0, -1)
+                     if self.held.endswith(TOOL_OPEN[:n])), 0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        text, self.held = self.held, ""
+        return parse_tool_calls(text) if self.in_call else (text, [])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.types import SamplingParams
-from serve.protocol import MAX_TOP_N, Fields, Limits, invalid, max_new, sampling_params
+from serve.protocol.fields import MAX_TOP_N, Fields, Limits, invalid, max_new, sampling_params
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "annotations"})
