@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve.batch import default_concurrency, start_engine  # noqa: E402
-from serve.batch_runner import BatchJob, BatchRun  # noqa: E402
+from serve.batch.cli import default_concurrency, start_engine  # noqa: E402
+from serve.batch.runner import BatchJob, BatchRun  # noqa: E402
 from serve.config import load_config  # noqa: E402
 
 WORDS = "the hybrid model reads a long document about state space layers and attention".split()

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from serve import batch_io
-from serve.batch_journal import Journal
-from serve.batch_records import may_sample, seed_for
-from serve.batch_runner import BatchJob, BatchRun
+from serve.batch import fileio
+from serve.batch.journal import Journal
+from serve.batch.records import may_sample, seed_for
+from serve.batch.runner import BatchJob, BatchRun
 from tests.batch_helpers import prompts, read_lines, write
 from tests.fakes import fake_infer
 
@@ -37,10 +37,10 @@ def run(tmp_path, inp, out=None, infer=fake_infer, **kw):
     ],
 )
 def test_split_records_any_chunking(data, expected):
-    assert list(batch_io.split_records([data])) == expected
+    assert list(fileio.split_records([data])) == expected
     for cut in range(len(data) + 1):  # every split point, incl. inside the BOM and inside "\r\n"
-        assert list(batch_io.split_records([data[:cut], data[cut:]])) == expected
-    assert list(batch_io.split_records([data[i:i + 1] for i in range(len(data))])) == expected
+        assert list(fileio.split_records([data[:cut], data[cut:]])) == expected
+    assert list(fileio.split_records([data[i:i + 1] for i in range(len(data))])) == expected
 
 
 def test_folder_in_folder_out_keeps_order_and_names(tmp_path):
@@ -268,7 +268,7 @@ def test_cli_bad_arguments_and_missing_model(cli_env, capsys, tiny_ckpt, tmp_pat
 
 
 def test_progress_log_lines_and_bar(caplog, monkeypatch, capsys):
-    from serve import batch_progress
+    from serve.batch import progress as batch_progress
 
     monkeypatch.setattr(batch_progress, "LOG_EVERY_S", 0.0)
     p = batch_progress.Progress("log")

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The pipeline with the stand-in infer (slowed down so that a kill lands mid-run).
 PIPELINE = """
 import functools, sys
-from serve.batch_runner import BatchJob, BatchRun
+from serve.batch.runner import BatchJob, BatchRun
 import pytest
 
 from tests.fakes import fake_infer

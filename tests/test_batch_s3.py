@@ -13,8 +13,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from serve import s3io
-from serve.batch_runner import BatchJob, BatchRun
+from serve.batch import s3io
+from serve.batch.runner import BatchJob, BatchRun
 from tests.batch_helpers import prompts, read_lines, write
 from tests.fakes import fake_infer
 

@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from serve import batch_io
-from serve.batch_journal import Journal
-from serve.batch_progress import Progress
-from serve.batch_records import render
+from serve.batch import fileio
+from serve.batch.journal import Journal
+from serve.batch.progress import Progress
+from serve.batch.records import render
 
 log = logging.getLogger("serve.batch")
 
@@ -44,14 +44,14 @@ class BatchJob:
     work_dir: str
     defaults: dict = field(default_factory=dict)  # parameters under each record's own
     join_input: bool = False
-    seed: int = 0  # base of the per-record seeds (see batch_records.seed_for)
+    seed: int = 0  # base of the per-record seeds (see records.seed_for)
     concurrency: int = 64
     model_name: str = ""
     progress: str = "auto"
 
 
 class _File:
-    def __init__(self, f: batch_io.InputFile, out_uri: str, journal: Journal):
+    def __init__(self, f: fileio.InputFile, out_uri: str, journal: Journal):
         self.f, self.out_uri, self.journal = f, out_uri, journal
         self.lock = threading.Lock()
         self.total: int | None = None  # known once the feeder reached the end of the file
@@ -67,7 +67,7 @@ class _File:
             return True
 
 
-def fingerprint(job: BatchJob, f: batch_io.InputFile) -> str:
+def fingerprint(job: BatchJob, f: fileio.InputFile) -> str:
     key = {"v": 1, "input": f.rel, "identity": f.identity, "defaults": job.defaults,
            "join": job.join_input, "seed": job.seed, "model": job.model_name}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -101,14 +101,14 @@ class BatchRun:
         return os.path.join(self.job.work_dir, *rel.split("/")) + ".done"
 
     # ---- threads -----------------------------------------------------------------------------
-    def _feed(self, files: list[batch_io.InputFile]) -> None:
+    def _feed(self, files: list[fileio.InputFile]) -> None:
         for f in files:
             if self.stop.is_set():
                 break
-            out_uri = batch_io.output_uri(self.job.output, f.rel)
+            out_uri = fileio.output_uri(self.job.output, f.rel)
             fp = fingerprint(self.job, f)
             done = _read_marker(self._marker(f.rel))
-            if done.get("fingerprint") == fp and batch_io.output_exists(out_uri):
+            if done.get("fingerprint") == fp and fileio.output_exists(out_uri):
                 log.info("%s: already done (%s)", f.rel, out_uri)
                 if not self.progress.total_final:
                     self.progress.add_total(done["records"])
@@ -123,7 +123,7 @@ class BatchRun:
                 if st.journal.entries:
                     log.info("%s: resuming, %d records already journalled", f.rel, len(st.journal.entries))
                 n = 0
-                for n, raw in enumerate(batch_io.iter_records(f), start=1):
+                for n, raw in enumerate(fileio.iter_records(f), start=1):
                     if not self.progress.total_final:
                         self.progress.add_total(1)
                     e = st.journal.entries.get(n - 1)
@@ -206,11 +206,11 @@ class BatchRun:
 
     def _finalize(self, st: _File) -> int:
         j, total = st.journal, st.total
-        staged = batch_io.staging_path(st.out_uri, self.job.work_dir, st.f.rel)
+        staged = fileio.staging_path(st.out_uri, self.job.work_dir, st.f.rel)
         os.makedirs(os.path.dirname(staged) or ".", exist_ok=True)
-        if not batch_io.s3io.is_s3(st.out_uri):
+        if not fileio.s3io.is_s3(st.out_uri):
             os.makedirs(os.path.dirname(st.out_uri) or ".", exist_ok=True)
-            batch_io.clean_staging(st.out_uri)
+            fileio.clean_staging(st.out_uri)
         errors = tokens = 0
         with open(staged, "wb") as out:
             for i in range(total):
@@ -220,21 +220,21 @@ class BatchRun:
                 tokens += e.tokens
             out.flush()
             os.fsync(out.fileno())
-        batch_io.publish(staged, st.out_uri)
+        fileio.publish(staged, st.out_uri)
         marker = {"fingerprint": j.fingerprint, "records": total, "errors": errors, "tokens": tokens,
                   "output": st.out_uri}
-        batch_io.write_small(self._marker(st.f.rel), json.dumps(marker).encode())
+        fileio.write_small(self._marker(st.f.rel), json.dumps(marker).encode())
         j.remove()
         return total
 
     # ---- driver ------------------------------------------------------------------------------
     def run(self) -> dict:
         job = self.job
-        files = batch_io.list_inputs(job.input)
+        files = fileio.list_inputs(job.input)
         log.info("batch: %d input file(s) under %s -> %s (work dir %s, %d in flight)",
                  len(files), job.input, job.output, job.work_dir, job.concurrency)
-        if not batch_io.s3io.is_s3(job.input):
-            self.progress.add_total(sum(sum(1 for _ in batch_io.iter_records(f)) for f in files))
+        if not fileio.s3io.is_s3(job.input):
+            self.progress.add_total(sum(sum(1 for _ in fileio.iter_records(f)) for f in files))
             self.progress.total_final = True
         threads = [threading.Thread(target=self._feed, args=(files,), name="batch-feed", daemon=True)]
         threads += [threading.Thread(target=self._work, name=f"batch-w{i}", daemon=True)
@@ -262,7 +262,7 @@ class BatchRun:
             self.progress.close()
         summary = self.summary(len(files))
         if finished:
-            batch_io.write_small(summary_uri(job.output), json.dumps(summary, indent=1).encode() + b"\n")
+            fileio.write_small(summary_uri(job.output), json.dumps(summary, indent=1).encode() + b"\n")
         return summary
 
     def summary(self, n_files: int) -> dict:
@@ -278,7 +278,7 @@ class BatchRun:
 
 
 def summary_uri(output: str) -> str:
-    return output.rstrip("/") + "/_SUMMARY.json" if batch_io.s3io.is_s3(output) else os.path.join(output, "_SUMMARY.json")
+    return output.rstrip("/") + "/_SUMMARY.json" if fileio.s3io.is_s3(output) else os.path.join(output, "_SUMMARY.json")
 
 
 def _read_marker(path: str) -> dict:

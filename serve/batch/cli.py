@@ -9,7 +9,7 @@ Every input line goes through serve.handler.handle_records (the code behind the 
 Lines route) with the server's limits, so a line's output is what a SageMaker batch transform
 through /invocations would have written for it.
 Output `<output>/<input name>.out` (one line per input line, in order), a summary in
-`<output>/_SUMMARY.json` and on stdout. Records are journalled as they finish (serve/batch_journal.py),
+`<output>/_SUMMARY.json` and on stdout. Records are journalled as they finish (serve/batch/journal.py),
 so a run that is killed resumes where it stopped when started again with the same arguments.
 Exit status: 0 when every file was written, 1 when some file (or the listing) failed, 2 bad
 arguments/model/input, 130 interrupted (SIGINT/SIGTERM; run again to resume).
@@ -25,9 +25,9 @@ import os
 import signal
 import sys
 
-from serve import s3io
-from serve.batch_io import list_inputs
-from serve.batch_runner import BatchJob, BatchRun
+from serve.batch import s3io
+from serve.batch.fileio import list_inputs
+from serve.batch.runner import BatchJob, BatchRun
 from serve.protocol import Limits, ProtocolError, tgi_params
 
 log = logging.getLogger("serve.batch")

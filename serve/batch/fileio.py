@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from serve import s3io
+from serve.batch import s3io
 
 _BOM = b"\xef\xbb\xbf"
 _READ = 1 << 20
