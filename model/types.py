@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
+class FailureKind(str, Enum):
+    """Why a sequence ended with FinishReason.ERROR (the server maps each to an HTTP status)."""
+
+    OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory in this sequence's step
+    SHUTDOWN = "shutdown"  # the server shut down before the sequence finished
+    STEP_FAILED = "step_failed"  # any other exception in the step
+
+
 class FinishReason(str, Enum):
     LENGTH = "length"  # max_new_tokens or the context budget reached
     EOS = "eos_token"  # the model produced an end-of-sequence token
@@ -79,6 +87,7 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     top_tokens: tuple[TopToken, ...] = ()
     error: str | None = None  # set with FinishReason.ERROR
+    failure: FailureKind | None = None  # set with FinishReason.ERROR
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ class Completion:
     top_tokens: tuple[tuple[TopToken, ...], ...]
     seed: int | None
     error: str | None = None
+    failure: FailureKind | None = None
 
     @property
     def generated_tokens(self) -> int:
@@ -158,10 +168,26 @@ class StepBatch:
     chunks: tuple[SeqChunk, ...]
 
 
-class EngineError(Exception):
-    """An error the server turns into a JSON response with `status`."""
+class RequestError(Exception):
+    """The one error type the server answers with: JSON {"error": message, "error_type"} and `status`.
+    Subclasses set their status and error_type as class attributes; an instance may override both."""
 
     status = 500
+    error_type = "internal"
+
+    def __init__(self, message: str = "", status: int | None = None, error_type: str | None = None) -> None:
+        message = message if len(message) <= 500 else message[:497] + "..."  # user text may be echoed
+        super().__init__(message)
+        self.message = message or self.error_type
+        if status is not None:
+            self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+
+
+class EngineError(RequestError):
+    """Raised by the engine (model/engine.py submit)."""
+
     error_type = "engine_error"
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from model.types import EngineError, EngineNotReady
+from model.types import EngineNotReady, RequestError
 from serve import encoders as enc
 from serve.config import Config, load_config
 from serve.generate import Ctx, start, stream
@@ -96,8 +96,9 @@ class ServerState:
             self.engine.shutdown(timeout=timeout)
 
 
-def _error(status: int, message: str, error_type: str) -> Response:
-    return Response(enc.json_body(enc.error_body(message, error_type)), status=status, mimetype="application/json")
+def _error(e: BaseException) -> Response:
+    status, body = enc.error_of(e)
+    return Response(enc.json_body(body), status=status, mimetype="application/json")
 
 
 def _guard_stream(body: Iterator[bytes], openai: bool) -> Iterator[bytes]:
@@ -106,7 +107,7 @@ def _guard_stream(body: Iterator[bytes], openai: bool) -> Iterator[bytes]:
         yield from body
     except Exception as e:
         log.exception("stream failed")
-        yield enc.sse(enc.error_body(f"internal error: {type(e).__name__}", "internal"), openai=openai)
+        yield enc.sse(enc.error_of(e)[1], openai=openai)
     finally:
         close = getattr(body, "close", None)
         if close:
@@ -150,7 +151,7 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
         # Reads two flags: never waits behind generation or loading.
         if state.live():
             return Response(b"", status=200)
-        return _error(503, state.error or "the model is still loading", "not_ready")
+        return _error(EngineNotReady(state.error or "the model is still loading"))
 
     def watched(view):
         # Non-streaming work of this request is cancelled when its client hangs up or its deadline passes.
@@ -208,24 +209,20 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
         stats = state.engine.stats() if state.live() else {"ready": False}
         return Response(state.metrics.render(stats), content_type=METRICS_CONTENT_TYPE)
 
-    @app.errorhandler(ProtocolError)
-    def protocol_error(e: ProtocolError):
-        return _error(e.status, e.message, e.error_type)
-
-    @app.errorhandler(EngineError)
-    def engine_error(e: EngineError):
-        return _error(e.status, str(e) or e.error_type, e.error_type)
+    @app.errorhandler(RequestError)
+    def request_error(e: RequestError):
+        return _error(e)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         kind = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}.get(e.code, "http_error")
         message = f"body larger than {config.server.max_payload_bytes} bytes" if e.code == 413 else e.description
-        return _error(e.code or 500, message, kind)
+        return _error(RequestError(message or kind, e.code or 500, kind))
 
     @app.errorhandler(Exception)
     def internal_error(e: Exception):
         log.exception("request failed")
-        return _error(500, f"internal error: {type(e).__name__}", "internal")
+        return _error(e)
 
     @app.before_request
     def remember_route():

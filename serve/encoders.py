@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from model.types import Completion, FinishReason, TokenEvent, TopToken
+from model.types import Completion, FinishReason, RequestError, TokenEvent, TopToken
 from serve.protocol.toolcalls import parse_tool_calls
 
 DONE = b"data: [DONE]\n\n"
@@ -35,7 +35,16 @@ def sse(obj: Any, openai: bool = False) -> bytes:
 
 
 def error_body(message: str, error_type: str) -> dict:
+    """The one error body: {"error": message, "error_type": kind}."""
     return {"error": message, "error_type": error_type}
+
+
+def error_of(e: BaseException) -> tuple[int, dict]:
+    """Any exception -> (HTTP status, error body): a RequestError says both; anything else is a 500 that
+    names only the exception's type (never a message or trace that could leak internals)."""
+    if isinstance(e, RequestError):
+        return e.status, error_body(e.message, e.error_type)
+    return 500, error_body(f"internal error: {type(e).__name__}", "internal")
 
 
 def _lp(x: float) -> float | None:

@@ -17,11 +17,12 @@ from typing import Any
 
 from model.types import (
     Completion,
-    EngineError,
     EngineNotReady,
+    FailureKind,
     FinishReason,
     GenerationRequest,
     QueueFull,
+    RequestError,
     SamplingParams,
 )
 from serve import encoders as enc
@@ -30,19 +31,19 @@ from serve.metrics import Metrics
 from serve.protocol import ChatRequest, CompletionRequest, ProtocolError, TextRequest
 from serve.protocol.toolcalls import ToolCallHoldback
 
+FAILURE_STATUS = {FailureKind.OUT_OF_MEMORY: 507, FailureKind.SHUTDOWN: 503, FailureKind.STEP_FAILED: 500}
 
-class GenerationFailed(EngineError):
-    """A sequence ended with FinishReason.ERROR (e.g. CUDA out of memory, shutdown)."""
+
+class GenerationFailed(RequestError):
+    """A sequence ended with FinishReason.ERROR; the engine's failure kind decides the status."""
 
     error_type = "generation_error"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        low = message.lower()
-        self.status = 507 if "out of memory" in low or "outofmemory" in low else 503 if "shut down" in low else 500
+    def __init__(self, message: str, failure: FailureKind | None) -> None:
+        super().__init__(message, FAILURE_STATUS.get(failure, 500))
 
 
-class RequestAbandoned(EngineError):
+class RequestAbandoned(RequestError):
     """The request's client hung up, or its deadline passed: its sequences were cancelled."""
 
     def __init__(self, w: watch.Watch) -> None:
@@ -111,7 +112,7 @@ def collect(ctx: Ctx, handle) -> Completion:
     if c.finish_reason == FinishReason.CANCELLED:
         raise_if_abandoned()
     if c.finish_reason == FinishReason.ERROR:
-        raise GenerationFailed(c.error or "generation failed")
+        raise GenerationFailed(c.error or "generation failed", c.failure)
     return c
 
 
@@ -247,8 +248,8 @@ def _openai_abort(ev) -> Iterator[bytes]:
 
 
 def _error_event(ev, openai: bool) -> bytes:
-    err = GenerationFailed(ev.error or f"generation ended: {ev.finish_reason.value}")
-    return enc.sse(enc.error_body(str(err), err.error_type), openai=openai)
+    _, body = enc.error_of(GenerationFailed(ev.error or f"generation ended: {ev.finish_reason.value}", ev.failure))
+    return enc.sse(body, openai=openai)
 
 
 def _tgi_stream(ctx: Ctx, req: TextRequest, handle) -> Iterator[bytes]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from model.types import EngineError, QueueFull
+from model.types import QueueFull, RequestError
 from serve import encoders as enc
 from serve import watch
 from serve.generate import Ctx, Pending, raise_if_abandoned, start, stream
@@ -70,12 +70,11 @@ def load_user_module(model_dir: str | Path) -> ModuleType | None:
 
 
 def error_record(e: BaseException) -> dict:
-    if isinstance(e, (ProtocolError, EngineError)):
-        status = e.status
-        message = e.message if isinstance(e, ProtocolError) else str(e)
-        return {"error": message, "error_type": e.error_type, "status": status}
-    log.exception("record failed", exc_info=e)
-    return {"error": f"internal error: {type(e).__name__}", "error_type": "internal", "status": 500}
+    """A record's error line: the error body plus its status."""
+    if not isinstance(e, RequestError):
+        log.exception("record failed", exc_info=e)
+    status, body = enc.error_of(e)
+    return {**body, "status": status}
 
 
 # ---- records (JSON Lines, batch) ----

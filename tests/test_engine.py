@@ -18,6 +18,7 @@ from model.handle import StopBuffer
 from model.types import (
     EngineConfig,
     EngineNotReady,
+    FailureKind,
     FinishReason,
     GenerationRequest,
     InputTooLong,
@@ -212,6 +213,7 @@ def test_injected_failure_fails_only_that_step_and_loop_keeps_serving():
     failed = [c for c in results if c.finish_reason == FinishReason.ERROR]
     assert failed, "the injected failure must fail the sequences of that step"
     assert all("OutOfMemoryError" in c.error and "injected" in c.error for c in failed)
+    assert all(c.failure == FailureKind.OUT_OF_MEMORY for c in failed)  # a kind, not a message to match
     assert all(c.finish_reason in (FinishReason.ERROR, FinishReason.LENGTH) for c in results)
     # the engine keeps serving
     c = eng.submit(req("abc", max_new_tokens=4)).result()

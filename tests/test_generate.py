@@ -3,7 +3,7 @@ to emit a tool call or fail on cue; the app/process tests cover the engine-backe
 
 import json
 
-from model.types import Completion, FinishReason, SamplingParams, TokenEvent
+from model.types import Completion, FailureKind, FinishReason, SamplingParams, TokenEvent
 from serve import generate
 from serve.generate import Ctx, GenerationFailed
 from serve.metrics import Metrics
@@ -90,10 +90,11 @@ def test_failed_sequence_ends_the_stream_with_an_error_event():
     assert err["error_type"] == "generation_error" and "out of memory" in err["error"]
 
 
-def test_generation_failed_status():
-    assert GenerationFailed("torch.OutOfMemoryError: CUDA out of memory").status == 507
-    assert GenerationFailed("the server shut down before this request finished").status == 503
-    assert GenerationFailed("generation step failed: RuntimeError").status == 500
+def test_generation_failed_status_follows_the_failure_kind_not_the_message():
+    assert GenerationFailed("anything", FailureKind.OUT_OF_MEMORY).status == 507
+    assert GenerationFailed("anything", FailureKind.SHUTDOWN).status == 503
+    assert GenerationFailed("CUDA out of memory (said by a user's model)", FailureKind.STEP_FAILED).status == 500
+    assert GenerationFailed("no kind", None).status == 500
 
 
 def test_closing_a_stream_early_cancels_the_handle():

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from serve import encoders as enc
 from serve.batch import fileio
 from serve.batch.journal import Journal
 from serve.batch.progress import Progress
@@ -163,8 +164,8 @@ class BatchRun:
                 line, error, tokens = render(self.infer, self.job, st.f.rel, index, raw, st.f.mtime)
             except Exception as e:  # infer() must not raise; if it does, that record is an error line
                 log.exception("%s:%d: unexpected failure", st.f.rel, index)
-                line = json.dumps({"error": f"internal error: {e}", "error_type": "internal_error",
-                                   "status": 500}).encode()
+                status, body = enc.error_of(e)
+                line = json.dumps({**body, "status": status}).encode()
                 error, tokens = True, 0
             self.result_q.put((st, index, line, error, tokens))
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.types import SamplingParams
+from model.types import RequestError, SamplingParams
 
 JSON_TYPES = frozenset({"application/json", "text/json"})
 JSONL_TYPES = frozenset({"application/jsonlines", "application/x-jsonlines", "application/jsonl",
@@ -22,13 +22,11 @@ _U64 = 2**64
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-class ProtocolError(Exception):
+class ProtocolError(RequestError):
+    """A request that cannot be parsed or validated (never reached the engine)."""
+
     def __init__(self, status: int, message: str, error_type: str = "validation") -> None:
-        message = message if len(message) <= 500 else message[:497] + "..."  # user text may be echoed
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type
+        super().__init__(message, status, error_type)
 
 
 def invalid(message: str) -> ProtocolError:
