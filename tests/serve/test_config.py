@@ -154,7 +154,7 @@ def test_only_config_touches_the_process_environment():
     import ast
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     offenders = []
     for path in sorted([*(root / "serve").rglob("*.py"), *(root / "model").rglob("*.py")]):
         if path == root / "serve" / "config.py":

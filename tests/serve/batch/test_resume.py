@@ -16,7 +16,7 @@ import pytest
 
 from tests.batch_helpers import prompts, write
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 # The pipeline with the stand-in infer (slowed down so that a kill lands mid-run).
 PIPELINE = """

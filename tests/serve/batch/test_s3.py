@@ -18,7 +18,7 @@ from serve.batch.runner import BatchJob, BatchRun
 from tests.batch_helpers import prompts, read_lines, write
 from tests.fakes import fake_infer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _free_port() -> int:
