@@ -1,6 +1,6 @@
 """Find the checkpoint to serve and check that this container can serve it.
 
-Order (ARCHITECTURE.md): MODEL_ID=demo -> the built-in demo model; else a Hugging Face checkpoint in
+Order: MODEL_ID=demo -> the built-in demo model; else a Hugging Face checkpoint in
 model_dir (/opt/ml/model), also one level down when a model.tar.gz extracted into a single folder; else
 hf_model_id downloaded (safetensors, configs and tokenizer files only); else a clear error. Never a
 silent fallback to a random model. No environment variables are read here (serve/config.py does that).
@@ -13,11 +13,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.arch import ATTENTION_KINDS, MAMBA_KINDS  # the layer-type spellings, defined once
+
 DEMO_NAME = "granite-4.0-h-demo-random-weights"
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]  # never pickles
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-MAMBA_KINDS = ("mamba", "linear_attention")
-ATTENTION_KINDS = ("attention", "full_attention")
 NO_MODEL = "no model: mount a checkpoint at /opt/ml/model or set HF_MODEL_ID, or MODEL_ID=demo for the demo model"
 
 

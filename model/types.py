@@ -111,6 +111,12 @@ class Completion:
         return len(self.token_ids)
 
 
+# The allowed values, defined once: EngineConfig checks them, serve/config.py parses the variables with them.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SSM_STATE_DTYPES = ("auto", "float32", "bfloat16")
+KERNEL_MODES = ("auto", "fused", "reference")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine limits and placement. Built by serve/config.py from the environment."""
@@ -145,12 +151,9 @@ class EngineConfig:
             )
         if self.kv_cache_tokens < 0:
             raise ValueError(f"kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
-        if self.ssm_state_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"ssm_state_dtype must be auto|float32|bfloat16, got {self.ssm_state_dtype!r}")
-        if self.kernels not in ("auto", "fused", "reference"):
-            raise ValueError(f"kernels must be auto|fused|reference, got {self.kernels!r}")
+        for name, allowed in (("dtype", DTYPES), ("ssm_state_dtype", SSM_STATE_DTYPES), ("kernels", KERNEL_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {'|'.join(allowed)}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from model.types import EngineConfig
+from model.types import DTYPES, KERNEL_MODES, SSM_STATE_DTYPES, EngineConfig
 
 _ENGINE_DEFAULTS = EngineConfig()
 SAGEMAKER_MAX_PAYLOAD_MB = 6  # SageMaker's real-time limit: 6 MiB = 6,291,456 bytes each way
@@ -204,12 +204,12 @@ VARS: tuple[Var, ...] = (
     Var("KV_CACHE_TOKENS", _ENGINE_DEFAULTS.kv_cache_tokens,
         "KV pool size in tokens across all sequences; 0 = auto.", _int(0)),
     Var("DTYPE", "auto", "Weights/activations: auto, float32, bfloat16, float16 (auto: bf16 on CUDA, fp32 on CPU).",
-        _choice("auto", "float32", "bfloat16", "float16")),
-    Var("SSM_STATE_DTYPE", "auto", "Mamba state dtype: auto, float32, bfloat16.", _choice("auto", "float32", "bfloat16")),
+        _choice(*DTYPES)),
+    Var("SSM_STATE_DTYPE", "auto", "Mamba state dtype: auto, float32, bfloat16.", _choice(*SSM_STATE_DTYPES)),
     Var("DEVICE", "auto", "auto, cpu, cuda, cuda:N.", _device),
     Var("CUDA_GRAPHS", True, "Capture decode steps as CUDA graphs (CUDA only).", _bool),
     Var("KERNELS", "auto", "auto, fused, reference (fused needs CUDA + mamba-ssm).",
-        _choice("auto", "fused", "reference")),
+        _choice(*KERNEL_MODES)),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
     Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
     Var("PROMETHEUS_MULTIPROC_DIR", None,

@@ -38,7 +38,10 @@ from serve.protocol import (
 
 log = logging.getLogger(__name__)
 HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
-QUEUE_WAIT_S = 600.0  # how long JSON Lines records wait for queue room before answering 429
+# The one back-pressure policy: a record (a JSON Lines line, a batch record) whose request has no work of its
+# own in flight waits up to this long for queue room, then its line says 429; a request that is abandoned
+# (serve/watch.py: hang-up or REQUEST_TIMEOUT) stops waiting at once. Nothing above or below retries.
+QUEUE_WAIT_S = 600.0
 
 
 class Stream:

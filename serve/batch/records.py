@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 from serve import encoders as enc
 from serve.protocol import Limits, ProtocolError, tgi_params
-
-_RETRY_STATUSES = (429, 503)  # engine queue full / not ready: wait and resubmit, not an error line
-_RETRY_FOR_S = 300.0
 
 
 def seed_for(base: int, rel: str, index: int) -> int:
@@ -58,17 +54,6 @@ def count_tokens(resp) -> int:
     if isinstance(details, dict):
         return int(details.get("generated_tokens") or 0)
     return 0
-
-
-def call_with_retry(infer, text: str, defaults: dict):
-    deadline = time.monotonic() + _RETRY_FOR_S
-    delay = 0.01
-    while True:
-        resp = infer(text, defaults)
-        if not (is_error(resp) and resp.get("status") in _RETRY_STATUSES) or time.monotonic() > deadline:
-            return resp
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
 
 
 def _loads(text: str):
@@ -122,6 +107,7 @@ def render(infer, job, rel: str, index: int, raw: bytes, created: int = 0) -> tu
         defaults = dict(job.defaults)
         if "seed" not in defaults and may_sample(_loads(text), defaults):
             defaults["seed"] = seed_for(job.seed, rel, index)
-        resp = pin_ids(call_with_retry(infer, text, defaults), rel, index, created)
+        # infer waits for queue room itself (serve/handler.py QUEUE_WAIT_S): no retries here
+        resp = pin_ids(infer(text, defaults), rel, index, created)
     out = join(text, resp) if job.join_input else resp
     return dumps(out), is_error(resp), count_tokens(resp)
