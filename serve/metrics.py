@@ -84,9 +84,10 @@ class Metrics:
             counts = {k: s[k] for k in ENGINE_COUNTERS if k in s}
             counts.update({f"finished:{r}": n for r, n in (s.get("finished_total") or {}).items()})
             for key, value in counts.items():
+                # labels() shows a reason from the start (at 0), so a scrape always finds every reason
+                metric = self.finished.labels(reason=key[9:]) if key.startswith("finished:") else self.engine[key]
                 delta = value - self._seen.get(key, 0)
                 if delta > 0:  # counters only grow (a restarted engine starts a new worker, new files)
-                    metric = self.finished.labels(reason=key[9:]) if key.startswith("finished:") else self.engine[key]
                     metric.inc(delta)
                     self._seen[key] = value
 

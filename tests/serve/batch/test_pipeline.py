@@ -157,18 +157,22 @@ def test_infer_that_raises_becomes_an_error_line(tmp_path):
     assert s["errors"] == 1
 
 
-def test_queue_full_is_retried_not_written(tmp_path):
+def test_one_back_pressure_layer_the_pipeline_does_not_retry(tmp_path):
+    # How long a record waits for queue room is decided once, in serve/handler.py (QUEUE_WAIT_S, inside
+    # infer): a 429 that infer gives up with is that record's line, not a second round of retries here.
     f = write(str(tmp_path / "in.jsonl"), prompts(4))
-    refused = set()
+    calls = []
 
     def infer(rec, defaults):
-        if rec not in refused:
-            refused.add(rec)
+        calls.append(rec)
+        if len(calls) == 1:
             return {"error": "queue full", "error_type": "queue_full", "status": 429}
         return fake_infer(rec, defaults)
 
     s = run(tmp_path, f, infer=infer)
-    assert s["errors"] == 0 and all(isinstance(r, list) for r in read_lines(str(tmp_path / "out" / "in.jsonl.out")))
+    lines = read_lines(str(tmp_path / "out" / "in.jsonl.out"))
+    assert len(calls) == 4 and s["errors"] == 1
+    assert sum(isinstance(r, dict) and r.get("status") == 429 for r in lines) == 1
 
 
 def test_journal_torn_tail_and_foreign_fingerprint(tmp_path):
