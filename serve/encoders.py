@@ -29,6 +29,11 @@ def json_body(obj: Any) -> bytes:
     return (dumps(obj) + "\n").encode()
 
 
+def jsonl_body(objs: list) -> bytes:
+    # One line per object, each ending in a newline (the JSON Lines response of a JSON Lines request).
+    return "".join(dumps(x) + "\n" for x in objs).encode()
+
+
 def sse(obj: Any, openai: bool = False) -> bytes:
     # TGI writes "data:{...}", OpenAI "data: {...}"; both are valid SSE.
     return (("data: " if openai else "data:") + dumps(obj) + "\n\n").encode()

@@ -171,7 +171,7 @@ def default_output_fn(prediction: Any, accept: str | None) -> tuple[Any, str]:
     if isinstance(prediction, Stream):
         return prediction.body, "text/event-stream"
     if isinstance(prediction, JsonLines):
-        return "".join(enc.dumps(x) + "\n" for x in prediction).encode(), "application/jsonlines"
+        return enc.jsonl_body(prediction), "application/jsonlines"
     if isinstance(prediction, (bytes, str)):
         return prediction, _accept_or_json(accept)
     return enc.json_body(prediction), "application/json"
