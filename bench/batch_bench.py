@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve.batch import default_concurrency, start_engine  # noqa: E402
-from serve.batch_runner import BatchJob, BatchRun  # noqa: E402
+from serve.batch.cli import default_concurrency, start_engine  # noqa: E402
+from serve.batch.runner import BatchJob, BatchRun  # noqa: E402
 from serve.config import load_config  # noqa: E402
 
 WORDS = "the hybrid model reads a long document about state space layers and attention".split()
@@ -71,7 +71,7 @@ def machine() -> str:
 def run_bench(records: int = 256, max_new_tokens: int = 16, model_dir: str | None = None,
               model_id: str | None = None, concurrency: int = 0, out: str | None = None) -> dict:
     cfg = load_config()
-    engine, name = start_engine(cfg, model_dir, model_id or (None if model_dir else "demo"))
+    engine, name, cfg = start_engine(cfg, model_dir, model_id or (None if model_dir else "demo"))
     from serve.handler import handle_record
 
     def infer(rec, defaults):

@@ -1,6 +1,6 @@
 """Deterministic Granite 4.0 H checkpoints with random weights: "tiny" for tests, "demo" for `make serve`.
 
-The architecture is Granite 4.0 H micro scaled down (see /work/shared/GRANITE.md): Mamba-2 layers with a
+The architecture is Granite 4.0 H micro scaled down (bench/micro_config.json is the full size): Mamba-2 layers with a
 few attention layers, dense SwiGLU MLP (no experts), no positional encoding, tied embeddings, the Granite
 multipliers. Weights come from a seeded torch.Generator, so the same seed gives byte-identical files.
 """

@@ -19,6 +19,7 @@ from model.scheduler import Scheduler, SeqStatus, Sequence
 from model.types import (
     EngineConfig,
     EngineNotReady,
+    FailureKind,
     FinishReason,
     GenerationRequest,
     InputTooLong,
@@ -136,7 +137,7 @@ class Engine:
                 left = self.scheduler.abort_all()
             msg = "the server shut down before this request finished"
             for seq in left:
-                self._emit_end(seq, FinishReason.ERROR, error=msg)
+                self._emit_end(seq, FinishReason.ERROR, error=msg, failure=FailureKind.SHUTDOWN)
         self._ready = False
 
     # ---- requests -------------------------------------------------------------------------------
@@ -287,19 +288,22 @@ class Engine:
             self.scheduler.finish(seq)
             self._finished[reason.value] += 1
 
-    def _emit_end(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None):
+    def _emit_end(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None,
+                  failure: FailureKind | None = None):
         self._retire(seq, reason)
-        seq.ctx.handle._put(end_event(reason, text, error))
+        seq.ctx.handle._put(end_event(reason, text, error, failure))
 
     def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
         msg = f"generation step failed: {type(exc).__name__}: {exc}"[:500]
         log.error("engine: %s (failing %d sequences)", msg, len(seqs), exc_info=exc)
+        failure = FailureKind.STEP_FAILED
         if type(exc).__name__ == "OutOfMemoryError":
             import torch
 
             torch.cuda.empty_cache()
+            failure = FailureKind.OUT_OF_MEMORY
         with self._cv:
             self._counters["step_errors_total"] += 1
         for seq in seqs:
             if seq.status != SeqStatus.FINISHED:
-                self._emit_end(seq, FinishReason.ERROR, error=msg)
+                self._emit_end(seq, FinishReason.ERROR, error=msg, failure=failure)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 from collections.abc import Callable, Iterator
 
-from model.types import Completion, FinishReason, TokenEvent, TopToken
+from model.types import Completion, FailureKind, FinishReason, TokenEvent, TopToken
 
 
 class StopBuffer:
@@ -94,12 +94,14 @@ class Handle:
             top_tokens=tuple(e.top_tokens for e in toks),
             seed=self.seed,
             error=last.error,
+            failure=last.failure,
         )
 
 
-def end_event(reason: FinishReason, text: str = "", error: str | None = None) -> TokenEvent:
+def end_event(reason: FinishReason, text: str = "", error: str | None = None,
+              failure: FailureKind | None = None) -> TokenEvent:
     """The closing event of a cancelled or failed sequence (no token)."""
-    return TokenEvent(token_id=-1, text=text, logprob=0.0, finish_reason=reason, error=error)
+    return TokenEvent(token_id=-1, text=text, logprob=0.0, finish_reason=reason, error=error, failure=failure)
 
 
 def top_tokens(pairs: list[tuple[int, float]], decode: Callable[[int], str]) -> tuple[TopToken, ...]:

@@ -1,6 +1,6 @@
 """Find the checkpoint to serve and check that this container can serve it.
 
-Order (ARCHITECTURE.md): MODEL_ID=demo -> the built-in demo model; else a Hugging Face checkpoint in
+Order: MODEL_ID=demo -> the built-in demo model; else a Hugging Face checkpoint in
 model_dir (/opt/ml/model), also one level down when a model.tar.gz extracted into a single folder; else
 hf_model_id downloaded (safetensors, configs and tokenizer files only); else a clear error. Never a
 silent fallback to a random model. No environment variables are read here (serve/config.py does that).
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from model.arch import ATTENTION_KINDS, MAMBA_KINDS  # the layer-type spellings, defined once
 
 DEMO_NAME = "granite-4.0-h-demo-random-weights"
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]  # never pickles
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-MAMBA_KINDS = ("mamba", "linear_attention")
-ATTENTION_KINDS = ("attention", "full_attention")
 NO_MODEL = "no model: mount a checkpoint at /opt/ml/model or set HF_MODEL_ID, or MODEL_ID=demo for the demo model"
 
 
@@ -30,6 +30,7 @@ class ResolvedModel:
     path: Path
     name: str
     is_demo: bool
+    config: dict = field(default_factory=dict, compare=False)  # its validated config.json
 
 
 def resolve_model(model_dir: str | None, hf_model_id: str | None, hf_revision: str | None, hf_token: str | None,
@@ -38,16 +39,13 @@ def resolve_model(model_dir: str | None, hf_model_id: str | None, hf_revision: s
         from model.demo import demo_dir
 
         path = demo_dir(Path(cache_dir))
-        validate_checkpoint(path)
-        return ResolvedModel(path=path, name=DEMO_NAME, is_demo=True)
+        return ResolvedModel(path=path, name=DEMO_NAME, is_demo=True, config=validate_checkpoint(path))
     local = find_checkpoint_dir(Path(model_dir)) if model_dir else None
     if local is not None:
-        validate_checkpoint(local)
-        return ResolvedModel(path=local, name=_model_name(local), is_demo=False)
+        return ResolvedModel(path=local, name=_model_name(local), is_demo=False, config=validate_checkpoint(local))
     if hf_model_id:
         path = download(hf_model_id, hf_revision, hf_token, cache_dir)
-        validate_checkpoint(path)
-        return ResolvedModel(path=path, name=hf_model_id, is_demo=False)
+        return ResolvedModel(path=path, name=hf_model_id, is_demo=False, config=validate_checkpoint(path))
     if model_dir and Path(model_dir).is_dir() and any(Path(model_dir).iterdir()):
         found = ", ".join(sorted(p.name for p in Path(model_dir).iterdir())[:10])
         raise ModelLoadError(f"{model_dir} holds no Hugging Face checkpoint (no config.json; found: {found}). {NO_MODEL}")

@@ -38,7 +38,7 @@ def kv_bytes_per_token(a: GraniteArch, dtype: torch.dtype) -> int:
 
 
 def bytes_per_seq(a: GraniteArch, n_tokens: int, dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
-    """The GRANITE.md formula: fixed Mamba state + KV per token (exact, not rounded to blocks)."""
+    """Fixed Mamba state + KV per token (exact, not rounded to blocks): the README's memory formula."""
     return state_bytes_per_seq(a, dtype, ssm_dtype) + n_tokens * kv_bytes_per_token(a, dtype)
 
 

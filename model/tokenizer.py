@@ -1,7 +1,7 @@
 """Tokenizer wrapper over a checkpoint's own Hugging Face tokenizer (local files only, no remote code).
 
 Chat prompts are rendered with the checkpoint's chat template; streaming text comes from an incremental
-detokenizer (model/detok.py); tool calls in generated text are parsed by model/toolcalls.py.
+detokenizer (model/detok.py); tool calls in generated text are parsed by serve/protocol/toolcalls.py.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 from model.detok import IncrementalDetokenizer, PrefixDetokenizer, byte_table
-from model.toolcalls import parse_tool_calls
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer", "parse_tool_calls"]
+__all__ = ["Tokenizer", "IncrementalDetokenizer"]
 
 
 class Tokenizer:
@@ -41,7 +40,9 @@ class Tokenizer:
         return getattr(self.hf, "chat_template", None)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=False))
+        # verbose=False: the server enforces its own limits (MAX_INPUT_TOKENS); the tokenizer's
+        # model_max_length warning ("sequence length is longer than the specified maximum") would be noise.
+        return list(self.hf.encode(text, add_special_tokens=False, verbose=False))
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

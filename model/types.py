@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
+class FailureKind(str, Enum):
+    """Why a sequence ended with FinishReason.ERROR (the server maps each to an HTTP status)."""
+
+    OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory in this sequence's step
+    SHUTDOWN = "shutdown"  # the server shut down before the sequence finished
+    STEP_FAILED = "step_failed"  # any other exception in the step
+
+
 class FinishReason(str, Enum):
     LENGTH = "length"  # max_new_tokens or the context budget reached
     EOS = "eos_token"  # the model produced an end-of-sequence token
@@ -79,6 +87,7 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     top_tokens: tuple[TopToken, ...] = ()
     error: str | None = None  # set with FinishReason.ERROR
+    failure: FailureKind | None = None  # set with FinishReason.ERROR
 
 
 @dataclass(frozen=True)
@@ -95,10 +104,17 @@ class Completion:
     top_tokens: tuple[tuple[TopToken, ...], ...]
     seed: int | None
     error: str | None = None
+    failure: FailureKind | None = None
 
     @property
     def generated_tokens(self) -> int:
         return len(self.token_ids)
+
+
+# The allowed values, defined once: EngineConfig checks them, serve/config.py parses the variables with them.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SSM_STATE_DTYPES = ("auto", "float32", "bfloat16")
+KERNEL_MODES = ("auto", "fused", "reference")
 
 
 @dataclass(frozen=True)
@@ -135,12 +151,9 @@ class EngineConfig:
             )
         if self.kv_cache_tokens < 0:
             raise ValueError(f"kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
-        if self.ssm_state_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"ssm_state_dtype must be auto|float32|bfloat16, got {self.ssm_state_dtype!r}")
-        if self.kernels not in ("auto", "fused", "reference"):
-            raise ValueError(f"kernels must be auto|fused|reference, got {self.kernels!r}")
+        for name, allowed in (("dtype", DTYPES), ("ssm_state_dtype", SSM_STATE_DTYPES), ("kernels", KERNEL_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {'|'.join(allowed)}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -158,10 +171,26 @@ class StepBatch:
     chunks: tuple[SeqChunk, ...]
 
 
-class EngineError(Exception):
-    """An error the server turns into a JSON response with `status`."""
+class RequestError(Exception):
+    """The one error type the server answers with: JSON {"error": message, "error_type"} and `status`.
+    Subclasses set their status and error_type as class attributes; an instance may override both."""
 
     status = 500
+    error_type = "internal"
+
+    def __init__(self, message: str = "", status: int | None = None, error_type: str | None = None) -> None:
+        message = message if len(message) <= 500 else message[:497] + "..."  # user text may be echoed
+        super().__init__(message)
+        self.message = message or self.error_type
+        if status is not None:
+            self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+
+
+class EngineError(RequestError):
+    """Raised by the engine (model/engine.py submit)."""
+
     error_type = "engine_error"
 
 

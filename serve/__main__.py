@@ -18,13 +18,14 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--host", help="address to bind (default: HOST, else 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port (default: SAGEMAKER_BIND_TO_PORT, else PORT, else 8080)")
     args = parser.parse_args(argv)
-    from serve.config import ConfigError, load_config
+    from serve.config import ConfigError, load_config, prepare_metrics_dir
 
     try:
         cfg = load_config()
     except ConfigError as e:
         print(f"serve: configuration error: {e}", file=sys.stderr)
         return 2
+    prepare_metrics_dir(cfg)  # the workers inherit it: one /metrics scrape covers all of them
     from gunicorn.app.wsgiapp import WSGIApplication
 
     gunicorn_argv = ["gunicorn", "-c", "python:serve.gunicorn_conf"]

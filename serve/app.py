@@ -7,6 +7,7 @@ background thread, so the port answers immediately and /ping says 503 until the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -16,18 +17,20 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from model.types import EngineError, EngineNotReady
+from model.types import EngineNotReady, RequestError
 from serve import encoders as enc
 from serve.config import Config, load_config
 from serve.generate import Ctx, start, stream
 from serve.handler import Service, load_user_module
+from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serve.metrics import Metrics
-from serve.protocol import JSON_TYPES, Limits, ProtocolError, decode_json, media_type, parse_request
+from serve.protocol import JSON_TYPES, KINDS, Limits, ProtocolError, decode_json, media_type, parse_request
+from serve.watch import DISCONNECTED, watching
 
 log = logging.getLogger("serve")
-DEMO_NAME = "granite-4.0-h-micro-DEMO-random-weights"
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 STREAM_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+DRAIN_MIN_BYTES = 64 * 1024 * 1024  # an answered request's unread body is read and dropped up to this (or 2x limit)
 
 
 class ServerState:
@@ -40,9 +43,8 @@ class ServerState:
         self.model_name = getattr(engine, "model_name", None) or "granite"
         self.error: str | None = None
         self.ready = False
-        self.metrics = Metrics()
-        self.limits = Limits(default_max_new_tokens=config.server.default_max_new_tokens,
-                             max_new_tokens=config.engine.max_total_tokens - 1)
+        self.metrics = Metrics(config.server.metrics_dir)
+        self.limits = Limits()  # set from the engine's context limits once it is loaded
         self._thread = threading.Thread(target=self._load, name="server-load", daemon=True)
 
     def start(self) -> None:
@@ -55,6 +57,9 @@ class ServerState:
             self.engine.start()  # idempotent
             if not self.engine.wait_ready():
                 raise RuntimeError(self.engine.error or "the engine did not start")
+            total = self.engine.config.max_total_tokens
+            self.limits = Limits(default_max_new_tokens=min(self.config.server.default_max_new_tokens, total - 1),
+                                 max_new_tokens=total - 1)
             # code/inference.py sits at the top of the model dir (the checkpoint may be one level down)
             model_dir = Path(self.config.model.model_dir)
             if not (model_dir / "code" / "inference.py").is_file():
@@ -63,26 +68,18 @@ class ServerState:
             service.load_model()
             self.service = service
             self.ready = True
+            self.metrics.start_sync(self.engine.stats)
             log.info("server ready: model %s", self.model_name)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"[:500]
             log.exception("model load failed; /ping answers 503: %s", self.error)
 
     def _create_engine(self) -> Any:
-        from model.engine import Engine
-        from model.loader import resolve_model
+        from serve.engine_setup import build_engine
 
-        m = self.config.model
-        resolved = resolve_model(m.model_dir, m.hf_model_id, m.hf_revision, m.hf_token, m.model_id, m.cache_dir)
-        name = resolved.name
-        if resolved.is_demo:
-            name = name if "demo" in name.lower() else DEMO_NAME
-            log.warning("!" * 78)
-            log.warning("DEMO MODEL: %s has RANDOM WEIGHTS; its text is meaningless. Set MODEL_DIR or "
-                        "HF_MODEL_ID to serve Granite.", name)
-            log.warning("!" * 78)
-        self.model_name = name
-        return Engine(resolved.path, self.config.engine, name)
+        engine, self.config = build_engine(self.config)
+        self.model_name = engine.model_name
+        return engine
 
     def live(self) -> bool:
         return self.ready and bool(getattr(self.engine, "ready", False))
@@ -94,12 +91,14 @@ class ServerState:
 
     def shutdown(self, timeout: float) -> None:
         self.ready = False
+        self.metrics.stop()
         if self.engine is not None:
             self.engine.shutdown(timeout=timeout)
 
 
-def _error(status: int, message: str, error_type: str) -> Response:
-    return Response(enc.dumps(enc.error_body(message, error_type)), status=status, mimetype="application/json")
+def _error(e: BaseException) -> Response:
+    status, body = enc.error_of(e)
+    return Response(enc.json_body(body), status=status, mimetype="application/json")
 
 
 def _guard_stream(body: Iterator[bytes], openai: bool) -> Iterator[bytes]:
@@ -108,7 +107,7 @@ def _guard_stream(body: Iterator[bytes], openai: bool) -> Iterator[bytes]:
         yield from body
     except Exception as e:
         log.exception("stream failed")
-        yield enc.sse(enc.error_body(f"internal error: {type(e).__name__}", "internal"), openai=openai)
+        yield enc.sse(enc.error_of(e)[1], openai=openai)
     finally:
         close = getattr(body, "close", None)
         if close:
@@ -120,6 +119,22 @@ def _respond(body: Any, content_type: str, openai: bool = False) -> Response:
         return Response(body, mimetype=None, content_type=content_type)
     return Response(_guard_stream(body, openai), content_type=content_type, headers=STREAM_HEADERS,
                     direct_passthrough=True)
+
+
+def _drain_unread_body(response: Response, limit: int) -> None:
+    # A response sent before the body was read (413 from the headers, 415, 503 while loading): read and
+    # drop the rest, so a client that writes its whole body before reading gets the answer, not a broken
+    # pipe from a connection closed under it. Past `limit` the connection is closed instead.
+    if request.content_length is None and "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+        return  # no body, or one we cannot delimit
+    stream = request.environ.get("wsgi.input")
+    left = limit
+    while stream is not None and left > 0:
+        chunk = stream.read(min(1 << 16, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+    response.headers["Connection"] = "close"
 
 
 def create_app(config: Config | None = None, engine: Any = None) -> Flask:
@@ -136,29 +151,44 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
         # Reads two flags: never waits behind generation or loading.
         if state.live():
             return Response(b"", status=200)
-        return _error(503, state.error or "the model is still loading", "not_ready")
+        return _error(EngineNotReady(state.error or "the model is still loading"))
+
+    def watched(view):
+        # Non-streaming work of this request is cancelled when its client hangs up or its deadline passes.
+        @functools.wraps(view)
+        def run(*args):
+            with watching(request.environ.get("gunicorn.socket"), config.server.request_timeout_s) as w:
+                try:
+                    return view(*args)
+                finally:
+                    if w.reason == DISCONNECTED:
+                        state.metrics.disconnect()
+        return run
 
     @app.post("/invocations")
+    @watched
     def invocations():
         service = state.require()
         body = request.get_data(cache=False)
         out, content_type = service.invoke(body, request.headers.get("Content-Type"), request.headers.get("Accept"))
         return _respond(out, content_type)
 
-    def openai_route(route: str):
+    @watched
+    def openai_route(kind: str):
         service = state.require()
         media = media_type(request.headers.get("Content-Type"))
         if media not in JSON_TYPES:
             raise ProtocolError(415, f"unsupported content type {media!r}: use application/json",
                                 "unsupported_media_type")
-        req = parse_request(decode_json(request.get_data(cache=False)), state.limits, route)
+        req = parse_request(decode_json(request.get_data(cache=False)), state.limits, kind)
         ctx = Ctx(service.engine, state.model_name, state.metrics)
         if req.stream:
             return _respond(stream(ctx, req), "text/event-stream", openai=True)
-        return _respond(enc.dumps(start(ctx, req).finish()), "application/json")
+        return _respond(enc.json_body(start(ctx, req).finish()), "application/json")
 
-    app.post("/v1/chat/completions", endpoint="chat")(lambda: openai_route("chat"))
-    app.post("/v1/completions", endpoint="completions")(lambda: openai_route("completions"))
+    for k in KINDS:
+        if k.route is not None:
+            app.post(f"/v1/{k.route}", endpoint=k.name)(functools.partial(openai_route, k.name))
 
     @app.get("/v1/models")
     def models():
@@ -177,26 +207,22 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
     @app.get("/metrics")
     def metrics():
         stats = state.engine.stats() if state.live() else {"ready": False}
-        return Response(state.metrics.render(stats), content_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(state.metrics.render(stats), content_type=METRICS_CONTENT_TYPE)
 
-    @app.errorhandler(ProtocolError)
-    def protocol_error(e: ProtocolError):
-        return _error(e.status, e.message, e.error_type)
-
-    @app.errorhandler(EngineError)
-    def engine_error(e: EngineError):
-        return _error(e.status, str(e) or e.error_type, e.error_type)
+    @app.errorhandler(RequestError)
+    def request_error(e: RequestError):
+        return _error(e)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         kind = {413: "payload_too_large", 404: "not_found", 405: "method_not_allowed"}.get(e.code, "http_error")
         message = f"body larger than {config.server.max_payload_bytes} bytes" if e.code == 413 else e.description
-        return _error(e.code or 500, message, kind)
+        return _error(RequestError(message or kind, e.code or 500, kind))
 
     @app.errorhandler(Exception)
     def internal_error(e: Exception):
         log.exception("request failed")
-        return _error(500, f"internal error: {type(e).__name__}", "internal")
+        return _error(e)
 
     @app.before_request
     def remember_route():
@@ -208,6 +234,7 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
         if attrs is not None:
             response.headers[CUSTOM_ATTRIBUTES] = attrs
         state.metrics.request(getattr(g, "route", "other"), response.status_code)
+        _drain_unread_body(response, max(DRAIN_MIN_BYTES, 2 * config.server.max_payload_bytes))
         return response
 
     state.start()

@@ -7,15 +7,19 @@ No other module reads the environment. torch is never imported here.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from model.types import EngineConfig
+from model.types import DTYPES, KERNEL_MODES, SSM_STATE_DTYPES, EngineConfig
 
 _ENGINE_DEFAULTS = EngineConfig()
 SAGEMAKER_MAX_PAYLOAD_MB = 6  # SageMaker's real-time limit: 6 MiB = 6,291,456 bytes each way
+DEFAULT_MAX_NEW_TOKENS = 256
+REALTIME_TIMEOUT_S = 60  # SageMaker's real-time invocation timeout
 BATCH_MAX_PAYLOAD_MB = 100  # batch transform's largest MaxPayloadInMB: never 413 a payload SageMaker may send
 
 
@@ -35,8 +39,10 @@ class ServerConfig:
     batch_strategy: str = "MULTI_RECORD"
     max_concurrent_transforms: int | None = None  # None: derived from engine slots
     default_max_new_tokens: int = 256
+    request_timeout_s: float | None = 60.0  # non-streaming real-time requests; None = no deadline (batch)
     gpu_ids: tuple[str, ...] = ()  # devices visible to the server; one worker each
     log_level: str = "INFO"
+    metrics_dir: str | None = None  # prometheus-client multiprocess directory (gunicorn); None: one process
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -61,10 +67,21 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class Context:
+    """MAX_INPUT_TOKENS / MAX_TOTAL_TOKENS / MAX_NEW_TOKENS as set; None: unset (from the checkpoint)."""
+
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelSource = field(default_factory=ModelSource)
+    # Until with_context() has seen the checkpoint, the context limits here are provisional.
     engine: EngineConfig = field(default_factory=EngineConfig)
+    context: Context = field(default_factory=Context)
 
     @property
     def threads(self) -> int:
@@ -107,6 +124,16 @@ def _choice(*options: str, upper: bool = False) -> Callable[[str], str]:
     return parse
 
 
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not 0 <= value < 1e7:
+        raise ValueError("must be >= 0 seconds")
+    return value
+
+
 def _str(raw: str) -> str:
     return raw.strip()
 
@@ -145,6 +172,9 @@ VARS: tuple[Var, ...] = (
     Var("SAGEMAKER_MAX_PAYLOAD_IN_MB", SAGEMAKER_MAX_PAYLOAD_MB,
         "Largest request body in MiB (6 = SageMaker's 6,291,456 bytes; 100 when SAGEMAKER_BATCH is set); "
         "larger bodies get 413.", _int(1)),
+    Var("REQUEST_TIMEOUT", REALTIME_TIMEOUT_S,
+        "Seconds a non-streaming request may run before it is stopped with 504 (SageMaker gives up after 60 s and "
+        "botocore retries); 0 = none, the default when SAGEMAKER_BATCH is set.", _seconds),
     Var("SAGEMAKER_BATCH", False, "Set by batch transform (true/True): payload limit defaults to 100 MiB.", _bool),
     Var("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD",
         "BatchStrategy reported by /execution-parameters.", _choice("SINGLE_RECORD", "MULTI_RECORD", upper=True)),
@@ -156,13 +186,17 @@ VARS: tuple[Var, ...] = (
     Var("HF_TOKEN", None, "Token for gated/private HF_MODEL_ID downloads (never logged).", _str),
     Var("MODEL_ID", None, "'demo': serve the built-in demo model (random weights, meaningless text); wins over MODEL_DIR.", _str),
     Var("MODEL_CACHE_DIR", "/tmp/granite-h-cache", "Writable directory for downloads and the demo model.", _str),
-    Var("MAX_INPUT_TOKENS", _ENGINE_DEFAULTS.max_input_tokens, "Longest prompt accepted (longer: 422).", _int(1)),
-    Var("MAX_TOTAL_TOKENS", _ENGINE_DEFAULTS.max_total_tokens, "Prompt + generated tokens per sequence.", _int(2)),
+    Var("MAX_INPUT_TOKENS", None, "Longest prompt accepted (longer: 422); unset: MAX_TOTAL_TOKENS - 1.", _int(1)),
+    Var("MAX_TOTAL_TOKENS", None,
+        "Prompt + generated tokens per sequence; unset: the checkpoint's context length (max_position_embeddings, "
+        "131,072 for micro). Sequences are admitted by KV memory; the server refuses to start if one sequence this "
+        "long cannot fit the KV pool.", _int(2)),
     Var("MAX_CONCURRENT_SEQS", _ENGINE_DEFAULTS.max_concurrent_seqs,
         "Sequences generated at once (state-pool slots).", _int(1)),
     Var("MAX_QUEUED_REQUESTS", _ENGINE_DEFAULTS.max_queued_requests,
         "Waiting requests beyond this are refused with 429.", _int(1)),
-    Var("MAX_NEW_TOKENS", 256, "max_new_tokens when a request does not say (unset: at most MAX_TOTAL_TOKENS - 1).", _int(1)),
+    Var("MAX_NEW_TOKENS", DEFAULT_MAX_NEW_TOKENS,
+        "max_new_tokens when a request does not say (unset: at most MAX_TOTAL_TOKENS - 1).", _int(1)),
     Var("MAX_STEP_TOKENS", _ENGINE_DEFAULTS.max_step_tokens,
         "Tokens run per engine step (prefill chunks + one per decoding sequence).", _int(1)),
     Var("PREFILL_CHUNK_TOKENS", _ENGINE_DEFAULTS.prefill_chunk_tokens, "Prompts are prefilled in chunks of this.",
@@ -170,14 +204,17 @@ VARS: tuple[Var, ...] = (
     Var("KV_CACHE_TOKENS", _ENGINE_DEFAULTS.kv_cache_tokens,
         "KV pool size in tokens across all sequences; 0 = auto.", _int(0)),
     Var("DTYPE", "auto", "Weights/activations: auto, float32, bfloat16, float16 (auto: bf16 on CUDA, fp32 on CPU).",
-        _choice("auto", "float32", "bfloat16", "float16")),
-    Var("SSM_STATE_DTYPE", "auto", "Mamba state dtype: auto, float32, bfloat16.", _choice("auto", "float32", "bfloat16")),
+        _choice(*DTYPES)),
+    Var("SSM_STATE_DTYPE", "auto", "Mamba state dtype: auto, float32, bfloat16.", _choice(*SSM_STATE_DTYPES)),
     Var("DEVICE", "auto", "auto, cpu, cuda, cuda:N.", _device),
     Var("CUDA_GRAPHS", True, "Capture decode steps as CUDA graphs (CUDA only).", _bool),
     Var("KERNELS", "auto", "auto, fused, reference (fused needs CUDA + mamba-ssm).",
-        _choice("auto", "fused", "reference")),
+        _choice(*KERNEL_MODES)),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
     Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
+    Var("PROMETHEUS_MULTIPROC_DIR", None,
+        "Directory where the gunicorn workers' metrics meet, so one /metrics scrape covers the instance; "
+        "`python -m serve serve` makes a fresh one when unset.", _str),
     Var("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR.", _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True)),
 )
 
@@ -207,13 +244,13 @@ def _read(env: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
-def _engine_config(v: dict[str, Any]) -> EngineConfig:
+def _engine_config(v: dict[str, Any], total: int, inp: int) -> EngineConfig:
     names = {f.name: f.name.upper() for f in fields(EngineConfig)}
     try:
         return EngineConfig(
             max_concurrent_seqs=v["MAX_CONCURRENT_SEQS"],
-            max_input_tokens=v["MAX_INPUT_TOKENS"],
-            max_total_tokens=v["MAX_TOTAL_TOKENS"],
+            max_input_tokens=inp,
+            max_total_tokens=total,
             max_step_tokens=v["MAX_STEP_TOKENS"],
             kv_cache_tokens=v["KV_CACHE_TOKENS"],
             max_queued_requests=v["MAX_QUEUED_REQUESTS"],
@@ -239,6 +276,45 @@ def _gpu_ids(v: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(i) for i in range(count or 0))
 
 
+def gunicorn_settings(cfg: Config) -> dict[str, Any]:
+    """serve/gunicorn_conf.py's settings (module globals gunicorn reads), all from `cfg`."""
+    s = cfg.server
+    return {
+        "bind": [f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"],
+        "wsgi_app": "serve.app:create_app()",
+        "worker_class": "gthread",
+        "workers": s.workers,
+        "threads": cfg.threads,
+        "timeout": s.timeout_s,
+        "graceful_timeout": s.graceful_timeout_s,
+        "keepalive": 75,  # longer than typical client/LB idle timeouts (60 s), so pooled connections stay valid
+        "preload_app": False,
+        "control_socket_disable": True,  # gunicorn >= 25: no runtime-control socket (read-only homes)
+        "loglevel": s.log_level.lower(),
+        "errorlog": "-",
+        "accesslog": "-" if s.log_level == "DEBUG" else None,
+        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,  # heartbeat file off slow disks
+    }
+
+
+def prepare_metrics_dir(cfg: Config) -> str:
+    """In the gunicorn master, before any worker forks (and before prometheus_client is imported, which
+    picks its multiprocess mode from the environment): an empty PROMETHEUS_MULTIPROC_DIR, exported."""
+    path = cfg.server.metrics_dir or tempfile.mkdtemp(prefix="granite-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):  # values of a previous run
+            os.remove(os.path.join(path, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def pin_gpu(gpu_id: str) -> None:
+    """In a fresh gunicorn worker, before torch is imported: see only this GPU (the one write to the
+    process environment, kept next to the reads)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+
+
 def var_unset(env: Mapping[str, str], name: str) -> bool:
     return not (env.get(name) or "").strip()
 
@@ -250,13 +326,17 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     payload_mb = v["SAGEMAKER_MAX_PAYLOAD_IN_MB"]
     if v["SAGEMAKER_BATCH"] and not (env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB") or "").strip():
         payload_mb = BATCH_MAX_PAYLOAD_MB
+    timeout_s = v["REQUEST_TIMEOUT"]
+    if v["SAGEMAKER_BATCH"] and var_unset(env, "REQUEST_TIMEOUT"):
+        timeout_s = 0  # batch transform invocations may run for up to SAGEMAKER_MODEL_SERVER_TIMEOUT
     if v["DEVICE"] == "cpu" and v["KERNELS"] == "fused":
         raise ConfigError("KERNELS=fused needs CUDA but DEVICE=cpu")
-    if v["MAX_NEW_TOKENS"] >= v["MAX_TOTAL_TOKENS"]:
-        if var_unset(env, "MAX_NEW_TOKENS"):  # the built-in default yields to a small context
-            v["MAX_NEW_TOKENS"] = v["MAX_TOTAL_TOKENS"] - 1
-    if v["MAX_NEW_TOKENS"] >= v["MAX_TOTAL_TOKENS"]:
-        raise ConfigError(f"MAX_NEW_TOKENS ({v['MAX_NEW_TOKENS']}) must be < MAX_TOTAL_TOKENS ({v['MAX_TOTAL_TOKENS']})")
+    context = Context(v["MAX_INPUT_TOKENS"], v["MAX_TOTAL_TOKENS"],
+                      None if var_unset(env, "MAX_NEW_TOKENS") else v["MAX_NEW_TOKENS"])
+    # Provisional until the checkpoint is known (with_context); explicit values are checked now.
+    total = context.max_total_tokens or max(_ENGINE_DEFAULTS.max_total_tokens, (context.max_input_tokens or 0) + 1)
+    if context.max_total_tokens is not None:
+        v["MAX_NEW_TOKENS"] = _max_new_tokens(context, total)
     gpu_ids = _gpu_ids(v) if v["DEVICE"] != "cpu" else ()
     workers = v["SAGEMAKER_MODEL_SERVER_WORKERS"] or max(1, len(gpu_ids))
     port = v["SAGEMAKER_BIND_TO_PORT"] or v["PORT"]
@@ -272,8 +352,10 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             batch_strategy=v["SAGEMAKER_BATCH_STRATEGY"],
             max_concurrent_transforms=v["SAGEMAKER_MAX_CONCURRENT_TRANSFORMS"],
             default_max_new_tokens=v["MAX_NEW_TOKENS"],
+            request_timeout_s=float(timeout_s) or None,
             gpu_ids=gpu_ids,
             log_level=v["LOG_LEVEL"],
+            metrics_dir=v["PROMETHEUS_MULTIPROC_DIR"],
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -285,4 +367,34 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         model_id=v["MODEL_ID"],
         cache_dir=v["MODEL_CACHE_DIR"],
     )
-    return Config(server=server, model=model, engine=_engine_config(v))
+    return Config(server=server, model=model, context=context,
+                  engine=_engine_config(v, total, context.max_input_tokens or total - 1))
+
+
+def _max_new_tokens(c: Context, total: int) -> int:
+    if c.max_new_tokens is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, total - 1)  # the built-in default yields to a small context
+    if c.max_new_tokens >= total:
+        raise ConfigError(f"MAX_NEW_TOKENS ({c.max_new_tokens}) must be < MAX_TOTAL_TOKENS ({total})")
+    return c.max_new_tokens
+
+
+def with_context(cfg: Config, context_length: int | None) -> Config:
+    """`cfg` with the context limits left unset taken from the checkpoint: MAX_TOTAL_TOKENS = its
+    context length (max_position_embeddings), MAX_INPUT_TOKENS = MAX_TOTAL_TOKENS - 1. ConfigError,
+    naming the variables, when the limits contradict each other or one full-length sequence cannot
+    fit a KV pool of KV_CACHE_TOKENS (the automatic size always holds one; on CUDA the runner checks
+    that free memory does)."""
+    c = cfg.context
+    total = c.max_total_tokens or max(context_length or _ENGINE_DEFAULTS.max_total_tokens, (c.max_input_tokens or 0) + 1)
+    inp = c.max_input_tokens or total - 1
+    where = "" if c.max_total_tokens else f" (the checkpoint's max_position_embeddings={context_length})"
+    if inp >= total:
+        raise ConfigError(f"MAX_INPUT_TOKENS ({inp}) must be < MAX_TOTAL_TOKENS ({total}{where})")
+    kv = cfg.engine.kv_cache_tokens
+    if kv and kv < total:
+        raise ConfigError(f"KV_CACHE_TOKENS={kv} cannot hold one sequence of MAX_TOTAL_TOKENS={total}{where}: "
+                          f"raise KV_CACHE_TOKENS (or 0 = auto) or set MAX_TOTAL_TOKENS lower")
+    server = dataclasses.replace(cfg.server, default_max_new_tokens=_max_new_tokens(c, total))
+    engine = dataclasses.replace(cfg.engine, max_total_tokens=total, max_input_tokens=inp)
+    return dataclasses.replace(cfg, server=server, engine=engine)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from model.toolcalls import parse_tool_calls
-from model.types import Completion, FinishReason, TokenEvent, TopToken
+from model.types import Completion, FinishReason, RequestError, TokenEvent, TopToken
+from serve.protocol.toolcalls import parse_tool_calls
 
 DONE = b"data: [DONE]\n\n"
-TOOL_OPEN = "<tool_call>"
 
 
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
@@ -25,13 +24,32 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).translate(_LINE_BREAKS)
 
 
+def json_body(obj: Any) -> bytes:
+    # A JSON response body ends with a newline: line-based readers (langchain-aws's LineIterator) wait for one.
+    return (dumps(obj) + "\n").encode()
+
+
+def jsonl_body(objs: list) -> bytes:
+    # One line per object, each ending in a newline (the JSON Lines response of a JSON Lines request).
+    return "".join(dumps(x) + "\n" for x in objs).encode()
+
+
 def sse(obj: Any, openai: bool = False) -> bytes:
     # TGI writes "data:{...}", OpenAI "data: {...}"; both are valid SSE.
     return (("data: " if openai else "data:") + dumps(obj) + "\n\n").encode()
 
 
 def error_body(message: str, error_type: str) -> dict:
+    """The one error body: {"error": message, "error_type": kind}."""
     return {"error": message, "error_type": error_type}
+
+
+def error_of(e: BaseException) -> tuple[int, dict]:
+    """Any exception -> (HTTP status, error body): a RequestError says both; anything else is a 500 that
+    names only the exception's type (never a message or trace that could leak internals)."""
+    if isinstance(e, RequestError):
+        return e.status, error_body(e.message, e.error_type)
+    return 500, error_body(f"internal error: {type(e).__name__}", "internal")
 
 
 def _lp(x: float) -> float | None:
@@ -133,32 +151,6 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | No
 def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> bytes:
     return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
                 "usage": usage(prompt_tokens, completion_tokens)}, openai=True)
-
-
-class ToolCallHoldback:
-    """Streams content but holds back text from the first `<tool_call>` on (and any tail that could
-    start one), so tool-call markup is never streamed as content; finish() parses the held text."""
-
-    def __init__(self) -> None:
-        self.held = ""
-        self.in_call = False
-
-    def push(self, text: str) -> str:
-        self.held += text
-        if self.in_call:
-            return ""
-        at = self.held.find(TOOL_OPEN)
-        if at >= 0:
-            out, self.held, self.in_call = self.held[:at], self.held[at:], True
-            return out
-        keep = next((n for n in range(min(len(TOOL_OPEN) - 1, len(self.held)), 0, -1)
-                     if self.held.endswith(TOOL_OPEN[:n])), 0)
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
-        return out
-
-    def finish(self) -> tuple[str, list[dict]]:
-        text, self.held = self.held, ""
-        return parse_tool_calls(text) if self.in_call else (text, [])
 
 
 def completion_choice(index: int, prompt: str, c: Completion, echo: bool, logprobs: int | None) -> dict:

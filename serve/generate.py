@@ -17,28 +17,49 @@ from typing import Any
 
 from model.types import (
     Completion,
-    EngineError,
     EngineNotReady,
+    FailureKind,
     FinishReason,
     GenerationRequest,
     QueueFull,
+    RequestError,
     SamplingParams,
 )
 from serve import encoders as enc
+from serve import watch
 from serve.metrics import Metrics
-from serve.openai import ChatRequest, CompletionRequest
-from serve.protocol import ProtocolError, TextRequest
+from serve.protocol import ChatRequest, CompletionRequest, ProtocolError, TextRequest
+from serve.protocol.toolcalls import ToolCallHoldback
+
+FAILURE_STATUS = {FailureKind.OUT_OF_MEMORY: 507, FailureKind.SHUTDOWN: 503, FailureKind.STEP_FAILED: 500}
 
 
-class GenerationFailed(EngineError):
-    """A sequence ended with FinishReason.ERROR (e.g. CUDA out of memory, shutdown)."""
+class GenerationFailed(RequestError):
+    """A sequence ended with FinishReason.ERROR; the engine's failure kind decides the status."""
 
     error_type = "generation_error"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        low = message.lower()
-        self.status = 507 if "out of memory" in low or "outofmemory" in low else 503 if "shut down" in low else 500
+    def __init__(self, message: str, failure: FailureKind | None) -> None:
+        super().__init__(message, FAILURE_STATUS.get(failure, 500))
+
+
+class RequestAbandoned(RequestError):
+    """The request's client hung up, or its deadline passed: its sequences were cancelled."""
+
+    def __init__(self, w: watch.Watch) -> None:
+        if w.reason == watch.DEADLINE:
+            super().__init__(f"the request ran longer than the server's deadline ({w.timeout_s:g} s, "
+                             "REQUEST_TIMEOUT); its generation was stopped")
+            self.status, self.error_type = 504, "timeout"
+        else:
+            super().__init__("the client closed the connection; its generation was stopped")
+            self.status, self.error_type = 499, "client_closed"
+
+
+def raise_if_abandoned() -> None:
+    w = watch.current()
+    if w is not None and w.reason is not None:
+        raise RequestAbandoned(w)
 
 
 @dataclass
@@ -88,8 +109,10 @@ def collect(ctx: Ctx, handle) -> Completion:
     for _ in timed(ctx, handle):
         pass
     c = handle.result()
+    if c.finish_reason == FinishReason.CANCELLED:
+        raise_if_abandoned()
     if c.finish_reason == FinishReason.ERROR:
-        raise GenerationFailed(c.error or "generation failed")
+        raise GenerationFailed(c.error or "generation failed", c.failure)
     return c
 
 
@@ -117,13 +140,14 @@ def chat_prompt(ctx: Ctx, req: ChatRequest) -> str:
         raise ProtocolError(422, f"the chat template cannot render these messages: {e}"[:300]) from None
 
 
-def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams) -> list:
-    """Submit every prompt of one request. When the queue is full and some of this request's own
-    prompts are in flight, wait for the oldest of them (which admits the next waiting sequence) and
+def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams, watched: bool = True) -> list:
+    """Submit every prompt of one request (`watched`: cancelled with the request, see serve/watch.py).
+    When the queue is full and some of this request's own prompts are in flight, wait for the oldest of them (which admits the next waiting sequence) and
     retry, so a long list of inputs is not refused because of itself; QueueFull only when the
     queue is full of other requests' work."""
     items: list = []
     oldest = 0
+    w = watch.current() if watched else None
     try:
         for ids in prompts:
             request = GenerationRequest(ids, params, uuid.uuid4().hex)
@@ -131,6 +155,8 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams)
                 try:
                     handle = ctx.engine.submit(request)
                     _SUBMITTED[handle] = time.monotonic()
+                    if w is not None:
+                        w.add(handle)
                     items.append(handle)
                     break
                 except QueueFull:
@@ -189,13 +215,13 @@ def start(ctx: Ctx, req: Any, record: bool = False) -> Pending:
 
 def stream(ctx: Ctx, req: Any) -> Iterator[bytes]:
     if isinstance(req, TextRequest):
-        (handle,) = submit_all(ctx, [encode_prompt(ctx, req.inputs[0], req.truncate)], req.params)
+        (handle,) = submit_all(ctx, [encode_prompt(ctx, req.inputs[0], req.truncate)], req.params, watched=False)
         body = _tgi_stream(ctx, req, handle)
     elif isinstance(req, ChatRequest):
-        (handle,) = submit_all(ctx, [encode_prompt(ctx, chat_prompt(ctx, req))], req.params)
+        (handle,) = submit_all(ctx, [encode_prompt(ctx, chat_prompt(ctx, req))], req.params, watched=False)
         body = _chat_stream(ctx, req, handle)
     elif isinstance(req, CompletionRequest):
-        (handle,) = submit_all(ctx, [encode_prompt(ctx, req.prompts[0])], req.params)
+        (handle,) = submit_all(ctx, [encode_prompt(ctx, req.prompts[0])], req.params, watched=False)
         body = _completion_stream(ctx, req, handle)
     else:
         raise TypeError(f"not a request: {type(req).__name__}")
@@ -222,8 +248,8 @@ def _openai_abort(ev) -> Iterator[bytes]:
 
 
 def _error_event(ev, openai: bool) -> bytes:
-    err = GenerationFailed(ev.error or f"generation ended: {ev.finish_reason.value}")
-    return enc.sse(enc.error_body(str(err), err.error_type), openai=openai)
+    _, body = enc.error_of(GenerationFailed(ev.error or f"generation ended: {ev.finish_reason.value}", ev.failure))
+    return enc.sse(body, openai=openai)
 
 
 def _tgi_stream(ctx: Ctx, req: TextRequest, handle) -> Iterator[bytes]:
@@ -242,7 +268,7 @@ def _tgi_stream(ctx: Ctx, req: TextRequest, handle) -> Iterator[bytes]:
 def _chat_stream(ctx: Ctx, req: ChatRequest, handle) -> Iterator[bytes]:
     rid, created = _ids("chatcmpl")
     name = ctx.model_name
-    hold = enc.ToolCallHoldback() if req.tools else None
+    hold = ToolCallHoldback() if req.tools else None
     yield enc.chat_chunk(rid, name, created, {"role": "assistant", "content": ""})
     n = 0
     for ev in timed(ctx, handle):

@@ -10,32 +10,18 @@ The app (and so torch and the model) is created in the worker, never in the mast
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import tempfile
 import threading
 
 from serve import affinity
-from serve.config import load_config
+from serve.config import gunicorn_settings, load_config, pin_gpu
 
 _cfg = load_config()
-_host = _cfg.server.host
-bind = [f"[{_host}]:{_cfg.server.port}" if ":" in _host else f"{_host}:{_cfg.server.port}"]
-wsgi_app = "serve.app:create_app()"
-worker_class = "gthread"
-workers = _cfg.server.workers
-threads = _cfg.threads
-timeout = _cfg.server.timeout_s
-graceful_timeout = _cfg.server.graceful_timeout_s
-keepalive = 75  # longer than typical client/LB idle timeouts (60 s), so pooled connections stay valid
-preload_app = False
-control_socket_disable = True  # gunicorn >= 25: no runtime-control socket (read-only homes, parallel servers)
-loglevel = _cfg.server.log_level.lower()
-errorlog = "-"
-accesslog = "-" if _cfg.server.log_level == "DEBUG" else None
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # heartbeat file off slow disks
+globals().update(gunicorn_settings(_cfg))  # bind, workers, threads, timeouts, logging: see serve/config.py
 _GPUS = _cfg.server.gpu_ids
+_WORKERS = _cfg.server.workers
 _RUN_DIR: str | None = None
 log = logging.getLogger("gunicorn.error")
 
@@ -55,7 +41,7 @@ def pre_fork(server, worker):
     # Master: give the new worker an index (and so a GPU) no living worker holds: a respawned worker
     # takes over the index of the one that died.
     taken = {getattr(w, "worker_index", None) for w in server.WORKERS.values()}
-    worker.worker_index = next((i for i in range(workers) if i not in taken), len(server.WORKERS) % workers)
+    worker.worker_index = next((i for i in range(_WORKERS) if i not in taken), len(server.WORKERS) % _WORKERS)
 
 
 def post_fork(server, worker):
@@ -63,10 +49,10 @@ def post_fork(server, worker):
     index = worker.worker_index
     if _GPUS:
         gpu = _GPUS[index % len(_GPUS)]
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        pin_gpu(gpu)
         log.info("worker %s pinned to GPU %s", worker.pid, gpu)
-    if workers > 1:
-        affinity.this_worker = affinity.WorkerId(index, workers, _RUN_DIR)
+    if _WORKERS > 1:
+        affinity.this_worker = affinity.WorkerId(index, _WORKERS, _RUN_DIR)
 
 
 def _shutdown_engine(worker, timeout: float) -> None:
@@ -81,7 +67,7 @@ def post_worker_init(worker):
     # in-flight requests, then the master SIGKILLs the worker. Drain the engine on a deadline shorter
     # than that, so a stream that cannot finish in time still ends with an error event, not a cut.
     previous = signal.getsignal(signal.SIGTERM)
-    drain_s = max(1.0, graceful_timeout - 3.0)
+    drain_s = max(1.0, _cfg.server.graceful_timeout_s - 3.0)
 
     def on_term(signum, frame):
         threading.Thread(target=_shutdown_engine, args=(worker, drain_s), name="drain", daemon=True).start()
@@ -94,6 +80,14 @@ def post_worker_init(worker):
 def worker_int(worker):
     # SIGINT/SIGQUIT: stop quickly, ending what is still running.
     _shutdown_engine(worker, timeout=2.0)
+
+
+def child_exit(server, worker):
+    # Master: a dead worker's gauges leave the instance totals (its counters stay counted).
+    if _cfg.server.metrics_dir:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid, path=_cfg.server.metrics_dir)
 
 
 def worker_exit(server, worker):

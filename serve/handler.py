@@ -19,16 +19,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from model.types import EngineError, QueueFull
+from model.types import QueueFull, RequestError
 from serve import encoders as enc
-from serve.generate import Ctx, Pending, start, stream
-from serve.openai import ChatRequest, CompletionRequest
+from serve import watch
+from serve.generate import Ctx, Pending, raise_if_abandoned, start, stream
 from serve.protocol import (
     JSON_TYPES,
     JSONL_TYPES,
+    REQUEST_TYPES,
     Limits,
     ProtocolError,
-    TextRequest,
     decode_json,
     media_type,
     parse_request,
@@ -36,10 +36,12 @@ from serve.protocol import (
     tgi_params,
 )
 
-REQUEST_TYPES = (TextRequest, ChatRequest, CompletionRequest)
 log = logging.getLogger(__name__)
 HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
-QUEUE_WAIT_S = 600.0  # how long JSON Lines records wait for queue room before answering 429
+# The one back-pressure policy: a record (a JSON Lines line, a batch record) whose request has no work of its
+# own in flight waits up to this long for queue room, then its line says 429; a request that is abandoned
+# (serve/watch.py: hang-up or REQUEST_TIMEOUT) stops waiting at once. Nothing above or below retries.
+QUEUE_WAIT_S = 600.0
 
 
 class Stream:
@@ -71,12 +73,11 @@ def load_user_module(model_dir: str | Path) -> ModuleType | None:
 
 
 def error_record(e: BaseException) -> dict:
-    if isinstance(e, (ProtocolError, EngineError)):
-        status = e.status
-        message = e.message if isinstance(e, ProtocolError) else str(e)
-        return {"error": message, "error_type": e.error_type, "status": status}
-    log.exception("record failed", exc_info=e)
-    return {"error": f"internal error: {type(e).__name__}", "error_type": "internal", "status": 500}
+    """A record's error line: the error body plus its status."""
+    if not isinstance(e, RequestError):
+        log.exception("record failed", exc_info=e)
+    status, body = enc.error_of(e)
+    return {**body, "status": status}
 
 
 # ---- records (JSON Lines, batch) ----
@@ -113,9 +114,13 @@ def handle_records(engine: Any, lines: list, defaults: dict | None = None, *, li
         except Exception as e:
             out[j] = error_record(e)
 
+    w = watch.current()
     for i, line in enumerate(lines):
         deadline = time.monotonic() + QUEUE_WAIT_S
         while out[i] is None:
+            if w is not None and w.reason is not None:  # abandoned: submit no more records
+                out[i] = error_record(_abandoned(w))
+                break
             try:
                 inflight.append((i, _start_record(ctx, line, lim)))
                 break
@@ -131,6 +136,14 @@ def handle_records(engine: Any, lines: list, defaults: dict | None = None, *, li
     while inflight:
         finish_oldest()
     return out
+
+
+def _abandoned(w: watch.Watch) -> Exception:
+    try:
+        raise_if_abandoned()
+    except Exception as e:
+        return e
+    return RuntimeError(w.reason)
 
 
 def handle_record(engine: Any, record: str, defaults: dict | None = None) -> dict:
@@ -158,10 +171,10 @@ def default_output_fn(prediction: Any, accept: str | None) -> tuple[Any, str]:
     if isinstance(prediction, Stream):
         return prediction.body, "text/event-stream"
     if isinstance(prediction, JsonLines):
-        return "".join(enc.dumps(x) + "\n" for x in prediction).encode(), "application/jsonlines"
+        return enc.jsonl_body(prediction), "application/jsonlines"
     if isinstance(prediction, (bytes, str)):
         return prediction, _accept_or_json(accept)
-    return enc.dumps(prediction).encode(), "application/json"
+    return enc.json_body(prediction), "application/json"
 
 
 def _accept_or_json(accept: str | None) -> str:
@@ -190,7 +203,9 @@ class Service:
     def predict_fn(self, data: Any, model: Any) -> Any:
         engine = model if hasattr(model, "submit") else self.engine  # model_fn may return something else
         if isinstance(data, JsonLines):
-            return JsonLines(handle_records(engine, data, limits=self.limits, metrics=self.metrics))
+            out = JsonLines(handle_records(engine, data, limits=self.limits, metrics=self.metrics))
+            raise_if_abandoned()  # every record was cancelled; the request as a whole answers the error
+            return out
         req = data if isinstance(data, REQUEST_TYPES) else parse_request(data, self.limits)
         ctx = Ctx(engine, engine.model_name, self.metrics)
         if getattr(req, "stream", False):
@@ -211,4 +226,4 @@ class Service:
         body, ctype = result if isinstance(result, tuple) and len(result) == 2 else default_output_fn(result, accept)
         if isinstance(body, (bytes, str, Iterator)):
             return body, str(ctype)
-        return enc.dumps(body).encode(), str(ctype)
+        return enc.json_body(body), str(ctype)

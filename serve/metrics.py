@@ -1,90 +1,113 @@
-"""Prometheus text-format metrics for one worker (no client library: counters, gauges, histograms).
+"""Prometheus metrics through prometheus-client, one scrape for the whole instance.
 
-Request counters and latency histograms are recorded by the server; queue depth, running sequences,
-free slots and token totals are read from engine.stats() at scrape time.
+Under gunicorn (`python -m serve serve`) every worker is its own engine replica; prometheus-client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR, prepared by serve/config.py before the workers fork) has
+each worker write its values to files there and a scrape, answered by any worker, adds them up: request
+counters and histograms summed, gauges summed over live workers (ready: the minimum). Without that
+directory (the Flask test client, one process) the values are this process's own.
+
+Engine numbers (queue depth, running sequences, slots, token and finish counters) come from
+engine.stats(): each worker copies them into its metrics every SYNC_S seconds and before a scrape.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # seconds; time to first token / time per output token
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 PREFIX = "granite_"
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # last = +Inf
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
-        self.counts[i] += 1
-        self.sum += value
-
-    def lines(self, name: str) -> list[str]:
-        out, acc = [], 0
-        for b, n in zip(self.buckets + (float("inf"),), self.counts, strict=True):
-            acc += n
-            le = "+Inf" if b == float("inf") else repr(b)
-            out.append(f'{name}_bucket{{le="{le}"}} {acc}')
-        out += [f"{name}_sum {self.sum}", f"{name}_count {acc}"]
-        return out
+SYNC_S = 1.0
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+GAUGES = {"queue_depth": "waiting", "running_sequences": "running", "free_slots": "free_slots",
+          "total_slots": "total_slots"}  # metric -> engine.stats() key
+ENGINE_COUNTERS = ("prompt_tokens_total", "generated_tokens_total", "requests_total", "step_errors_total")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiproc_dir: str | None = None) -> None:
+        self.multiproc_dir = multiproc_dir
+        r = self.registry = CollectorRegistry()  # per app: tests build many apps in one process
+        p = PREFIX
+        self.requests = Counter(f"{p}requests_total", "HTTP requests by route and status.", ["route", "status"],
+                                registry=r)
+        self.disconnects = Counter(f"{p}client_disconnects_total", "Clients that left before their answer.",
+                                   registry=r)
+        self.ttft = Histogram(f"{p}time_to_first_token_seconds", "Time from submit to the first token.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram(f"{p}time_per_output_token_seconds", "Mean time between tokens of a request.",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.ready = Gauge(f"{p}ready", "1 when every worker's engine is ready.", registry=r,
+                           multiprocess_mode="livemin")
+        self.gauges = {name: Gauge(f"{p}{name}", f"Engine {key} (all workers).", registry=r,
+                                   multiprocess_mode="livesum") for name, key in GAUGES.items()}
+        self.engine = {key: Counter(f"{p}engine_{key}", f"Engine {key.removesuffix('_total')}.", registry=r)
+                       for key in ENGINE_COUNTERS}
+        self.finished = Counter(f"{p}engine_finished_total", "Sequences finished, by reason.", ["reason"],
+                                registry=r)
+        self._seen: dict[str, float] = {}  # engine counter -> value already added
         self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)  # (route, status) -> count
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.tpot = Histogram(TPOT_BUCKETS)
-        self.client_disconnects = 0
+        self._stop = threading.Event()
 
+    # ---- recorded by the server ----
     def request(self, route: str, status: int) -> None:
-        with self._lock:
-            self.requests[(route, status)] += 1
+        self.requests.labels(route=route, status=str(status)).inc()
 
     def timing(self, ttft_s: float | None, tpot_s: float | None) -> None:
-        with self._lock:
-            if ttft_s is not None:
-                self.ttft.observe(ttft_s)
-            if tpot_s is not None:
-                self.tpot.observe(tpot_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s)
 
     def disconnect(self) -> None:
-        with self._lock:
-            self.client_disconnects += 1
+        self.disconnects.inc()
 
-    def render(self, stats: dict | None) -> str:
-        p = PREFIX
-        lines = [f"# HELP {p}requests_total HTTP requests by route and status.", f"# TYPE {p}requests_total counter"]
-        with self._lock:
-            for (route, status), n in sorted(self.requests.items()):
-                lines.append(f'{p}requests_total{{route="{route}",status="{status}"}} {n}')
-            lines += [f"# TYPE {p}client_disconnects_total counter",
-                      f"{p}client_disconnects_total {self.client_disconnects}"]
-            lines += [f"# HELP {p}time_to_first_token_seconds Time from submit to the first token.",
-                      f"# TYPE {p}time_to_first_token_seconds histogram"]
-            lines += self.ttft.lines(f"{p}time_to_first_token_seconds")
-            lines += [f"# HELP {p}time_per_output_token_seconds Mean time between tokens of a request.",
-                      f"# TYPE {p}time_per_output_token_seconds histogram"]
-            lines += self.tpot.lines(f"{p}time_per_output_token_seconds")
+    # ---- copied from engine.stats() ----
+    def sync(self, stats: dict | None) -> None:
         s = stats or {}
-        gauges = {"ready": int(bool(s.get("ready"))), "queue_depth": s.get("waiting", 0),
-                  "running_sequences": s.get("running", 0), "free_slots": s.get("free_slots", 0),
-                  "total_slots": s.get("total_slots", 0)}
-        for name, value in gauges.items():
-            lines += [f"# TYPE {p}{name} gauge", f"{p}{name} {value}"]
-        for key in ("prompt_tokens_total", "generated_tokens_total", "requests_total", "step_errors_total"):
-            if key in s:
-                name = f"{p}engine_{key}"
-                lines += [f"# TYPE {name} counter", f"{name} {s[key]}"]
-        finished = s.get("finished_total") or {}
-        if finished:
-            lines.append(f"# TYPE {p}engine_finished_total counter")
-            lines += [f'{p}engine_finished_total{{reason="{r}"}} {n}' for r, n in sorted(finished.items())]
-        return "\n".join(lines) + "\n"
+        with self._lock:
+            self.ready.set(int(bool(s.get("ready"))))
+            for name, key in GAUGES.items():
+                self.gauges[name].set(s.get(key, 0))
+            counts = {k: s[k] for k in ENGINE_COUNTERS if k in s}
+            counts.update({f"finished:{r}": n for r, n in (s.get("finished_total") or {}).items()})
+            for key, value in counts.items():
+                # labels() shows a reason from the start (at 0), so a scrape always finds every reason
+                metric = self.finished.labels(reason=key[9:]) if key.startswith("finished:") else self.engine[key]
+                delta = value - self._seen.get(key, 0)
+                if delta > 0:  # counters only grow (a restarted engine starts a new worker, new files)
+                    metric.inc(delta)
+                    self._seen[key] = value
+
+    def start_sync(self, stats: Callable[[], dict]) -> None:
+        def run() -> None:
+            while not self._stop.wait(SYNC_S):
+                try:
+                    self.sync(stats())
+                except Exception:  # a scrape must never take the worker down
+                    pass
+
+        threading.Thread(target=run, name="metrics-sync", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def render(self, stats: dict | None) -> bytes:
+        self.sync(stats)
+        if self.multiproc_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiproc_dir)
+        return generate_latest(merged)

@@ -1,32 +1,9 @@
-"""Shared by the batch tests: a deterministic stand-in for handle_record (no model needed) and
-small file helpers. The real engine is exercised by the tests marked as such."""
+"""Small file helpers shared by the batch tests (their stand-in for handle_record is tests.fakes.fake_infer)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
-
-
-def fake_infer(record: str, defaults: dict | None = None, delay_s: float = 0.0):
-    """Same contract as serve.handler.handle_record bound to an engine: never raises, errors are objects."""
-    if delay_s:
-        time.sleep(delay_s)
-    try:
-        obj = json.loads(record)
-    except ValueError:
-        return {"error": "record is not valid JSON", "error_type": "invalid_request", "status": 400}
-    if isinstance(obj, str):
-        obj = {"inputs": obj}
-    if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), str):
-        return {"error": "expected {'inputs': str}", "error_type": "invalid_request", "status": 400}
-    params = {**(defaults or {}), **obj.get("parameters", {})}
-    # a fake "generation" that depends on the prompt and the seed, like sampling would
-    digest = hashlib.sha256(f"{obj['inputs']}|{params.get('seed')}".encode()).hexdigest()[:8]
-    n = int(params.get("max_new_tokens", 3))
-    return [{"generated_text": f"<{obj['inputs']}:{digest}>", "details": {"finish_reason": "length",
-                                                                          "generated_tokens": n}}]
 
 
 def write(path: str, data: bytes | str) -> str:

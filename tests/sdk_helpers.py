@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import json
 import struct
 import sys
 from pathlib import Path
@@ -34,9 +35,14 @@ def _header(name: str, value: str) -> bytes:
 
 def encode_event(event_type: str, payload: bytes, message_type: str = "event") -> bytes:
     """One AWS event-stream message (the binary framing InvokeEndpointWithResponseStream uses):
-    prelude (total length, headers length, CRC32), headers, payload, CRC32 of everything before."""
-    headers = (_header(":event-type", event_type) + _header(":message-type", message_type)
-               + _header(":content-type", "application/octet-stream"))
+    prelude (total length, headers length, CRC32), headers, payload, CRC32 of everything before.
+    message_type "exception": a modeled stream error (ModelStreamError, InternalStreamFailure), JSON payload."""
+    if message_type == "exception":
+        headers = (_header(":exception-type", event_type) + _header(":message-type", message_type)
+                   + _header(":content-type", "application/json"))
+    else:
+        headers = (_header(":event-type", event_type) + _header(":message-type", message_type)
+                   + _header(":content-type", "application/octet-stream"))
     total = 12 + len(headers) + len(payload) + 4
     prelude = struct.pack("!II", total, len(headers))
     prelude += struct.pack("!I", binascii.crc32(prelude) & 0xFFFFFFFF)
@@ -55,10 +61,13 @@ class _Raw:
         pass
 
 
-def payload_event_stream(parts: list[bytes], wire_chunk: int = 7) -> EventStream:
+def payload_event_stream(parts: list[bytes], wire_chunk: int = 7, error: tuple[str, dict] | None = None) -> EventStream:
     """A botocore EventStream like the one InvokeEndpointWithResponseStream returns: each part is one
-    PayloadPart event; the encoded bytes arrive from the "socket" in wire_chunk-sized pieces."""
+    PayloadPart event, then (if given) an exception event `error` = (type, JSON fields); the encoded
+    bytes arrive from the "socket" in wire_chunk-sized pieces."""
     wire = b"".join(encode_event("PayloadPart", p) for p in parts)
+    if error is not None:
+        wire += encode_event(error[0], json.dumps(error[1]).encode(), "exception")
     chunks = [wire[i:i + wire_chunk] for i in range(0, len(wire), wire_chunk)]
     op = client("sagemaker-runtime").meta.service_model.operation_model("InvokeEndpointWithResponseStream")
     return EventStream(_Raw(chunks), op.output_shape.members["Body"], EventStreamJSONParser(),
@@ -70,15 +79,3 @@ def load(module: str):
     import importlib
 
     return importlib.import_module(f"granite_sm.{module}")
-
-
-class FakeSession:
-    """Stands in for boto3.Session in a script's main(): hands out the (stubbed) clients given."""
-
-    region_name = REGION
-
-    def __init__(self, **clients) -> None:
-        self.clients = clients
-
-    def client(self, name: str):
-        return self.clients[name.replace("-", "_")]

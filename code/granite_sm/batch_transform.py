@@ -5,7 +5,7 @@ Batch transform needs a model whose data is model.tar.gz (ModelDataUrl) or HF_MO
 accept uncompressed S3-prefix model data. SageMaker hands whole input *files* to instances, so with
 --instance-count N the records are written as N files (one per instance).
 
-    python code/granite_sm/batch_transform.py --model-name granite-4-h-micro-tar --input prompts.jsonl \
+    python -m granite_sm.batch_transform --model-name granite-4-h-micro-tar --input prompts.jsonl \
         --s3 s3://my-bucket/granite/batch --instance-type ml.g5.xlarge --instance-count 2
 """
 
@@ -15,9 +15,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-if not __package__:  # run as a file: make `granite_sm` importable, keep this folder off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from granite_sm.common import (
     DEFAULT_INSTANCE,

@@ -2,17 +2,13 @@
 its endpoint config and models, extra models (e.g. the batch one), and optionally S3 prefixes.
 Everything missing is skipped, so it is safe to run twice or after a failed deploy.
 
-    python code/granite_sm/cleanup.py --endpoint-name granite-4-h-micro-... --s3 s3://my-bucket/granite/ --yes
+    python -m granite_sm.cleanup --endpoint-name granite-4-h-micro-... --s3 s3://my-bucket/granite/ --yes
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-if not __package__:  # run as a file: make `granite_sm` importable, keep this folder off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from botocore.exceptions import ClientError
 

@@ -5,7 +5,7 @@ Three equivalent ways, pick one with --sdk:
 - v3: SageMaker Python SDK 3.x resources (sagemaker.core.resources Model / EndpointConfig / Endpoint);
 - v2: SageMaker Python SDK 2.x (`pip install 'sagemaker<3'`): sagemaker.model.Model(...).deploy(...).
 
-    python code/granite_sm/deploy.py --image-uri 123456789012.dkr.ecr.us-east-1.amazonaws.com/granite-h:latest \
+    python -m granite_sm.deploy --image-uri 123456789012.dkr.ecr.us-east-1.amazonaws.com/granite-h:latest \
         --model-data s3://my-bucket/granite/model/ --role-arn arn:aws:iam::123456789012:role/SageMakerRole \
         --instance-type ml.g5.xlarge
 """
@@ -15,10 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-
-if not __package__:  # run as a file: make `granite_sm` importable, keep this folder off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from granite_sm.common import (
     DEFAULT_INSTANCE,

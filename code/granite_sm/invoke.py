@@ -7,8 +7,8 @@ Streaming: InvokeEndpointWithResponseStream delivers PayloadPart bytes split at 
 even inside a UTF-8 character. `iter_lines` decodes incrementally and re-splits on newlines,
 `iter_sse` groups `data:` lines into events, `iter_events` parses them until `data: [DONE]`.
 
-    python code/granite_sm/invoke.py --endpoint-name granite-4-h-micro-20260101-120000 --prompt "Hi" --stream
-    python code/granite_sm/invoke.py --url http://127.0.0.1:8080 --chat --prompt "Hi"
+    python -m granite_sm.invoke --endpoint-name granite-4-h-micro-20260101-120000 --prompt "Hi" --stream
+    python -m granite_sm.invoke --url http://127.0.0.1:8080 --chat --prompt "Hi"
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file: make `granite_sm` importable, keep this folder off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from granite_sm.common import add_aws_args, clients
 
@@ -113,15 +110,18 @@ def local(url: str) -> LocalTarget:
 # ---- stream parsing ----
 
 def payload_parts(event_stream: Iterable[dict]) -> Iterator[bytes]:
-    """InvokeEndpointWithResponseStream events -> raw bytes. Errors inside the stream raise."""
-    for event in event_stream:
-        if "PayloadPart" in event:
-            yield event["PayloadPart"]["Bytes"]
-        elif "ModelStreamError" in event:
-            err = event["ModelStreamError"]
-            raise InvokeError(None, f"{err.get('ErrorCode')}: {err.get('Message')}")
-        elif "InternalStreamFailure" in event:
-            raise InvokeError(None, f"InternalStreamFailure: {event['InternalStreamFailure'].get('Message')}")
+    """InvokeEndpointWithResponseStream events -> raw bytes. A stream error (ModelStreamError,
+    InternalStreamFailure) raises InvokeError: botocore raises EventStreamError for those exception
+    events while iterating, it never yields them as dicts."""
+    from botocore.exceptions import EventStreamError
+
+    try:
+        for event in event_stream:
+            if "PayloadPart" in event:
+                yield event["PayloadPart"]["Bytes"]
+    except EventStreamError as e:
+        err = e.response.get("Error", {})
+        raise InvokeError(None, f"{err.get('Code', 'EventStreamError')}: {err.get('Message', str(e))}") from None
 
 
 def iter_lines(parts: Iterable[bytes]) -> Iterator[str]:
@@ -253,6 +253,15 @@ def payload_from_args(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except InvokeError as e:  # the error alone, no traceback
+        print(file=sys.stdout, flush=True)  # end a partly printed stream
+        print(f"error: {e.body if e.status is None else e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     target = local(args.url) if args.url else endpoint(args.endpoint_name, region=args.region, profile=args.profile)
     if args.jsonl:
         records = [json.loads(x) for x in Path(args.jsonl).read_text().splitlines() if x.strip()]

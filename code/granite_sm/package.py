@@ -6,7 +6,7 @@ Two layouts, both served from /opt/ml/model inside the container:
   for real-time endpoints with large models: no tar/untar, faster start.
 Either may carry code/inference.py (the SageMaker override hooks, see code/inference.py).
 
-    python code/granite_sm/package.py --model ibm-granite/granite-4.0-h-micro --bucket my-bucket \
+    python -m granite_sm.package --model ibm-granite/granite-4.0-h-micro --bucket my-bucket \
         --prefix granite --format both --inference-py code/inference.py
 """
 
@@ -17,9 +17,6 @@ import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-
-if not __package__:  # run as a file: make `granite_sm` importable, keep this folder off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from granite_sm.common import MODEL_ID, add_aws_args, clients, parse_s3_uri, s3_uri
 

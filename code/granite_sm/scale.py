@@ -7,7 +7,7 @@ Metrics:
 With this container one model copy runs per GPU and batches continuously, so a concurrency target a bit
 under the engine's MAX_CONCURRENT_SEQS per GPU keeps queues short.
 
-    python code/granite_sm/scale.py --endpoint-name granite-4-h-micro-... --min 1 --max 4 \
+    python -m granite_sm.scale --endpoint-name granite-4-h-micro-... --min 1 --max 4 \
         --metric concurrency --target 24
 """
 
@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-if not __package__:  # run as a file: make `granite_sm` importable, keep this folder off sys.path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from granite_sm.common import VARIANT, add_aws_args, clients, show
 

@@ -1,0 +1,157 @@
+"""Fakes shared by the tests, in one place: a scripted engine runner + tokenizer (real Engine, real
+allocator, no model), the batch pipeline's stand-in for handle_record, and a boto3 Session stand-in.
+
+Kernel fakes with the fused kernels' signatures are in tests/fake_kernels.py; tiny real checkpoints
+in tests/tiny_granite.py and tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+from model.blocks import SlotAllocator
+from model.engine import Engine
+from model.types import EngineConfig, GenerationRequest, SamplingParams
+
+# ---- engine --------------------------------------------------------------------------------------
+
+V = 64
+ALPHA = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?-_+*/=<>()[]{}@#$%&"[:V]
+EOS = 0
+
+
+class FakeDetok:
+    def __init__(self, tok):
+        self.tok = tok
+        self.text = ""
+
+    def push(self, t):
+        piece = "" if self.tok.is_special(t) else ALPHA[t]
+        self.text += piece
+        return piece
+
+
+class FakeTokenizer:
+    eos_token_id = EOS
+    pad_token_id = 1
+    vocab_size = V
+
+    def encode(self, text):
+        return [ALPHA.index(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("<eos>" if i == EOS else ALPHA[i] for i in ids)
+
+    def is_special(self, t):
+        return t == EOS
+
+    def detokenizer(self):
+        return FakeDetok(self)
+
+
+class FakeRunner:
+    """Next token = (last fed token + 1) % V, or `script[last]` when given. Runs with a real allocator."""
+
+    def __init__(self, model_dir, config, script=None, slots=None, blocks=256, delay_s=0.0):
+        self.allocator = SlotAllocator(slots or config.max_concurrent_seqs, blocks, 4)
+        self.vocab_size = V
+        self.device = "cpu"
+        self.script = script or {}
+        self.fail_next = 0  # fail this many forward() calls
+        self.gate: threading.Event | None = None  # when set, forward() waits for it
+        self.batches = []
+        self.delay_s = delay_s  # seconds per forward(): a slow model
+
+    def warmup(self):
+        pass
+
+    def forward(self, batch):
+        import torch  # here, so importing this module stays torch-free (batch subprocess tests)
+
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        for c in batch.chunks:
+            assert self.allocator.is_allocated(c.slot)
+            assert c.start + len(c.token_ids) <= self.allocator.capacity(c.slot)
+        self.batches.append(batch)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        rows = []
+        for c in batch.chunks:
+            if c.want_logits:
+                last = c.token_ids[-1]
+                row = torch.zeros(V)
+                row[self.script.get(last, (last + 1) % V)] = 20.0
+                rows.append(row)
+        return torch.stack(rows) if rows else torch.empty(0, V)
+
+
+ENGINES: list[Engine] = []
+
+
+def fake_engine(script=None, slots=4, blocks=256, delay_s=0.0, name="fake", **cfg) -> Engine:
+    defaults = dict(max_concurrent_seqs=slots, max_input_tokens=100, max_total_tokens=200, max_step_tokens=64,
+                    prefill_chunk_tokens=16, max_queued_requests=16)
+    defaults.update(cfg)
+    config = EngineConfig(**defaults)
+    eng = Engine(Path("/nonexistent"), config, name,
+                 runner_factory=lambda d, c: FakeRunner(d, c, script, slots, blocks, delay_s),
+                 tokenizer_factory=lambda d: FakeTokenizer())
+    eng.start()
+    assert eng.wait_ready(10), eng.error
+    ENGINES.append(eng)
+    return eng
+
+
+def req(prompt, **params) -> GenerationRequest:
+    ids = [ALPHA.index(c) for c in prompt] if isinstance(prompt, str) else list(prompt)
+    return GenerationRequest(tuple(ids), SamplingParams(**params))
+
+
+def wait_idle(eng: Engine, timeout=20.0):
+    end = time.monotonic() + timeout
+    while eng.scheduler.has_work() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+# ---- batch ----
+
+def fake_infer(record: str, defaults: dict | None = None, delay_s: float = 0.0):
+    """Same contract as serve.handler.handle_record bound to an engine: never raises, errors are objects."""
+    if delay_s:
+        time.sleep(delay_s)
+    try:
+        obj = json.loads(record)
+    except ValueError:
+        return {"error": "record is not valid JSON", "error_type": "invalid_request", "status": 400}
+    if isinstance(obj, str):
+        obj = {"inputs": obj}
+    if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), str):
+        return {"error": "expected {'inputs': str}", "error_type": "invalid_request", "status": 400}
+    params = {**(defaults or {}), **obj.get("parameters", {})}
+    # a fake "generation" that depends on the prompt and the seed, like sampling would
+    digest = hashlib.sha256(f"{obj['inputs']}|{params.get('seed')}".encode()).hexdigest()[:8]
+    n = int(params.get("max_new_tokens", 3))
+    return [{"generated_text": f"<{obj['inputs']}:{digest}>", "details": {"finish_reason": "length",
+                                                                          "generated_tokens": n}}]
+
+
+# ---- boto3 ----
+
+class FakeSession:
+    """Stands in for boto3.Session in a script's main(): hands out the (stubbed) clients given."""
+
+    region_name = "us-east-1"
+
+    def __init__(self, **clients) -> None:
+        self.clients = clients
+
+    def client(self, name: str):
+        return self.clients[name.replace("-", "_")]
