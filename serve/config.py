@@ -43,11 +43,13 @@ class ServerConfig:
     gpu_ids: tuple[str, ...] = ()  # devices visible to the server; one worker each
     log_level: str = "INFO"
     metrics_dir: str | None = None  # prometheus-client multiprocess directory (gunicorn); None: one process
+    session_ttl_s: float = 1200.0  # SageMaker stateful sessions: idle time before a session expires
+    session_max: int = 64  # open sessions per worker (each pins a ~37 MiB state snapshot + its KV)
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1..65535, got {self.port}")
-        for name in ("workers", "timeout_s", "max_payload_bytes", "default_max_new_tokens"):
+        for name in ("workers", "timeout_s", "max_payload_bytes", "default_max_new_tokens", "session_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_strategy not in ("SINGLE_RECORD", "MULTI_RECORD"):
@@ -175,6 +177,12 @@ VARS: tuple[Var, ...] = (
     Var("REQUEST_TIMEOUT", REALTIME_TIMEOUT_S,
         "Seconds a non-streaming request may run before it is stopped with 504 (SageMaker gives up after 60 s and "
         "botocore retries); 0 = none, the default when SAGEMAKER_BATCH is set.", _seconds),
+    Var("SESSION_TTL", 1200,
+        "Seconds an idle SageMaker stateful session (SessionId) lives; each request restarts its clock.",
+        _int(1, 7 * 24 * 3600)),
+    Var("SESSION_MAX", 64,
+        "Open sessions per worker; each holds its conversation's state pinned (~37 MiB of Mamba state + "
+        "8 KiB of KV per token for the full-size model); more get 429 until one closes or expires.", _int(1)),
     Var("SAGEMAKER_BATCH", False, "Set by batch transform (true/True): payload limit defaults to 100 MiB.", _bool),
     Var("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD",
         "BatchStrategy reported by /execution-parameters.", _choice("SINGLE_RECORD", "MULTI_RECORD", upper=True)),
@@ -356,6 +364,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             gpu_ids=gpu_ids,
             log_level=v["LOG_LEVEL"],
             metrics_dir=v["PROMETHEUS_MULTIPROC_DIR"],
+            session_ttl_s=float(v["SESSION_TTL"]),
+            session_max=v["SESSION_MAX"],
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
