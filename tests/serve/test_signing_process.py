@@ -17,8 +17,8 @@ import time
 import pytest
 import requests
 
-from tests.server_helpers import ROOT, ServerProcess
 from tests.serve.signing_cases import build_cases
+from tests.server_helpers import ROOT, ServerProcess
 
 pytestmark = pytest.mark.slow
 LIMITS = {"MAX_CONCURRENT_SEQS": "2", "MAX_QUEUED_REQUESTS": "4", "MAX_INPUT_TOKENS": "64", "MAX_TOTAL_TOKENS": "96",
