@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.signing import SignaturePolicy, sign_checkpoint, verify_checkpoint  # noqa: E402
+from model.signing import SignaturePolicy, verify_checkpoint  # noqa: E402
+from serve.sign import sign_checkpoint  # noqa: E402
 
 FULL_SIZE_BYTES = 6.4e9  # granite-4.0-h-micro bf16 safetensors
 

@@ -1,9 +1,9 @@
-"""Signed checkpoints: verify a model-signing (OpenSSF) bundle before any weight is read, and sign one.
+"""Signed checkpoints: verify a model-signing (OpenSSF) bundle before any weight is read.
 
 The `model_signing` library does the work (hashing every file into a manifest, checking the sigstore
 bundle's signature, comparing the manifests); this module chooses its configuration from a
 SignaturePolicy (built by serve/config.py) and turns its exceptions into one line a person can act
-on. torch-free; model_signing is imported only when a signature is checked or written.
+on. torch-free; model_signing is imported only when a signature is checked. Signing: serve/sign.py.
 
 The hashing method (sha256/blake2/blake3, per file or per shard) is the one the bundle declares: it
 is read from the bundle to configure the library (an unauthenticated hint: the library then checks
@@ -121,7 +121,7 @@ def verify_checkpoint(checkpoint: Path, policy: SignaturePolicy, *, mount: Path 
                              f"MODEL_SIGNATURE_IDENTITY + MODEL_SIGNATURE_ISSUER, or MODEL_SIGNATURE=off")
     _check_kind(sig, policy)
     anchors = _anchors(policy, root)
-    ignored = [*policy.ignore_paths, *_inside(root, [sig, *anchors])]
+    ignored = [*policy.ignore_paths, *inside(root, [sig, *anchors])]
     hashing_cfg, label = _hashing_config(payload, ignored, allow_symlinks, policy.ignore_unsigned)
     config = _verifier(policy, anchors).set_hashing_config(hashing_cfg).set_ignore_unsigned_files(policy.ignore_unsigned)
     t0 = time.perf_counter()
@@ -189,14 +189,14 @@ def _anchors(policy: SignaturePolicy, root: Path) -> list[Path]:
     missing = [str(p) for p in out if not p.is_file()]
     if missing:
         raise SignatureError(f"trust material not found: {', '.join(missing)} (absolute, or relative to {root})")
-    inside = _inside(root, out)
-    if inside:
+    mounted = inside(root, out)
+    if mounted:
         log.warning("trust material %s lies inside the model folder: this detects corruption, but whoever can "
-                    "rewrite the model can replace it too; mount it separately for provenance", inside)
+                    "rewrite the model can replace it too; mount it separately for provenance", mounted)
     return out
 
 
-def _inside(root: Path, paths: list[Path]) -> list[str]:
+def inside(root: Path, paths: list[Path]) -> list[str]:
     rel = []
     for p in paths:
         try:
@@ -288,7 +288,7 @@ def _explain(e: Exception, policy: SignaturePolicy, root: Path) -> str:
         return "; ".join(parts) or msg[:300]
     if msg.startswith("Cannot use '") and "could be missing" in msg:
         path = msg.split("'")[1]
-        return f"signed files are missing (or unreadable): {_inside(root, [Path(path)])[0] if _inside(root, [Path(path)]) else path}"
+        return f"signed files are missing (or unreadable): {inside(root, [Path(path)])[0] if inside(root, [Path(path)]) else path}"
     if "symlink" in msg:
         return msg[:300]
     if kind == "InvalidSignature" or msg.startswith("Key mismatch"):
@@ -308,27 +308,3 @@ def _names(listed: str) -> str:
     names = sorted({_resource_path(n.strip().strip("'\"")) for n in listed.split(", ")})
     more = f" (+{len(names) - _MAX_NAMES} more)" if len(names) > _MAX_NAMES else ""
     return ", ".join(names[:_MAX_NAMES]) + more
-
-
-def sign_checkpoint(model_dir: Path, *, key: Path, cert: Path | None = None, chain: tuple[Path, ...] = (),
-                    signature: Path | None = None, ignore_paths: tuple[str, ...] = (), algorithm: str = "blake3",
-                    password: str | None = None) -> Path:
-    """Sign every file of model_dir (but the bundle itself and ignore_paths) with an EC private key,
-    or with a signing certificate (+ its CA chain) when cert is given. Returns the bundle path.
-    Per-file digests (what MODEL_SIGNATURE_IGNORE_UNSIGNED needs): blake3 hashes one file on every
-    core, sha256 hashes files in parallel (one core each)."""
-    from model_signing import hashing, signing
-
-    model_dir = Path(model_dir)
-    signature = Path(signature) if signature else model_dir / "model.sig"
-    ignored = [*ignore_paths, *_inside(model_dir, [signature, Path(key), *([Path(cert)] if cert else []),
-                                                    *map(Path, chain)])]
-    workers = os.cpu_count() or 1
-    hcfg = hashing.Config().use_file_serialization(hashing_algorithm=algorithm, max_workers=workers)
-    config = signing.Config().set_hashing_config(hcfg.set_ignored_paths(paths=ignored))
-    if cert:
-        config = config.use_certificate_signer(private_key=key, signing_certificate=cert, certificate_chain=chain)
-    else:
-        config = config.use_elliptic_key_signer(private_key=key, password=password)
-    config.sign(model_dir, signature)
-    return signature

@@ -11,8 +11,11 @@ Keyless sigstore signing needs an OIDC login and the internet: use the library's
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+from model.signing import inside, read_payload
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +33,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sign_checkpoint(model_dir: Path, *, key: Path, cert: Path | None = None, chain: tuple[Path, ...] = (),
+                    signature: Path | None = None, ignore_paths: tuple[str, ...] = (), algorithm: str = "blake3",
+                    password: str | None = None) -> Path:
+    """Sign every file of model_dir (but the bundle itself and ignore_paths) with an EC private key,
+    or with a signing certificate (+ its CA chain) when cert is given. Returns the bundle path.
+    Per-file digests (what MODEL_SIGNATURE_IGNORE_UNSIGNED needs): blake3 hashes one file on every
+    core, sha256 hashes files in parallel (one core each)."""
+    from model_signing import hashing, signing
+
+    model_dir = Path(model_dir)
+    signature = Path(signature) if signature else model_dir / "model.sig"
+    ignored = [*ignore_paths, *inside(model_dir, [signature, Path(key), *([Path(cert)] if cert else []),
+                                                    *map(Path, chain)])]
+    workers = os.cpu_count() or 1
+    hcfg = hashing.Config().use_file_serialization(hashing_algorithm=algorithm, max_workers=workers)
+    config = signing.Config().set_hashing_config(hcfg.set_ignored_paths(paths=ignored))
+    if cert:
+        config = config.use_certificate_signer(private_key=key, signing_certificate=cert, certificate_chain=chain)
+    else:
+        config = config.use_elliptic_key_signer(private_key=key, password=password)
+    config.sign(model_dir, signature)
+    return signature
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.model_dir / "config.json").is_file():
@@ -38,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.chain and not args.cert:
         print("sign: --chain needs --cert", file=sys.stderr)
         return 2
-    from model.signing import read_payload, sign_checkpoint
-
     password = args.password_file.read_text().strip() if args.password_file else None
     try:
         sig = sign_checkpoint(args.model_dir, key=args.key, cert=args.cert, chain=tuple(args.chain),

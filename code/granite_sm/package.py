@@ -71,7 +71,7 @@ def stage_signed(model_dir: str | Path, out_dir: str | Path, key: str | Path, ce
     plus their model.sig, so the signature covers the folder the container will serve. A model.sig
     already in model_dir is replaced, never written through a link."""
     try:
-        from model.signing import sign_checkpoint
+        from serve.sign import sign_checkpoint
     except ImportError:
         raise SystemExit("signing needs this repository installed: pip install '.[client]'") from None
     out = Path(out_dir)

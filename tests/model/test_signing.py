@@ -18,11 +18,11 @@ from model.signing import (
     SignaturePolicy,
     bundled_trust_config,
     read_payload,
-    sign_checkpoint,
     signed_files,
     verify_checkpoint,
 )
 from serve.config import ConfigError, load_config
+from serve.sign import sign_checkpoint
 from tests.serve.signing_cases import build_cases
 from tests.serve.signing_keys import cert_set, key_pair
 
@@ -287,3 +287,18 @@ def test_trusting_only_the_root_ca_is_enough_and_an_expired_ca_is_refused(tiny_c
     sign_checkpoint(e, key=pair.private, cert=tmp_path / "old-leaf.pem", chain=(tmp_path / "old-root.pem",))
     with pytest.raises(SignatureError, match=r"not trusted by MODEL_SIGNATURE_CERT_CHAIN \(certificate has expired"):
         verify_checkpoint(e, SignaturePolicy(cert_chain=(str(tmp_path / "old-root.pem"),)))
+
+
+def test_the_check_runs_before_the_checkpoint_is_read(cases, tmp_path, monkeypatch):
+    """A tampered config.json that would also fail validation reports the signature, not the config:
+    resolve_model verifies before validate_checkpoint (and so before the engine reads weights)."""
+    import model.loader as loader
+
+    case = cases["key_ok"]
+    d = Path(shutil.copytree(case.model_dir, tmp_path / "m"))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    read = []
+    monkeypatch.setattr(loader, "validate_checkpoint", lambda path: read.append(path))
+    with pytest.raises(SignatureError, match="changed or corrupted\\): config.json"):
+        resolve_model(str(d), None, None, None, None, str(tmp_path), policy(case))
+    assert read == []

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.signing import sign_checkpoint
+from serve.sign import sign_checkpoint
 from tests.serve.signing_keys import cert_set, key_pair
 
 
