@@ -73,7 +73,8 @@ class ServerState:
         from model.loader import resolve_model
 
         m = self.config.model
-        resolved = resolve_model(m.model_dir, m.hf_model_id, m.hf_revision, m.hf_token, m.model_id, m.cache_dir)
+        resolved = resolve_model(m.model_dir, m.hf_model_id, m.hf_revision, m.hf_token, m.model_id, m.cache_dir,
+                                 self.config.signature)
         name = resolved.name
         if resolved.is_demo:
             name = name if "demo" in name.lower() else DEMO_NAME

@@ -138,7 +138,7 @@ def start_engine(cfg, model_dir: str | None, model_id: str | None):
                                   hf_model_id=None if model_dir else src.hf_model_id)
     try:
         resolved = resolve_model(src.model_dir, src.hf_model_id, src.hf_revision, src.hf_token, src.model_id,
-                                 src.cache_dir)
+                                 src.cache_dir, cfg.signature)
     except Exception as e:
         log.error("batch: %s", e)
         raise SystemExit(2) from None

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from model.signing import MODES as SIGNATURE_MODES
+from model.signing import SignaturePolicy
 from model.types import EngineConfig
 
 _ENGINE_DEFAULTS = EngineConfig()
@@ -65,6 +67,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelSource = field(default_factory=ModelSource)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    signature: SignaturePolicy = field(default_factory=SignaturePolicy)
 
     @property
     def threads(self) -> int:
@@ -118,6 +121,10 @@ def _device(raw: str) -> str:
     raise ValueError("expected auto|cpu|cuda|cuda:N")
 
 
+def _paths(raw: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in raw.split(",") if x.strip())
+
+
 def _gpu_list(raw: str) -> tuple[str, ...]:
     items = tuple(x.strip() for x in raw.split(",") if x.strip())
     return tuple(x for x in items if x not in ("-1", "NoDevFiles"))
@@ -156,6 +163,23 @@ VARS: tuple[Var, ...] = (
     Var("HF_TOKEN", None, "Token for gated/private HF_MODEL_ID downloads (never logged).", _str),
     Var("MODEL_ID", None, "'demo': serve the built-in demo model (random weights, meaningless text); wins over MODEL_DIR.", _str),
     Var("MODEL_CACHE_DIR", "/tmp/granite-h-cache", "Writable directory for downloads and the demo model.", _str),
+    Var("MODEL_SIGNATURE", "verify",
+        "Checkpoint signature check before weights load: off, verify (when a signature is present), require.",
+        _choice(*SIGNATURE_MODES)),
+    Var("MODEL_SIGNATURE_FILE", "model.sig", "The model-signing bundle: relative to the checkpoint folder, or absolute.",
+        _str),
+    Var("MODEL_SIGNATURE_PUBLIC_KEY", None, "PEM public key the checkpoint was signed with (key method).", _str),
+    Var("MODEL_SIGNATURE_CERT_CHAIN", None,
+        "PEM file(s), comma-separated, with the CA chain of the signing certificate (certificate method).", _paths),
+    Var("MODEL_SIGNATURE_IDENTITY", None, "Keyless sigstore: the signer identity (certificate SAN) to require.", _str),
+    Var("MODEL_SIGNATURE_ISSUER", None, "Keyless sigstore: the OIDC issuer of that identity.", _str),
+    Var("MODEL_SIGNATURE_TRUST_CONFIG", None,
+        "Keyless sigstore trust root: a ClientTrustConfig JSON path (offline), 'bundled' (sigstore release's copy, "
+        "offline) or 'tuf' (downloaded at start).", _str),
+    Var("MODEL_SIGNATURE_IGNORE_PATHS", None,
+        "Comma-separated paths (relative to the checkpoint) left out of the check.", _paths),
+    Var("MODEL_SIGNATURE_IGNORE_UNSIGNED", False, "Ignore files the signature does not list instead of refusing.",
+        _bool),
     Var("MAX_INPUT_TOKENS", _ENGINE_DEFAULTS.max_input_tokens, "Longest prompt accepted (longer: 422).", _int(1)),
     Var("MAX_TOTAL_TOKENS", _ENGINE_DEFAULTS.max_total_tokens, "Prompt + generated tokens per sequence.", _int(2)),
     Var("MAX_CONCURRENT_SEQS", _ENGINE_DEFAULTS.max_concurrent_seqs,
@@ -285,4 +309,16 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         model_id=v["MODEL_ID"],
         cache_dir=v["MODEL_CACHE_DIR"],
     )
-    return Config(server=server, model=model, engine=_engine_config(v))
+    return Config(server=server, model=model, engine=_engine_config(v), signature=_signature(v))
+
+
+def _signature(v: dict[str, Any]) -> SignaturePolicy:
+    try:
+        return SignaturePolicy(
+            mode=v["MODEL_SIGNATURE"], file=v["MODEL_SIGNATURE_FILE"], public_key=v["MODEL_SIGNATURE_PUBLIC_KEY"],
+            cert_chain=v["MODEL_SIGNATURE_CERT_CHAIN"] or (), identity=v["MODEL_SIGNATURE_IDENTITY"],
+            issuer=v["MODEL_SIGNATURE_ISSUER"], trust_config=v["MODEL_SIGNATURE_TRUST_CONFIG"],
+            ignore_paths=v["MODEL_SIGNATURE_IGNORE_PATHS"] or (), ignore_unsigned=v["MODEL_SIGNATURE_IGNORE_UNSIGNED"],
+            cache_dir=v["MODEL_CACHE_DIR"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
