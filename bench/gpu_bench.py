@@ -168,15 +168,15 @@ def hf_generate_rate(model: GraniteForCausalLM, prompt: int, steps: int, config:
     kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
     hf.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
 
-    def timed(n):
+    def timed(gen, n):
         _sync()
         t0 = time.perf_counter()
-        out = hf.generate(ids, **{**kw, "max_new_tokens": n, "min_new_tokens": n})
+        out = gen(ids, **{**kw, "max_new_tokens": n, "min_new_tokens": n})
         _sync()
         return time.perf_counter() - t0, out
 
-    first_s, _ = timed(1)
-    dt, out = timed(steps)
+    first_s, _ = timed(hf.generate, 1)
+    dt, out = timed(hf.generate, steps)
     decode_s = max(dt - first_s, 1e-9)
     res = {"batch": 1, "new_tokens": steps, "seconds": dt, "prefill_and_first_token_s": first_s,
            "tokens_per_s": (steps - 1) / decode_s, "tokens_per_s_with_prefill": steps / dt,

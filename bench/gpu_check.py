@@ -86,7 +86,8 @@ def environment(dry: bool) -> dict:
         env["cuda_available"] = torch.cuda.is_available()
         if env["cuda_available"]:
             env["device"] = torch.cuda.get_device_name(0)
-            env["capability"] = "%d%d" % torch.cuda.get_device_capability(0)
+            major, minor = torch.cuda.get_device_capability(0)
+            env["capability"] = f"{major}{minor}"
     return env
 
 
