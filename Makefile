@@ -52,7 +52,7 @@ serve: install ## run the server on $(HOST):$(PORT) (demo model unless MODEL_DIR
 	  export MODEL_ID=demo; fi; \
 	$(VPY) -m serve serve --host $(HOST) --port $(PORT)
 
-test: install ## run every CPU test (what .ci/run runs), then the Triton-interpreter suite in its own process
+test: install $(WHEELS)/.gpu-wheels ## run every CPU test (what .ci/run runs), then the Triton-interpreter suite in its own process
 	$(VPY) -m pytest -q -m "not gpu and not container" tests
 	TRITON_INTERPRET=1 MAMBA_DETERMINISTIC=1 $(VPY) -m pytest -q -p no:cacheprovider tests/triton
 
@@ -63,10 +63,13 @@ test-gpu: ## on a CUDA machine with the kernels installed ($(GPU_PY)): fused-ker
 	@$(GPU_TORCH_CHECK)
 	$(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 
-gpu-wheels: install ## the files gpu-check carries to a CUDA machine: build/wheels (mamba-ssm, causal-conv1d sdist, ...)
+$(WHEELS)/.gpu-wheels: $(VENV)/.installed
 	ls $(WHEELS)/causal_conv1d-*.tar.gz >/dev/null 2>&1 || CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(VPY) -m pip download -q \
 	  --no-deps --no-binary :all: --no-build-isolation -d $(WHEELS) "$(CAUSAL_CONV1D)"
 	$(VPY) -m pip download -q --no-deps --only-binary :all: -d $(WHEELS) $(GPU_PURE_WHEELS)
+	touch $@
+
+gpu-wheels: $(WHEELS)/.gpu-wheels ## the files gpu-check carries to a CUDA machine: build/wheels (mamba-ssm, causal-conv1d sdist, ...)
 
 gpu-check: ## on a CUDA machine (torch, triton, transformers, nvcc; no network): install build/wheels, tests/gpu, GPU bench -> $(OUT)
 	bash bench/gpu_check.sh $(OUT)
@@ -95,7 +98,7 @@ bench-gpu: ## on a CUDA machine with the kernels installed ($(GPU_PY)): full-siz
 lint: install ## ruff, hadolint (Dockerfile), shellcheck
 	$(VENV)/bin/ruff check serve model code bench tests
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/shellcheck -x serve/container/entrypoint.sh tests/container/*.sh .ci/container.sh .ci/run
+	$(VENV)/bin/shellcheck -x serve/container/entrypoint.sh tests/container/*.sh .ci/container.sh .ci/run bench/gpu_check.sh
 
 clean: ## remove caches (not .venv)
 	rm -rf .pytest_cache .ruff_cache .hypothesis
