@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from bench import conv_build
-
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / "build" / "wheels"
 
@@ -36,6 +34,8 @@ def test_gpu_targets_never_run_in_the_cpu_venv():
 
 
 def test_conv_build_plans_one_architecture(tmp_path):
+    from bench import conv_build
+
     src = conv_build.unpack(_sdist(), tmp_path)
     p = conv_build.plan(src, tmp_path, "90", "/usr/local/cuda")
     cu = [c for c in p["compile"] if c[0].endswith("nvcc")]
@@ -49,6 +49,8 @@ def test_conv_build_plans_one_architecture(tmp_path):
 
 
 def test_conv_build_failure_or_timeout_is_reported_not_raised(tmp_path):
+    from bench import conv_build
+
     res = conv_build.build(_sdist(), tmp_path / "site", tmp_path / "work", "90", timeout_s=2)
     # no GPU toolchain -> "cannot build"; a toolchain without CUDA torch headers -> compile error or timeout
     assert res["ok"] is False and res["reason"] and res["seconds"] < 30

@@ -8,18 +8,7 @@ import pytest
 import torch
 
 from model.granite import GraniteArch
-from model.state import (
-    CUDA_FIXED_RESERVE,
-    CUDA_FREE_FRACTION,
-    StatePool,
-    auto_kv_tokens,
-    bytes_per_seq,
-    cuda_kv_tokens,
-    cuda_reserve_bytes,
-    decode_step_bytes,
-    kv_bytes_per_token,
-    state_bytes_per_seq,
-)
+from model.state import StatePool, auto_kv_tokens, bytes_per_seq, kv_bytes_per_token, state_bytes_per_seq
 
 MIB = 2**20
 
@@ -96,6 +85,14 @@ def test_auto_kv_tokens_cpu(micro):
 def test_decode_graph_memory_is_budgeted_from_the_limits(micro):
     """The KV gather temporaries of the widest decode graph (every slot at max_total_tokens) are kept out
     of the KV pool, instead of a fixed 2 GiB that 256 slots x 32K (16 GiB of gathers) would overrun."""
+    from model.state import (
+        CUDA_FIXED_RESERVE,
+        CUDA_FREE_FRACTION,
+        cuda_kv_tokens,
+        cuda_reserve_bytes,
+        decode_step_bytes,
+    )
+
     bf16 = torch.bfloat16
     per_layer = kv_bytes_per_token(micro, bf16) // micro.n_attention  # k + v of one layer: 2 KiB
     assert per_layer == 2048

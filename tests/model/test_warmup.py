@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.decode_static import StaticDecode, capture_plan, pick_bucket
+from model.decode_static import StaticDecode, pick_bucket
 from model.runner import ModelRunner
-from model.state import BLOCK_SIZE, decode_step_bytes
 from model.types import EngineConfig, SeqChunk, StepBatch
 
 
@@ -112,6 +111,9 @@ def test_graphs_captured_in_warmup_only_and_replayed(tiny_ckpt):
 
 
 def test_capture_budget_and_out_of_memory_leave_buckets_to_eager(tiny_ckpt):
+    from model.decode_static import capture_plan
+    from model.state import BLOCK_SIZE, decode_step_bytes
+
     cfg = EngineConfig(max_concurrent_seqs=4, max_input_tokens=40, max_total_tokens=64, kv_cache_tokens=512)
     r = ModelRunner(tiny_ckpt, cfg, decode_mode="static")
     cost = lambda k: decode_step_bytes(r.arch, k[0], k[1] * BLOCK_SIZE, torch.float32)  # noqa: E731
