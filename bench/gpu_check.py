@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     s["conv"] = conv if conv == "fused" else "torch (causal-conv1d unavailable: the conv ops run the torch reference)"
     tenv = dict(env, GPU_CHECK_CONV=conv, MAMBA_DETERMINISTIC="1")  # one autotune config: compile time
     c.run("tests_gpu", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu",
-                        f"--junitxml={args.out / 'tests-gpu.xml'}", "-o", "addopts="], CAPS["tests"], tenv)
+                        f"--junitxml={args.out / 'tests-gpu.xml'}"], CAPS["tests"], tenv)
     s["steps"]["tests_gpu"].update(junit_counts(args.out / "tests-gpu.xml"))
     bench_json = args.out / "gpu-bench.json"
     if args.dry_run:
