@@ -61,10 +61,10 @@ def test_warmup_with_a_small_generation_budget(ckpt_factory):
     max_total_tokens (it used the pool size and decoded past the widest graph width)."""
     d = ckpt_factory("tiny", mamba_chunk_size=256)  # the micro's SSD chunk: warmup's short prompt is 129
     # bench/gpu_bench.py's defaults (prompt 128, steps 64)
-    cfg = EngineConfig(max_concurrent_seqs=4, max_input_tokens=129, max_total_tokens=256, kv_cache_tokens=4 * 256)
+    cfg = EngineConfig(max_concurrent_seqs=2, max_input_tokens=129, max_total_tokens=256, kv_cache_tokens=2 * 256)
     r = ModelRunner(d, cfg, decode_mode="static")
     r.warmup()
-    assert r.allocator.num_free_slots == 4 and r.allocator.num_free_blocks == r.allocator.num_blocks
+    assert r.allocator.num_free_slots == 2 and r.allocator.num_free_blocks == r.allocator.num_blocks
     small = ModelRunner(d, EngineConfig(max_concurrent_seqs=2, max_input_tokens=8, max_total_tokens=16,
                                         kv_cache_tokens=512), decode_mode="static")
     small.warmup()
