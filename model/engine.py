@@ -203,6 +203,7 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
+        self.runner.bind_thread()  # DEVICE=cuda:N: this thread's current device (graph replay, Triton launches)
         while True:
             with self._cv:
                 while not self._stop and not self.scheduler.has_work():

@@ -159,7 +159,8 @@ class Kernels:
         return y, torch.cat(finals)
 
     def _ssd_fused(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit):
-        # Newer mamba_ssm materialises inter-chunk (and final) states in C's dtype unless told otherwise.
+        # mamba-ssm 2.3.2.post1 returns the final states in fp32 (the caller casts into the pool); forks with a
+        # `state_dtype` argument (vLLM's) would otherwise materialise them in C's dtype.
         extra = {"state_dtype": initial_states.dtype} if self.ssd_state_dtype_arg else {}
         y, final = self.f.mamba_chunk_scan_combined(
             x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=initial_states,

@@ -78,6 +78,9 @@ class FakeRunner:
     def warmup(self):
         pass
 
+    def bind_thread(self):
+        self.bound_threads = [*getattr(self, "bound_threads", []), threading.current_thread().name]
+
     def forward(self, batch):
         if self.gate is not None:
             self.gate.wait(10)
@@ -375,6 +378,8 @@ def test_threads_and_stats():
     assert s["prompt_tokens_total"] == sum(i + 1 for i in range(12))
     assert s["total_slots"] == 3 and s["free_slots"] == 3 and s["steps"] > 0
     assert s["finished_total"]["length"] == 12
+    # DEVICE=cuda:N: the loop thread makes the runner's GPU its current device before any step
+    assert eng.runner.bound_threads == ["engine-loop"]
 
 
 def test_shutdown_drains_then_refuses():

@@ -203,3 +203,52 @@ def test_attention_gqa_equals_repeated_kv(monkeypatch, lq):
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
     torch.testing.assert_close(Kernels.attention(q, k, v, mask, 0.3), ref)
+
+
+def test_fakes_keep_upstreams_signatures_checks_and_dtypes():
+    """The stand-ins reject what mamba-ssm 2.3.2.post1 / causal-conv1d 1.6.2.post1 reject, so model/kernels.py
+    is held to the real contract on CPU (not to our assumptions)."""
+    import inspect
+
+    gen = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    # SSD scan: no state_dtype argument (so Kernels takes the branch production takes), fp32 final states
+    assert "state_dtype" not in inspect.signature(fake_kernels.mamba_chunk_scan_combined).parameters
+    K = Kernels("fused", "cpu", fused=fake_ops())
+    assert not K.ssd_state_dtype_arg
+    bf = torch.bfloat16
+    y, final = K.ssd_prefill(r(1, 5, 2, 3).to(bf), r(1, 5, 2).to(bf), -torch.rand(2), r(1, 5, 1, 4).to(bf),
+                             r(1, 5, 1, 4).to(bf), 4, torch.ones(2), torch.zeros(2), torch.zeros(1, 2, 3, 4, dtype=bf),
+                             ssd.NO_DT_LIMIT)
+    assert y.dtype == bf and final.dtype == torch.float32
+    # selective_state_update: D=None / dt_bias=None crash the launch; negative indices are padding rows
+    h, p, n = 2, 3, 4
+    state = r(4, h, p, n)
+    args = (r(2, h, p), r(2, h, p), -torch.rand(h, p, n), r(2, 1, n), r(2, 1, n))
+    with pytest.raises(TypeError):
+        fake_kernels.selective_state_update(state, *args, D=None, dt_bias=r(h, p), state_batch_indices=None)
+    with pytest.raises((TypeError, AttributeError)):
+        fake_kernels.selective_state_update(state[:2], *args, D=r(h, p), dt_bias=None)
+    before = state.clone()
+    out = fake_kernels.selective_state_update(state, *args, D=r(h, p), dt_bias=r(h, p),
+                                              state_batch_indices=torch.tensor([2, -1], dtype=torch.int32))
+    assert bool((out[1] == 0).all()) and torch.equal(state[[0, 1, 3]], before[[0, 1, 3]])
+    assert not torch.equal(state[2], before[2])
+    # causal-conv1d: bias dtype == weight dtype, int32 indices with stride 1, conv state dtype == input dtype
+    d, w = 8, 4
+    weight, bias, pool, x = r(d, w), r(d), r(5, d, w - 1), r(3, d)
+    idx = torch.tensor([4, 0, 2], dtype=torch.int32)
+    with pytest.raises(AssertionError, match="bias dtype"):
+        fake_kernels.causal_conv1d_update(x, pool, weight, bias.to(bf), "silu", None, idx)
+    with pytest.raises(AssertionError, match="bias dtype"):
+        fake_kernels.causal_conv1d_fn(x[None].transpose(1, 2).contiguous(), weight, bias.double(), activation="silu")
+    with pytest.raises(AssertionError):
+        fake_kernels.causal_conv1d_update(x, pool, weight, bias, "silu", None, torch.arange(6, dtype=torch.int32)[::2])
+    with pytest.raises(AssertionError):
+        fake_kernels.causal_conv1d_update(x, pool, weight, bias, "silu", None, idx.long())
+    with pytest.raises(AssertionError, match="conv_state dtype"):
+        fake_kernels.causal_conv1d_update(x.to(bf), pool, weight, bias, "silu", None, idx)
+    pool2 = pool.clone()
+    out = fake_kernels.causal_conv1d_update(x, pool2, weight, bias, "silu", None,
+                                            torch.tensor([4, -1, 2], dtype=torch.int32))
+    assert bool((out[1] == 0).all()) and torch.equal(pool2[[0, 1, 3]], pool[[0, 1, 3]])
