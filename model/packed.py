@@ -5,7 +5,9 @@ Ops with per-sequence state run on a padded view (b, L, ...) in which every sequ
 and has zeros after its end (L = the longest chunk):
   causal conv   from each slot's conv state; the new state is taken at each sequence's own end
   SSD scan      from each slot's SSM state; pads get dt = 0 (no decay, no input), so the final
-                state is the state after the sequence's last real token
+                state is the state after the sequence's last real token. The fused kernel instead runs
+                the fresh sequences (start == 0: zero state) packed back to back in one varlen call and
+                each continued one on its own real tokens (see ScanRows, model/kernels.py ssd_prefill)
   attention     each sequence's own KV (start + length keys) with a causal mask offset by its start
 Pad rows are computed and dropped by unpad(); they never reach a real row.
 """
@@ -13,6 +15,7 @@ Pad rows are computed and dropped by unpad(); they never reach a real row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -33,6 +36,24 @@ def pack_runs(extents: list[int], budget: int = MAX_PACK_KEY_ROWS) -> list[range
     return runs + [range(first, len(extents))] if extents else runs
 
 
+@dataclass(frozen=True)
+class ScanRows:
+    """Host facts for the fused SSD scan of one packed forward, so that no layer reads a tensor back.
+
+    The varlen kernel (cu_seqlens / seq_idx) starts every packed sequence from a zero state (its per-sequence
+    states ignore initial_states), so only fresh rows go into it; continued rows run one call each.
+    """
+
+    lengths: tuple[int, ...]  # tokens per row
+    fresh: tuple[int, ...]  # rows that start from a zero state, in row order
+    continued: tuple[int, ...]  # rows that continue from their slot's state
+    fresh_tokens: torch.Tensor  # (T_f,) long: flat (b * L) padded positions of the fresh rows' tokens
+    fresh_packed: torch.Tensor  # (T_f,) long: their packed (T) positions
+    fresh_rows: torch.Tensor  # (n_f,) long
+    cu_seqlens: torch.Tensor  # (n_f + 1,) int32: token offsets of the fresh rows, back to back
+    seq_idx: torch.Tensor  # (1, T_f) int32: fresh row ordinal of each of their tokens
+
+
 @dataclass
 class Packed:
     slots: torch.Tensor  # (b,) long: each sequence's slot in the state pool
@@ -42,6 +63,8 @@ class Packed:
     kv_write: torch.Tensor  # (T,) long: row of each packed token in the flattened KV cache
     kv_blocks: torch.Tensor  # (b, nb) long: each sequence's first nb KV blocks (dummy block past its table)
     mask: torch.Tensor  # (b, 1, L, Tk = nb * block_size) bool: key j is visible to query l iff j <= start + l
+    host_starts: tuple[int, ...] = ()  # the same facts as Python ints (no device read-back in the layers)
+    host_lengths: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, slots, starts, lengths, tables, block_size: int, dummy_block: int, device) -> Packed:
@@ -61,7 +84,27 @@ class Packed:
         st = torch.tensor(starts, **long)
         mask = torch.arange(nb * block_size, **long)[None, None, :] <= (st[:, None] + torch.arange(L, **long))[:, :, None]
         return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), torch.tensor(pad_index, **long),
-                   torch.tensor(unpad_index, **long), torch.tensor(kv_write, **long), kv_blocks, mask[:, None])
+                   torch.tensor(unpad_index, **long), torch.tensor(kv_write, **long), kv_blocks, mask[:, None],
+                   tuple(starts), tuple(lengths))
+
+    @cached_property
+    def scan(self) -> ScanRows:
+        """Built on first use (only the fused SSD path needs it), once per forward, from the host lists."""
+        ns, L = self.host_lengths, max(self.host_lengths)
+        fresh = tuple(i for i, s in enumerate(self.host_starts) if s == 0)  # start 0: the runner zeroed the slot
+        offs = [0]
+        for n in ns:
+            offs.append(offs[-1] + n)
+        flat = [i * L + j for i in fresh for j in range(ns[i])]
+        packed = [offs[i] + j for i in fresh for j in range(ns[i])]
+        cu, seq = [0], []
+        for k, i in enumerate(fresh):
+            cu.append(cu[-1] + ns[i])
+            seq.extend([k] * ns[i])
+        dev = self.slots.device
+        t = lambda v, dt=torch.long: torch.tensor(v, dtype=dt, device=dev)  # noqa: E731
+        return ScanRows(ns, fresh, tuple(i for i in range(len(ns)) if i not in fresh), t(flat), t(packed), t(fresh),
+                        t(cu, torch.int32), t([seq], torch.int32))
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (b, L, ...), zeros at pads."""
