@@ -36,6 +36,13 @@ def pack_runs(extents: list[int], budget: int = MAX_PACK_KEY_ROWS) -> list[range
     return runs + [range(first, len(extents))] if extents else runs
 
 
+def _token_rows(lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """lengths (b,) >= 1, summing to total -> (row of each token, its position in the row), both (total,)."""
+    offs = lengths.cumsum(0) - lengths
+    row = torch.zeros(total, dtype=torch.long).index_fill_(0, offs[1:], 1).cumsum(0)
+    return row, torch.arange(total) - offs.index_select(0, row)
+
+
 @dataclass(frozen=True)
 class ScanRows:
     """Host facts for the fused SSD scan of one packed forward, so that no layer reads a tensor back.
@@ -68,43 +75,43 @@ class Packed:
 
     @classmethod
     def build(cls, slots, starts, lengths, tables, block_size: int, dummy_block: int, device) -> Packed:
-        """slots, starts, lengths: ints per sequence; tables: each sequence's KV block ids (list or tensor)."""
-        tables = [t.tolist() if isinstance(t, torch.Tensor) else list(t) for t in tables]
-        L, T = max(lengths), sum(lengths)
-        tk = max(s + n for s, n in zip(starts, lengths, strict=True))
-        nb = -(-tk // block_size)
-        pad_index, unpad_index, kv_write, off = [], [], [], 0
-        for i, (s, n, tab) in enumerate(zip(starts, lengths, tables, strict=True)):
-            pad_index.append(list(range(off, off + n)) + [T] * (L - n))
-            unpad_index.extend(range(i * L, i * L + n))
-            kv_write.extend(tab[p // block_size] * block_size + p % block_size for p in range(s, s + n))
-            off += n
+        """slots, starts, lengths: ints per sequence; tables: each sequence's KV block ids (list or tensor).
+
+        The index tensors are computed on the host with a few ops over the T tokens, then copied to the device:
+        no per-token Python and no boolean-mask or advanced indexing (index_select instead), each of which
+        costs milliseconds at T ~ 5K on a busy 2-core machine.
+        """
+        b, L, T = len(lengths), max(lengths), sum(lengths)
+        nb = -(-max(s + n for s, n in zip(starts, lengths, strict=True)) // block_size)
+        rows = [(t.tolist() if isinstance(t, torch.Tensor) else list(t))[:nb] for t in tables]
+        blocks = torch.tensor([t + [dummy_block] * (nb - len(t)) for t in rows])  # (b, nb) long, host
+        st = torch.tensor(starts)
+        row, j = _token_rows(torch.tensor(lengths), T)
+        unpad_index = row * L + j
+        pad_index = torch.full((b * L,), T).index_copy_(0, unpad_index, torch.arange(T)).view(b, L)
+        pos = st.index_select(0, row) + j  # each token's position in its sequence
+        kv_write = blocks.view(-1).index_select(0, row * nb + pos // block_size) * block_size + pos % block_size
         long = {"dtype": torch.long, "device": device}
-        kv_blocks = torch.tensor([t[:nb] + [dummy_block] * (nb - len(t[:nb])) for t in tables], **long)
-        st = torch.tensor(starts, **long)
-        mask = torch.arange(nb * block_size, **long)[None, None, :] <= (st[:, None] + torch.arange(L, **long))[:, :, None]
-        return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), torch.tensor(pad_index, **long),
-                   torch.tensor(unpad_index, **long), torch.tensor(kv_write, **long), kv_blocks, mask[:, None],
-                   tuple(starts), tuple(lengths))
+        st_d = st.to(device)
+        mask = torch.arange(nb * block_size, **long)[None, None, :] <= (st_d[:, None] + torch.arange(L, **long))[:, :, None]
+        dev = lambda t: t.to(device)  # noqa: E731
+        return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), dev(pad_index), dev(unpad_index),
+                   dev(kv_write), dev(blocks), mask[:, None], tuple(starts), tuple(lengths))
 
     @cached_property
     def scan(self) -> ScanRows:
         """Built on first use (only the fused SSD path needs it), once per forward, from the host lists."""
         ns, L = self.host_lengths, max(self.host_lengths)
         fresh = tuple(i for i, s in enumerate(self.host_starts) if s == 0)  # start 0: the runner zeroed the slot
-        offs = [0]
-        for n in ns:
-            offs.append(offs[-1] + n)
-        flat = [i * L + j for i in fresh for j in range(ns[i])]
-        packed = [offs[i] + j for i in fresh for j in range(ns[i])]
-        cu, seq = [0], []
-        for k, i in enumerate(fresh):
-            cu.append(cu[-1] + ns[i])
-            seq.extend([k] * ns[i])
+        n, f = torch.tensor(ns), torch.tensor(fresh, dtype=torch.long)
+        nf = n.index_select(0, f)
+        k, j = _token_rows(nf, int(sum(ns[i] for i in fresh)))  # fresh row ordinal, position, per fresh token
+        flat = f.index_select(0, k) * L + j
+        packed = (n.cumsum(0) - n).index_select(0, f).index_select(0, k) + j
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), nf.cumsum(0)])
         dev = self.slots.device
-        t = lambda v, dt=torch.long: torch.tensor(v, dtype=dt, device=dev)  # noqa: E731
-        return ScanRows(ns, fresh, tuple(i for i in range(len(ns)) if i not in fresh), t(flat), t(packed), t(fresh),
-                        t(cu, torch.int32), t([seq], torch.int32))
+        return ScanRows(ns, fresh, tuple(sorted(set(range(len(ns))) - set(fresh))), flat.to(dev), packed.to(dev),
+                        f.to(dev), cu.to(dev, torch.int32), k[None].to(dev, torch.int32))
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (b, L, ...), zeros at pads."""
