@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import pytest
 
@@ -27,6 +28,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     raise pytest.UsageError("tests/triton needs TRITON_INTERPRET=1 set before the process starts: "
                             "run `make test`, or `TRITON_INTERPRET=1 python -m pytest tests/triton`")
 os.environ.setdefault("MAMBA_DETERMINISTIC", "1")
+# (its advice, cached autotuning, is moot with one config per kernel)
+warnings.filterwarnings("ignore", message="Deterministic mode: set TRITON_CACHE_AUTOTUNING")
 
 import torch  # noqa: E402
 

@@ -44,7 +44,7 @@ def _close(a, b, dtype=torch.float32):
     (40, 16, 4, 1, torch.float32, (0.05, 1.5)),  # 2 full chunks + 8, dt clamped
     (33, 32, 4, 2, torch.float32, ssd.NO_DT_LIMIT),  # 2 groups: B, C shared by 2 heads each
     (23, 16, 4, 1, torch.float16, (0.05, 1.5)),
-])
+], ids=["1tok", "40tok-dt-limit", "33tok-2groups-chunk32", "23tok-fp16"])
 def test_scan_with_initial_states_matches_reference(mamba_ops, seqlen, chunk, h, g, dtype, limit):
     inp = _inputs(2, seqlen, h, g)
     low = {k: (v.to(dtype) if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
@@ -86,7 +86,7 @@ def test_strided_views_as_the_network_builds_them(mamba_ops):
     ([0, 0], [16, 16], ssd.NO_DT_LIMIT),  # fresh, both exactly one chunk (boundaries on the chunk grid)
     ([4, 9], [13, 30], ssd.NO_DT_LIMIT),  # continued only, uneven
     ([3, 5], [16, 16], ssd.NO_DT_LIMIT),  # continued only, equal: one batched call
-])
+], ids=["fresh", "mixed-dt-limit", "fresh-on-chunk-grid", "continued", "continued-equal"])
 def test_packed_rows_match_reference(mamba_ops, starts, lengths, limit):
     """A packed prefill's padded rows: fresh rows in ONE varlen call (seq_idx / cu_seqlens, per-sequence
     states), continued rows one call each from their states; y comes back in packed order."""
