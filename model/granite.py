@@ -90,9 +90,9 @@ class MambaMixer(nn.Module):
         x, B, C = self._split_xbc(xbc.transpose(1, 2))  # (b, L, ...)
         A = -torch.exp(self.A_log.float())
         y, final = K.ssd_prefill(x, pk.pad(dt), A, B, C, a.m_chunk, self.D, self.dt_bias, ssm_pool[pk.slots],
-                                 a.dt_limit, pk.lengths)
+                                 a.dt_limit, pk)  # y (T, h, p)
         ssm_pool.index_copy_(0, pk.slots, final.to(ssm_pool.dtype))
-        return self.out_proj(self.norm(pk.unpad(y.flatten(-2)), gate).to(h.dtype))  # (T, hidden)
+        return self.out_proj(self.norm(y.flatten(-2), gate).to(h.dtype))  # (T, hidden)
 
     def decode(self, h, conv_pool, ssm_pool, slots, K):
         """h (B, hidden); pools (S, ...) updated in place at slots: (B,) long, or a slice of consecutive slots."""

@@ -2,7 +2,7 @@
 
 Ops (shapes as in model/ssd.py):
   ssd_prefill  x (b, l, h, p) ... initial states (b, h, p, n) -> (y, final states) mamba_chunk_scan_combined
-               (padded rows of a packed prefill: one kernel call per row, see ssd_prefill)
+               (a packed prefill: fresh rows in one varlen call, continued rows apart, see ssd_prefill)
   ssm_decode   one token for B slots, state pool (S, h, p, n) updated in place       selective_state_update
   conv_prefill x (b, d, l) from conv states (b, d, w-1) -> (y, new states)           causal_conv1d_fn
   conv_decode  x (B, d), conv pool (S, d, w-1) updated in place                       causal_conv1d_update
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ssd
+from model.packed import Packed
 
 log = logging.getLogger(__name__)
 
@@ -138,30 +139,79 @@ class Kernels:
             log.info("fused kernels not loaded: %s", fused.errors)
 
     # ---- Mamba SSM -------------------------------------------------------------------------
-    def ssd_prefill(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit, lengths=None):
-        """x (b, L, h, p) ... initial_states (b, h, p, n); lengths (b,) long: real tokens per row (pads after)."""
+    def ssd_prefill(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit, pk: Packed | None = None):
+        """x (b, L, h, p) ... initial_states (b, h, p, n) -> (y, final states (b, h, p, n)).
+
+        pk None: every row is L real tokens, y (b, L, h, p). pk: the rows of a packed prefill (real tokens then
+        pads, pk.lengths), y in packed order (T, h, p); its host facts (pk.scan) plan the fused calls, so
+        no layer reads a tensor back.
+        """
         if self.f.mamba_chunk_scan_combined is None:
-            chunk_size = min(chunk_size, REFERENCE_CHUNK)
-            return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
-                                      initial_states=initial_states, dt_limit=dt_limit, lengths=lengths)
-        ns = lengths.tolist() if lengths is not None else None
-        if ns is None or all(n == x.shape[1] for n in ns):
+            y, final = ssd.ssd_chunk_scan(x, dt, A, B, C, min(chunk_size, REFERENCE_CHUNK), D=D, dt_bias=dt_bias,
+                                          initial_states=initial_states, dt_limit=dt_limit,
+                                          lengths=None if pk is None else pk.lengths)
+            return (y, final) if pk is None else (pk.unpad(y), final)
+        if pk is None:
             return self._ssd_fused(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit)
-        # Padded rows of a packed prefill. The kernel takes one initial state per batch row but no per-row
-        # length (its varlen mode, seq_idx / cu_seqlens, cannot start packed sequences from separate
-        # states): one call per row, on that row's real tokens.
-        y, finals = torch.zeros_like(x), []
-        for i, n in enumerate(ns):
+        rows = pk.scan
+        args = (A, chunk_size, D, dt_bias, dt_limit)
+        if not rows.fresh:
+            return self._ssd_continued(x, dt, B, C, initial_states, rows, rows.continued, *args)
+        yf, sf = self._ssd_fresh(x, dt, B, C, rows, *args)
+        if not rows.continued:
+            return yf, sf
+        y = x.new_empty(sum(rows.lengths), *x.shape[2:])
+        y.index_copy_(0, rows.fresh_packed, yf)
+        finals = torch.empty(initial_states.shape, dtype=torch.float32, device=x.device)
+        finals.index_copy_(0, rows.fresh_rows, sf.float())
+        off = 0
+        for i, n in enumerate(rows.lengths):
+            if i in rows.continued:
+                yi, fi = self._ssd_continued(x, dt, B, C, initial_states, rows, (i,), *args)
+                y[off:off + n], finals[i] = yi, fi[0]
+            off += n
+        return y, finals
+
+    def _ssd_fresh(self, x, dt, B, C, rows, A, chunk_size, D, dt_bias, dt_limit):
+        """The fresh rows (zero initial state) back to back in one varlen call -> y (T_f, h, p), states (n_f, ...)."""
+        if len(rows.lengths) == 1:  # one sequence: no pads, no gather
+            y, final = self._ssd_fused(x, dt, A, B, C, chunk_size, D, dt_bias, None, dt_limit)
+            return y[0], final
+        take = lambda t: t.flatten(0, 1)[rows.fresh_tokens][None]  # noqa: E731 - (b, L, ...) -> (1, T_f, ...)
+        if len(rows.fresh) == 1:
+            y, final = self._ssd_fused(take(x), take(dt), A, take(B), take(C), chunk_size, D, dt_bias, None,
+                                       dt_limit)
+            return y[0], final
+        # Varlen: seq_idx keeps each sequence's tokens and chunk states apart, cu_seqlens yields each
+        # sequence's own final state (in C's dtype).
+        y, states = self.f.mamba_chunk_scan_combined(
+            take(x), take(dt), A, take(B), take(C), chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=None,
+            seq_idx=rows.seq_idx, cu_seqlens=rows.cu_seqlens, dt_softplus=True, dt_limit=tuple(dt_limit),
+            return_final_states=False, return_varlen_states=True)
+        return y[0], states
+
+    def _ssd_continued(self, x, dt, B, C, initial_states, rows, which, A, chunk_size, D, dt_bias, dt_limit):
+        """Rows continuing from their states: one call for all when they fill the width, else one per row."""
+        L, ns = x.shape[1], rows.lengths
+        if len(which) == len(ns) and all(n == L for n in ns):
+            y, final = self._ssd_fused(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit)
+            return y.flatten(0, 1), final
+        ys, finals = [], []
+        for i in which:
+            n = ns[i]
             yi, fi = self._ssd_fused(x[i:i + 1, :n], dt[i:i + 1, :n], A, B[i:i + 1, :n], C[i:i + 1, :n],
                                      chunk_size, D, dt_bias, initial_states[i:i + 1], dt_limit)
-            y[i, :n] = yi[0]
+            ys.append(yi[0])
             finals.append(fi)
-        return y, torch.cat(finals)
+        return (ys[0], finals[0]) if len(ys) == 1 else (torch.cat(ys), torch.cat(finals))
 
     def _ssd_fused(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit):
         # mamba-ssm 2.3.2.post1 returns the final states in fp32 (the caller casts into the pool); forks with a
         # `state_dtype` argument (vLLM's) would otherwise materialise them in C's dtype.
-        extra = {"state_dtype": initial_states.dtype} if self.ssd_state_dtype_arg else {}
+        if self.ssd_state_dtype_arg:
+            extra = {"state_dtype": torch.float32 if initial_states is None else initial_states.dtype}
+        else:
+            extra = {}
         y, final = self.f.mamba_chunk_scan_combined(
             x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=initial_states,
             dt_softplus=True, dt_limit=tuple(dt_limit), return_final_states=True, **extra)
