@@ -20,6 +20,7 @@ from model.decode_static import StaticDecode, decode_buckets
 from model.granite import GraniteForCausalLM, load_granite
 from model.kernels import Kernels
 from model.packed import Packed, pack_runs
+from model.snapshots import SnapshotCopier
 from model.state import BLOCK_SIZE, StatePool, auto_kv_tokens, bytes_per_seq
 from model.types import EngineConfig, SeqChunk, StepBatch
 
@@ -65,10 +66,12 @@ class ModelRunner:
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
-            self.arch, config.max_concurrent_seqs, config.max_total_tokens, dev, self._dtype, self._ssm_dtype)
+            self.arch, config.max_concurrent_seqs, config.max_total_tokens, dev, self._dtype, self._ssm_dtype,
+            config.snapshot_device_share if config.prefix_cache else 0.0)
         self.pool = StatePool(self.arch, config.max_concurrent_seqs, kv_tokens, dev, self._dtype,
                               self._ssm_dtype, BLOCK_SIZE)
         self.allocator = SlotAllocator(config.max_concurrent_seqs, self.pool.num_blocks, BLOCK_SIZE)
+        self.snapshot_copier = SnapshotCopier(self.pool)  # [prefix cache] tensor copies for snapshots
         # Widest block table static decode may need: the longest allowed sequence.
         self.max_blocks_per_seq = min(math.ceil(config.max_total_tokens / BLOCK_SIZE), self.pool.num_blocks)
         if decode_mode is None:

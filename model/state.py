@@ -43,8 +43,9 @@ def bytes_per_seq(a: GraniteArch, n_tokens: int, dtype: torch.dtype, ssm_dtype: 
 
 
 def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, device: torch.device,
-                   dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
-    """KV pool size when EngineConfig.kv_cache_tokens == 0."""
+                   dtype: torch.dtype, ssm_dtype: torch.dtype, snapshot_share: float = 0.0) -> int:
+    """KV pool size when EngineConfig.kv_cache_tokens == 0. On CUDA, prefix-cache snapshots may copy up to
+    `snapshot_share` x the pool's bytes of Mamba state on top of the pool: that part is set aside first."""
     want = num_slots * max_total_tokens
     if device.type != "cuda":
         cap = min(CPU_MAX_KV_TOKENS, CPU_MAX_KV_BYTES // max(kv_bytes_per_token(a, dtype), 1))
@@ -52,6 +53,7 @@ def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, device
     free, _total = torch.cuda.mem_get_info(device)
     budget = int(free * CUDA_FREE_FRACTION) - CUDA_ACTIVATION_RESERVE
     budget -= (num_slots + 1) * state_bytes_per_seq(a, dtype, ssm_dtype)
+    budget = int(budget / (1.0 + snapshot_share))
     per_token = max(kv_bytes_per_token(a, dtype), 1)
     tokens = min(want, budget // per_token)
     if tokens < max_total_tokens:
