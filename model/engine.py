@@ -229,7 +229,8 @@ class Engine:
         try:
             ids = (seq.prompt_ids + seq.output_ids)[: seq.num_computed]
             sid = seq.request.session_id if final else None
-            self.prefix.take(seq.slot, ids, sid, seq.prompt_ids + seq.output_ids)
+            self.prefix.take(seq.slot, ids, sid, seq.prompt_ids + seq.output_ids,
+                             supersedes=seq.prompt_ids if final else None)
         except Exception:  # a snapshot is an optimisation: never fail the request for it
             log.exception("engine: snapshot of sequence %d failed", seq.seq_id)
 

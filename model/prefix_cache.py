@@ -177,10 +177,16 @@ class PrefixCache:
         return slot, n
 
     # ---- taking snapshots (the engine's hooks) ------------------------------------------------------
-    def take(self, slot: int, ids, session: str | None = None, conversation=None) -> Snapshot | None:
+    def take(self, slot: int, ids, session: str | None = None, conversation=None,
+             supersedes=None) -> Snapshot | None:
         """Snapshot the slot's state after exactly `ids` (its first len(ids) KV positions). With `session`,
-        pin it for that session (replacing the session's previous pin) and remember `conversation`."""
+        pin it for that session (replacing the session's previous pin) and remember `conversation`.
+        `supersedes`: the ids of this sequence's earlier (prompt-end) snapshot, which the new one extends:
+        it becomes the least recently used, first to leave the device."""
         ids = tuple(ids)
+        older = self.trie.get(tuple(supersedes)) if supersedes is not None else None
+        if older is not None and len(older.ids) < len(ids):
+            self.lru.move_to_end(id(older), last=False)
         if not ids:
             return None
         snap = self.trie.get(ids)

@@ -208,3 +208,20 @@ def test_soak_nothing_leaks():
     assert alloc.num_free_blocks == 40 and alloc.num_free_slots == 3
     assert cache.stats()["bytes_device"] == cache.stats()["bytes_host"] == 0 and not cache.lru
     assert not cache.trie.root.children
+
+
+def test_end_of_generation_snapshot_supersedes_the_prompt_one():
+    alloc, cop, cache = make(device=10**9)
+    slot, _ = cache.admit([1, 2, 3, 4, 5], 9)
+    cop.feed(alloc, slot, 0, [1, 2, 3, 4, 5])
+    cache.take(slot, [1, 2, 3, 4, 5])
+    other, _ = cache.admit([9, 9, 9], 4)
+    cop.feed(alloc, other, 0, [9, 9, 9])
+    cache.take(other, [9, 9, 9])
+    cop.feed(alloc, slot, 5, [6])
+    cache.take(slot, [1, 2, 3, 4, 5, 6], supersedes=[1, 2, 3, 4, 5])
+    assert [s.ids for s in cache.lru.values()] == [(1, 2, 3, 4, 5), (9, 9, 9), (1, 2, 3, 4, 5, 6)]
+    alloc.free(slot)
+    alloc.free(other)
+    cache.clear()
+    assert alloc.num_free_blocks == 64
