@@ -161,3 +161,17 @@ def test_soak_under_pressure_matches_no_cache(tiny_ckpt):
     assert pc["bytes_host"] <= 600_000
     assert st["finished_total"]["error"] == 0
     assert st["prefill_tokens_total"] < off.stats()["prefill_tokens_total"]
+
+
+def test_snapshots_never_block_admission(tiny_ckpt):
+    # A 256-token KV pool: three finished prompts leave their snapshots holding most of it; a request that
+    # needs the whole pool is admitted at once by taking their blocks (host tier off: they are dropped).
+    eng = engine(tiny_ckpt, kv_cache_tokens=256, max_total_tokens=256, snapshot_device_share=1.0,
+                 snapshot_host_bytes=0)
+    for s in range(3):
+        gen(eng, ids(60, seed=20 + s), 4)
+    assert eng.runner.allocator.num_free_blocks < 15  # not enough without taking snapshot blocks
+    c = gen(eng, ids(200, seed=30), 40)
+    assert len(c.token_ids) == 40
+    pc = eng.stats()["prefix_cache"]
+    assert pc["evictions"] >= 3 and pc["snapshots_host"] == 0
