@@ -25,13 +25,16 @@ a snapshot's state already contains its last token (it cannot be fed twice).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from model.blocks import SlotAllocator, blocks_needed
+from model.token_trie import TokenTrie
 
 DEVICE, HOST = "device", "host"
+log = logging.getLogger(__name__)
 
 
 class Copier(Protocol):
@@ -55,57 +58,6 @@ class Snapshot:
     blocks: tuple[int, ...] = ()  # device tier: KV blocks of the n tokens (held)
     nbytes: int = 0  # host tier: buffer bytes
     pins: set[str] = field(default_factory=set)
-
-
-class _Node:
-    __slots__ = ("children", "snap")
-
-    def __init__(self) -> None:
-        self.children: dict[int, _Node] = {}
-        self.snap: Snapshot | None = None
-
-
-class TokenTrie:
-    """Snapshots by token ids; longest-prefix lookup in O(len(prompt)) dict steps."""
-
-    def __init__(self) -> None:
-        self.root = _Node()
-
-    def get(self, ids: tuple[int, ...]) -> Snapshot | None:
-        node = self.root
-        for t in ids:
-            node = node.children.get(t)
-            if node is None:
-                return None
-        return node.snap
-
-    def longest(self, ids, max_len: int) -> Snapshot | None:
-        node, best = self.root, None
-        for t in ids[:max_len]:
-            node = node.children.get(t)
-            if node is None:
-                break
-            if node.snap is not None:
-                best = node.snap
-        return best
-
-    def put(self, snap: Snapshot) -> None:
-        node = self.root
-        for t in snap.ids:
-            node = node.children.setdefault(t, _Node())
-        node.snap = snap
-
-    def remove(self, ids: tuple[int, ...]) -> None:
-        path, node = [], self.root
-        for t in ids:
-            path.append((node, t))
-            node = node.children[t]
-        node.snap = None
-        for parent, t in reversed(path):  # prune the branch nobody else uses
-            child = parent.children[t]
-            if child.children or child.snap is not None:
-                break
-            del parent.children[t]
 
 
 class PrefixCache:
@@ -168,9 +120,11 @@ class PrefixCache:
                 self.copier.restore_device(hit.data, slot, list(hit.blocks), table, n)
             else:
                 self.copier.restore_host(hit.data, slot, table, n)
-        except Exception:
+        except Exception:  # e.g. no device memory to stage a host snapshot: forget it, admit without it
+            log.exception("prefix cache: restoring a snapshot of %d tokens failed; dropped", n)
             self.allocator.free(slot)
-            raise
+            self._drop(hit, evicted=True)
+            return self.admit(prompt_ids, reserve_tokens)
         self.lru.move_to_end(id(hit))
         self.counters["hits"] += 1
         self.counters["tokens_reused"] += n
@@ -235,7 +189,12 @@ class PrefixCache:
         if self._host_used + size > self.host_budget and not snap.pins:
             self._drop(snap, evicted=True)
             return
-        packed = self.copier.to_host(snap.data, list(snap.blocks), n)
+        try:
+            packed = self.copier.to_host(snap.data, list(snap.blocks), n)
+        except Exception:  # e.g. no memory to stage or pin the buffer: the snapshot is dropped instead
+            log.exception("prefix cache: moving a snapshot of %d tokens to the host failed; dropped", n)
+            self._drop(snap, evicted=True)
+            return
         self._release_blocks(snap)
         self._dev_count -= 1
         snap.tier, snap.data, snap.nbytes = HOST, packed, size

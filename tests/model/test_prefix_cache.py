@@ -8,7 +8,8 @@ import random
 import pytest
 
 from model.blocks import SlotAllocator
-from model.prefix_cache import DEVICE, HOST, PrefixCache, TokenTrie
+from model.prefix_cache import DEVICE, HOST, PrefixCache
+from model.token_trie import TokenTrie
 
 BS = 4
 
@@ -225,3 +226,21 @@ def test_end_of_generation_snapshot_supersedes_the_prompt_one():
     alloc.free(other)
     cache.clear()
     assert alloc.num_free_blocks == 64
+
+
+def test_a_failing_copy_drops_the_snapshot_and_never_fails_admission():
+    alloc, cop, cache = make(device=10**9, host=10**9)
+    run(alloc, cop, cache, [1, 2, 3, 4, 5, 6])
+
+    def boom(*a):
+        raise MemoryError("no room to stage")
+
+    cop.restore_device = boom
+    slot, n = cache.admit([1, 2, 3, 4, 5, 6, 7], 8)
+    assert n == 0 and not cache.lru and cache.counters["evictions"] == 1
+    alloc.free(slot)
+    run(alloc, cop, cache, [8, 9, 10])
+    cop.to_host = boom
+    cache.device_budget = 0
+    cache._fit()  # cannot move to the host: dropped instead
+    assert not cache.lru and alloc.num_free_blocks == 64
