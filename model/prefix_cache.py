@@ -71,7 +71,7 @@ class PrefixCache:
         self._host_used = 0
         self._dev_count = 0  # snapshots in the device tier
         self._sessions: dict[str, tuple[Snapshot, tuple[int, ...]]] = {}  # id -> (pinned snap, conversation)
-        self.counters = dict(hits=0, misses=0, evictions=0, demotions=0, snapshots_taken=0, tokens_reused=0)
+        self.counters = dict(hits=0, hits_host=0, misses=0, evictions=0, demotions=0, snapshots_taken=0, tokens_reused=0)
 
     # ---- accounting ----------------------------------------------------------------------------
     @property
@@ -127,6 +127,7 @@ class PrefixCache:
             return self.admit(prompt_ids, reserve_tokens)
         self.lru.move_to_end(id(hit))
         self.counters["hits"] += 1
+        self.counters["hits_host"] += hit.tier == HOST
         self.counters["tokens_reused"] += n
         return slot, n
 

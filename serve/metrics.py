@@ -92,7 +92,7 @@ class Metrics:
 
 
 # engine.stats()["prefix_cache"] (model/prefix_cache.py) -> metric name, type
-_PREFIX_CACHE = {"hits": "counter", "misses": "counter", "evictions": "counter", "demotions": "counter",
+_PREFIX_CACHE = {"hits": "counter", "hits_host": "counter", "misses": "counter", "evictions": "counter", "demotions": "counter",
                  "tokens_reused": "counter", "snapshots_taken": "counter", "snapshots_device": "gauge",
                  "snapshots_host": "gauge", "kv_blocks_held": "gauge", "sessions": "gauge"}
 

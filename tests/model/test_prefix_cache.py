@@ -244,3 +244,12 @@ def test_a_failing_copy_drops_the_snapshot_and_never_fails_admission():
     cache.device_budget = 0
     cache._fit()  # cannot move to the host: dropped instead
     assert not cache.lru and alloc.num_free_blocks == 64
+
+
+def test_policy_modules_are_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys, model.prefix_cache, model.token_trie, model.blocks, model.scheduler; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

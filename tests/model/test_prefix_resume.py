@@ -97,7 +97,8 @@ def test_resume_from_end_of_generation(tiny_ckpt, hf_model, tier):
     c = gen(eng, q, 7)
     assert c.cached_tokens == len(p) + len(out) - 1  # the last output token never went through the network
     assert list(c.token_ids) == hf_greedy(hf_model, q, 7)
-    assert eng.stats()["prefix_cache"]["hits"] == 1
+    pc = eng.stats()["prefix_cache"]
+    assert pc["hits"] == 1 and pc["hits_host"] == (tier == "host")
 
 
 def test_resume_feeding_one_token_and_exact_repeat(tiny_ckpt, hf_model):

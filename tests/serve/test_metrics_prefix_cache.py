@@ -6,7 +6,7 @@ from serve.metrics import Metrics
 
 
 def test_prefix_cache_metrics():
-    pc = dict(hits=3, misses=2, evictions=1, demotions=4, tokens_reused=900, snapshots_taken=9,
+    pc = dict(hits=3, hits_host=1, misses=2, evictions=1, demotions=4, tokens_reused=900, snapshots_taken=9,
               snapshots_device=2, snapshots_host=3, kv_blocks_held=17, sessions=1, bytes_device=1234, bytes_host=99)
     text = Metrics().render({"ready": True, "prefix_cache": pc})
     for line in ("granite_prefix_cache_hits_total 3", "granite_prefix_cache_misses_total 2",
