@@ -71,7 +71,8 @@ class PrefixCache:
         self._host_used = 0
         self._dev_count = 0  # snapshots in the device tier
         self._sessions: dict[str, tuple[Snapshot, tuple[int, ...]]] = {}  # id -> (pinned snap, conversation)
-        self.counters = dict(hits=0, hits_host=0, misses=0, evictions=0, demotions=0, snapshots_taken=0, tokens_reused=0)
+        self.counters = dict(hits=0, hits_host=0, misses=0, evictions=0, demotions=0, snapshots_taken=0,
+                             tokens_reused=0)
 
     # ---- accounting ----------------------------------------------------------------------------
     @property
