@@ -7,6 +7,8 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
   memory      engine state bytes per live sequence (from the allocated tensors) vs the GRANITE.md formula,
               for the demo model and for the full-size micro architecture (arithmetic only)
   batch       batch entrypoint over 256 records vs the same records one at a time (bench/batch_bench.py)
+  multiturn   8 conversations x 8 turns, prefix reuse on vs off: TTFT per turn, prefill tokens computed,
+              tokens/s, identical outputs (bench/multiturn.py)
 
 Speed depends on the machine: only ratios measured in one run mean anything.
 """
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--baseline-requests", type=int, default=6)
     ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--skip-multiturn", action="store_true")
     a = ap.parse_args(argv)
     import torch
 
@@ -271,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.batch_bench import run_bench
 
             report["batch"] = run_bench(model_dir=str(ckpt))
+        if not a.skip_multiturn:
+            print("multiturn (prefix reuse off / on) ...", flush=True)
+            from bench.multiturn import run_multiturn
+
+            report["multiturn"] = run_multiturn(ckpt)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"{platform.node() or 'host'}-{dt.date.today().isoformat()}.json"
     text = json.dumps(report, indent=2, default=float)
@@ -293,6 +301,8 @@ def print_table(r: dict) -> None:
     print(f"memory per seq at {m['tokens']} tokens: {m['state_bytes_per_seq']} B (formula {m['formula_bytes_per_seq']} B)")
     if "batch" in r:
         print(f"batch: {json.dumps(r['batch'])}")
+    if "multiturn" in r:
+        print(f"multiturn: {json.dumps({k: v for k, v in r['multiturn'].items() if not isinstance(v, dict)})}")
 
 
 if __name__ == "__main__":

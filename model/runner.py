@@ -20,6 +20,7 @@ from model.decode_static import CudaGraphs, StaticDecode, decode_buckets
 from model.granite import GraniteForCausalLM, load_granite
 from model.kernels import Kernels
 from model.packed import Packed, pack_runs
+from model.snapshots import SnapshotCopier
 from model.state import (
     BLOCK_SIZE,
     CUDA_FIXED_RESERVE,
@@ -75,10 +76,11 @@ class ModelRunner:
         self.vocab_size = self.arch.vocab_size
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
             self.arch, config.max_concurrent_seqs, config.max_total_tokens, config.max_step_tokens, dev,
-            self._dtype, self._ssm_dtype)
+            self._dtype, self._ssm_dtype, config.snapshot_device_share if config.prefix_cache else 0.0)
         self.pool = StatePool(self.arch, config.max_concurrent_seqs, kv_tokens, dev, self._dtype,
                               self._ssm_dtype, BLOCK_SIZE)
         self.allocator = SlotAllocator(config.max_concurrent_seqs, self.pool.num_blocks, BLOCK_SIZE)
+        self.snapshot_copier = SnapshotCopier(self.pool)  # [prefix cache] tensor copies for snapshots
         # Widest block table static decode may need: the longest allowed sequence.
         self.max_blocks_per_seq = min(math.ceil(config.max_total_tokens / BLOCK_SIZE), self.pool.num_blocks)
         if decode_mode is None:

@@ -75,10 +75,13 @@ def cuda_reserve_bytes(a: GraniteArch, num_slots: int, max_total_tokens: int, ma
 
 
 def cuda_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_step_tokens: int, free: int,
-                   dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
-    """KV pool tokens that fit `free` bytes of GPU memory (after the weights) beside the reserve."""
+                   dtype: torch.dtype, ssm_dtype: torch.dtype, snapshot_share: float = 0.0) -> int:
+    """KV pool tokens that fit `free` bytes of GPU memory (after the weights) beside the reserve. Prefix-cache
+    snapshots may copy up to `snapshot_share` x the pool's bytes of Mamba state on top of the pool: that part
+    is set aside first."""
     reserve = cuda_reserve_bytes(a, num_slots, max_total_tokens, max_step_tokens, dtype)
     budget = int(free * CUDA_FREE_FRACTION) - reserve - (num_slots + 1) * state_bytes_per_seq(a, dtype, ssm_dtype)
+    budget = int(budget / (1.0 + snapshot_share))
     tokens = min(num_slots * max_total_tokens, budget // max(kv_bytes_per_token(a, dtype), 1))
     if tokens < max_total_tokens:
         raise RuntimeError(
@@ -89,13 +92,13 @@ def cuda_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_st
 
 
 def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_step_tokens: int,
-                   device: torch.device, dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
-    """KV pool size when EngineConfig.kv_cache_tokens == 0."""
+                   device: torch.device, dtype: torch.dtype, ssm_dtype: torch.dtype, snapshot_share: float = 0.0) -> int:
+    """KV pool size when EngineConfig.kv_cache_tokens == 0 (snapshot_share: see cuda_kv_tokens)."""
     if device.type != "cuda":
         cap = min(CPU_MAX_KV_TOKENS, CPU_MAX_KV_BYTES // max(kv_bytes_per_token(a, dtype), 1))
         return max(min(num_slots * max_total_tokens, cap), max_total_tokens)
     free, _total = torch.cuda.mem_get_info(device)
-    return cuda_kv_tokens(a, num_slots, max_total_tokens, max_step_tokens, free, dtype, ssm_dtype)
+    return cuda_kv_tokens(a, num_slots, max_total_tokens, max_step_tokens, free, dtype, ssm_dtype, snapshot_share)
 
 
 class StatePool:

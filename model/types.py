@@ -53,6 +53,9 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    # A stateful session (serve side): when the sequence finishes, its snapshot is pinned for this session
+    # and Engine.session_conversation(session_id) returns prompt + output ids (see model/prefix_cache.py).
+    session_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Completion:
     top_tokens: tuple[tuple[TopToken, ...], ...]
     seed: int | None
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens resumed from the prefix cache (usage.prompt_tokens_details)
 
     @property
     def generated_tokens(self) -> int:
@@ -117,6 +121,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     kernels: str = "auto"  # auto | fused | reference ; fused on a CPU-only machine is an error
+    prefix_cache: bool = True  # resume prompts from state snapshots (model/prefix_cache.py)
+    snapshot_device_share: float = 0.25  # device tier: this share of the state pool's bytes (KV + slots)
+    snapshot_host_bytes: int = 2 << 30  # host tier (pinned on CUDA) in bytes; 0 = no host tier
 
     def __post_init__(self) -> None:
         for name in (
@@ -139,6 +146,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
         if self.ssm_state_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"ssm_state_dtype must be auto|float32|bfloat16, got {self.ssm_state_dtype!r}")
+        if not 0.0 <= self.snapshot_device_share <= 1.0:
+            raise ValueError(f"snapshot_device_share must be in [0, 1], got {self.snapshot_device_share}")
+        if self.snapshot_host_bytes < 0:
+            raise ValueError(f"snapshot_host_bytes must be >= 0, got {self.snapshot_host_bytes}")
         if self.kernels not in ("auto", "fused", "reference"):
             raise ValueError(f"kernels must be auto|fused|reference, got {self.kernels!r}")
 

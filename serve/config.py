@@ -91,6 +91,16 @@ def _int(lo: int = 0, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be 0..1")
+    return value
+
+
 def _bool(raw: str) -> bool:
     low = raw.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -200,6 +210,12 @@ VARS: tuple[Var, ...] = (
     Var("CUDA_GRAPHS", True, "Capture decode steps as CUDA graphs (CUDA only).", _bool),
     Var("KERNELS", "auto", "auto, fused, reference (fused needs CUDA + mamba-ssm).",
         _choice("auto", "fused", "reference")),
+    Var("PREFIX_CACHE", _ENGINE_DEFAULTS.prefix_cache,
+        "Resume prompts that start with a finished prompt or conversation from its exact state snapshot.", _bool),
+    Var("SNAPSHOT_DEVICE_SHARE", _ENGINE_DEFAULTS.snapshot_device_share,
+        "Prefix-cache snapshots kept on the device, as a share of the state pool's bytes (0..1).", _fraction),
+    Var("SNAPSHOT_HOST_BYTES", _ENGINE_DEFAULTS.snapshot_host_bytes,
+        "Bytes of host memory (pinned on CUDA) for snapshots moved off the device; 0 = none.", _int(0)),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
     Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
     Var("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING, ERROR.", _choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True)),
@@ -247,6 +263,9 @@ def _engine_config(v: dict[str, Any]) -> EngineConfig:
             device=v["DEVICE"],
             cuda_graphs=v["CUDA_GRAPHS"],
             kernels=v["KERNELS"],
+            prefix_cache=v["PREFIX_CACHE"],
+            snapshot_device_share=v["SNAPSHOT_DEVICE_SHARE"],
+            snapshot_host_bytes=v["SNAPSHOT_HOST_BYTES"],
         )
     except ValueError as e:
         msg = str(e)

@@ -87,4 +87,23 @@ class Metrics:
         if finished:
             lines.append(f"# TYPE {p}engine_finished_total counter")
             lines += [f'{p}engine_finished_total{{reason="{r}"}} {n}' for r, n in sorted(finished.items())]
+        lines += prefix_cache_lines(s.get("prefix_cache"))
         return "\n".join(lines) + "\n"
+
+
+# engine.stats()["prefix_cache"] (model/prefix_cache.py) -> metric name, type
+_PREFIX_CACHE = {"hits": "counter", "hits_host": "counter", "misses": "counter", "evictions": "counter", "demotions": "counter",
+                 "tokens_reused": "counter", "snapshots_taken": "counter", "snapshots_device": "gauge",
+                 "snapshots_host": "gauge", "kv_blocks_held": "gauge", "sessions": "gauge"}
+
+
+def prefix_cache_lines(pc: dict | None) -> list[str]:
+    if not pc:
+        return []
+    p, out = f"{PREFIX}prefix_cache_", []
+    for key, kind in _PREFIX_CACHE.items():
+        name = f"{p}{key}_total" if kind == "counter" else f"{p}{key}"
+        out += [f"# TYPE {name} {kind}", f"{name} {pc[key]}"]
+    out.append(f"# TYPE {p}bytes gauge")
+    out += [f'{p}bytes{{tier="{t}"}} {pc["bytes_" + t]}' for t in ("device", "host")]
+    return out
