@@ -112,3 +112,14 @@ def test_decode_graph_memory_is_budgeted_from_the_limits(micro):
         assert tokens == slots * total or used + kv_bytes_per_token(micro, bf16) > free * CUDA_FREE_FRACTION
     with pytest.raises(RuntimeError, match="step temporaries"):
         cuda_kv_tokens(micro, 1024, 131072, 2048, free, bf16, bf16)  # the gathers alone exceed the card
+
+
+def test_snapshot_share_is_set_aside_before_the_kv_pool(micro):
+    """Prefix-cache snapshots may copy up to snapshot_share x the pool's bytes on top of it (CUDA)."""
+    from model.state import cuda_kv_tokens
+
+    bf16, free = torch.bfloat16, 60 << 30
+    full = cuda_kv_tokens(micro, 256, 32768, 2048, free, bf16, bf16)
+    shared = cuda_kv_tokens(micro, 256, 32768, 2048, free, bf16, bf16, snapshot_share=0.25)
+    assert full < 256 * 32768  # memory-bound, so the share shows
+    assert shared < full and abs(shared * 1.25 - full) <= 1.25 * 1024
