@@ -203,6 +203,7 @@ class Kernels:
             "decode_attention": "fused:paged_decode_attention" if fused.paged_decode_attention else "gather+sdpa",
         }
         self._rowscale: dict[tuple[float, torch.device], torch.Tensor] = {}
+        self._rowscale_retired: list[torch.Tensor] = []
         if mode == "fused":
             # Injected kernels (tests) must cover at least the state ops; loaded ones must cover everything.
             need = OPS[:4] if injected else OPS
@@ -315,10 +316,13 @@ class Kernels:
 
     # ---- norms / MLP activation ------------------------------------------------------------
     def _rowscale_of(self, rows: int, scale: float, device) -> torch.Tensor:
-        """(rows,) fp32 filled with scale: a slice of one buffer per scale, grown when a bigger batch comes
-        (decode warm-up runs every bucket eagerly before graph capture, so captures never allocate here)."""
+        """(rows,) fp32 filled with scale: a slice of one buffer per scale, replaced by a bigger one when more
+        rows come (a long prefill). Replaced buffers are kept alive: a captured decode graph may read one.
+        (Decode warm-up runs every bucket eagerly before its capture, so captures never allocate here.)"""
         buf = self._rowscale.get((scale, device))
         if buf is None or buf.shape[0] < rows:
+            if buf is not None:
+                self._rowscale_retired.append(buf)
             buf = torch.full((max(rows, 64),), scale, dtype=torch.float32, device=device)
             self._rowscale[(scale, device)] = buf
         return buf[:rows]
