@@ -232,12 +232,6 @@ class GraniteForCausalLM(nn.Module):
                           ids.device)
         return self.prefill_packed(ids, pk, state, K)
 
-    def prepare(self, K) -> None:
-        """Build the per-layer decode constants for K now (else on the first decode with K)."""
-        for layer in self.model.layers:
-            if layer.kind == "mamba":
-                layer.mamba.ssm_params(K)
-
     @torch.no_grad()
     def decode(self, ids, slots, block_tables, positions, state, K) -> torch.Tensor:
         """ids, positions (B,) long; slots (B,) long or a slice of consecutive slots; block_tables (B, mb)
