@@ -34,6 +34,19 @@ def test_state_kernels_alone_are_far_over(report):
     assert report["state_kernels_only_now"]["launches"] > 3 * launches.LAUNCH_TARGET
 
 
+def test_count_leaves_sys_modules_as_found():
+    """transformers imported after a count must not find the bare mamba_ssm package model.kernels may
+    register (it would bind mamba-ssm's Triton kernels for its CPU forward)."""
+    import sys
+
+    def mamba():
+        return {k: v for k, v in sys.modules.items() if k.startswith("mamba_ssm")}
+
+    before = mamba()
+    launches.count_decode(launches.micro_arch(1)[0], fused="state", context=40)
+    assert mamba() == before
+
+
 def test_kv_report_meets_target():
     kv = launches.kv_report()
     assert kv["meets_target"] and kv["paged_ratio"] <= 1.05 and 2.9 < kv["gather_ratio"] < 3.1
