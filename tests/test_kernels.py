@@ -120,7 +120,8 @@ def test_modes_and_errors():
         Kernels("fused", "cpu", fused=fake_ops(causal_conv1d_update=True))
     auto = Kernels("auto", "cpu")
     assert auto.report == {"ssd_prefill": "reference", "ssm_decode": "reference", "conv_prefill": "reference",
-                           "conv_decode": "reference", "attention": "sdpa"}
+                           "conv_decode": "reference", "add_norm": "reference", "gated_norm": "reference",
+                           "swiglu": "reference", "attention": "sdpa", "decode_attention": "gather+sdpa"}
     mixed = Kernels("auto", "cpu", fused=fake_ops(causal_conv1d_fn=True))
     assert mixed.report["conv_prefill"] == "reference" and mixed.report["ssd_prefill"].startswith("fused")
     assert Kernels("reference", "cpu", fused=fake_ops()).report["ssm_decode"] == "reference"
