@@ -10,7 +10,8 @@ defaults: DTYPE=auto -> bf16, SSM_STATE_DTYPE=auto -> the model dtype). One repl
 worker, its own engine and weights) per GPU. Per GPU, what the engine can give to sequences is
     (memory_after_weights_and_context * CUDA_FREE_FRACTION) - CUDA_FIXED_RESERVE - largest prefill step
 and each sequence costs its state, its KV and its share of the widest decode graph's temporaries
-(model/state.py: decode_step_bytes grows with slots x context), so the table follows the engine.
+(model/state.py: decode_step_bytes; on CUDA decode attention is the paged kernel, which reads KV in place,
+so that share is only its per-split partial results), so the table follows the engine.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def sequence_budget_bytes(gpu: Gpu, arch: GraniteArch, dtype=torch.bfloat16) -> 
 def per_seq_bytes(arch: GraniteArch, tokens: int, dtype=torch.bfloat16) -> int:
     """State + KV of one sequence of `tokens`, plus what it adds to the widest decode graph."""
     return (state_bytes_per_seq(arch, dtype, dtype) + tokens * kv_bytes_per_token(arch, dtype)
-            + decode_step_bytes(arch, 1, tokens, dtype))
+            + decode_step_bytes(arch, 1, tokens, dtype, paged=True))
 
 
 def capacity(arch: GraniteArch | None = None) -> list[dict]:
@@ -113,7 +114,7 @@ def capacity(arch: GraniteArch | None = None) -> list[dict]:
 def markdown(rows: list[dict], arch: GraniteArch) -> str:
     state = state_bytes_per_seq(arch, torch.bfloat16, torch.bfloat16)
     kv = kv_bytes_per_token(arch, torch.bfloat16)
-    graph = decode_step_bytes(arch, 1, 1, torch.bfloat16) - decode_step_bytes(arch, 1, 0, torch.bfloat16)
+    graph = decode_step_bytes(arch, 1, 4096, torch.bfloat16, paged=True)
     lines = [
         "| instance | GPUs | GPU memory | replicas | for sequences / GPU | seqs at 4K (total) | seqs at 32K (total) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -126,7 +127,8 @@ def markdown(rows: list[dict], arch: GraniteArch) -> str:
     lines += [
         "",
         f"Per sequence (bf16): Mamba state {state / MIB:.1f} MiB fixed + KV {kv / 1024:.0f} KiB per token "
-        f"+ {graph / 1024:.0f} KiB per token of decode-graph temporaries (the attention layers' gathered KV) "
+        f"+ {graph / 1024:.0f} KiB of decode-graph temporaries at 4K (activations and the paged attention "
+        "kernel's partial results; it reads KV in place) "
         f"= {per_seq_bytes(arch, 4096) / MIB:.0f} MiB at 4K, {per_seq_bytes(arch, 32768) / MIB:.0f} MiB at 32K. "
         f"Per GPU: weights {WEIGHT_BYTES / 1e9:.2f} GB and ~{CUDA_CONTEXT_BYTES // MIB} MiB CUDA context off the "
         f"top, then {CUDA_FREE_FRACTION:.0%} of the rest minus {CUDA_FIXED_RESERVE // GIB} GiB and the largest "

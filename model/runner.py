@@ -71,12 +71,14 @@ class ModelRunner:
         self.dtype = str(self._dtype).removeprefix("torch.")
         self.kernels = Kernels(config.kernels, dev)
         self.kernel_report = dict(self.kernels.report)
+        # decode attention reads KV in place (no gathered copies to budget for)
+        self._paged = self.kernel_report["decode_attention"].startswith("fused")
         self.model = model if model is not None else load_granite(model_dir, dev, self._dtype)
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
             self.arch, config.max_concurrent_seqs, config.max_total_tokens, config.max_step_tokens, dev,
-            self._dtype, self._ssm_dtype, config.snapshot_device_share if config.prefix_cache else 0.0)
+            self._dtype, self._ssm_dtype, config.snapshot_device_share if config.prefix_cache else 0.0, self._paged)
         self.pool = StatePool(self.arch, config.max_concurrent_seqs, kv_tokens, dev, self._dtype,
                               self._ssm_dtype, BLOCK_SIZE)
         self.allocator = SlotAllocator(config.max_concurrent_seqs, self.pool.num_blocks, BLOCK_SIZE)
@@ -200,7 +202,8 @@ class ModelRunner:
         finally:
             self.allocator.free(slot)
         if self.static is not None:
-            cost = lambda key: decode_step_bytes(self.arch, key[0], key[1] * BLOCK_SIZE, self._dtype)  # noqa: E731
+            cost = lambda key: decode_step_bytes(self.arch, key[0], key[1] * BLOCK_SIZE, self._dtype,  # noqa: E731
+                                                 self._paged)
             self.static.prepare_all(cost, self._graph_budget(cost))
             self.kernel_report["decode_buckets"] = f"{self.static.report['prepared']}/{self.static.report['keys']}"
         elif self._dev.type == "cuda":

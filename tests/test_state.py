@@ -123,3 +123,19 @@ def test_snapshot_share_is_set_aside_before_the_kv_pool(micro):
     shared = cuda_kv_tokens(micro, 256, 32768, 2048, free, bf16, bf16, snapshot_share=0.25)
     assert full < 256 * 32768  # memory-bound, so the share shows
     assert shared < full and abs(shared * 1.25 - full) <= 1.25 * 1024
+
+
+def test_paged_decode_budgets_no_gathered_kv(micro):
+    """With the paged decode kernel the widest graph keeps only per-split partials, so slots x context
+    no longer eats the pool: the same card holds far more KV."""
+    from model import paged_attention
+    from model.state import PAGED_SPLIT_TOKENS, cuda_kv_tokens, decode_step_bytes
+
+    assert PAGED_SPLIT_TOKENS == paged_attention.PARTITION
+    bf16 = torch.bfloat16
+    gathered, paged = decode_step_bytes(micro, 32, 16384, bf16), decode_step_bytes(micro, 32, 16384, bf16, True)
+    assert paged < gathered / 20
+    assert decode_step_bytes(micro, 32, 16384, bf16, True) > decode_step_bytes(micro, 32, 512, bf16, True)
+    free = 60 << 30
+    assert cuda_kv_tokens(micro, 256, 32768, 2048, free, bf16, bf16, paged=True) > \
+        cuda_kv_tokens(micro, 256, 32768, 2048, free, bf16, bf16)
