@@ -14,9 +14,20 @@ TORCH_CPU ?= torch==2.13.0
 TRITON_CPU ?= triton==3.7.1
 MAMBA_SSM ?= mamba-ssm==2.3.2.post1
 WHEELS ?= build/wheels
+# What `make gpu-check` carries to a CUDA machine that has only torch, triton, transformers and nvcc:
+# the causal-conv1d sdist (compiled there for its GPU) and pure-Python wheels (unpacked there, no pip).
+CAUSAL_CONV1D ?= causal-conv1d==1.6.2.post1
+GPU_PURE_WHEELS ?= einops==0.8.1 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 packaging==26.4 \
+  pytest-timeout==2.4.0
+# The GPU targets run with the CUDA machine's python (CUDA torch + kernels), never the CPU .venv.
+GPU_PY ?= python3
+OUT ?= build/gpu-check
+GPU_TORCH_CHECK = $(GPU_PY) -c "import sys, torch; sys.exit(None if torch.version.cuda and torch.cuda.is_available() \
+  else sys.executable + ' has no usable CUDA torch (torch ' + torch.__version__ + '): set GPU_PY, or run make gpu-check')"
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test test-fast test-gpu test-gpu-image test-container bench bench-gpu lint image image-cpu clean
+.PHONY: help install serve test test-fast test-gpu test-gpu-image gpu-wheels gpu-check test-container bench bench-gpu lint \
+  image image-cpu clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -41,22 +52,34 @@ serve: install ## run the server on $(HOST):$(PORT) (demo model unless MODEL_DIR
 	  export MODEL_ID=demo; fi; \
 	$(VPY) -m serve serve --host $(HOST) --port $(PORT)
 
-test: install ## run every CPU test (what .ci/run runs), then the Triton-interpreter suite in its own process
+test: install $(WHEELS)/.gpu-wheels ## run every CPU test (what .ci/run runs), then the Triton-interpreter suite in its own process
 	$(VPY) -m pytest -q -m "not gpu and not container" tests
 	TRITON_INTERPRET=1 MAMBA_DETERMINISTIC=1 $(VPY) -m pytest -q -p no:cacheprovider tests/triton
 
 test-fast: install ## the tests minus the slow server/fuzz/notebook ones
 	$(VPY) -m pytest -q -x -m "not gpu and not container and not slow" tests
 
-test-gpu: ## on a CUDA machine: fused-kernel tests + a short full-size generation
-	$(VPY) -m pytest -q -m gpu tests/gpu
+test-gpu: ## on a CUDA machine with the kernels installed ($(GPU_PY)): fused-kernel tests + full-size graphs
+	@$(GPU_TORCH_CHECK)
+	$(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+
+$(WHEELS)/.gpu-wheels: $(VENV)/.installed
+	ls $(WHEELS)/causal_conv1d-*.tar.gz >/dev/null 2>&1 || CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE $(VPY) -m pip download -q \
+	  --no-deps --no-binary :all: --no-build-isolation -d $(WHEELS) "$(CAUSAL_CONV1D)"
+	$(VPY) -m pip download -q --no-deps --only-binary :all: -d $(WHEELS) $(GPU_PURE_WHEELS)
+	touch $@
+
+gpu-wheels: $(WHEELS)/.gpu-wheels ## the files gpu-check carries to a CUDA machine: build/wheels (mamba-ssm, causal-conv1d sdist, ...)
+
+gpu-check: ## on a CUDA machine (torch, triton, transformers, nvcc; no network): install build/wheels, tests/gpu, GPU bench -> $(OUT)
+	bash bench/gpu_check.sh $(OUT)
 
 test-container: install ## build the CPU image with podman and check the SageMaker contract (~5 min cold, ~1 min warm)
 	bash .ci/container.sh
 
-test-gpu-image: ## on a CUDA host with Docker + NVIDIA toolkit: kernel check, tests/gpu and the GPU bench inside $(IMAGE):cuda
+test-gpu-image: ## on a CUDA host with Docker + NVIDIA toolkit: kernel check, then gpu-check --installed inside $(IMAGE):cuda -> $(OUT)
 	docker run --rm --gpus all -v "$(CURDIR):/src" -w /src -e PYTHONPATH=/src $(IMAGE):cuda \
-	  bash -c "pip install -q pytest pytest-timeout && python serve/container/check_kernels.py && python -m pytest -q -p no:cacheprovider -m gpu tests/gpu && python bench/gpu_bench.py --out bench/results/gpu-image.json"
+	  bash -c "pip install -q pytest pytest-timeout && python serve/container/check_kernels.py && python bench/gpu_check.py --installed --out $(OUT)"
 
 image: ## build the CUDA image (needs Docker Hub for nvidia/cuda, PyPI and GitHub release downloads)
 	$(CONTAINER) build -t $(IMAGE):cuda .
@@ -68,13 +91,14 @@ image-cpu: install ## build the CPU image offline from a local wheelhouse (.cont
 bench: install ## CPU benchmark: engine vs Hugging Face generate, writes bench/results/*.json
 	$(VPY) -m bench.run
 
-bench-gpu: ## on a CUDA machine: full-size architecture benchmark
-	$(VPY) bench/gpu_bench.py --out bench/results/gpu-$$(date +%Y%m%d).json
+bench-gpu: ## on a CUDA machine with the kernels installed ($(GPU_PY)): full-size architecture benchmark
+	@$(GPU_TORCH_CHECK)
+	$(GPU_PY) bench/gpu_bench.py --out bench/results/gpu-$$(date +%Y%m%d).json
 
 lint: install ## ruff, hadolint (Dockerfile), shellcheck
 	$(VENV)/bin/ruff check serve model code bench tests
 	$(VENV)/bin/hadolint Dockerfile
-	$(VENV)/bin/shellcheck -x serve/container/entrypoint.sh tests/container/*.sh .ci/container.sh .ci/run
+	$(VENV)/bin/shellcheck -x serve/container/entrypoint.sh tests/container/*.sh .ci/container.sh .ci/run bench/gpu_check.sh
 
 clean: ## remove caches (not .venv)
 	rm -rf .pytest_cache .ruff_cache .hypothesis

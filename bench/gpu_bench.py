@@ -1,13 +1,19 @@
 """GPU benchmark: the full-size Granite 4.0 H micro architecture with random bf16 weights, built on the GPU.
 
     python bench/gpu_bench.py --out bench/results/gpu.json [--steps 64] [--prompt 128] [--max-batch 128]
+                              [--kernels fused|reference] [--conv fused|torch]
 
 (`--config`/`--device cpu` exist so tests can smoke-run the same code on a tiny config without a GPU.)
 
 Measures, on one GPU: batch-1 decode tokens/s (CUDA graphs and eager), the share of the memory-bandwidth
 roofline that reaches (bytes read per decode step x steps/s / peak bandwidth of the card), aggregate
-decode tokens/s over a concurrency sweep 1..max-batch, prefill tokens/s, and Hugging Face `generate` on
-the same weights (batch 1) as the baseline, all in the same run. Speed does not depend on weight values.
+decode tokens/s over a concurrency sweep 1..max-batch, packed prefill tokens/s (all of a sweep point's
+prompts in one step), and Hugging Face `generate` on the same weights (batch 1, decode tokens/s with its
+prefill taken out, as the engine's) as the baseline, all in the same run. Speed does not depend on weight
+values. Every (batch, width) decode graph is captured in warmup, outside the timed loops (the report
+counts the timed steps that found none: 0). The run claims a kernel path (--kernels, --conv: fused on
+CUDA by default) and refuses to report numbers (exit 3) when any op ran another one; the report names the
+kernel per op.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from model.types import EngineConfig, SeqChunk, StepBatch  # noqa: E402
 
 MICRO_CONFIG = ROOT / "bench" / "micro_config.json"
 # Peak DRAM bandwidth, bytes/s, by a substring of torch.cuda.get_device_name() (first match wins).
-PEAK_BW = [
-    ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("GH200", 4.0e12),
+PEAK_BW = [  # GH200 before H200: "NVIDIA GH200 480GB" contains "H200"
+    ("GH200", 4.0e12), ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
     ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 0.864e12),
     ("L40", 0.864e12), ("A10G", 0.6e12), ("A10", 0.6e12), ("L4", 0.3e12), ("V100", 0.9e12), ("T4", 0.32e12),
 ]
@@ -89,6 +95,24 @@ def build_full_size(device: str = "cuda", dtype=torch.bfloat16, seed: int = 0,
     return init_random_(model, seed).eval().requires_grad_(False)
 
 
+MAMBA_OPS = ("ssd_prefill", "ssm_decode")
+CONV_OPS = ("conv_prefill", "conv_decode")
+
+
+def claimed_path(kernels: str, conv: str) -> dict[str, str]:
+    """What each op must run for this benchmark's numbers to mean what they say: "fused" or "reference"."""
+    claim = {op: kernels for op in MAMBA_OPS + CONV_OPS}
+    if conv == "torch":
+        claim.update({op: "reference" for op in CONV_OPS})
+    return claim
+
+
+def path_mismatches(report: dict[str, str], claim: dict[str, str]) -> list[str]:
+    """Ops whose kernel (runner.kernel_report: "fused:<kernel>" or "reference") is not the claimed path."""
+    return [f"{op}: claimed {want}, ran {report.get(op)}" for op, want in claim.items()
+            if report.get(op, "").split(":")[0] != want]
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -99,15 +123,17 @@ def _sync():
 
 
 def decode_rate(runner: ModelRunner, batch: int, prompt: int, steps: int) -> dict:
-    """Prefill `batch` sequences of `prompt` tokens, then time `steps` decode steps of all of them."""
+    """Prefill `batch` sequences of `prompt` tokens in one packed step (timed), then time `steps` decode
+    steps of all of them."""
     slots = [runner.allocator.allocate(prompt + steps + 2) for _ in range(batch)]
     ids = tuple((7 * i) % 1000 + 3 for i in range(prompt))
+    unprepared = runner.static.unprepared_runs if runner.static is not None else 0
     _sync()
     t0 = time.perf_counter()
-    logits = [runner.forward(StepBatch((SeqChunk(s, ids, 0, True),))) for s in slots]
+    logits = runner.forward(StepBatch(tuple(SeqChunk(s, ids, 0, True) for s in slots)))
     _sync()
     prefill_s = time.perf_counter() - t0
-    toks = [int(lg.argmax(-1)) for lg in logits]
+    toks = logits.argmax(-1).tolist()
     first = [toks[0]]
     t0 = time.perf_counter()
     for step in range(steps):
@@ -121,11 +147,14 @@ def decode_rate(runner: ModelRunner, batch: int, prompt: int, steps: int) -> dic
         runner.allocator.free(s)
     return {"batch": batch, "decode_steps": steps, "decode_s": dt, "step_ms": 1e3 * dt / steps,
             "tokens_per_s": batch * steps / dt, "prefill_tokens_per_s": batch * prompt / prefill_s,
+            "uncaptured_steps": (runner.static.unprepared_runs - unprepared) if runner.static is not None else None,
             "tokens": first[:steps]}
 
 
 def hf_generate_rate(model: GraniteForCausalLM, prompt: int, steps: int, config: Path = MICRO_CONFIG) -> dict:
-    """transformers' GraniteMoeHybridForCausalLM sharing the same weight tensors, batch 1, greedy."""
+    """transformers' GraniteMoeHybridForCausalLM sharing the same weight tensors, batch 1, greedy. Its
+    decode rate leaves the prefill out, as the engine's does: (steps - 1) tokens over generate(steps) minus
+    generate(1) (prefill + first token)."""
     from transformers import GraniteMoeHybridForCausalLM
 
     device = next(model.parameters()).device
@@ -138,12 +167,19 @@ def hf_generate_rate(model: GraniteForCausalLM, prompt: int, steps: int, config:
     ids = torch.tensor([[(7 * i) % 1000 + 3 for i in range(prompt)]], device=device)
     kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
     hf.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-    _sync()
-    t0 = time.perf_counter()
-    out = hf.generate(ids, **kw)
-    _sync()
-    dt = time.perf_counter() - t0
-    res = {"batch": 1, "new_tokens": steps, "seconds": dt, "tokens_per_s": steps / dt,
+
+    def timed(gen, n):
+        _sync()
+        t0 = time.perf_counter()
+        out = gen(ids, **{**kw, "max_new_tokens": n, "min_new_tokens": n})
+        _sync()
+        return time.perf_counter() - t0, out
+
+    first_s, _ = timed(hf.generate, 1)
+    dt, out = timed(hf.generate, steps)
+    decode_s = max(dt - first_s, 1e-9)
+    res = {"batch": 1, "new_tokens": steps, "seconds": dt, "prefill_and_first_token_s": first_s,
+           "tokens_per_s": (steps - 1) / decode_s, "tokens_per_s_with_prefill": steps / dt,
            "tokens": out[0, prompt:].tolist()}
     del hf
     return res
@@ -158,14 +194,22 @@ def main(argv=None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate baseline")
     ap.add_argument("--config", type=Path, default=MICRO_CONFIG, help="config.json (default: the micro)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
+    ap.add_argument("--kernels", choices=("fused", "reference"), default=None,
+                    help="the kernel path this run claims (default: fused on CUDA, reference on CPU)")
+    ap.add_argument("--conv", choices=("fused", "torch"), default="fused",
+                    help="torch: the causal conv runs the torch reference (causal-conv1d not built)")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         print("gpu_bench: CUDA is not available", file=sys.stderr)
         return 2
+    kernels = args.kernels or ("fused" if cuda else "reference")
+    claim = claimed_path(kernels, args.conv)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     report: dict = {"device": name, "torch": torch.__version__, "config": str(args.config),
-                    "prompt_tokens": args.prompt}
+                    "prompt_tokens": args.prompt, "claimed_path": claim}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = build_full_size(args.device, torch.bfloat16 if cuda else torch.float32, config=args.config)
     report["build_s"] = time.perf_counter() - t0
@@ -173,16 +217,27 @@ def main(argv=None) -> int:
     report["weight_bytes"] = wbytes
     report["parameters"] = sum(p.numel() for p in model.parameters())
     max_total = args.prompt + args.steps + 64
+    # "fused" with --conv torch: the Mamba ops must be fused, the conv the reference (checked below)
+    mode_kernels = "auto" if (kernels == "fused" and args.conv == "torch") else kernels
     cfg = EngineConfig(max_concurrent_seqs=args.max_batch, max_input_tokens=args.prompt + 1,
-                       max_total_tokens=max_total, kv_cache_tokens=args.max_batch * max_total, device=args.device)
+                       max_total_tokens=max_total, max_step_tokens=args.max_batch * args.prompt,
+                       kv_cache_tokens=args.max_batch * max_total, device=args.device, kernels=mode_kernels)
     runs = {}
     for mode in ("graph", "eager") if cuda else ("static", "eager"):
         runner = ModelRunner(None, cfg, decode_mode=mode, model=model)
+        wrong = path_mismatches(runner.kernel_report, claim)
+        if wrong:  # never report numbers for a path other than the claimed one
+            report.update(error=f"kernel path is not the claimed one: {wrong}", kernels=runner.kernel_report)
+            out.write_text(json.dumps(report, indent=2))
+            print(f"gpu_bench: refusing to report: {report['error']}", file=sys.stderr)
+            return 3
         t0 = time.perf_counter()
         runner.warmup()
         warm = time.perf_counter() - t0
         one = decode_rate(runner, 1, args.prompt, args.steps)
         runs[mode] = {"warmup_s": warm, "batch1": one, "kernels": runner.kernel_report}
+        if runner.static is not None:
+            runs[mode]["decode_graphs"] = dict(runner.static.report)
         if mode in ("graph", "static"):
             report["memory"] = runner.memory_report()
             sweep, b = [], 1
@@ -191,11 +246,14 @@ def main(argv=None) -> int:
                 print(f"batch {b:4d}: {sweep[-1]['tokens_per_s']:9.1f} tok/s", flush=True)
                 b *= 2
             report["concurrency_sweep"] = sweep
+            # decode steps of the timed loops that found no prepared graph (0: no capture was timed)
+            report["timed_uncaptured_steps"] = sum(r["uncaptured_steps"] for r in [one, *sweep])
         del runner
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     report["engine"] = runs
+    report["kernels"] = runs["graph" if cuda else "static"]["kernels"]
     # Bytes a batch-1 decode step must read: every weight once (embedding = tied LM head) + Mamba state
     # read and written + the KV read so far. The roofline is that over the card's peak bandwidth.
     mem = report["memory"]
@@ -218,8 +276,6 @@ def main(argv=None) -> int:
             report["greedy_same_prefix_vs_hf"] = same  # bf16: rounding may diverge after a while
         except Exception as e:  # noqa: BLE001 - the baseline failing must not lose the engine numbers
             report["hf_generate"] = {"error": repr(e)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k not in ("concurrency_sweep",)}, indent=2,
                      default=str)[:4000])

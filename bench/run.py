@@ -7,6 +7,11 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
   memory      engine state bytes per live sequence (from the allocated tensors) vs the GRANITE.md formula,
               for the demo model and for the full-size micro architecture (arithmetic only)
   batch       batch entrypoint over 256 records vs the same records one at a time (bench/batch_bench.py)
+  multiturn   8 conversations x 8 turns, prefix reuse on vs off: TTFT per turn, prefill tokens computed,
+              tokens/s, identical outputs (bench/multiturn.py)
+  decode_device_work  kernel launches per decode step of the full-size micro pattern (before / after, target
+              <= 450) and decode-attention KV bytes per step vs ideal at 64 x 16K (target <= 1.25x),
+              counted on CPU (bench/launches.py; ~10 s)
 
 Speed depends on the machine: only ratios measured in one run mean anything.
 """
@@ -229,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--baseline-requests", type=int, default=6)
     ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--skip-multiturn", action="store_true")
     a = ap.parse_args(argv)
     import torch
 
@@ -247,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         report["parity"] = parity(ckpt, texts[:8], 32)
         print("memory ...", flush=True)
         report["memory"] = memory(ckpt, 4096)
+        print("decode launches / KV bytes ...", flush=True)
+        from bench import launches
+
+        report["decode_device_work"] = launches.report()
         print("baseline (HF generate, serial) ...", flush=True)
         base_model = hf_model(ckpt)
         hf_generate(base_model, tok.encode(texts[0]), 4)  # warm-up
@@ -271,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.batch_bench import run_bench
 
             report["batch"] = run_bench(model_dir=str(ckpt))
+        if not a.skip_multiturn:
+            print("multiturn (prefix reuse off / on) ...", flush=True)
+            from bench.multiturn import run_multiturn
+
+            report["multiturn"] = run_multiturn(ckpt)
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"{platform.node() or 'host'}-{dt.date.today().isoformat()}.json"
     text = json.dumps(report, indent=2, default=float)
@@ -291,8 +306,15 @@ def print_table(r: dict) -> None:
               f"{t['ttft_p50_ms']:>7.0f}ms {t['tpot_p50_ms']:>7.1f}ms {t['tpot_p99_ms']:>7.1f}ms")
     m = r["memory"]
     print(f"memory per seq at {m['tokens']} tokens: {m['state_bytes_per_seq']} B (formula {m['formula_bytes_per_seq']} B)")
+    if "decode_device_work" in r:
+        n, kv = r["decode_device_work"]["launches_per_decode_step"], r["decode_device_work"]["decode_kv_bytes"]
+        print(f"launches per decode step: {n['before']['launches']} -> {n['after']['launches']} "
+              f"(target <= {n['target']}); decode KV bytes {kv['paged_ratio']:.2f}x ideal "
+              f"(gather {kv['gather_ratio']:.2f}x; target <= {kv['target_ratio']}x)")
     if "batch" in r:
         print(f"batch: {json.dumps(r['batch'])}")
+    if "multiturn" in r:
+        print(f"multiturn: {json.dumps({k: v for k, v in r['multiturn'].items() if not isinstance(v, dict)})}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 
 A graph is keyed by (batch bucket, block-table width bucket): decode attention gathers `width` KV blocks
 per sequence, so the width follows the longest sequence in the batch (next power of two of blocks)
-instead of always reading max_total_tokens worth of KV. Graphs are captured on first use (warmup
-captures every batch bucket at the smallest width). The bookkeeping (bucket choice, padding) is plain
-functions, testable without a GPU; StaticDecode runs the same fixed buffers eagerly when not capturing,
-so the plumbing is exercised on CPU too.
+instead of always reading max_total_tokens worth of KV. Every key the limits can reach is prepared by
+`prepare_all` during warmup, before the server says ready, largest first and within a memory budget;
+`run` never captures: a key left out (over the budget, or a capture that ran out of memory) runs the same
+fixed buffers eagerly. The bookkeeping (bucket choice, padding, capture plan) is plain functions, and
+capture goes through a small seam (`CudaGraphs`), so everything but the CUDA calls runs on CPU in tests.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -35,11 +38,11 @@ def needed_blocks(positions, block_size: int) -> int:
     return max(p // block_size + 1 for p in positions)
 
 
-def pick_bucket(n: int, buckets: list[int]) -> int:
+def pick_bucket(n: int, buckets: list[int], what: str = "decode batch") -> int:
     for b in buckets:
         if b >= n:
             return b
-    raise ValueError(f"decode batch of {n} exceeds the largest bucket {buckets[-1]}")
+    raise ValueError(f"{what} of {n} exceeds the largest bucket {buckets[-1]}")
 
 
 def pad_decode(ids, slots, positions, tables, bucket, dummy_slot, dummy_block, width):
@@ -58,17 +61,62 @@ def pad_decode(ids, slots, positions, tables, bucket, dummy_slot, dummy_block, w
     return list(ids) + [0] * pad, list(slots) + [dummy_slot] * pad, list(positions) + [0] * pad, tabs
 
 
+def capture_plan(keys, cost: Callable[[tuple[int, int]], int], budget: int) -> tuple[list, list]:
+    """(keys to capture, largest first, keys left out). Graphs share one memory pool and each one's
+    temporaries are dead when it ends, so the pool holds about the largest graph: a key is left out when
+    its own estimated cost exceeds the budget."""
+    order = sorted(keys, key=lambda k: (cost(k), k), reverse=True)
+    return [k for k in order if cost(k) <= budget], [k for k in order if cost(k) > budget]
+
+
+class CudaGraphs:
+    """The CUDA calls of capture, behind a seam: capture(fn) -> a replay callable; pool_bytes()."""
+
+    def __init__(self, device) -> None:
+        self.device = torch.device(device)
+        self._pool = None
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # Triton autotune + allocator warm-up outside the capture
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            fn()
+        return g.replay
+
+    def reserved_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.memory_reserved(self.device)
+
+    @staticmethod
+    def is_oom(e: BaseException) -> bool:
+        return isinstance(e, torch.cuda.OutOfMemoryError)
+
+
 class StaticDecode:
     def __init__(self, fn, buckets, dummy_slot, dummy_block, max_width, block_size, hidden, device, dtype,
-                 capture) -> None:
-        """fn(ids, slots, tables, positions) -> hidden (B, hidden): the model's decode over pool state."""
+                 graphs: CudaGraphs | None) -> None:
+        """fn(ids, slots, tables, positions) -> hidden (B, hidden): the model's decode over pool state.
+        graphs: None = run the fixed buffers eagerly (CPU, tests)."""
         self.fn, self.buckets, self.widths = fn, buckets, width_buckets(max_width)
         self.block_size = block_size
         self.dummy_slot, self.dummy_block = dummy_slot, dummy_block
-        self.hidden, self.device, self.dtype, self.capture = hidden, torch.device(device), dtype, capture
+        self.hidden, self.device, self.dtype = hidden, torch.device(device), dtype
+        self.graphs = graphs
         self.buf: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._mempool = None
+        self.replay: dict[tuple[int, int], Callable[[], None]] = {}
+        self.prepared: set[tuple[int, int]] = set()
+        self.unprepared_runs = 0  # steps whose key warmup did not prepare (run eagerly, never captured)
+        self.report: dict = {}
+
+    def keys(self) -> list[tuple[int, int]]:
+        return [(b, w) for b in self.buckets for w in self.widths]
 
     def _buffers(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         b, width = key
@@ -87,47 +135,60 @@ class StaticDecode:
         s["out"].copy_(self.fn(s["ids"], s["slots"], s["tables"], s["positions"]))
 
     def prepare(self, key: tuple[int, int]) -> None:
-        """Allocate (batch, width) buffers and (CUDA) capture their graph. The inputs are first pointed at
-        the dummy slot / block, so the warm-up runs and the capture touch no live sequence."""
-        if key in self.graphs:
-            return
+        """Allocate (batch, width) buffers and run them once, or (CUDA) capture their graph. The inputs
+        point at the dummy slot / block, so the warm-up runs and the capture touch no live sequence."""
         s = self._buffers(key)
         s["slots"].fill_(self.dummy_slot)  # run() refills the inputs before every use
         s["tables"].fill_(self.dummy_block)
         s["positions"].zero_()
-        if not self.capture:
+        if self.graphs is None:
             self._eager(s)
-            return
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # Triton autotune + allocator warm-up outside the capture
-                self._eager(s)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if self._mempool is None:
-            self._mempool = torch.cuda.graph_pool_handle()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._mempool):
-            self._eager(s)
-        self.graphs[key] = g
-        log.info("captured decode CUDA graph for batch %d, width %d blocks", *key)
+        else:
+            self.replay[key] = self.graphs.capture(lambda: self._eager(s))
+        self.prepared.add(key)
 
-    def prepare_all(self) -> None:
-        for b in sorted(self.buckets, reverse=True):  # largest first: later graphs reuse its memory
-            self.prepare((b, self.widths[0]))
+    def prepare_all(self, cost: Callable[[tuple[int, int]], int], budget: int) -> dict:
+        """Prepare every reachable key whose estimated temporaries (`cost`, bytes) fit `budget`, largest
+        first (later graphs reuse the pool the first one grew). A capture that runs out of memory stops
+        capturing: the keys not done run eagerly. Returns (and logs) what was captured and its memory."""
+        todo, over = capture_plan(self.keys(), cost, budget)
+        t0, failed = time.perf_counter(), None
+        before = self.graphs.reserved_bytes() if self.graphs is not None else 0
+        for i, key in enumerate(todo):
+            try:
+                self.prepare(key)
+            except Exception as e:
+                if self.graphs is None or not self.graphs.is_oom(e):
+                    raise
+                failed, over = f"{type(e).__name__} at batch {key[0]}, width {key[1]}", over + todo[i:]
+                break
+        rep = {"mode": "graph" if self.graphs is not None else "static", "keys": len(self.keys()),
+               "prepared": len(self.prepared), "left_out": sorted(over), "budget_bytes": int(budget),
+               "estimated_bytes": max((cost(k) for k in self.prepared), default=0),
+               "pool_bytes": (self.graphs.reserved_bytes() - before) if self.graphs is not None else 0,
+               "seconds": round(time.perf_counter() - t0, 3), "stopped_by": failed}
+        log.info("decode %s: prepared %d of %d (batch, width) buckets in %.1fs, pool %.0f MiB (estimate %.0f "
+                 "MiB, budget %.0f MiB)%s", rep["mode"], rep["prepared"], rep["keys"], rep["seconds"],
+                 rep["pool_bytes"] / 2**20, rep["estimated_bytes"] / 2**20, budget / 2**20,
+                 f"; left out (run eagerly): {rep['left_out']}" + (f" ({failed})" if failed else "")
+                 if over else "")
+        self.report, self.unprepared_runs = rep, 0  # count from here: the serving steps
+        return rep
 
     def run(self, ids, slots, positions, tables) -> torch.Tensor:
         n = len(ids)
-        key = (pick_bucket(n, self.buckets), pick_bucket(needed_blocks(positions, self.block_size), self.widths))
-        if self.capture and key not in self.graphs:
-            self.prepare(key)
+        key = (pick_bucket(n, self.buckets),
+               pick_bucket(needed_blocks(positions, self.block_size), self.widths, "block-table width"))
         s = self._buffers(key)
         ids, slots, positions, tables = pad_decode(ids, slots, positions, tables, key[0], self.dummy_slot,
                                                    self.dummy_block, key[1])
         for name, vals in (("ids", ids), ("slots", slots), ("positions", positions), ("tables", tables)):
             s[name].copy_(torch.tensor(vals, dtype=torch.long))
-        if self.capture:
-            self.graphs[key].replay()
+        replay = self.replay.get(key)
+        if replay is not None:
+            replay()
         else:
+            if key not in self.prepared:
+                self.unprepared_runs += 1
             self._eager(s)
         return s["out"][:n].clone()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model import prefix_cache
 from model.handle import Handle, StopBuffer, end_event, top_tokens
 from model.scheduler import Scheduler, SeqStatus, Sequence
 from model.types import (
@@ -28,6 +29,7 @@ from model.types import (
 )
 
 log = logging.getLogger(__name__)
+_SNAPSHOT_AT = (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH)  # a clean end: the state is whole
 
 
 class _SeqCtx:
@@ -52,6 +54,7 @@ class Engine:
         self.runner: Any = None
         self.tokenizer: Any = None
         self.scheduler: Scheduler | None = None
+        self.prefix: prefix_cache.PrefixCache | None = None
         self.error: str | None = None
         self._ready = False
         self._accepting = False
@@ -91,7 +94,8 @@ class Engine:
                 if self._shut:  # shutdown() came while loading: never become ready
                     log.info("engine: shut down during load")
                     return
-                self.scheduler = Scheduler(self.config, self.runner.allocator)
+                self.prefix = prefix_cache.for_runner(self.config, self.runner)
+                self.scheduler = Scheduler(self.config, self.runner.allocator, self.prefix)
                 self._loop_thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
                 self._loop_thread.start()
                 self._accepting = True
@@ -200,10 +204,40 @@ class Engine:
             if alloc is not None and hasattr(alloc, "num_free_blocks"):
                 out.update(kv_blocks_free=alloc.num_free_blocks, kv_blocks_total=alloc.num_blocks,
                            kv_block_tokens=alloc.block_size)
+            if self.prefix is not None:
+                out["prefix_cache"] = self.prefix.stats()
         return out
+
+    # ---- prefix cache + sessions (model/prefix_cache.py) -------------------------------------------
+    def session_conversation(self, session_id: str) -> tuple[int, ...] | None:
+        """Prompt + output ids of the session's last finished turn (None: unknown / no prefix cache)."""
+        with self._cv:
+            return self.prefix.conversation(session_id) if self.prefix is not None else None
+
+    def release_session(self, session_id: str) -> bool:
+        """Unpin the session's snapshot (it stays cached, evictable). False for an unknown session."""
+        with self._cv:
+            return self.prefix.release_session(session_id) if self.prefix is not None else False
+
+    def clear_prefix_cache(self) -> int:
+        """Drop every unpinned snapshot (their KV blocks go back to the pool); returns how many."""
+        with self._cv:
+            return self.prefix.clear() if self.prefix is not None else 0
+
+    def _snapshot(self, seq: Sequence, final: bool) -> None:
+        # [prefix cache] hook, called with self._cv held. The state holds num_computed tokens: the prompt
+        # (final=False, right after its last prefill chunk) or prompt + all output but the last token.
+        try:
+            ids = (seq.prompt_ids + seq.output_ids)[: seq.num_computed]
+            sid = seq.request.session_id if final else None
+            self.prefix.take(seq.slot, ids, sid, seq.prompt_ids + seq.output_ids,
+                             supersedes=seq.prompt_ids if final else None)
+        except Exception:  # a snapshot is an optimisation: never fail the request for it
+            log.exception("engine: snapshot of sequence %d failed", seq.seq_id)
 
     # ---- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
+        self.runner.bind_thread()  # DEVICE=cuda:N: this thread's current device (graph replay, Triton launches)
         while True:
             with self._cv:
                 while not self._stop and not self.scheduler.has_work():
@@ -243,6 +277,10 @@ class Engine:
             self._counters["steps"] += 1
             self._counters["prefill_tokens_total"] += sum(s.scheduled_tokens for s in seqs if s.is_prefilling)
             self.scheduler.postprocess(seqs, new)
+            if self.prefix is not None:  # [prefix cache] snapshot each prompt that was just fully prefilled
+                for s in want:
+                    if s.num_computed == s.prompt_len and not s.cancelled:
+                        self._snapshot(s, final=False)
         for seq in want:
             i = by_seq[id(seq)]
             self._on_token(seq, out.token_ids[i], out.logprobs[i], out.top[i])
@@ -273,6 +311,7 @@ class Engine:
         tops = top_tokens(top, token_text) if top else ()
         if reason is not None:
             self._retire(seq, reason)  # before the event: a client that saw the end sees the slot free
+        ctx.handle.cached_tokens = seq.cached_tokens
         ctx.handle._put(TokenEvent(tok, text, logprob, special, reason, tops))
 
     @staticmethod
@@ -285,6 +324,8 @@ class Engine:
 
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
         with self._cv:
+            if self.prefix is not None and seq.slot is not None and reason in _SNAPSHOT_AT:
+                self._snapshot(seq, final=True)  # [prefix cache] before the slot is freed
             self.scheduler.finish(seq)
             self._finished[reason.value] += 1
 

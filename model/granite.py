@@ -6,7 +6,10 @@ the meta device (assign=True: nothing initialised twice). All sequence state liv
   prefill: the chunks of several sequences packed in one forward (model/packed.py), each continuing
            from its slot's state and existing KV
   decode:  one token for each of B sequences, states updated in place by slot index
-Every op that has a fused CUDA kernel goes through a Kernels object (model/kernels.py).
+Every op that has a fused CUDA kernel goes through a Kernels object (model/kernels.py), the norms included:
+each layer's residual add is fused into the RMSNorm that follows it (Kernels.add_norm), so the layers pass
+(branch output, residual stream) along and the branch scale (embedding / residual multiplier) is applied
+inside the next norm.
 """
 
 from __future__ import annotations
@@ -18,36 +21,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.arch import GraniteArch
+from model.kernels import DecodeMeta, SsmParams, gated_rms_norm
 from model.packed import Packed
 
 __all__ = ["GraniteArch", "GraniteForCausalLM", "load_granite", "FP32_PARAMS"]
 
 
 class RMSNorm(nn.Module):
+    """The weight and eps of an RMSNorm; Kernels.add_norm applies it (model/kernels.py rms_norm: the formula)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, the same formula
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
 
 class GatedRMSNorm(RMSNorm):
-    """RMSNorm(y * silu(gate)) per group of channels (n_groups groups), in float32."""
+    """RMSNorm(y * silu(gate)) per group of channels (n_groups groups), in float32 (Kernels.gated_norm)."""
 
     def __init__(self, dim: int, eps: float, groups: int) -> None:
         super().__init__(dim, eps)
         self.groups = groups
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        yf = y.float() * F.silu(gate.float())
-        yg = yf.unflatten(-1, (self.groups, -1))
-        yg = F.rms_norm(yg, (yg.shape[-1],), None, self.eps)  # x * rsqrt(mean(x^2) + eps) per group, fp32
-        return self.weight * yg.flatten(-2).to(y.dtype)
+        return gated_rms_norm(y, gate, self.weight, self.eps, self.groups)
 
 
 class MLP(nn.Module):
@@ -56,9 +53,8 @@ class MLP(nn.Module):
         self.input_linear = nn.Linear(a.hidden, 2 * a.mlp_inner, bias=False)
         self.output_linear = nn.Linear(a.mlp_inner, a.hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.input_linear(x).chunk(2, dim=-1)
-        return self.output_linear(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, K) -> torch.Tensor:
+        return self.output_linear(K.swiglu(self.input_linear(x)))  # [gate | up] -> silu(gate) * up
 
 
 class MambaMixer(nn.Module):
@@ -73,6 +69,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(a.m_heads))
         self.norm = GatedRMSNorm(a.m_inner, a.rms_eps, a.m_groups)
         self.out_proj = nn.Linear(a.m_inner, a.hidden, bias=a.m_proj_bias)
+        self._ssm: tuple | None = None  # (Kernels, SsmParams), see ssm_params
 
     def _split_xbc(self, xbc: torch.Tensor):
         a = self.a
@@ -90,19 +87,25 @@ class MambaMixer(nn.Module):
         x, B, C = self._split_xbc(xbc.transpose(1, 2))  # (b, L, ...)
         A = -torch.exp(self.A_log.float())
         y, final = K.ssd_prefill(x, pk.pad(dt), A, B, C, a.m_chunk, self.D, self.dt_bias, ssm_pool[pk.slots],
-                                 a.dt_limit, pk.lengths)
+                                 a.dt_limit, pk)  # y (T, h, p)
         ssm_pool.index_copy_(0, pk.slots, final.to(ssm_pool.dtype))
-        return self.out_proj(self.norm(pk.unpad(y.flatten(-2)), gate).to(h.dtype))  # (T, hidden)
+        return self.out_proj(self.norm(y.flatten(-2), gate).to(h.dtype))  # (T, hidden)
 
-    def decode(self, h, conv_pool, ssm_pool, slots, K):
-        """h (B, hidden); pools (S, ...) updated in place at slots: (B,) long, or a slice of consecutive slots."""
+    def ssm_params(self, K) -> SsmParams:
+        """The decode constants (A = -exp(A_log), kernel views), prepared once per Kernels object."""
+        if self._ssm is None or self._ssm[0] is not K:
+            self._ssm = (K, K.ssm_params(self.A_log, self.D, self.dt_bias, self.a.m_head_dim, self.a.m_state))
+        return self._ssm[1]
+
+    def decode(self, h, conv_pool, ssm_pool, meta: DecodeMeta, K):
+        """h (B, hidden); pools (S, ...) updated in place at meta's slots."""
         a = self.a
         gate, xbc, dt = self.in_proj(h).split([a.m_inner, a.conv_dim, a.m_heads], dim=-1)
-        xbc = K.conv_decode(xbc, conv_pool, slots, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        xbc = K.conv_decode(xbc, conv_pool, meta.slots, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         x, B, C = self._split_xbc(xbc)
-        A = -torch.exp(self.A_log.float())
-        y = K.ssm_decode(ssm_pool, slots, x, dt, A, B, C, self.D, self.dt_bias, a.dt_limit)
-        return self.out_proj(self.norm(y.flatten(-2), gate).to(h.dtype))
+        P = self.ssm_params(K)
+        y = K.ssm_decode(ssm_pool, meta.slots, x, dt, P.A, B, C, P.D, P.dt_bias, a.dt_limit, params=P)
+        return self.out_proj(K.gated_norm(y.flatten(-2), gate, self.norm.weight, self.norm.eps, self.norm.groups))
 
 
 class Attention(nn.Module):
@@ -133,24 +136,24 @@ class Attention(nn.Module):
                         self.a.attention_multiplier)  # (b, heads, L, e)
         return self.o_proj(pk.unpad(o.transpose(1, 2).flatten(-2)))  # (T, hidden)
 
-    def decode(self, h, k_cache, v_cache, block_tables, positions, K):
-        """h (B, hidden); block_tables (B, mb) long; positions (B,) = tokens already cached per sequence."""
-        bs = k_cache.shape[1]
+    def decode(self, h, k_cache, v_cache, meta: DecodeMeta, K):
+        """h (B, hidden); this step's K/V are written at meta.kv_index, then each row attends to its own
+        positions + 1 cached tokens."""
         q, k, v = self._qkv(h)  # (B, heads, e)
         kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-        new = block_tables.gather(1, (positions // bs)[:, None])[:, 0] * bs + positions % bs
-        kf.index_copy_(0, new, k.to(kf.dtype))
-        vf.index_copy_(0, new, v.to(vf.dtype))
-        # whole blocks (bs * kv_heads * e contiguous values each), not single rows: one wide gather
-        keys = k_cache[block_tables].flatten(1, 2).to(q.dtype)  # (B, T = mb * bs, kv_heads, e)
-        vals = v_cache[block_tables].flatten(1, 2).to(q.dtype)
-        mask = torch.arange(keys.shape[1], device=h.device)[None, :] <= positions[:, None]  # (B, T)
-        o = K.attention(q[:, :, None], keys.transpose(1, 2), vals.transpose(1, 2), mask[:, None, None],
-                        self.a.attention_multiplier)  # (B, heads, 1, e)
-        return self.o_proj(o[:, :, 0].flatten(-2))
+        kf.index_copy_(0, meta.kv_index, k.to(kf.dtype))
+        vf.index_copy_(0, meta.kv_index, v.to(vf.dtype))
+        o = K.decode_attention(q, k_cache, v_cache, meta, self.a.attention_multiplier)  # (B, heads, e)
+        return self.o_proj(o.flatten(-2))
 
 
 class DecoderLayer(nn.Module):
+    """norm -> mixer -> (+ residual) norm -> MLP; each `+ residual` is done by the norm after it (add_norm).
+
+    prefill / decode take the previous branch's output y, the residual stream r (None before the first
+    layer) and y's scale, and return (MLP output, r): the next layer (or the final norm) adds it.
+    """
+
     def __init__(self, a: GraniteArch, kind: str, kind_index: int) -> None:
         super().__init__()
         self.kind, self.kind_index, self.res = kind, kind_index, a.residual_multiplier
@@ -162,24 +165,30 @@ class DecoderLayer(nn.Module):
             self.self_attn = Attention(a)
         self.shared_mlp = MLP(a)
 
-    def _mlp(self, h):
-        return h + self.shared_mlp(self.post_attention_layernorm(h)) * self.res
+    def _norm_in(self, y, r, scale, K):
+        n = self.input_layernorm
+        return K.add_norm(y, r, n.weight, n.eps, scale)
 
-    def prefill(self, h, pk, state, K):
-        x, i = self.input_layernorm(h), self.kind_index
+    def _mlp(self, y, r, K):
+        n = self.post_attention_layernorm
+        x, r = K.add_norm(y, r, n.weight, n.eps, self.res)
+        return self.shared_mlp(x, K), r
+
+    def prefill(self, y, r, scale, pk, state, K):
+        (x, r), i = self._norm_in(y, r, scale, K), self.kind_index
         if self.kind == "mamba":
             y = self.mamba.prefill(x, pk, state.conv[i], state.ssm[i], K)
         else:
             y = self.self_attn.prefill(x, pk, state.k[i], state.v[i], K)
-        return self._mlp(h + y * self.res)
+        return self._mlp(y, r, K)
 
-    def decode(self, h, slots, block_tables, positions, state, K):
-        x, i = self.input_layernorm(h), self.kind_index
+    def decode(self, y, r, scale, meta: DecodeMeta, state, K):
+        (x, r), i = self._norm_in(y, r, scale, K), self.kind_index
         if self.kind == "mamba":
-            y = self.mamba.decode(x, state.conv[i], state.ssm[i], slots, K)
+            y = self.mamba.decode(x, state.conv[i], state.ssm[i], meta, K)
         else:
-            y = self.self_attn.decode(x, state.k[i], state.v[i], block_tables, positions, K)
-        return self._mlp(h + y * self.res)
+            y = self.self_attn.decode(x, state.k[i], state.v[i], meta, K)
+        return self._mlp(y, r, K)
 
 
 class Backbone(nn.Module):
@@ -202,16 +211,20 @@ class GraniteForCausalLM(nn.Module):
         self.model = Backbone(a)
         self.lm_head = None if a.tie_embeddings else nn.Linear(a.hidden, a.vocab_size, bias=False)
 
-    def _embed(self, ids):
-        return self.model.embed_tokens(ids) * self.arch.embedding_multiplier
+    def _layers(self, ids, run, K) -> torch.Tensor:
+        """embedding -> layers (run(layer, y, r, scale)) -> final norm; the embedding multiplier and each
+        branch's residual multiplier are applied inside the following norm."""
+        a, norm = self.arch, self.model.norm
+        y, r, scale = self.model.embed_tokens(ids), None, a.embedding_multiplier
+        for layer in self.model.layers:
+            y, r = run(layer, y, r, scale)
+            scale = a.residual_multiplier
+        return K.add_norm(y, r, norm.weight, norm.eps, scale)[0]
 
     @torch.no_grad()
     def prefill_packed(self, ids, pk: Packed, state, K) -> torch.Tensor:
         """ids (T,): the chunks of pk's sequences back to back -> final-normed hidden states (T, hidden)."""
-        h = self._embed(ids)
-        for layer in self.model.layers:
-            h = layer.prefill(h, pk, state, K)
-        return self.model.norm(h)
+        return self._layers(ids, lambda layer, y, r, s: layer.prefill(y, r, s, pk, state, K), K)
 
     def prefill(self, ids, slot: int, start: int, block_table, state, K) -> torch.Tensor:
         """ids (l,) of one sequence continuing from `start` -> final-normed hidden states (l, hidden)."""
@@ -221,11 +234,10 @@ class GraniteForCausalLM(nn.Module):
 
     @torch.no_grad()
     def decode(self, ids, slots, block_tables, positions, state, K) -> torch.Tensor:
-        """ids, slots, positions (B,); block_tables (B, mb) -> final-normed hidden states (B, hidden)."""
-        h = self._embed(ids)
-        for layer in self.model.layers:
-            h = layer.decode(h, slots, block_tables, positions, state, K)
-        return self.model.norm(h)
+        """ids, positions (B,) long; slots (B,) long or a slice of consecutive slots; block_tables (B, mb)
+        long -> final-normed hidden states (B, hidden)."""
+        meta = K.decode_meta(slots, block_tables, positions, state.block_size)
+        return self._layers(ids, lambda layer, y, r, s: layer.decode(y, r, s, meta, state, K), K)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

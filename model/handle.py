@@ -53,6 +53,7 @@ class Handle:
         self.prompt_tokens = prompt_tokens
         self.request_id = request_id
         self.seed: int | None = None  # set by the engine: the seed a sampled request actually used
+        self.cached_tokens = 0  # set by the engine before the first event: prompt tokens resumed from a snapshot
         self._queue: queue.Queue[TokenEvent] = queue.Queue()
         self._events: list[TokenEvent] = []
         self._done = False
@@ -95,6 +96,7 @@ class Handle:
             seed=self.seed,
             error=last.error,
             failure=last.failure,
+            cached_tokens=self.cached_tokens,
         )
 
 

@@ -2,12 +2,18 @@
 
 Ops (shapes as in model/ssd.py):
   ssd_prefill  x (b, l, h, p) ... initial states (b, h, p, n) -> (y, final states) mamba_chunk_scan_combined
-               (padded rows of a packed prefill: one kernel call per row, see ssd_prefill)
+               (a packed prefill: fresh rows in one varlen call, continued rows apart, see ssd_prefill)
   ssm_decode   one token for B slots, state pool (S, h, p, n) updated in place       selective_state_update
   conv_prefill x (b, d, l) from conv states (b, d, w-1) -> (y, new states)           causal_conv1d_fn
   conv_decode  x (B, d), conv pool (S, d, w-1) updated in place                       causal_conv1d_update
-  attention    SDPA (torch picks flash / memory-efficient / math itself)
-Fused modules are imported lazily and only for CUDA. `report` says which path each op took.
+  add_norm     residual + x * scale, then RMSNorm; returns both (N, hidden)            rms_norm_fn (prenorm)
+  gated_norm   RMSNorm(y * silu(gate)) per group of channels (N, d)                    rmsnorm_fn (gated)
+  swiglu       silu(gate) * up from [gate | up] (N, 2m) -> (N, m)                      swiglu
+  attention    prefill: SDPA on gathered KV (torch picks flash / memory-efficient / math itself)
+  decode_attention  one query per row over its paged KV, read in place   model/paged_attention.py
+                    (reference: gather the row's blocks + SDPA)
+Fused modules are imported lazily and only for CUDA (tests inject them). `report` says which path each op
+took. The reference formulas match Hugging Face's Granite modules in fp32 (tests/test_granite.py).
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from model import ssd
+from model.packed import Packed
 
 log = logging.getLogger(__name__)
 
-OPS = ("ssd_prefill", "ssm_decode", "conv_prefill", "conv_decode", "attention")
+OPS = ("ssd_prefill", "ssm_decode", "conv_prefill", "conv_decode", "add_norm", "gated_norm", "swiglu",
+       "attention", "decode_attention")
 # The SSD scan's result does not depend on its chunk size (only rounding does). The reference's
 # intra-chunk (l, s) work per token grows with the chunk, so on CPU it scans in chunks of at most this
 # (demo model: 64 -> 32 is ~1.8x faster); the fused kernel keeps the checkpoint's chunk size.
@@ -43,6 +51,14 @@ class FusedOps:
     causal_conv1d_fn: Callable | None = None
     causal_conv1d_update: Callable | None = None
     errors: dict[str, str] | None = None
+    rms_norm_fn: Callable | None = None  # mamba_ssm.ops.triton.layer_norm (residual / prenorm / rowscale)
+    rmsnorm_gated: Callable | None = None  # mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn
+    swiglu: Callable | None = None  # mamba_ssm.ops.triton.k_activations
+    paged_decode_attention: Callable | None = None  # model.paged_attention
+
+    # the Triton ones (importable without a GPU; they run on CPU tensors under TRITON_INTERPRET=1)
+    TRITON = ("mamba_chunk_scan_combined", "selective_state_update", "rms_norm_fn", "rmsnorm_gated", "swiglu",
+              "paged_decode_attention")
 
 
 def _import_mamba_triton(name: str) -> Any:
@@ -68,21 +84,33 @@ def _import_mamba_triton(name: str) -> Any:
         return importlib.import_module(full)
 
 
-def load_fused() -> FusedOps:
+_TRITON_SOURCES = {  # FusedOps field -> (module, attribute)
+    "mamba_chunk_scan_combined": ("ssd_combined", "mamba_chunk_scan_combined"),
+    "selective_state_update": ("selective_state_update", "selective_state_update"),
+    "rms_norm_fn": ("layer_norm", "rms_norm_fn"),
+    "rmsnorm_gated": ("layernorm_gated", "rmsnorm_fn"),
+    "swiglu": ("k_activations", "swiglu"),
+}
+
+
+def load_fused(cuda: bool = True) -> FusedOps:
+    """The fused kernels that import here; cuda=False: the Triton ones only (no causal-conv1d)."""
     ops, errors = FusedOps(), {}
+    for field, (module, attr) in _TRITON_SOURCES.items():
+        try:
+            setattr(ops, field, getattr(_import_mamba_triton(module), attr))
+        except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+            errors[field] = repr(e)
     try:
-        ops.mamba_chunk_scan_combined = _import_mamba_triton("ssd_combined").mamba_chunk_scan_combined
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-        errors["mamba_chunk_scan_combined"] = repr(e)
-    try:
-        ops.selective_state_update = _import_mamba_triton("selective_state_update").selective_state_update
+        ops.paged_decode_attention = importlib.import_module("model.paged_attention").paged_decode_attention
     except Exception as e:  # noqa: BLE001
-        errors["selective_state_update"] = repr(e)
-    try:
-        cc = importlib.import_module("causal_conv1d")
-        ops.causal_conv1d_fn, ops.causal_conv1d_update = cc.causal_conv1d_fn, cc.causal_conv1d_update
-    except Exception as e:  # noqa: BLE001
-        errors["causal_conv1d"] = repr(e)
+        errors["paged_decode_attention"] = repr(e)
+    if cuda:
+        try:
+            cc = importlib.import_module("causal_conv1d")
+            ops.causal_conv1d_fn, ops.causal_conv1d_update = cc.causal_conv1d_fn, cc.causal_conv1d_update
+        except Exception as e:  # noqa: BLE001
+            errors["causal_conv1d"] = repr(e)
     ops.errors = errors
     return ops
 
@@ -94,11 +122,54 @@ def _accepts(fn: Callable, arg: str) -> bool:
         return False
 
 
-def _slot_tensor(slots, device) -> torch.Tensor:
-    """Decode slots as the (B,) long tensor the fused kernels index with (the reference also takes a slice)."""
+def _int32(slots, device) -> torch.Tensor:
+    """Slots as the (B,) int32 tensor the fused state kernels index with."""
     if isinstance(slots, slice):
-        return torch.arange(slots.start, slots.stop, dtype=torch.long, device=device)
-    return slots
+        return torch.arange(slots.start, slots.stop, dtype=torch.int32, device=device)
+    return slots if slots.dtype == torch.int32 else slots.to(torch.int32)
+
+
+def _long(slots):
+    """Slots for the reference ops (torch indexing / index_copy_): long or a slice."""
+    return slots if isinstance(slots, slice) or slots.dtype == torch.long else slots.long()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face GraniteMoeHybridRMSNorm: statistics in fp32, weight * normed.to(x.dtype)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # one fused op, the same formula
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def gated_rms_norm(y, gate, weight, eps: float, groups: int) -> torch.Tensor:
+    """HF GraniteMoeHybridRMSNormGated: RMSNorm(y * silu(gate)) per group of channels, in fp32."""
+    yf = y.float() * F.silu(gate.float())
+    yg = yf.unflatten(-1, (groups, -1))
+    yg = F.rms_norm(yg, (yg.shape[-1],), None, eps)  # x * rsqrt(mean(x^2) + eps) per group, fp32
+    return weight * yg.flatten(-2).to(y.dtype)
+
+
+@dataclass
+class SsmParams:
+    """A Mamba layer's decode constants, prepared once at load (Kernels.ssm_params): A = -exp(A_log) and
+    the (h, p[, n]) stride-0 views selective_state_update takes (None on the reference path)."""
+    A: torch.Tensor  # (h,) fp32
+    D: torch.Tensor  # (h,)
+    dt_bias: torch.Tensor  # (h,)
+    A_e: torch.Tensor | None = None  # (h, p, n)
+    D_e: torch.Tensor | None = None  # (h, p)
+    bias_e: torch.Tensor | None = None  # (h, p)
+    zero_bias_e: torch.Tensor | None = None  # (h, p) fp32 zeros: dt discretized here when dt_limit is set
+
+
+@dataclass
+class DecodeMeta:
+    """Per decode step, built once (Kernels.decode_meta) and shared by every layer."""
+    slots: torch.Tensor | slice  # (B,) int32 when a fused state kernel runs, else long or a slice
+    block_tables: torch.Tensor  # (B, mb) long KV block ids; entries past a row's length are not read
+    positions: torch.Tensor  # (B,) long: tokens cached before this step (the new token's index)
+    kv_index: torch.Tensor  # (B,) long: flat KV row (block * block_size + offset) the new token goes to
 
 
 class Kernels:
@@ -110,6 +181,7 @@ class Kernels:
         if mode == "fused" and device.type != "cuda" and fused is None:
             raise RuntimeError("kernels='fused' needs a CUDA device (mamba-ssm / causal-conv1d); this is "
                                f"{device.type}. Use kernels='auto' or 'reference'.")
+        injected = fused is not None
         if mode == "reference":
             fused = FusedOps()
         elif fused is None:
@@ -125,10 +197,18 @@ class Kernels:
             if fused.selective_state_update else "reference",
             "conv_prefill": "fused:causal_conv1d_fn" if fused.causal_conv1d_fn else "reference",
             "conv_decode": "fused:causal_conv1d_update" if fused.causal_conv1d_update else "reference",
+            "add_norm": "fused:rms_norm_fn" if fused.rms_norm_fn else "reference",
+            "gated_norm": "fused:rmsnorm_fn(gated)" if fused.rmsnorm_gated else "reference",
+            "swiglu": "fused:swiglu" if fused.swiglu else "reference",
             "attention": "sdpa",
+            "decode_attention": "fused:paged_decode_attention" if fused.paged_decode_attention else "gather+sdpa",
         }
+        self._rowscale: dict[tuple[float, torch.device], torch.Tensor] = {}
+        self._rowscale_retired: list[torch.Tensor] = []
         if mode == "fused":
-            missing = [op for op, path in self.report.items() if path == "reference"]
+            # Injected kernels (tests) must cover at least the state ops; loaded ones must cover everything.
+            need = OPS[:4] if injected else OPS
+            missing = [op for op in need if self.report[op] in ("reference", "gather+sdpa")]
             if missing:
                 raise RuntimeError(f"kernels='fused' but these fused kernels are unavailable: {missing}; "
                                    f"import errors: {fused.errors}")
@@ -138,61 +218,122 @@ class Kernels:
             log.info("fused kernels not loaded: %s", fused.errors)
 
     # ---- Mamba SSM -------------------------------------------------------------------------
-    def ssd_prefill(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit, lengths=None):
-        """x (b, L, h, p) ... initial_states (b, h, p, n); lengths (b,) long: real tokens per row (pads after)."""
+    def ssd_prefill(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit, pk: Packed | None = None):
+        """x (b, L, h, p) ... initial_states (b, h, p, n) -> (y, final states (b, h, p, n)).
+
+        pk None: every row is L real tokens, y (b, L, h, p). pk: the rows of a packed prefill (real tokens then
+        pads, pk.lengths), y in packed order (T, h, p); its host facts (pk.scan) plan the fused calls, so
+        no layer reads a tensor back.
+        """
         if self.f.mamba_chunk_scan_combined is None:
-            chunk_size = min(chunk_size, REFERENCE_CHUNK)
-            return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
-                                      initial_states=initial_states, dt_limit=dt_limit, lengths=lengths)
-        ns = lengths.tolist() if lengths is not None else None
-        if ns is None or all(n == x.shape[1] for n in ns):
+            y, final = ssd.ssd_chunk_scan(x, dt, A, B, C, min(chunk_size, REFERENCE_CHUNK), D=D, dt_bias=dt_bias,
+                                          initial_states=initial_states, dt_limit=dt_limit,
+                                          lengths=None if pk is None else pk.lengths)
+            return (y, final) if pk is None else (pk.unpad(y), final)
+        if pk is None:
             return self._ssd_fused(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit)
-        # Padded rows of a packed prefill. The kernel takes one initial state per batch row but no per-row
-        # length (its varlen mode, seq_idx / cu_seqlens, cannot start packed sequences from separate
-        # states): one call per row, on that row's real tokens.
-        y, finals = torch.zeros_like(x), []
-        for i, n in enumerate(ns):
+        rows = pk.scan
+        args = (A, chunk_size, D, dt_bias, dt_limit)
+        if not rows.fresh:
+            return self._ssd_continued(x, dt, B, C, initial_states, rows, rows.continued, *args)
+        yf, sf = self._ssd_fresh(x, dt, B, C, rows, *args)
+        if not rows.continued:
+            return yf, sf
+        y = x.new_empty(sum(rows.lengths), *x.shape[2:])
+        y.index_copy_(0, rows.fresh_packed, yf)
+        finals = torch.empty(initial_states.shape, dtype=torch.float32, device=x.device)
+        finals.index_copy_(0, rows.fresh_rows, sf.float())
+        off = 0
+        for i, n in enumerate(rows.lengths):
+            if i in rows.continued:
+                yi, fi = self._ssd_continued(x, dt, B, C, initial_states, rows, (i,), *args)
+                y[off:off + n], finals[i] = yi, fi[0]
+            off += n
+        return y, finals
+
+    def _ssd_fresh(self, x, dt, B, C, rows, A, chunk_size, D, dt_bias, dt_limit):
+        """The fresh rows (zero initial state) back to back in one varlen call -> y (T_f, h, p), states (n_f, ...)."""
+        if len(rows.lengths) == 1:  # one sequence: no pads, no gather
+            y, final = self._ssd_fused(x, dt, A, B, C, chunk_size, D, dt_bias, None, dt_limit)
+            return y[0], final
+        take = lambda t: t.flatten(0, 1)[rows.fresh_tokens][None]  # noqa: E731 - (b, L, ...) -> (1, T_f, ...)
+        if len(rows.fresh) == 1:
+            y, final = self._ssd_fused(take(x), take(dt), A, take(B), take(C), chunk_size, D, dt_bias, None,
+                                       dt_limit)
+            return y[0], final
+        # Varlen: seq_idx keeps each sequence's tokens and chunk states apart, cu_seqlens yields each
+        # sequence's own final state (in C's dtype).
+        y, states = self.f.mamba_chunk_scan_combined(
+            take(x), take(dt), A, take(B), take(C), chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=None,
+            seq_idx=rows.seq_idx, cu_seqlens=rows.cu_seqlens, dt_softplus=True, dt_limit=tuple(dt_limit),
+            return_final_states=False, return_varlen_states=True)
+        return y[0], states
+
+    def _ssd_continued(self, x, dt, B, C, initial_states, rows, which, A, chunk_size, D, dt_bias, dt_limit):
+        """Rows continuing from their states: one call for all when they fill the width, else one per row."""
+        L, ns = x.shape[1], rows.lengths
+        if len(which) == len(ns) and all(n == L for n in ns):
+            y, final = self._ssd_fused(x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit)
+            return y.flatten(0, 1), final
+        ys, finals = [], []
+        for i in which:
+            n = ns[i]
             yi, fi = self._ssd_fused(x[i:i + 1, :n], dt[i:i + 1, :n], A, B[i:i + 1, :n], C[i:i + 1, :n],
                                      chunk_size, D, dt_bias, initial_states[i:i + 1], dt_limit)
-            y[i, :n] = yi[0]
+            ys.append(yi[0])
             finals.append(fi)
-        return y, torch.cat(finals)
+        return (ys[0], finals[0]) if len(ys) == 1 else (torch.cat(ys), torch.cat(finals))
 
     def _ssd_fused(self, x, dt, A, B, C, chunk_size, D, dt_bias, initial_states, dt_limit):
-        # Newer mamba_ssm materialises inter-chunk (and final) states in C's dtype unless told otherwise.
-        extra = {"state_dtype": initial_states.dtype} if self.ssd_state_dtype_arg else {}
+        # mamba-ssm 2.3.2.post1 returns the final states in fp32 (the caller casts into the pool); forks with a
+        # `state_dtype` argument (vLLM's) would otherwise materialise them in C's dtype.
+        if self.ssd_state_dtype_arg:
+            extra = {"state_dtype": torch.float32 if initial_states is None else initial_states.dtype}
+        else:
+            extra = {}
         y, final = self.f.mamba_chunk_scan_combined(
             x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=initial_states,
             dt_softplus=True, dt_limit=tuple(dt_limit), return_final_states=True, **extra)
         return y, final
 
-    def ssm_decode(self, state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit):
-        """state_pool (S, h, p, n); slots (B,) long or a slice (a run of consecutive slots); x (B, h, p);
-        dt (B, h); B, C (B, g, n). Returns y (B, h, p)."""
+    def ssm_params(self, A_log, D, dt_bias, head_dim: int, d_state: int, A=None) -> SsmParams:
+        """Once per Mamba layer at load: A_log (or A itself), D, dt_bias (h,) fp32 -> ssm_decode's constants."""
+        A = -torch.exp(A_log.float()) if A is None else A.float()
         if self.f.selective_state_update is None:
-            return ssd.ssm_decode_inplace(state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit)
-        slots = _slot_tensor(slots, state_pool.device)
+            return SsmParams(A, D, dt_bias)
+        h = A.shape[0]
+        # The kernel wants per-(head, channel) parameters; expanded views with stride 0 over p (and n) let
+        # it take its "tied head dim" fast path.
+        return SsmParams(A, D, dt_bias, A_e=A[:, None, None].expand(h, head_dim, d_state),
+                         D_e=D[:, None].expand(h, head_dim), bias_e=dt_bias[:, None].expand(h, head_dim),
+                         zero_bias_e=torch.zeros(h, device=A.device)[:, None].expand(h, head_dim))
+
+    def ssm_decode(self, state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit, params: SsmParams | None = None):
+        """state_pool (S, h, p, n); slots (B,) long / int32 or a slice (a run of consecutive slots); x (B, h, p);
+        dt (B, h); B, C (B, g, n); A, D, dt_bias (h,) fp32, or their prepared form in `params` (ssm_params).
+        Returns y (B, h, p)."""
+        if self.f.selective_state_update is None:
+            return ssd.ssm_decode_inplace(state_pool, _long(slots), x, dt, A, B, C, D, dt_bias, dt_limit)
         h, p, n = state_pool.shape[1:]
-        # The kernel wants per-(head, channel) parameters; expanded views with stride 0 over p let it
-        # take its "tied head dim" fast path.
+        P = params if params is not None else self.ssm_params(None, D, dt_bias, p, n, A=A)
         if tuple(dt_limit) != ssd.NO_DT_LIMIT:  # the kernel has no clamp: discretize here
             # (a zero bias, not None: the kernel reads dt_bias.stride() unconditionally)
-            dt, softplus = ssd.discretize_dt(dt, dt_bias, dt_limit), False
-            dt_bias = torch.zeros_like(dt_bias, dtype=torch.float32)
+            dt, softplus, bias_e = ssd.discretize_dt(dt, P.dt_bias, dt_limit), False, P.zero_bias_e
         else:
-            softplus = True
+            softplus, bias_e = True, P.bias_e
         dt_e = dt[:, :, None].expand(-1, h, p)
-        A_e = A[:, None, None].expand(h, p, n).to(torch.float32)
-        D_e = D[:, None].expand(h, p)
-        bias_e = dt_bias[:, None].expand(h, p)
         if self.ssm_decode_indexed:
             return self.f.selective_state_update(
-                state_pool, x, dt_e, A_e, B, C, D=D_e, z=None, dt_bias=bias_e, dt_softplus=softplus,
-                state_batch_indices=slots.to(torch.int32))
-        state = state_pool[slots]  # older mamba_ssm: gather, update, scatter
-        y = self.f.selective_state_update(state, x, dt_e, A_e, B, C, D=D_e, z=None, dt_bias=bias_e,
+                state_pool, x, dt_e, P.A_e, B, C, D=P.D_e, z=None, dt_bias=bias_e, dt_softplus=softplus,
+                state_batch_indices=_int32(slots, state_pool.device))
+        slots = _long(slots)  # older mamba_ssm: gather, update, scatter
+        state = state_pool[slots]
+        y = self.f.selective_state_update(state, x, dt_e, P.A_e, B, C, D=P.D_e, z=None, dt_bias=bias_e,
                                           dt_softplus=softplus)
-        state_pool.index_copy_(0, slots, state)
+        if isinstance(slots, slice):
+            state_pool[slots] = state
+        else:
+            state_pool.index_copy_(0, slots, state)
         return y
 
     # ---- causal depthwise conv ------------------------------------------------------------
@@ -209,12 +350,57 @@ class Kernels:
         return y[..., w - 1:], ssd.conv_state_at(xx, lengths, w)
 
     def conv_decode(self, x, conv_pool, slots, weight, bias):
-        """x (B, d); conv_pool (S, d, w-1) updated in place at slots. Returns (B, d)."""
+        """x (B, d) (a column slice of in_proj's output is fine: the kernel takes strides); conv_pool
+        (S, d, w-1) updated in place at slots (as ssm_decode). Returns (B, d)."""
         if self.f.causal_conv1d_update is None:
-            return ssd.conv_decode_inplace(x, conv_pool, slots, weight, bias)
-        slots = _slot_tensor(slots, conv_pool.device)
-        return self.f.causal_conv1d_update(x.contiguous(), conv_pool, weight, bias, activation="silu",
-                                           conv_state_indices=slots.to(torch.int32))
+            return ssd.conv_decode_inplace(x, conv_pool, _long(slots), weight, bias)
+        return self.f.causal_conv1d_update(x, conv_pool, weight, bias, activation="silu",
+                                           conv_state_indices=_int32(slots, conv_pool.device))
+
+    def decode_meta(self, slots, block_tables, positions, block_size: int) -> DecodeMeta:
+        """slots (B,) long or a slice of consecutive slots; block_tables (B, mb) long; positions (B,) long."""
+        if self.f.selective_state_update is not None or self.f.causal_conv1d_update is not None:
+            slots = _int32(slots, block_tables.device)  # once per step, not per layer
+        kv_index = block_tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size \
+            + positions % block_size
+        return DecodeMeta(slots, block_tables, positions, kv_index)
+
+    # ---- norms / MLP activation ------------------------------------------------------------
+    def _rowscale_of(self, rows: int, scale: float, device) -> torch.Tensor:
+        """(rows,) fp32 filled with scale: a slice of one buffer per scale, replaced by a bigger one when more
+        rows come (a long prefill). Replaced buffers are kept alive: a captured decode graph may read one.
+        (Decode warm-up runs every bucket eagerly before its capture, so captures never allocate here.)"""
+        buf = self._rowscale.get((scale, device))
+        if buf is None or buf.shape[0] < rows:
+            if buf is not None:
+                self._rowscale_retired.append(buf)
+            buf = torch.full((max(rows, 64),), scale, dtype=torch.float32, device=device)
+            self._rowscale[(scale, device)] = buf
+        return buf[:rows]
+
+    def add_norm(self, x, residual, weight, eps: float, scale: float):
+        """x, residual (N, hidden) (residual None: the first layer) -> (rms_norm(r), r) with
+        r = residual + x * scale, in x's dtype (HF: `residual + hidden * residual_multiplier`)."""
+        if self.f.rms_norm_fn is None:
+            r = x * scale if residual is None else residual + x * scale
+            return rms_norm(r, weight, eps), r
+        # rowscale multiplies x before the residual add (fp32 in registers); prenorm returns r as well
+        return self.f.rms_norm_fn(x, weight, None, residual=residual, eps=eps, prenorm=True,
+                                  rowscale=self._rowscale_of(x.shape[0], scale, x.device))
+
+    def gated_norm(self, y, gate, weight, eps: float, groups: int):
+        """y, gate (N, d) -> RMSNorm(y * silu(gate)) per group of d / groups channels, y's dtype."""
+        if self.f.rmsnorm_gated is None:
+            return gated_rms_norm(y, gate, weight, eps, groups)
+        return self.f.rmsnorm_gated(y, weight, None, z=gate, eps=eps, group_size=y.shape[-1] // groups,
+                                    norm_before_gate=False)
+
+    def swiglu(self, gate_up):
+        """gate_up (N, 2m) = [gate | up] -> silu(gate) * up (N, m)."""
+        if self.f.swiglu is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return self.f.swiglu(gate_up)
 
     # ---- attention -------------------------------------------------------------------------
     @staticmethod
@@ -231,3 +417,16 @@ class Kernels:
             mask = mask.expand(-1, -1, rep, -1) if lq == 1 else mask.repeat(1, 1, rep, 1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return o.reshape(b, hq, lq, e)  # (SDPA may return a transposed layout: not always viewable)
+
+    def decode_attention(self, q, k_cache, v_cache, meta: DecodeMeta, scale: float):
+        """q (B, hq, e); k_cache, v_cache (NB, block_size, hkv, e) already holding this step's K/V; row i
+        attends to its positions[i] + 1 tokens in block_tables[i]. Returns (B, hq, e)."""
+        if self.f.paged_decode_attention is not None:  # reads each live block once, in place
+            return self.f.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.positions, scale)
+        # whole blocks (bs * kv_heads * e contiguous values each), not single rows: one wide gather
+        keys = k_cache[meta.block_tables].flatten(1, 2).to(q.dtype)  # (B, T = mb * bs, kv_heads, e)
+        vals = v_cache[meta.block_tables].flatten(1, 2).to(q.dtype)
+        mask = torch.arange(keys.shape[1], device=q.device)[None, :] <= meta.positions[:, None]  # (B, T)
+        o = self.attention(q[:, :, None], keys.transpose(1, 2), vals.transpose(1, 2), mask[:, None, None],
+                           scale)  # (B, hq, 1, e)
+        return o[:, :, 0]

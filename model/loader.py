@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.arch import ATTENTION_KINDS, MAMBA_KINDS  # the layer-type spellings, defined once
+from model.signing import SignaturePolicy, signed_files, verify_checkpoint
 
 DEMO_NAME = "granite-4.0-h-demo-random-weights"
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt"]  # never pickles
@@ -34,17 +35,25 @@ class ResolvedModel:
 
 
 def resolve_model(model_dir: str | None, hf_model_id: str | None, hf_revision: str | None, hf_token: str | None,
-                  model_id: str | None, cache_dir: str) -> ResolvedModel:
+                  model_id: str | None, cache_dir: str, signature: SignaturePolicy | None = None) -> ResolvedModel:
+    """`signature`: checked (model/signing.py) before any checkpoint file is read; None skips the check."""
     if model_id and model_id.strip().lower() == "demo":
         from model.demo import demo_dir
 
         path = demo_dir(Path(cache_dir))
+        if signature is not None:
+            verify_checkpoint(path, signature)
         return ResolvedModel(path=path, name=DEMO_NAME, is_demo=True, config=validate_checkpoint(path))
     local = find_checkpoint_dir(Path(model_dir)) if model_dir else None
     if local is not None:
+        if signature is not None:
+            verify_checkpoint(local, signature, mount=Path(model_dir))
         return ResolvedModel(path=local, name=_model_name(local), is_demo=False, config=validate_checkpoint(local))
     if hf_model_id:
-        path = download(hf_model_id, hf_revision, hf_token, cache_dir)
+        sig_file = signature.file if signature is not None and signature.mode != "off" else None
+        path = download(hf_model_id, hf_revision, hf_token, cache_dir, sig_file)
+        if signature is not None:
+            verify_checkpoint(path, signature, allow_symlinks=True)  # Hub cache snapshots link into blobs/
         return ResolvedModel(path=path, name=hf_model_id, is_demo=False, config=validate_checkpoint(path))
     if model_dir and Path(model_dir).is_dir() and any(Path(model_dir).iterdir()):
         found = ", ".join(sorted(p.name for p in Path(model_dir).iterdir())[:10])
@@ -67,12 +76,18 @@ def find_checkpoint_dir(root: Path) -> Path | None:
     return nested[0] if nested else None
 
 
-def download(repo: str, revision: str | None, token: str | None, cache_dir: str) -> Path:
+def download(repo: str, revision: str | None, token: str | None, cache_dir: str,
+             signature_file: str | None = None) -> Path:
+    """signature_file: fetched first when the repo has it, then every file it lists (a partial download
+    of a signed repo could not verify)."""
     try:
         from huggingface_hub import snapshot_download
 
+        patterns = list(ALLOW_PATTERNS)
+        if signature_file and not os.path.isabs(signature_file):
+            patterns += _signed_patterns(repo, revision, token, cache_dir, signature_file)
         path = snapshot_download(repo_id=repo, revision=revision, token=token or None, cache_dir=cache_dir,
-                                 allow_patterns=list(ALLOW_PATTERNS))
+                                 allow_patterns=patterns)
     except Exception as e:  # hub errors name the repo but must not echo the token
         reason = f"{type(e).__name__}: {e}"
         if token:
@@ -80,6 +95,17 @@ def download(repo: str, revision: str | None, token: str | None, cache_dir: str)
         at = f"@{revision}" if revision else ""
         raise ModelLoadError(f"could not download HF_MODEL_ID={repo}{at}: {reason}") from None
     return Path(path)
+
+
+def _signed_patterns(repo: str, revision: str | None, token: str | None, cache_dir: str, name: str) -> list[str]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        sig = hf_hub_download(repo_id=repo, filename=name, revision=revision, token=token or None, cache_dir=cache_dir)
+    except EntryNotFoundError:
+        return []  # unsigned repo: MODEL_SIGNATURE decides after the download
+    return [name, *signed_files(Path(sig))]
 
 
 def validate_checkpoint(path) -> dict:

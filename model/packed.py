@@ -5,7 +5,9 @@ Ops with per-sequence state run on a padded view (b, L, ...) in which every sequ
 and has zeros after its end (L = the longest chunk):
   causal conv   from each slot's conv state; the new state is taken at each sequence's own end
   SSD scan      from each slot's SSM state; pads get dt = 0 (no decay, no input), so the final
-                state is the state after the sequence's last real token
+                state is the state after the sequence's last real token. The fused kernel instead runs
+                the fresh sequences (start == 0: zero state) packed back to back in one varlen call and
+                each continued one on its own real tokens (see ScanRows, model/kernels.py ssd_prefill)
   attention     each sequence's own KV (start + length keys) with a causal mask offset by its start
 Pad rows are computed and dropped by unpad(); they never reach a real row.
 """
@@ -13,6 +15,7 @@ Pad rows are computed and dropped by unpad(); they never reach a real row.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -33,6 +36,31 @@ def pack_runs(extents: list[int], budget: int = MAX_PACK_KEY_ROWS) -> list[range
     return runs + [range(first, len(extents))] if extents else runs
 
 
+def _token_rows(lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """lengths (b,) >= 1, summing to total -> (row of each token, its position in the row), both (total,)."""
+    offs = lengths.cumsum(0) - lengths
+    row = torch.zeros(total, dtype=torch.long).index_fill_(0, offs[1:], 1).cumsum(0)
+    return row, torch.arange(total) - offs.index_select(0, row)
+
+
+@dataclass(frozen=True)
+class ScanRows:
+    """Host facts for the fused SSD scan of one packed forward, so that no layer reads a tensor back.
+
+    The varlen kernel (cu_seqlens / seq_idx) starts every packed sequence from a zero state (its per-sequence
+    states ignore initial_states), so only fresh rows go into it; continued rows run one call each.
+    """
+
+    lengths: tuple[int, ...]  # tokens per row
+    fresh: tuple[int, ...]  # rows that start from a zero state, in row order
+    continued: tuple[int, ...]  # rows that continue from their slot's state
+    fresh_tokens: torch.Tensor  # (T_f,) long: flat (b * L) padded positions of the fresh rows' tokens
+    fresh_packed: torch.Tensor  # (T_f,) long: their packed (T) positions
+    fresh_rows: torch.Tensor  # (n_f,) long
+    cu_seqlens: torch.Tensor  # (n_f + 1,) int32: token offsets of the fresh rows, back to back
+    seq_idx: torch.Tensor  # (1, T_f) int32: fresh row ordinal of each of their tokens
+
+
 @dataclass
 class Packed:
     slots: torch.Tensor  # (b,) long: each sequence's slot in the state pool
@@ -42,26 +70,48 @@ class Packed:
     kv_write: torch.Tensor  # (T,) long: row of each packed token in the flattened KV cache
     kv_blocks: torch.Tensor  # (b, nb) long: each sequence's first nb KV blocks (dummy block past its table)
     mask: torch.Tensor  # (b, 1, L, Tk = nb * block_size) bool: key j is visible to query l iff j <= start + l
+    host_starts: tuple[int, ...] = ()  # the same facts as Python ints (no device read-back in the layers)
+    host_lengths: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, slots, starts, lengths, tables, block_size: int, dummy_block: int, device) -> Packed:
-        """slots, starts, lengths: ints per sequence; tables: each sequence's KV block ids (list or tensor)."""
-        tables = [t.tolist() if isinstance(t, torch.Tensor) else list(t) for t in tables]
-        L, T = max(lengths), sum(lengths)
-        tk = max(s + n for s, n in zip(starts, lengths, strict=True))
-        nb = -(-tk // block_size)
-        pad_index, unpad_index, kv_write, off = [], [], [], 0
-        for i, (s, n, tab) in enumerate(zip(starts, lengths, tables, strict=True)):
-            pad_index.append(list(range(off, off + n)) + [T] * (L - n))
-            unpad_index.extend(range(i * L, i * L + n))
-            kv_write.extend(tab[p // block_size] * block_size + p % block_size for p in range(s, s + n))
-            off += n
+        """slots, starts, lengths: ints per sequence; tables: each sequence's KV block ids (list or tensor).
+
+        The index tensors are computed on the host with a few ops over the T tokens, then copied to the device:
+        no per-token Python and no boolean-mask or advanced indexing (index_select instead), each of which
+        costs milliseconds at T ~ 5K on a busy 2-core machine.
+        """
+        b, L, T = len(lengths), max(lengths), sum(lengths)
+        nb = -(-max(s + n for s, n in zip(starts, lengths, strict=True)) // block_size)
+        rows = [(t.tolist() if isinstance(t, torch.Tensor) else list(t))[:nb] for t in tables]
+        blocks = torch.tensor([t + [dummy_block] * (nb - len(t)) for t in rows])  # (b, nb) long, host
+        st = torch.tensor(starts)
+        row, j = _token_rows(torch.tensor(lengths), T)
+        unpad_index = row * L + j
+        pad_index = torch.full((b * L,), T).index_copy_(0, unpad_index, torch.arange(T)).view(b, L)
+        pos = st.index_select(0, row) + j  # each token's position in its sequence
+        kv_write = blocks.view(-1).index_select(0, row * nb + pos // block_size) * block_size + pos % block_size
         long = {"dtype": torch.long, "device": device}
-        kv_blocks = torch.tensor([t[:nb] + [dummy_block] * (nb - len(t[:nb])) for t in tables], **long)
-        st = torch.tensor(starts, **long)
-        mask = torch.arange(nb * block_size, **long)[None, None, :] <= (st[:, None] + torch.arange(L, **long))[:, :, None]
-        return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), torch.tensor(pad_index, **long),
-                   torch.tensor(unpad_index, **long), torch.tensor(kv_write, **long), kv_blocks, mask[:, None])
+        st_d = st.to(device)
+        mask = torch.arange(nb * block_size, **long)[None, None, :] <= (st_d[:, None] + torch.arange(L, **long))[:, :, None]
+        dev = lambda t: t.to(device)  # noqa: E731
+        return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), dev(pad_index), dev(unpad_index),
+                   dev(kv_write), dev(blocks), mask[:, None], tuple(starts), tuple(lengths))
+
+    @cached_property
+    def scan(self) -> ScanRows:
+        """Built on first use (only the fused SSD path needs it), once per forward, from the host lists."""
+        ns, L = self.host_lengths, max(self.host_lengths)
+        fresh = tuple(i for i, s in enumerate(self.host_starts) if s == 0)  # start 0: the runner zeroed the slot
+        n, f = torch.tensor(ns), torch.tensor(fresh, dtype=torch.long)
+        nf = n.index_select(0, f)
+        k, j = _token_rows(nf, int(sum(ns[i] for i in fresh)))  # fresh row ordinal, position, per fresh token
+        flat = f.index_select(0, k) * L + j
+        packed = (n.cumsum(0) - n).index_select(0, f).index_select(0, k) + j
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), nf.cumsum(0)])
+        dev = self.slots.device
+        return ScanRows(ns, fresh, tuple(sorted(set(range(len(ns))) - set(fresh))), flat.to(dev), packed.to(dev),
+                        f.to(dev), cu.to(dev, torch.int32), k[None].to(dev, torch.int32))
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (b, L, ...), zeros at pads."""

@@ -3,7 +3,7 @@
 All prefill chunks of a step run in one packed forward (model/packed.py), each from its slot's state
 (start == 0 means a fresh sequence: its Mamba state is zeroed first). Decode chunks (one token, start > 0) run together in one call; with
 static decode they are padded to a batch-size bucket with the dummy slot and run through fixed buffers,
-which on CUDA are captured once per bucket as CUDA graphs and replayed.
+which on CUDA are captured as CUDA graphs during warmup (every reachable bucket) and replayed.
 """
 
 from __future__ import annotations
@@ -16,11 +16,20 @@ import torch
 
 from model import packed
 from model.blocks import SlotAllocator
-from model.decode_static import StaticDecode, decode_buckets
+from model.decode_static import CudaGraphs, StaticDecode, decode_buckets
 from model.granite import GraniteForCausalLM, load_granite
 from model.kernels import Kernels
 from model.packed import Packed, pack_runs
-from model.state import BLOCK_SIZE, StatePool, auto_kv_tokens, bytes_per_seq
+from model.snapshots import SnapshotCopier
+from model.state import (
+    BLOCK_SIZE,
+    CUDA_FIXED_RESERVE,
+    StatePool,
+    auto_kv_tokens,
+    bytes_per_seq,
+    decode_step_bytes,
+    prefill_step_bytes,
+)
 from model.types import EngineConfig, SeqChunk, StepBatch
 
 log = logging.getLogger(__name__)
@@ -57,18 +66,23 @@ class ModelRunner:
         dev = resolve_device(config.device)
         self.device = str(dev)
         self._dev = dev
+        self.bind_thread()
         self._dtype, self._ssm_dtype = resolve_dtypes(config, dev)
         self.dtype = str(self._dtype).removeprefix("torch.")
         self.kernels = Kernels(config.kernels, dev)
         self.kernel_report = dict(self.kernels.report)
+        # decode attention reads KV in place (no gathered copies to budget for)
+        self._paged = self.kernel_report["decode_attention"].startswith("fused")
         self.model = model if model is not None else load_granite(model_dir, dev, self._dtype)
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
-            self.arch, config.max_concurrent_seqs, config.max_total_tokens, dev, self._dtype, self._ssm_dtype)
+            self.arch, config.max_concurrent_seqs, config.max_total_tokens, config.max_step_tokens, dev,
+            self._dtype, self._ssm_dtype, config.snapshot_device_share if config.prefix_cache else 0.0, self._paged)
         self.pool = StatePool(self.arch, config.max_concurrent_seqs, kv_tokens, dev, self._dtype,
                               self._ssm_dtype, BLOCK_SIZE)
         self.allocator = SlotAllocator(config.max_concurrent_seqs, self.pool.num_blocks, BLOCK_SIZE)
+        self.snapshot_copier = SnapshotCopier(self.pool)  # [prefix cache] tensor copies for snapshots
         # Widest block table static decode may need: the longest allowed sequence.
         self.max_blocks_per_seq = min(math.ceil(config.max_total_tokens / BLOCK_SIZE), self.pool.num_blocks)
         if decode_mode is None:
@@ -83,10 +97,16 @@ class ModelRunner:
             self.static = StaticDecode(self._decode_hidden, decode_buckets(config.max_concurrent_seqs),
                                        self.pool.dummy_slot, self.pool.dummy_block, self.max_blocks_per_seq,
                                        BLOCK_SIZE, self.arch.hidden, dev, self._dtype,
-                                       capture=decode_mode == "graph")
+                                       CudaGraphs(dev) if decode_mode == "graph" else None)
         self.kernel_report["decode"] = decode_mode
         log.info("runner: device=%s dtype=%s ssm_state=%s kv_tokens=%d kernels=%s", self.device, self.dtype,
                  self._ssm_dtype, self.pool.num_blocks * BLOCK_SIZE, self.kernel_report)
+
+    def bind_thread(self) -> None:
+        """Make this runner's GPU the calling thread's current device (DEVICE=cuda:N): CUDA graph capture
+        and the Triton launches use the current device. The engine calls it from its loop thread."""
+        if self._dev.type == "cuda":
+            torch.cuda.set_device(self._dev)
 
     # ---- the step ---------------------------------------------------------------------------
     def forward(self, batch: StepBatch) -> torch.Tensor:
@@ -163,25 +183,31 @@ class ModelRunner:
 
     # ---- setup / reporting --------------------------------------------------------------------
     def warmup(self) -> None:
-        """A prefill and a decode at every bucket (Triton autotunes here; graphs are captured here)."""
+        """Before the server says ready: a prefill and decode (Triton autotunes here), then every decode
+        (batch, width) bucket the limits can reach, captured as CUDA graphs in graph mode (never later)."""
+        cfg = self.config
         # A short prompt (part of one SSD chunk), then a full prefill chunk continuing from its state
-        # (multi-chunk scan with initial state), then a decode step.
-        short = min(self.arch.m_chunk // 2 + 1, self.config.prefill_chunk_tokens)
-        full = min(self.config.prefill_chunk_tokens, self.config.max_input_tokens)
-        total = min(short + full + 1, self.allocator.max_tokens_per_seq)
-        slot = self.allocator.allocate(total)
+        # (multi-chunk scan with initial state), then a decode step. The prompt stays within
+        # max_input_tokens, so the decode position stays below max_total_tokens (the widest graph).
+        prompt = min(cfg.max_input_tokens, self.allocator.max_tokens_per_seq - 1)
+        short = max(1, min(self.arch.m_chunk // 2 + 1, cfg.prefill_chunk_tokens, prompt - 1))
+        full = min(cfg.prefill_chunk_tokens, prompt - short)
+        slot = self.allocator.allocate(short + full + 1)
         try:
-            full = max(min(full, total - short - 1), 1)
             ids = [1 + i % (self.vocab_size - 1) for i in range(short + full)]
-            self.forward(StepBatch((SeqChunk(slot, tuple(ids[:short]), 0, False),)))
-            self.forward(StepBatch((SeqChunk(slot, tuple(ids[short:]), short, True),)))
+            self.forward(StepBatch((SeqChunk(slot, tuple(ids[:short]), 0, full == 0),)))
+            if full:
+                self.forward(StepBatch((SeqChunk(slot, tuple(ids[short:]), short, True),)))
             self.forward(StepBatch((SeqChunk(slot, (1,), short + full, True),)))
         finally:
             self.allocator.free(slot)
         if self.static is not None:
-            self.static.prepare_all()
+            cost = lambda key: decode_step_bytes(self.arch, key[0], key[1] * BLOCK_SIZE, self._dtype,  # noqa: E731
+                                                 self._paged)
+            self.static.prepare_all(cost, self._graph_budget(cost))
+            self.kernel_report["decode_buckets"] = f"{self.static.report['prepared']}/{self.static.report['keys']}"
         elif self._dev.type == "cuda":
-            for b in decode_buckets(self.config.max_concurrent_seqs):
+            for b in decode_buckets(cfg.max_concurrent_seqs):
                 d = self.pool.dummy_slot
                 t = lambda v: torch.tensor(v, dtype=torch.long, device=self._dev)  # noqa: E731
                 self._decode_hidden(t([1] * b), t([d] * b), t([[self.pool.dummy_block]] * b), t([0] * b))
@@ -189,9 +215,22 @@ class ModelRunner:
         if self._dev.type == "cuda":
             torch.cuda.synchronize(self._dev)
 
+    def _graph_budget(self, cost) -> int:
+        """Bytes the decode graphs' shared pool may grow to: the widest graph's estimate (what the auto KV
+        size kept back), never more than what is free now minus the prefill temporaries and a margin."""
+        widest = cost((self.static.buckets[-1], self.static.widths[-1]))
+        if self._dev.type != "cuda":
+            return widest
+        free, _ = torch.cuda.mem_get_info(self._dev)
+        prefill = prefill_step_bytes(self.arch, self.config.max_step_tokens, self.config.max_concurrent_seqs,
+                                     self._dtype)
+        return max(0, min(widest, free - prefill - CUDA_FIXED_RESERVE // 2))
+
     def memory_report(self) -> dict:
         rep = self.pool.report()
         n = self.config.max_total_tokens
         rep["formula_bytes_per_seq"] = bytes_per_seq(self.arch, n, self._dtype, self._ssm_dtype)
         rep["formula_tokens"] = n
+        if self.static is not None:
+            rep["decode_graphs"] = dict(self.static.report)
         return rep

@@ -51,6 +51,7 @@ class Sequence:
         self.cancelled = False  # set from any thread; acted on by the next schedule()
         self.last_served = -1  # when this sequence last got a decode token (fairness order)
         self.scheduled_tokens = 0  # tokens fed in the step being run
+        self.cached_tokens = 0  # prompt tokens resumed from a prefix-cache snapshot (not computed)
         self.ctx: Any = None  # engine-owned per-sequence state (handle, detokenizer, generator)
 
     @property
@@ -77,9 +78,10 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: Allocator) -> None:
+    def __init__(self, config: EngineConfig, allocator: Allocator, prefix: Any = None) -> None:
         self.config = config
         self.allocator = allocator
+        self.prefix = prefix  # model.prefix_cache.PrefixCache or None
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.retired: list[Sequence] = []  # cancelled sequences retired by schedule(); see drain_retired
@@ -112,6 +114,16 @@ class Scheduler:
         # FIFO: the head of the queue is never overtaken, so a big request is not starved by small ones.
         while self.waiting and self.allocator.num_free_slots > 0:
             seq = self.waiting[0]
+            if self.prefix is not None:  # [prefix cache] resume from the longest snapshot; snapshots make room
+                got = self.prefix.admit(seq.prompt_ids, seq.reserve_tokens)
+                if got is None:
+                    break
+                self.waiting.popleft()
+                seq.slot, seq.num_computed = got
+                seq.cached_tokens = seq.num_computed
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+                continue
             if not self.allocator.can_allocate(seq.reserve_tokens):
                 break
             self.waiting.popleft()

@@ -18,8 +18,9 @@ from model.granite import GraniteArch
 BLOCK_SIZE = 16
 CPU_MAX_KV_TOKENS = 1 << 18  # auto KV size on CPU: at most 256K tokens ...
 CPU_MAX_KV_BYTES = 2 << 30  # ... and at most 2 GiB
-CUDA_FREE_FRACTION = 0.90  # of the memory free after weights, for state + KV
-CUDA_ACTIVATION_RESERVE = 2 << 30  # bytes kept back for activations / graphs / allocator slack
+CUDA_FREE_FRACTION = 0.90  # of the memory free after weights, for state + KV + the step temporaries
+CUDA_FIXED_RESERVE = 1 << 30  # bytes kept back whatever the limits: cuBLAS/Triton workspaces, allocator slack
+PAGED_SPLIT_TOKENS = 512  # model/paged_attention.PARTITION (not imported here: it needs triton)
 
 
 def _nbytes(dtype: torch.dtype) -> int:
@@ -42,23 +43,72 @@ def bytes_per_seq(a: GraniteArch, n_tokens: int, dtype: torch.dtype, ssm_dtype: 
     return state_bytes_per_seq(a, dtype, ssm_dtype) + n_tokens * kv_bytes_per_token(a, dtype)
 
 
-def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, device: torch.device,
-                   dtype: torch.dtype, ssm_dtype: torch.dtype) -> int:
-    """KV pool size when EngineConfig.kv_cache_tokens == 0."""
-    want = num_slots * max_total_tokens
-    if device.type != "cuda":
-        cap = min(CPU_MAX_KV_TOKENS, CPU_MAX_KV_BYTES // max(kv_bytes_per_token(a, dtype), 1))
-        return max(min(want, cap), max_total_tokens)
-    free, _total = torch.cuda.mem_get_info(device)
-    budget = int(free * CUDA_FREE_FRACTION) - CUDA_ACTIVATION_RESERVE
-    budget -= (num_slots + 1) * state_bytes_per_seq(a, dtype, ssm_dtype)
-    per_token = max(kv_bytes_per_token(a, dtype), 1)
-    tokens = min(want, budget // per_token)
+def row_activation_bytes(a: GraniteArch, dtype: torch.dtype) -> int:
+    """Activations one token row holds inside one layer, with margin: the Mamba in_proj output, the MLP's
+    gate/up pair and a few hidden-sized buffers (layers run one after another: one layer's worth)."""
+    in_proj = 2 * a.m_inner + 2 * a.m_groups * a.m_state + a.m_heads
+    return 2 * (in_proj + 2 * a.mlp_inner + 4 * a.hidden) * max(_nbytes(dtype), 4)
+
+
+def decode_step_bytes(a: GraniteArch, batch: int, tokens: int, dtype: torch.dtype, paged: bool = False) -> int:
+    """Temporaries of one decode step (one CUDA graph) of `batch` rows reading `tokens` KV positions each, plus
+    the per-row activations. Gathered attention (the reference path) copies k and v (batch, tokens, kv_heads,
+    head_dim) and SDPA may copy them into its own layout (x2), one layer at a time: the micro at 32 slots x
+    16K, 2 GiB. The paged kernel (model/paged_attention.py) reads the cache in place and only keeps fp32
+    partial results per 512-token split (out, max, sum per query head)."""
+    if paged:
+        splits = -(-max(tokens, 1) // PAGED_SPLIT_TOKENS)
+        attn = batch * a.n_heads * splits * (a.head_dim + 2) * 4
+    else:
+        attn = 2 * batch * tokens * (kv_bytes_per_token(a, dtype) // max(a.n_attention, 1))
+    return attn + batch * row_activation_bytes(a, dtype)
+
+
+def prefill_step_bytes(a: GraniteArch, step_tokens: int, num_slots: int, dtype: torch.dtype) -> int:
+    """Temporaries of one packed prefill step of `step_tokens` tokens: per-row activations, the SSD scan's
+    fp32 chunk states (b, chunks, heads, head_dim, d_state, x3 for states / passing / output), the fp32
+    logits of at most one row per sequence."""
+    chunks = -(-step_tokens // max(a.m_chunk, 1)) + 1
+    ssd = 3 * chunks * a.m_heads * a.m_head_dim * a.m_state * 4
+    return step_tokens * row_activation_bytes(a, dtype) + ssd + min(step_tokens, num_slots) * a.vocab_size * 4
+
+
+def cuda_reserve_bytes(a: GraniteArch, num_slots: int, max_total_tokens: int, max_step_tokens: int,
+                       dtype: torch.dtype, paged: bool = False) -> int:
+    """Memory kept out of the KV pool on CUDA, from the limits: the widest decode graph (every slot at
+    max_total_tokens), the largest prefill step and a fixed reserve."""
+    return (CUDA_FIXED_RESERVE + decode_step_bytes(a, num_slots, max_total_tokens, dtype, paged)
+            + prefill_step_bytes(a, max_step_tokens, num_slots, dtype))
+
+
+def cuda_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_step_tokens: int, free: int,
+                   dtype: torch.dtype, ssm_dtype: torch.dtype, snapshot_share: float = 0.0,
+                   paged: bool = False) -> int:
+    """KV pool tokens that fit `free` bytes of GPU memory (after the weights) beside the reserve. Prefix-cache
+    snapshots may copy up to `snapshot_share` x the pool's bytes of Mamba state on top of the pool: that part
+    is set aside first."""
+    reserve = cuda_reserve_bytes(a, num_slots, max_total_tokens, max_step_tokens, dtype, paged)
+    budget = int(free * CUDA_FREE_FRACTION) - reserve - (num_slots + 1) * state_bytes_per_seq(a, dtype, ssm_dtype)
+    budget = int(budget / (1.0 + snapshot_share))
+    tokens = min(num_slots * max_total_tokens, budget // max(kv_bytes_per_token(a, dtype), 1))
     if tokens < max_total_tokens:
         raise RuntimeError(
             f"not enough GPU memory for one sequence of {max_total_tokens} tokens with {num_slots} slots: "
-            f"{free / 2**30:.1f} GiB free; lower MAX_CONCURRENT_SEQS or MAX_TOTAL_TOKENS")
+            f"{free / 2**30:.1f} GiB free, {reserve / 2**30:.1f} GiB of it kept for the step temporaries "
+            "(decode graphs read every slot at max_total_tokens); lower MAX_CONCURRENT_SEQS or MAX_TOTAL_TOKENS")
     return int(tokens)
+
+
+def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_step_tokens: int,
+                   device: torch.device, dtype: torch.dtype, ssm_dtype: torch.dtype, snapshot_share: float = 0.0,
+                   paged: bool = False) -> int:
+    """KV pool size when EngineConfig.kv_cache_tokens == 0 (snapshot_share, paged: see cuda_kv_tokens)."""
+    if device.type != "cuda":
+        cap = min(CPU_MAX_KV_TOKENS, CPU_MAX_KV_BYTES // max(kv_bytes_per_token(a, dtype), 1))
+        return max(min(num_slots * max_total_tokens, cap), max_total_tokens)
+    free, _total = torch.cuda.mem_get_info(device)
+    return cuda_kv_tokens(a, num_slots, max_total_tokens, max_step_tokens, free, dtype, ssm_dtype, snapshot_share,
+                          paged)
 
 
 class StatePool:

@@ -61,6 +61,9 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    # A stateful session (serve side): when the sequence finishes, its snapshot is pinned for this session
+    # and Engine.session_conversation(session_id) returns prompt + output ids (see model/prefix_cache.py).
+    session_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Completion:
     seed: int | None
     error: str | None = None
     failure: FailureKind | None = None
+    cached_tokens: int = 0  # prompt tokens resumed from the prefix cache (usage.prompt_tokens_details)
 
     @property
     def generated_tokens(self) -> int:
@@ -133,6 +137,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     kernels: str = "auto"  # auto | fused | reference ; fused on a CPU-only machine is an error
+    prefix_cache: bool = True  # resume prompts from state snapshots (model/prefix_cache.py)
+    snapshot_device_share: float = 0.25  # device tier: this share of the state pool's bytes (KV + slots)
+    snapshot_host_bytes: int = 2 << 30  # host tier (pinned on CUDA) in bytes; 0 = no host tier
 
     def __post_init__(self) -> None:
         for name in (
@@ -154,6 +161,10 @@ class EngineConfig:
         for name, allowed in (("dtype", DTYPES), ("ssm_state_dtype", SSM_STATE_DTYPES), ("kernels", KERNEL_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be {'|'.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.snapshot_device_share <= 1.0:
+            raise ValueError(f"snapshot_device_share must be in [0, 1], got {self.snapshot_device_share}")
+        if self.snapshot_host_bytes < 0:
+            raise ValueError(f"snapshot_host_bytes must be >= 0, got {self.snapshot_host_bytes}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Entry points: `python -m serve serve [--host H] [--port P]` and `python -m serve batch ...`.
+"""Entry points: `python -m serve serve [--host H] [--port P]`, `python -m serve batch ...` and
+`python -m serve sign MODEL_DIR --key KEY ...` (serve/sign.py).
 
 `serve` runs gunicorn in this process (so SIGTERM from `docker stop` / SageMaker reaches the gunicorn
 master directly) with serve/gunicorn_conf.py; the configuration is validated first so a bad
@@ -10,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE = "usage: python -m serve {serve [--host HOST] [--port PORT] | batch --input IN --output OUT ...}"
+USAGE = ("usage: python -m serve {serve [--host HOST] [--port PORT] | batch --input IN --output OUT ... "
+         "| sign MODEL_DIR --key KEY ...}")
 
 
 def serve(argv: list[str]) -> int:
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from serve.batch import main as batch_main  # lazily: the server never imports the batch code
 
         return batch_main(rest)
+    if command == "sign":
+        from serve.sign import main as sign_main
+
+        return sign_main(rest)
     print(f"unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

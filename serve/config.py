@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from model.signing import MODES as SIGNATURE_MODES
+from model.signing import SignaturePolicy
 from model.types import DTYPES, KERNEL_MODES, SSM_STATE_DTYPES, EngineConfig
 
 _ENGINE_DEFAULTS = EngineConfig()
@@ -84,6 +86,7 @@ class Config:
     # Until with_context() has seen the checkpoint, the context limits here are provisional.
     engine: EngineConfig = field(default_factory=EngineConfig)
     context: Context = field(default_factory=Context)
+    signature: SignaturePolicy = field(default_factory=SignaturePolicy)
 
     @property
     def threads(self) -> int:
@@ -105,6 +108,16 @@ def _int(lo: int = 0, hi: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be 0..1")
+    return value
 
 
 def _bool(raw: str) -> bool:
@@ -145,6 +158,10 @@ def _device(raw: str) -> str:
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
         return value
     raise ValueError("expected auto|cpu|cuda|cuda:N")
+
+
+def _paths(raw: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in raw.split(",") if x.strip())
 
 
 def _gpu_list(raw: str) -> tuple[str, ...]:
@@ -194,6 +211,23 @@ VARS: tuple[Var, ...] = (
     Var("HF_TOKEN", None, "Token for gated/private HF_MODEL_ID downloads (never logged).", _str),
     Var("MODEL_ID", None, "'demo': serve the built-in demo model (random weights, meaningless text); wins over MODEL_DIR.", _str),
     Var("MODEL_CACHE_DIR", "/tmp/granite-h-cache", "Writable directory for downloads and the demo model.", _str),
+    Var("MODEL_SIGNATURE", "verify",
+        "Checkpoint signature check before weights load: off, verify (when a signature is present), require.",
+        _choice(*SIGNATURE_MODES)),
+    Var("MODEL_SIGNATURE_FILE", "model.sig", "The model-signing bundle: relative to the checkpoint folder, or absolute.",
+        _str),
+    Var("MODEL_SIGNATURE_PUBLIC_KEY", None, "PEM public key the checkpoint was signed with (key method).", _str),
+    Var("MODEL_SIGNATURE_CERT_CHAIN", None,
+        "PEM file(s), comma-separated, with the CA chain of the signing certificate (certificate method).", _paths),
+    Var("MODEL_SIGNATURE_IDENTITY", None, "Keyless sigstore: the signer identity (certificate SAN) to require.", _str),
+    Var("MODEL_SIGNATURE_ISSUER", None, "Keyless sigstore: the OIDC issuer of that identity.", _str),
+    Var("MODEL_SIGNATURE_TRUST_CONFIG", None,
+        "Keyless sigstore trust root: a ClientTrustConfig JSON path (offline), 'bundled' (sigstore release's copy, "
+        "offline) or 'tuf' (downloaded at start).", _str),
+    Var("MODEL_SIGNATURE_IGNORE_PATHS", None,
+        "Comma-separated paths (relative to the checkpoint) left out of the check.", _paths),
+    Var("MODEL_SIGNATURE_IGNORE_UNSIGNED", False, "Ignore files the signature does not list instead of refusing.",
+        _bool),
     Var("MAX_INPUT_TOKENS", None, "Longest prompt accepted (longer: 422); unset: MAX_TOTAL_TOKENS - 1.", _int(1)),
     Var("MAX_TOTAL_TOKENS", None,
         "Prompt + generated tokens per sequence; unset: the checkpoint's context length (max_position_embeddings, "
@@ -218,6 +252,12 @@ VARS: tuple[Var, ...] = (
     Var("CUDA_GRAPHS", True, "Capture decode steps as CUDA graphs (CUDA only).", _bool),
     Var("KERNELS", "auto", "auto, fused, reference (fused needs CUDA + mamba-ssm).",
         _choice(*KERNEL_MODES)),
+    Var("PREFIX_CACHE", _ENGINE_DEFAULTS.prefix_cache,
+        "Resume prompts that start with a finished prompt or conversation from its exact state snapshot.", _bool),
+    Var("SNAPSHOT_DEVICE_SHARE", _ENGINE_DEFAULTS.snapshot_device_share,
+        "Prefix-cache snapshots kept on the device, as a share of the state pool's bytes (0..1).", _fraction),
+    Var("SNAPSHOT_HOST_BYTES", _ENGINE_DEFAULTS.snapshot_host_bytes,
+        "Bytes of host memory (pinned on CUDA) for snapshots moved off the device; 0 = none.", _int(0)),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
     Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
     Var("PROMETHEUS_MULTIPROC_DIR", None,
@@ -268,6 +308,9 @@ def _engine_config(v: dict[str, Any], total: int, inp: int) -> EngineConfig:
             device=v["DEVICE"],
             cuda_graphs=v["CUDA_GRAPHS"],
             kernels=v["KERNELS"],
+            prefix_cache=v["PREFIX_CACHE"],
+            snapshot_device_share=v["SNAPSHOT_DEVICE_SHARE"],
+            snapshot_host_bytes=v["SNAPSHOT_HOST_BYTES"],
         )
     except ValueError as e:
         msg = str(e)
@@ -378,7 +421,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         cache_dir=v["MODEL_CACHE_DIR"],
     )
     return Config(server=server, model=model, context=context,
-                  engine=_engine_config(v, total, context.max_input_tokens or total - 1))
+                  engine=_engine_config(v, total, context.max_input_tokens or total - 1), signature=_signature(v))
 
 
 def _max_new_tokens(c: Context, total: int) -> int:
@@ -408,3 +451,15 @@ def with_context(cfg: Config, context_length: int | None) -> Config:
     server = dataclasses.replace(cfg.server, default_max_new_tokens=_max_new_tokens(c, total))
     engine = dataclasses.replace(cfg.engine, max_total_tokens=total, max_input_tokens=inp)
     return dataclasses.replace(cfg, server=server, engine=engine)
+
+
+def _signature(v: dict[str, Any]) -> SignaturePolicy:
+    try:
+        return SignaturePolicy(
+            mode=v["MODEL_SIGNATURE"], file=v["MODEL_SIGNATURE_FILE"], public_key=v["MODEL_SIGNATURE_PUBLIC_KEY"],
+            cert_chain=v["MODEL_SIGNATURE_CERT_CHAIN"] or (), identity=v["MODEL_SIGNATURE_IDENTITY"],
+            issuer=v["MODEL_SIGNATURE_ISSUER"], trust_config=v["MODEL_SIGNATURE_TRUST_CONFIG"],
+            ignore_paths=v["MODEL_SIGNATURE_IGNORE_PATHS"] or (), ignore_unsigned=v["MODEL_SIGNATURE_IGNORE_UNSIGNED"],
+            cache_dir=v["MODEL_CACHE_DIR"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -23,7 +23,9 @@ def resolve_model_source(cfg: Config) -> Any:
     from model.loader import resolve_model
 
     m = cfg.model
-    resolved = resolve_model(m.model_dir, m.hf_model_id, m.hf_revision, m.hf_token, m.model_id, m.cache_dir)
+    # the checkpoint's signature (MODEL_SIGNATURE*) is checked in resolve_model, before any file is read
+    resolved = resolve_model(m.model_dir, m.hf_model_id, m.hf_revision, m.hf_token, m.model_id, m.cache_dir,
+                             cfg.signature)
     if resolved.is_demo:
         log.warning("!" * 78)
         log.warning("DEMO MODEL: %s has RANDOM WEIGHTS; its text is meaningless. Set MODEL_DIR or "

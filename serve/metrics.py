@@ -34,6 +34,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 GAUGES = {"queue_depth": "waiting", "running_sequences": "running", "free_slots": "free_slots",
           "total_slots": "total_slots"}  # metric -> engine.stats() key
 ENGINE_COUNTERS = ("prompt_tokens_total", "generated_tokens_total", "requests_total", "step_errors_total")
+# engine.stats()["prefix_cache"] (model/prefix_cache.py): counters, gauges, and bytes per tier
+PREFIX_COUNTERS = ("hits", "hits_host", "misses", "evictions", "demotions", "tokens_reused", "snapshots_taken")
+PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "kv_blocks_held", "sessions")
 
 
 class Metrics:
@@ -57,6 +60,12 @@ class Metrics:
                        for key in ENGINE_COUNTERS}
         self.finished = Counter(f"{p}engine_finished_total", "Sequences finished, by reason.", ["reason"],
                                 registry=r)
+        self.prefix = {k: Counter(f"{p}prefix_cache_{k}", f"Prefix cache {k} (model/prefix_cache.py).", registry=r)
+                       for k in PREFIX_COUNTERS}
+        self.prefix_gauges = {k: Gauge(f"{p}prefix_cache_{k}", f"Prefix cache {k}.", registry=r,
+                                       multiprocess_mode="livesum") for k in PREFIX_GAUGES}
+        self.prefix_bytes = Gauge(f"{p}prefix_cache_bytes", "Bytes of state snapshots, by tier.", ["tier"],
+                                  registry=r, multiprocess_mode="livesum")
         self._seen: dict[str, float] = {}  # engine counter -> value already added
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -82,10 +91,19 @@ class Metrics:
             for name, key in GAUGES.items():
                 self.gauges[name].set(s.get(key, 0))
             counts = {k: s[k] for k in ENGINE_COUNTERS if k in s}
+            pc = s.get("prefix_cache") or {}
+            counts.update({f"prefix:{k}": pc[k] for k in PREFIX_COUNTERS if k in pc})
+            for k in PREFIX_GAUGES:
+                self.prefix_gauges[k].set(pc.get(k, 0))
+            for tier in ("device", "host"):
+                self.prefix_bytes.labels(tier=tier).set(pc.get(f"bytes_{tier}", 0))
             counts.update({f"finished:{r}": n for r, n in (s.get("finished_total") or {}).items()})
             for key, value in counts.items():
                 # labels() shows a reason from the start (at 0), so a scrape always finds every reason
-                metric = self.finished.labels(reason=key[9:]) if key.startswith("finished:") else self.engine[key]
+                if key.startswith("finished:"):
+                    metric = self.finished.labels(reason=key[9:])
+                else:
+                    metric = self.prefix[key[7:]] if key.startswith("prefix:") else self.engine[key]
                 delta = value - self._seen.get(key, 0)
                 if delta > 0:  # counters only grow (a restarted engine starts a new worker, new files)
                     metric.inc(delta)

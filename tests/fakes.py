@@ -69,6 +69,9 @@ class FakeRunner:
     def warmup(self):
         pass
 
+    def bind_thread(self):
+        self.bound_threads = [*getattr(self, "bound_threads", []), threading.current_thread().name]
+
     def forward(self, batch):
         import torch  # here, so importing this module stays torch-free (batch subprocess tests)
 

@@ -5,14 +5,18 @@ Two layouts, both served from /opt/ml/model inside the container:
 - an uncompressed S3 prefix (ModelDataSource S3DataType=S3Prefix, CompressionType=None): recommended
   for real-time endpoints with large models: no tar/untar, faster start.
 Either may carry code/inference.py (the SageMaker override hooks, see code/inference.py).
+--sign-key signs exactly the files that ship (code/ included) into a model.sig at the root, which the
+container verifies before loading (MODEL_SIGNATURE_PUBLIC_KEY or, with --sign-cert, _CERT_CHAIN).
 
     python -m granite_sm.package --model ibm-granite/granite-4.0-h-micro --bucket my-bucket \
-        --prefix granite --format both --inference-py code/inference.py
+        --prefix granite --format both --inference-py code/inference.py [--sign-key signer.key]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -23,6 +27,7 @@ from granite_sm.common import MODEL_ID, add_aws_args, clients, parse_s3_uri, s3_
 # What the server needs: config, safetensors weights (+ index), tokenizer files, chat template.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model"]
 CODE_DIR = "code"
+SIGNATURE = "model.sig"
 
 
 def snapshot(model: str, revision: str | None = None, local_dir: str | Path | None = None,
@@ -54,6 +59,33 @@ def model_files(model_dir: str | Path, inference_py: str | Path | None = None,
             if not Path(src).is_file():
                 raise FileNotFoundError(src)
             yield Path(src), rel
+
+
+def stage_signed(model_dir: str | Path, out_dir: str | Path, key: str | Path, cert: str | Path | None = None,
+                 chain: tuple[str | Path, ...] = (), inference_py: str | Path | None = None,
+                 requirements: str | Path | None = None) -> Path:
+    """out_dir holding exactly the files that ship (hard links where possible: no copy of the weights)
+    plus their model.sig, so the signature covers the folder the container will serve. A model.sig
+    already in model_dir is replaced, never written through a link."""
+    try:
+        from serve.sign import sign_checkpoint
+    except ImportError:
+        raise SystemExit("signing needs this repository installed: pip install '.[client]'") from None
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    for path, rel in model_files(model_dir, inference_py, requirements):
+        if rel == SIGNATURE:
+            continue
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path.resolve(), dest)
+        except OSError:  # another filesystem
+            shutil.copy2(path, dest)
+    sign_checkpoint(out, key=Path(key), cert=Path(cert) if cert else None, chain=tuple(Path(c) for c in chain),
+                    signature=out / SIGNATURE)
+    return out
 
 
 def make_tarball(model_dir: str | Path, out_path: str | Path, inference_py: str | Path | None = None,
@@ -95,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-py", help="a code/inference.py to include (e.g. code/inference.py)")
     p.add_argument("--requirements", help="a code/requirements.txt to include")
     p.add_argument("--s3", help="destination s3://bucket/prefix; without it, only the local model.tar.gz")
+    p.add_argument("--sign-key", help="PEM EC private key: write a model-signing model.sig over the shipped files")
+    p.add_argument("--sign-cert", help="signing certificate of --sign-key (certificate method)")
+    p.add_argument("--sign-chain", action="append", default=[], help="CA certificates of --sign-cert (repeatable)")
     add_aws_args(p)
     return p
 
@@ -104,17 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     model_dir = snapshot(args.model, args.revision, work / "snapshot", args.hf_token)
     print(f"checkpoint: {model_dir}")
+    inference_py, requirements = args.inference_py, args.requirements
+    if args.sign_key:
+        model_dir = stage_signed(model_dir, work / "signed", args.sign_key, args.sign_cert, tuple(args.sign_chain),
+                                 inference_py, requirements)
+        inference_py = requirements = None  # staged already
+        print(f"signed: {model_dir / SIGNATURE}")
     s3 = clients(args.region, args.profile, "s3")[0] if args.s3 else None
     bucket, prefix = parse_s3_uri(args.s3) if args.s3 else ("", "")
     prefix = prefix.strip("/")
     if args.format in ("tar", "both"):
-        tar = make_tarball(model_dir, work / "model.tar.gz", args.inference_py, args.requirements)
+        tar = make_tarball(model_dir, work / "model.tar.gz", inference_py, requirements)
         print(f"model.tar.gz: {tar} ({tar.stat().st_size / 2**20:.1f} MiB)")
         if s3 is not None:
             print(f"ModelDataUrl: {upload_file(s3, tar, bucket, f'{prefix}/model.tar.gz'.lstrip('/'))}")
     if args.format in ("prefix", "both") and s3 is not None:
-        uri = upload_prefix(s3, model_dir, bucket, f"{prefix}/model".lstrip("/"), args.inference_py,
-                            args.requirements)
+        uri = upload_prefix(s3, model_dir, bucket, f"{prefix}/model".lstrip("/"), inference_py, requirements)
         print(f"ModelDataSource S3Prefix: {uri}")
     return 0
 

@@ -2,6 +2,7 @@
 # Container entry point (exec form in the Dockerfile, so signals reach the server directly).
 #   serve            -> python -m serve serve   (what SageMaker runs)
 #   batch [ARGS...]  -> python -m serve batch ARGS
+#   sign [ARGS...]   -> python -m serve sign ARGS  (sign a checkpoint folder)
 #   anything else    -> run as a command (e.g. `pytest tests/gpu`, `bash`)
 set -e
 
@@ -24,7 +25,7 @@ if [ -e "$compat_dir/libcuda.so.1" ] && [ -r /proc/driver/nvidia/version ]; then
 fi
 
 case "${1:-serve}" in
-    serve | batch)
+    serve | batch | sign)
         exec python -m serve "$@"
         ;;
     *)

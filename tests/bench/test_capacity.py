@@ -18,7 +18,7 @@ def test_counts_fill_the_budget_exactly():
     rows = capacity(arch)
     assert [r["instance"] for r in rows] == [name for name, _, _ in INSTANCES]
     for row, (_, n_gpus, gpu) in zip(rows, INSTANCES, strict=True):
-        budget = sequence_budget_bytes(gpu)
+        budget = sequence_budget_bytes(gpu, arch)
         for ctx in CONTEXTS:
             n = row[f"seqs_{ctx // 1024}k_per_gpu"]
             assert n * per_seq_bytes(arch, ctx) <= budget < (n + 1) * per_seq_bytes(arch, ctx)

@@ -5,8 +5,10 @@
 #   1. hadolint on the Dockerfile (when installed)
 #   2. local Debian base image (debootstrap, cached) + wheelhouse (cached) + `podman build`
 #   3. the image passes SM_NUM_GPUS / CUDA_VISIBLE_DEVICES through to the worker layout
-#   4. `serve` as the non-root user `granite`, model mounted read-only at /opt/ml/model, port from
-#      SAGEMAKER_BIND_TO_PORT: time to the first /ping 200, JSON, SSE, JSON Lines, SIGTERM drain
+#   4. `serve` as the non-root user `granite`, model signed on the host (python -m serve sign) and
+#      mounted read-only at /opt/ml/model, its public key mounted apart, MODEL_SIGNATURE=require, port
+#      from SAGEMAKER_BIND_TO_PORT: signature verified, time to the first /ping 200, JSON, SSE, JSON Lines,
+#      SIGTERM drain; then the same mount against another key: /ping 503 with the reason
 #   5. no model configured: never a 200 from /ping (no silent fallback to a random model)
 #   6. `batch` on a mounted folder: one .out line per input line
 # Prints the image size and serve-to-first-ping time. Cleans up what it started (by id).
@@ -67,8 +69,13 @@ chmod 755 "$WORK"
 step "demo checkpoint (host) -> mounted read-only at /opt/ml/model"
 "$PY" -c "import sys; from model.demo import build_checkpoint; build_checkpoint(sys.argv[1], preset='demo')" \
     "$WORK/model" >/dev/null
+"$PY" -c "import sys; from pathlib import Path; from tests.serve.signing_keys import key_pair
+for name in ('signer', 'other'): key_pair(Path(sys.argv[1]), name)" "$WORK/keys"
+"$PY" -m serve sign "$WORK/model" --key "$WORK/keys/signer.key" >/dev/null
+rm "$WORK"/keys/*.key  # only the public keys go into the container
 # Like an extracted model.tar.gz: world-readable files (the server runs as a non-root user below).
-chmod -R a+rX "$WORK/model"
+chmod -R a+rX "$WORK/model" "$WORK/keys"
+SIGNED=(-e MODEL_SIGNATURE=require -e MODEL_SIGNATURE_PUBLIC_KEY=/opt/keys/signer.pub -v "$WORK/keys:/opt/keys:ro")
 
 step "SM_NUM_GPUS / CUDA_VISIBLE_DEVICES reach the worker layout"
 layout="$(podman run --rm --network none -e DEVICE=cuda -e SM_NUM_GPUS=4 "$IMAGE" \
@@ -82,7 +89,7 @@ echo "ok   SM_NUM_GPUS=4 -> 4 workers on GPUs 0-3; CUDA_VISIBLE_DEVICES=2,3 -> 2
 PORT="$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
 step "serve (as user granite, port $PORT via SAGEMAKER_BIND_TO_PORT)"
 started="$("$PY" -c "import time; print(time.time())")"
-cid="$(podman run -d --network host --user granite \
+cid="$(podman run -d --network host --user granite "${SIGNED[@]}" \
     -e SAGEMAKER_BIND_TO_PORT="$PORT" -v "$WORK/model:/opt/ml/model:ro" "$IMAGE" serve)"
 CONTAINERS+=("$cid")
 if ! "$PY" tests/container/check_server.py --port "$PORT" --container "$cid" --started "$started" \
@@ -91,6 +98,39 @@ if ! "$PY" tests/container/check_server.py --port "$PORT" --container "$cid" --s
     podman logs "$cid" 2>&1 | tail -60
     exit 1
 fi
+podman logs "$cid" 2>&1 | grep "model signature verified" \
+    || { podman logs "$cid" 2>&1 | tail -30; echo "no 'model signature verified' in the log"; exit 1; }
+
+step "signed checkpoint checked against another key: /ping 503 with the reason"
+PORT="$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
+wid="$(podman run -d --network host "${SIGNED[@]}" -e MODEL_SIGNATURE_PUBLIC_KEY=/opt/keys/other.pub \
+    -e SAGEMAKER_BIND_TO_PORT="$PORT" -v "$WORK/model:/opt/ml/model:ro" "$IMAGE" serve)"
+CONTAINERS+=("$wid")
+"$PY" - "$PORT" <<'PY'
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+url = f"http://127.0.0.1:{sys.argv[1]}/ping"
+for _ in range(180):
+    try:
+        urllib.request.urlopen(url, timeout=5)
+        raise SystemExit("/ping answered 200 for a checkpoint signed with another key")
+    except urllib.error.HTTPError as e:
+        reason = json.loads(e.read())["error"]
+        if "still loading" not in reason:
+            assert e.code == 503 and "not made with this public key" in reason, (e.code, reason)
+            print(f"ok   wrong key: /ping 503: {reason[:120]}")
+            break
+    except (urllib.error.URLError, ConnectionError):
+        pass
+    time.sleep(1)
+else:
+    raise SystemExit("no refusal within 180 s")
+PY
+podman rm -f -t 0 "$wid" >/dev/null
 
 step "no model configured: /ping stays 503, /invocations answers JSON 503, the log says why"
 PORT="$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")"
@@ -127,7 +167,7 @@ mkdir -p "$WORK/in" "$WORK/out"
     echo '{"messages": [{"role": "user", "content": "second"}], "max_tokens": 4}'
     echo '{"inputs": "third record", "parameters": {"max_new_tokens": 4}}'
 } > "$WORK/in/records.jsonl"
-bid="$(podman create --network none -v "$WORK/model:/opt/ml/model:ro" -v "$WORK/in:/data/in:ro" \
+bid="$(podman create --network none "${SIGNED[@]}" -v "$WORK/model:/opt/ml/model:ro" -v "$WORK/in:/data/in:ro" \
     -v "$WORK/out:/data/out" "$IMAGE" batch --input /data/in --output /data/out)"
 CONTAINERS+=("$bid")
 if ! podman start --attach "$bid" > "$WORK/batch.log" 2>&1; then
@@ -147,5 +187,6 @@ records = [json.loads(line) for line in lines]
 assert not any("error" in json.dumps(r) for r in records), records
 print(f"ok   batch: 3 records in, 3 lines in records.jsonl.out")
 PY
+grep -q "model signature verified" "$WORK/batch.log" || { tail -20 "$WORK/batch.log"; echo "batch did not verify"; exit 1; }
 
 step "container test passed"

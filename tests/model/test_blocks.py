@@ -81,3 +81,23 @@ def test_random_churn_keeps_accounting_exact():
     for slot in list(live):
         a.free(slot)
     assert a.num_free_slots == 8 and a.num_free_blocks == 40
+
+
+def test_shared_blocks_are_refcounted():
+    a = SlotAllocator(num_slots=3, num_blocks=8, block_size=4)
+    s0 = a.allocate(10)  # 3 blocks
+    held = a.block_table(s0)[:2]
+    a.retain(held)  # a snapshot holds the first two
+    a.free(s0)
+    assert a.num_free_blocks == 6 and all(a.refcount(b) == 1 for b in held)
+    assert a.can_allocate(32, shared=2) and not a.can_allocate(33, shared=2)
+    s1 = a.allocate(12, shared=held)  # resumed: shares them, one fresh block
+    assert a.block_table(s1)[:2] == held and a.num_free_blocks == 5
+    assert all(a.refcount(b) == 2 for b in held)
+    a.free(s1)
+    a.release(held)
+    assert a.num_free_blocks == 8 and a.refcount(held[0]) == 0
+    with pytest.raises(KeyError):
+        a.release(held[:1])  # more releases than holds
+    with pytest.raises(KeyError):
+        a.retain([0])  # a free block cannot be shared

@@ -39,6 +39,7 @@ def pool_returns_to_free():
             if eng.scheduler is None:
                 continue
             wait_idle(eng)
+            eng.clear_prefix_cache()  # snapshots hold KV blocks on purpose; dropped, they must all come back
             alloc = eng.runner.allocator
             assert not eng.scheduler.has_work()
             assert alloc.num_free_slots == alloc.num_slots, "slot leak"
@@ -279,6 +280,8 @@ def test_threads_and_stats():
     assert s["prompt_tokens_total"] == sum(i + 1 for i in range(12))
     assert s["total_slots"] == 3 and s["free_slots"] == 3 and s["steps"] > 0
     assert s["finished_total"]["length"] == 12
+    # DEVICE=cuda:N: the loop thread makes the runner's GPU its current device before any step
+    assert eng.runner.bound_threads == ["engine-loop"]
 
 
 def test_shutdown_drains_then_refuses():

@@ -220,28 +220,6 @@ def test_ckpt_tiny_preset_matches_hf(tiny_ckpt):
     torch.testing.assert_close(got, out.logits[:, -1].float(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["eager", "static"])
-def test_fused_kernel_path_matches_reference(ckpt, mode):
-    """The whole network through signature-faithful fake fused kernels (tests/fake_kernels.py)."""
-    from model.kernels import Kernels
-    from tests.fake_kernels import fake_ops
-
-    outs = []
-    for fused in (False, True):
-        r = ModelRunner(ckpt[0], _cfg(), decode_mode=mode)
-        if fused:
-            r.kernels = Kernels("fused", "cpu", fused=fake_ops())
-        slots = [r.allocator.allocate(40) for _ in range(2)]
-        rows = [r.forward(StepBatch((SeqChunk(slots[0], tuple(range(5, 16)), 0, True),
-                                     SeqChunk(slots[1], tuple(range(40, 45)), 0, False)))),
-                r.forward(StepBatch((SeqChunk(slots[1], tuple(range(45, 52)), 5, True),)))]
-        for step in range(3):
-            rows.append(r.forward(StepBatch((SeqChunk(slots[0], (7 + step,), 11 + step, True),
-                                             SeqChunk(slots[1], (9 + step,), 12 + step, True)))))
-        outs.append(torch.cat(rows))
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("dtype,ssm", [("bfloat16", "bfloat16"), ("bfloat16", "float32"), ("float32", "bfloat16")])
 def test_low_precision_paths_run_and_stay_close(ckpt, dtype, ssm):
     ref = ModelRunner(ckpt[0], _cfg())
@@ -257,14 +235,13 @@ def test_low_precision_paths_run_and_stay_close(ckpt, dtype, ssm):
     torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("fused,budget", [(False, 1 << 16), (True, 1 << 16), (False, 60)])
-def test_packed_prefill_equals_one_at_a_time(ckpt, monkeypatch, fused, budget):
+@pytest.mark.parametrize("budget", [1 << 16, 60])
+def test_packed_prefill_equals_one_at_a_time(ckpt, monkeypatch, budget):
     """One step with several prefill chunks (different lengths, some continuing from existing state and KV,
     across SSD chunk boundaries of 16) and decode rows gives the logits and final states of running each
-    chunk alone; also when the key-row budget splits the chunks into several packed forwards."""
+    chunk alone; also when the key-row budget splits the chunks into several packed forwards. (The fused path:
+    tests/triton/test_model_interp.py, with the real kernels.)"""
     from model import packed as packed_mod
-    from model.kernels import Kernels
-    from tests.fake_kernels import fake_ops
 
     monkeypatch.setattr(packed_mod, "MAX_PACK_KEY_ROWS", budget)
 
@@ -273,8 +250,6 @@ def test_packed_prefill_equals_one_at_a_time(ckpt, monkeypatch, fused, budget):
     results = []
     for packed in (True, False):
         r = ModelRunner(ckpt[0], _cfg())
-        if fused:
-            r.kernels = Kernels("fused", "cpu", fused=fake_ops())
         slots = [r.allocator.allocate(48) for _ in prompts]
         for s, p, n in zip(slots, prompts, done, strict=True):
             if n:

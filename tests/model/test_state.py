@@ -75,8 +75,67 @@ def test_reset_slot_zeroes_only_that_slot(tmp_path):
 def test_auto_kv_tokens_cpu(micro):
     cpu = torch.device("cpu")
     f32 = torch.float32
-    assert auto_kv_tokens(micro, 4, 1000, cpu, f32, f32) == 4000
-    assert auto_kv_tokens(micro, 256, 16384, cpu, f32, f32) == (2 << 30) // (16 * 1024)  # 16 KiB/token in fp32: capped at 2 GiB
+    assert auto_kv_tokens(micro, 4, 1000, 2048, cpu, f32, f32) == 4000
+    assert auto_kv_tokens(micro, 256, 16384, 2048, cpu, f32, f32) == (2 << 30) // (16 * 1024)  # 16 KiB/token in fp32: capped at 2 GiB
     tiny = GraniteArch(**{**micro.__dict__, "n_kv_heads": 1, "head_dim": 2})
-    assert auto_kv_tokens(tiny, 256, 131072, cpu, f32, f32) == 1 << 18  # capped at 256K tokens
-    assert auto_kv_tokens(micro, 1, 1 << 20, cpu, f32, f32) == 1 << 20  # never below one full sequence
+    assert auto_kv_tokens(tiny, 256, 131072, 2048, cpu, f32, f32) == 1 << 18  # capped at 256K tokens
+    assert auto_kv_tokens(micro, 1, 1 << 20, 2048, cpu, f32, f32) == 1 << 20  # never below one full sequence
+
+
+def test_decode_graph_memory_is_budgeted_from_the_limits(micro):
+    """The KV gather temporaries of the widest decode graph (every slot at max_total_tokens) are kept out
+    of the KV pool, instead of a fixed 2 GiB that 256 slots x 32K (16 GiB of gathers) would overrun."""
+    from model.state import (
+        CUDA_FIXED_RESERVE,
+        CUDA_FREE_FRACTION,
+        cuda_kv_tokens,
+        cuda_reserve_bytes,
+        decode_step_bytes,
+    )
+
+    bf16 = torch.bfloat16
+    per_layer = kv_bytes_per_token(micro, bf16) // micro.n_attention  # k + v of one layer: 2 KiB
+    assert per_layer == 2048
+    # 32 x 16K: 1 GiB of gathered k and v, twice for SDPA's own layout, plus small per-row activations
+    d = decode_step_bytes(micro, 32, 16384, bf16)
+    assert 2 << 30 <= d < (2 << 30) + (64 << 20)
+    assert decode_step_bytes(micro, 256, 32768, bf16) >= 32 << 30
+    assert decode_step_bytes(micro, 2, 100, bf16) < decode_step_bytes(micro, 4, 100, bf16)
+    free = 120 << 30  # an H200 after the weights
+    state = state_bytes_per_seq(micro, bf16, bf16)
+    for slots, total in ((32, 16384), (256, 32768), (64, 4096)):
+        reserve = cuda_reserve_bytes(micro, slots, total, 2048, bf16)
+        assert reserve > decode_step_bytes(micro, slots, total, bf16) + CUDA_FIXED_RESERVE
+        tokens = cuda_kv_tokens(micro, slots, total, 2048, free, bf16, bf16)
+        used = reserve + tokens * kv_bytes_per_token(micro, bf16) + (slots + 1) * state
+        assert used <= free * CUDA_FREE_FRACTION  # pool + temporaries fit
+        assert tokens == slots * total or used + kv_bytes_per_token(micro, bf16) > free * CUDA_FREE_FRACTION
+    with pytest.raises(RuntimeError, match="step temporaries"):
+        cuda_kv_tokens(micro, 1024, 131072, 2048, free, bf16, bf16)  # the gathers alone exceed the card
+
+
+def test_snapshot_share_is_set_aside_before_the_kv_pool(micro):
+    """Prefix-cache snapshots may copy up to snapshot_share x the pool's bytes on top of it (CUDA)."""
+    from model.state import cuda_kv_tokens
+
+    bf16, free = torch.bfloat16, 60 << 30
+    full = cuda_kv_tokens(micro, 256, 32768, 2048, free, bf16, bf16)
+    shared = cuda_kv_tokens(micro, 256, 32768, 2048, free, bf16, bf16, snapshot_share=0.25)
+    assert full < 256 * 32768  # memory-bound, so the share shows
+    assert shared < full and abs(shared * 1.25 - full) <= 1.25 * 1024
+
+
+def test_paged_decode_budgets_no_gathered_kv(micro):
+    """With the paged decode kernel the widest graph keeps only per-split partials, so slots x context
+    no longer eats the pool: the same card holds far more KV."""
+    from model import paged_attention
+    from model.state import PAGED_SPLIT_TOKENS, cuda_kv_tokens, decode_step_bytes
+
+    assert PAGED_SPLIT_TOKENS == paged_attention.PARTITION
+    bf16 = torch.bfloat16
+    gathered, paged = decode_step_bytes(micro, 32, 16384, bf16), decode_step_bytes(micro, 32, 16384, bf16, True)
+    assert paged < gathered / 20
+    assert decode_step_bytes(micro, 32, 16384, bf16, True) > decode_step_bytes(micro, 32, 512, bf16, True)
+    free = 60 << 30
+    assert cuda_kv_tokens(micro, 256, 32768, 2048, free, bf16, bf16, paged=True) > \
+        cuda_kv_tokens(micro, 256, 32768, 2048, free, bf16, bf16)

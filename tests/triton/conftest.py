@@ -7,7 +7,11 @@ run by Triton's interpreter. This folder runs in its own pytest process (`make t
 - mamba_ssm/__init__.py imports the compiled selective_scan_cuda, absent from the Triton-only build:
   model.kernels imports the Triton submodules without executing it (the same code production runs);
 - every wrapper enters `torch.cuda.device(x.device.index)`, which raises for CPU tensors (index None):
-  a null context stands in for index None, for this process only.
+  a null context stands in for index None, for this process only;
+- transformers binds its Mamba-2 functions to mamba_ssm's at import time whenever `import mamba_ssm`
+  works, which it does once model.kernels has registered the bare package: Hugging Face's model, the
+  oracle, would then run the very kernels under test. Its modeling module is imported here first, while
+  `import mamba_ssm` still fails, so it keeps its torch path (`hf_torch_path` checks that).
 
 A missing mamba-ssm or triton is a failure here, never a skip: `make install` installs both.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import pytest
 
@@ -23,6 +28,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     raise pytest.UsageError("tests/triton needs TRITON_INTERPRET=1 set before the process starts: "
                             "run `make test`, or `TRITON_INTERPRET=1 python -m pytest tests/triton`")
 os.environ.setdefault("MAMBA_DETERMINISTIC", "1")
+# (its advice, cached autotuning, is moot with one config per kernel)
+warnings.filterwarnings("ignore", message="Deterministic mode: set TRITON_CACHE_AUTOTUNING")
 
 import torch  # noqa: E402
 
@@ -35,6 +42,17 @@ def _device_or_null(index):
 
 torch.cuda.device = _device_or_null
 
+import transformers.models.granitemoehybrid.modeling_granitemoehybrid as hf_granite  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_torch_path():
+    """Asserts Hugging Face's Mamba-2 mixer runs its own torch code, not mamba_ssm's kernels."""
+    import inspect
+
+    for fn in (hf_granite.mamba2_chunk_scan, hf_granite.mamba2_selective_state_update):
+        assert inspect.getclosurevars(fn).nonlocals["is_new_implementation"] is False, fn.__name__
+
 
 @pytest.fixture(scope="session")
 def mamba_ops():
@@ -45,3 +63,14 @@ def mamba_ops():
     missing = [n for n in ("mamba_chunk_scan_combined", "selective_state_update") if getattr(ops, n) is None]
     assert not missing, f"mamba-ssm Triton kernels not importable ({missing}): {ops.errors}; run make install"
     return ops
+
+
+@pytest.fixture(scope="session")
+def interp_ops(mamba_ops):
+    """What the engine's fused path runs: the real mamba-ssm kernels, and causal-conv1d's fakes (CUDA C++ only,
+    tests/fake_kernels.py)."""
+    from model.kernels import FusedOps
+    from tests import fake_kernels
+
+    return FusedOps(mamba_ops.mamba_chunk_scan_combined, mamba_ops.selective_state_update,
+                    fake_kernels.causal_conv1d_fn, fake_kernels.causal_conv1d_update, {})

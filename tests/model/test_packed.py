@@ -1,0 +1,34 @@
+"""Packed.build / Packed.scan index tensors against their per-token definitions (plain Python)."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.packed import Packed
+
+
+@pytest.mark.parametrize("starts,lengths", [([0], [5]), ([0, 7, 0, 3], [20, 9, 33, 1]), ([4, 9], [13, 30]),
+                                            ([0, 0, 0], [16, 1, 17])])
+def test_indices_match_per_token_definitions(starts, lengths):
+    bs, dummy = 4, 99
+    tables = [[10 * i + k for k in range(12)] for i in range(len(lengths))]
+    pk = Packed.build(list(range(len(lengths))), starts, lengths, tables, bs, dummy, "cpu")
+    L, T = max(lengths), sum(lengths)
+    offs = [sum(lengths[:i]) for i in range(len(lengths))]
+    pad = [[offs[i] + j if j < n else T for j in range(L)] for i, n in enumerate(lengths)]
+    unpad = [i * L + j for i, n in enumerate(lengths) for j in range(n)]
+    kv = [tables[i][p // bs] * bs + p % bs
+          for i, (s, n) in enumerate(zip(starts, lengths, strict=True)) for p in range(s, s + n)]
+    nb = -(-max(s + n for s, n in zip(starts, lengths, strict=True)) // bs)
+    assert pk.pad_index.tolist() == pad and pk.unpad_index.tolist() == unpad and pk.kv_write.tolist() == kv
+    assert pk.kv_blocks.tolist() == [t[:nb] + [dummy] * (nb - len(t[:nb])) for t in tables]
+    assert pk.mask.shape == (len(lengths), 1, L, nb * bs)
+    assert pk.mask[:, 0].tolist() == [[[k <= s + j for k in range(nb * bs)] for j in range(L)] for s in starts]
+    sc = pk.scan
+    fresh = [i for i, s in enumerate(starts) if s == 0]
+    assert sc.fresh == tuple(fresh) and sc.continued == tuple(i for i in range(len(lengths)) if i not in fresh)
+    assert sc.fresh_tokens.tolist() == [i * L + j for i in fresh for j in range(lengths[i])]
+    assert sc.fresh_packed.tolist() == [offs[i] + j for i in fresh for j in range(lengths[i])]
+    assert sc.cu_seqlens.tolist() == [sum(lengths[i] for i in fresh[:k]) for k in range(len(fresh) + 1)]
+    assert sc.seq_idx.tolist() == [[k for k, i in enumerate(fresh) for _ in range(lengths[i])]]
+    assert pk.scan is sc  # once per forward

@@ -1,0 +1,19 @@
+"""/metrics renders the engine's prefix-cache counters and bytes per tier."""
+
+from __future__ import annotations
+
+from serve.metrics import Metrics
+
+
+def test_prefix_cache_metrics():
+    pc = dict(hits=3, hits_host=1, misses=2, evictions=1, demotions=4, tokens_reused=900, snapshots_taken=9,
+              snapshots_device=2, snapshots_host=3, kv_blocks_held=17, sessions=1, bytes_device=1234, bytes_host=99)
+    text = Metrics().render({"ready": True, "prefix_cache": pc})
+    text = text.decode()
+    for line in ("granite_prefix_cache_hits_total 3.0", "granite_prefix_cache_misses_total 2.0",
+                 "granite_prefix_cache_evictions_total 1.0", "granite_prefix_cache_tokens_reused_total 900.0",
+                 'granite_prefix_cache_bytes{tier="device"} 1234.0', 'granite_prefix_cache_bytes{tier="host"} 99.0',
+                 "# TYPE granite_prefix_cache_hits_total counter", "granite_prefix_cache_sessions 1.0"):
+        assert line in text.splitlines(), line
+    empty = Metrics().render({"ready": True}).decode()  # prefix cache off: the metrics exist, at 0
+    assert "granite_prefix_cache_hits_total 0.0" in empty.splitlines()
