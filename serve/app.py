@@ -18,6 +18,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from model.types import EngineNotReady, RequestError
+from serve import affinity, session_route
 from serve import encoders as enc
 from serve.config import Config, load_config
 from serve.generate import Ctx, start, stream
@@ -25,6 +26,7 @@ from serve.handler import Service, load_user_module
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serve.metrics import Metrics
 from serve.protocol import JSON_TYPES, KINDS, Limits, ProtocolError, decode_json, media_type, parse_request
+from serve.sessions import SESSION_HEADER, SessionTable
 from serve.watch import DISCONNECTED, watching
 
 log = logging.getLogger("serve")
@@ -45,10 +47,27 @@ class ServerState:
         self.ready = False
         self.metrics = Metrics(config.server.metrics_dir)
         self.limits = Limits()  # set from the engine's context limits once it is loaded
+        me = affinity.this_worker
+        s = config.server
+        self.sessions = SessionTable(me.index if me is not None else 0, s.session_ttl_s, s.session_max,
+                                     on_end=self._session_ended)
+        self.link: affinity.WorkerLink | None = None  # set by create_app with 2+ workers
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._load, name="server-load", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        threading.Thread(target=self._sweep_sessions, name="session-expiry", daemon=True).start()
+
+    def _sweep_sessions(self) -> None:
+        # Idle sessions past their expiry release their pinned state even when no request comes.
+        while not self._stopping.wait(min(10.0, self.sessions.ttl_s / 4)):
+            self.sessions.sweep()
+
+    def _session_ended(self, session) -> None:
+        release = getattr(self.engine, "release_session", None)
+        if release is not None:
+            release(session.id)
 
     def _load(self) -> None:
         try:
@@ -91,7 +110,10 @@ class ServerState:
 
     def shutdown(self, timeout: float) -> None:
         self.ready = False
+        self._stopping.set()
         self.metrics.stop()
+        if self.link is not None:
+            self.link.stop()
         if self.engine is not None:
             self.engine.shutdown(timeout=timeout)
 
@@ -169,8 +191,14 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
     @watched
     def invocations():
         service = state.require()
+        headers = request.headers
+        session_id = headers.get(SESSION_HEADER)
+        if session_id is not None:  # SageMaker stateful sessions (serve/session_route.py)
+            return session_route.invocation(
+                session_id, state.sessions, state.link, service.engine,
+                lambda body: service.invoke(body, headers.get("Content-Type"), headers.get("Accept")), _respond)
         body = request.get_data(cache=False)
-        out, content_type = service.invoke(body, request.headers.get("Content-Type"), request.headers.get("Accept"))
+        out, content_type = service.invoke(body, headers.get("Content-Type"), headers.get("Accept"))
         return _respond(out, content_type)
 
     @watched
@@ -237,5 +265,8 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
         _drain_unread_body(response, max(DRAIN_MIN_BYTES, 2 * config.server.max_payload_bytes))
         return response
 
+    if affinity.this_worker is not None:  # several workers: sessions of the others are forwarded to them
+        state.link = affinity.WorkerLink(affinity.this_worker, app, config.server.timeout_s)
+        state.link.start()
     state.start()
     return app

@@ -72,6 +72,7 @@ def tgi_details(c: Completion, with_tokens: bool, top_n: int = 0) -> dict:
         "generated_tokens": c.generated_tokens,
         "prompt_tokens": c.prompt_tokens,
         "input_length": c.prompt_tokens,
+        "cached_tokens": c.cached_tokens,  # prompt tokens resumed from a state snapshot (prefix reuse)
         "seed": c.seed,
     }
     if with_tokens:
@@ -109,9 +110,11 @@ def openai_finish(reason: FinishReason, has_calls: bool = False) -> str:
     return "length" if reason == FinishReason.LENGTH else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI usage; cached_tokens: prompt tokens resumed from a state snapshot (prefix reuse, sessions)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chat_logprobs(texts, logprobs, tops) -> dict:
@@ -138,7 +141,7 @@ def chat_completion(rid: str, model: str, created: int, c: Completion, tools_giv
     if logprobs:
         choice["logprobs"] = chat_logprobs(c.token_texts, c.logprobs, c.top_tokens)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
-            "usage": usage(c.prompt_tokens, c.generated_tokens)}
+            "usage": usage(c.prompt_tokens, c.generated_tokens, c.cached_tokens)}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None,
@@ -148,9 +151,10 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | No
                 "choices": [choice]}, openai=True)
 
 
-def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> bytes:
+def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int = 0) -> bytes:
     return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                "usage": usage(prompt_tokens, completion_tokens)}, openai=True)
+                "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}, openai=True)
 
 
 def completion_choice(index: int, prompt: str, c: Completion, echo: bool, logprobs: int | None) -> dict:
@@ -170,6 +174,6 @@ def completion_choice(index: int, prompt: str, c: Completion, echo: bool, logpro
 
 
 def text_completion(rid: str, model: str, created: int, choices: list[dict], prompt_tokens: int,
-                    completion_tokens: int, chunk: bool = False) -> dict:
+                    completion_tokens: int, chunk: bool = False, cached_tokens: int = 0) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            **({} if chunk else {"usage": usage(prompt_tokens, completion_tokens)})}
+            **({} if chunk else {"usage": usage(prompt_tokens, completion_tokens, cached_tokens)})}

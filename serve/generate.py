@@ -30,6 +30,7 @@ from serve import watch
 from serve.metrics import Metrics
 from serve.protocol import ChatRequest, CompletionRequest, ProtocolError, TextRequest
 from serve.protocol.toolcalls import ToolCallHoldback
+from serve.sessions import current_turn
 
 FAILURE_STATUS = {FailureKind.OUT_OF_MEMORY: 507, FailureKind.SHUTDOWN: 503, FailureKind.STEP_FAILED: 500}
 
@@ -121,23 +122,32 @@ def _require_ready(ctx: Ctx) -> None:
         raise EngineNotReady(getattr(ctx.engine, "error", None) or "the model is not ready")
 
 
-def encode_prompt(ctx: Ctx, text: str, truncate: int | None = None) -> tuple[int, ...]:
+def encode_prompt(ctx: Ctx, text: str, truncate: int | None = None, continued: bool = True) -> tuple[int, ...]:
+    """Token ids of a prompt; inside a session (`continued`) they continue the session's conversation."""
     _require_ready(ctx)
     try:
         ids = ctx.engine.tokenizer.encode(text)
     except Exception as e:  # input the tokenizer cannot take is the client's problem, not a 500
         raise ProtocolError(422, f"the prompt cannot be tokenized: {type(e).__name__}") from None
-    return tuple(ids[-truncate:] if truncate else ids)
+    ids = tuple(ids[-truncate:] if truncate else ids)
+    turn = current_turn()
+    return turn.continue_ids(ids) if turn is not None and continued else ids
 
 
-def chat_prompt(ctx: Ctx, req: ChatRequest) -> str:
+def chat_prompt(ctx: Ctx, req: ChatRequest) -> tuple[int, ...]:
+    """Token ids of the rendered conversation (inside a session: its messages, then these)."""
     _require_ready(ctx)
+    messages = [dict(m) for m in req.messages]
+    turn = current_turn()
+    if turn is not None:
+        messages = turn.chat_messages(messages)
     try:
-        return ctx.engine.tokenizer.render_chat(
-            [dict(m) for m in req.messages], tools=[dict(t) for t in req.tools] if req.tools else None,
+        text = ctx.engine.tokenizer.render_chat(
+            messages, tools=[dict(t) for t in req.tools] if req.tools else None,
             documents=[dict(d) for d in req.documents] if req.documents else None)
     except Exception as e:  # the template rejects this conversation (jinja raise_exception, bad shapes)
         raise ProtocolError(422, f"the chat template cannot render these messages: {e}"[:300]) from None
+    return encode_prompt(ctx, text, continued=False)
 
 
 def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams, watched: bool = True) -> list:
@@ -148,12 +158,16 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
     items: list = []
     oldest = 0
     w = watch.current() if watched else None
+    turn = current_turn()
     try:
         for ids in prompts:
-            request = GenerationRequest(ids, params, uuid.uuid4().hex)
+            request = GenerationRequest(ids, params, uuid.uuid4().hex,
+                                        session_id=turn.session.id if turn is not None else None)
             while True:
                 try:
                     handle = ctx.engine.submit(request)
+                    if turn is not None:
+                        turn.submitted(handle, ids)
                     _SUBMITTED[handle] = time.monotonic()
                     if w is not None:
                         w.add(handle)
@@ -190,7 +204,7 @@ def start(ctx: Ctx, req: Any, record: bool = False) -> Pending:
 
         return Pending(items, finish_tgi, ctx)
     if isinstance(req, ChatRequest):
-        items = submit_all(ctx, [encode_prompt(ctx, chat_prompt(ctx, req))], req.params)
+        items = submit_all(ctx, [chat_prompt(ctx, req)], req.params)
 
         def finish_chat(cs: list[Completion]) -> Any:
             rid, created = _ids("chatcmpl")
@@ -205,7 +219,8 @@ def start(ctx: Ctx, req: Any, record: bool = False) -> Pending:
             choices = [enc.completion_choice(i, p, c, req.echo, req.logprobs)
                        for i, (p, c) in enumerate(zip(req.prompts, cs, strict=True))]
             return enc.text_completion(rid, name, created, choices, sum(c.prompt_tokens for c in cs),
-                                       sum(c.generated_tokens for c in cs))
+                                       sum(c.generated_tokens for c in cs),
+                                       cached_tokens=sum(c.cached_tokens for c in cs))
 
         return Pending(items, finish_completion, ctx)
     raise TypeError(f"not a request: {type(req).__name__}")
@@ -218,7 +233,7 @@ def stream(ctx: Ctx, req: Any) -> Iterator[bytes]:
         (handle,) = submit_all(ctx, [encode_prompt(ctx, req.inputs[0], req.truncate)], req.params, watched=False)
         body = _tgi_stream(ctx, req, handle)
     elif isinstance(req, ChatRequest):
-        (handle,) = submit_all(ctx, [encode_prompt(ctx, chat_prompt(ctx, req))], req.params, watched=False)
+        (handle,) = submit_all(ctx, [chat_prompt(ctx, req)], req.params, watched=False)
         body = _chat_stream(ctx, req, handle)
     elif isinstance(req, CompletionRequest):
         (handle,) = submit_all(ctx, [encode_prompt(ctx, req.prompts[0])], req.params, watched=False)
@@ -289,7 +304,7 @@ def _chat_stream(ctx: Ctx, req: ChatRequest, handle) -> Iterator[bytes]:
             yield enc.chat_chunk(rid, name, created, {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
         yield enc.chat_chunk(rid, name, created, {}, enc.openai_finish(ev.finish_reason, bool(calls)))
         if req.include_usage:
-            yield enc.usage_chunk(rid, name, created, handle.prompt_tokens, n)
+            yield enc.usage_chunk(rid, name, created, handle.prompt_tokens, n, handle.cached_tokens)
         yield enc.DONE
 
 
@@ -317,6 +332,7 @@ def _completion_stream(ctx: Ctx, req: CompletionRequest, handle) -> Iterator[byt
         yield chunk(ev.text, finish, lp)
         if finish is not None:
             if req.include_usage:
-                obj = enc.text_completion(rid, name, created, [], handle.prompt_tokens, n)
+                obj = enc.text_completion(rid, name, created, [], handle.prompt_tokens, n,
+                                          cached_tokens=handle.cached_tokens)
                 yield enc.sse(obj, openai=True)
             yield enc.DONE

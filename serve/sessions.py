@@ -17,6 +17,7 @@ expired id is an error naming the id, never a silent fresh start.
 
 from __future__ import annotations
 
+import contextvars
 import re
 import secrets
 import threading
@@ -25,6 +26,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from model.types import RequestError
 
 SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
 NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
@@ -36,10 +39,13 @@ _OWNER = re.compile(r"^w(\d{1,4})-[0-9a-f]{32}$")
 _ENDED_MEMORY = 4096  # ids of ended sessions remembered, so their errors say "closed" / "expired"
 
 
-class SessionError(Exception):
+class SessionError(RequestError):
+    """A session id this worker cannot serve, or a session request it cannot take (status set per case)."""
+
+    error_type = "session_error"
+
     def __init__(self, status: int, message: str, error_type: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.error_type = status, message, error_type
+        super().__init__(message, status, error_type)
 
 
 @dataclass
@@ -158,3 +164,66 @@ class SessionTable:
                 self._ended.popitem(last=False)
             self.counters[why] += 1
         self._on_end(s)
+
+
+# ---- one request inside a session (read by serve/generate.py while it tokenizes and submits) ----
+
+_current: contextvars.ContextVar[Turn | None] = contextvars.ContextVar("granite_session_turn", default=None)
+_FINISHED_OK = ("length", "eos_token", "stop_sequence")
+
+
+class Turn:
+    """What a request inside a session adds to the conversation. generate.py asks it for the prompt:
+    `chat_messages` (the session's messages + the new ones) or `continue_ids` (the session's token ids + the
+    new text's), and reports the one sequence it submits; `end()` records the turn in the session."""
+
+    def __init__(self, session: Session, table: SessionTable, engine: Any) -> None:
+        self.session, self.table, self.engine = session, table, engine
+        self.messages: list[dict[str, Any]] | None = None  # the whole conversation this turn renders (chat)
+        self.handle: Any = None
+        self.prompt_ids: tuple[int, ...] = ()
+        self._ended = False
+
+    def chat_messages(self, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        old = self.session.messages
+        # a client that sends the whole history again (OpenAI style) is not appended twice
+        self.messages = list(new) if new[:len(old)] == old and len(new) > len(old) else old + list(new)
+        return self.messages
+
+    def continue_ids(self, new: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.session.ids) + tuple(new)
+
+    def submitted(self, handle: Any, prompt_ids: tuple[int, ...]) -> None:
+        if self.handle is not None:
+            raise SessionError(400, f"a turn of session {self.session.id} is one prompt: send a single input "
+                                    "(not a list, not JSON Lines)", "invalid_session_request")
+        self.handle, self.prompt_ids = handle, tuple(prompt_ids)
+
+    def end(self) -> None:
+        """The request is over (answered, streamed to the end, failed or cut): a turn that finished
+        normally becomes part of the conversation; the session takes its next request either way."""
+        if self._ended:
+            return
+        self._ended = True
+        ids = messages = None
+        h = self.handle
+        if h is not None and h.finished:
+            c = h.result()
+            if c.finish_reason.value in _FINISHED_OK:
+                conv = getattr(self.engine, "session_conversation", lambda _sid: None)(self.session.id)
+                ids = tuple(conv) if conv else self.prompt_ids + tuple(c.token_ids)
+                if self.messages is not None:
+                    messages = [*self.messages, {"role": "assistant", "content": c.text}]
+        self.table.release(self.session, ids, messages)
+
+
+def current_turn() -> Turn | None:
+    return _current.get()
+
+
+def bind_turn(turn: Turn | None):
+    return _current.set(turn)
+
+
+def unbind_turn(token) -> None:
+    _current.reset(token)

@@ -26,7 +26,7 @@ def test_tgi_item_details_always_have_counts():
     item = enc.tgi_item("prompt ", c, details=False, return_full_text=True)
     assert item["generated_text"] == "prompt ab"
     assert item["details"] == {"finish_reason": "length", "generated_tokens": 2, "prompt_tokens": 3,
-                               "input_length": 3, "seed": 5}
+                               "input_length": 3, "cached_tokens": 0, "seed": 5}
     full = enc.tgi_item("p", c, details=True, return_full_text=False)
     assert [t["id"] for t in full["details"]["tokens"]] == [10, 11] and full["details"]["prefill"] == []
 
@@ -56,7 +56,8 @@ def test_chat_completion_parses_tool_calls_only_when_tools_were_given():
     call = choice["message"]["tool_calls"][0]
     assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
     assert choice["message"]["content"] == "Let me check."
-    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     plain = enc.chat_completion("id1", "m", 1, c, tools_given=False, logprobs=True)["choices"][0]
     assert plain["finish_reason"] == "stop" and "tool_calls" not in plain["message"]
     assert len(plain["logprobs"]["content"]) == 2

@@ -16,6 +16,7 @@ class ScriptedHandle:
     def __init__(self, events):
         self.events = events
         self.prompt_tokens = 5
+        self.cached_tokens = 2
         self.finished = False
         self.cancelled = 0
 
@@ -69,7 +70,8 @@ def test_chat_stream_turns_tool_call_markup_into_tool_calls():
     assert calls[0][0]["index"] == 0 and calls[0][0]["function"]["name"] == "get_weather"
     assert json.loads(calls[0][0]["function"]["arguments"]) == {"city": "Oslo"}
     assert objs[-2]["choices"][0]["finish_reason"] == "tool_calls"
-    assert objs[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert objs[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10,
+                                 "prompt_tokens_details": {"cached_tokens": 2}}
 
 
 def test_chat_stream_without_tools_streams_markup_as_text():
