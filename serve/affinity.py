@@ -39,6 +39,21 @@ class WorkerId:
 this_worker: WorkerId | None = None
 
 
+def _bounded_input(app):
+    """werkzeug's server hands the app the raw socket as wsgi.input (gunicorn bounds it by Content-Length):
+    bound it here too, so code that reads the rest of a body (serve/app.py drains unread bodies) stops at
+    its end instead of waiting for the forwarding worker to hang up."""
+    from werkzeug.wsgi import LimitedStream
+
+    def wrapped(environ, start_response):
+        n = environ.get("CONTENT_LENGTH")
+        if n and n.isdigit():
+            environ["wsgi.input"] = LimitedStream(environ["wsgi.input"], int(n))
+        return app(environ, start_response)
+
+    return wrapped
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -71,7 +86,7 @@ class WorkerLink:
         path = self.me.socket_path(self.me.index)
         if os.path.exists(path):  # a dead worker's socket: this worker took over its index
             os.unlink(path)
-        self._server = make_server(f"unix://{path}", 0, self.app, threaded=True)
+        self._server = make_server(f"unix://{path}", 0, _bounded_input(self.app), threaded=True)
         threading.Thread(target=self._server.serve_forever, name="worker-link", daemon=True).start()
         log.info("worker %d of %d: sessions of other workers are forwarded over %s", self.me.index,
                  self.me.count, self.me.run_dir)

@@ -50,7 +50,7 @@ class ServerState:
         me = affinity.this_worker
         s = config.server
         self.sessions = SessionTable(me.index if me is not None else 0, s.session_ttl_s, s.session_max,
-                                     on_end=self._session_ended)
+                                     on_end=self._session_ended, on_change=self.metrics.sessions_open.set)
         self.link: affinity.WorkerLink | None = None  # set by create_app with 2+ workers
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._load, name="server-load", daemon=True)
@@ -196,7 +196,8 @@ def create_app(config: Config | None = None, engine: Any = None) -> Flask:
         if session_id is not None:  # SageMaker stateful sessions (serve/session_route.py)
             return session_route.invocation(
                 session_id, state.sessions, state.link, service.engine,
-                lambda body: service.invoke(body, headers.get("Content-Type"), headers.get("Accept")), _respond)
+                lambda body: service.invoke(body, headers.get("Content-Type"), headers.get("Accept")), _respond,
+                state.metrics.session_forwards.inc)
         body = request.get_data(cache=False)
         out, content_type = service.invoke(body, headers.get("Content-Type"), headers.get("Accept"))
         return _respond(out, content_type)

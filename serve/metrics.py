@@ -66,6 +66,10 @@ class Metrics:
                                        multiprocess_mode="livesum") for k in PREFIX_GAUGES}
         self.prefix_bytes = Gauge(f"{p}prefix_cache_bytes", "Bytes of state snapshots, by tier.", ["tier"],
                                   registry=r, multiprocess_mode="livesum")
+        self.sessions_open = Gauge(f"{p}sessions_open", "Open SageMaker stateful sessions.", registry=r,
+                                   multiprocess_mode="livesum")
+        self.session_forwards = Counter(f"{p}session_forwards", "Session requests forwarded to the worker that "
+                                        "holds the session.", registry=r)
         self._seen: dict[str, float] = {}  # engine counter -> value already added
         self._lock = threading.Lock()
         self._stop = threading.Event()

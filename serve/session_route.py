@@ -69,13 +69,16 @@ def _forward(link: WorkerLink, owner: int, body: bytes) -> Response:
 
 
 def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine: Any,
-               invoke: Callable[[bytes], tuple[Any, str]], respond: Callable[[Any, str], Response]) -> Response:
-    """`invoke(body)` runs the ordinary /invocations handler; `respond` turns its result into a Response."""
+               invoke: Callable[[bytes], tuple[Any, str]], respond: Callable[[Any, str], Response],
+               forwarded: Callable[[], None] = lambda: None) -> Response:
+    """`invoke(body)` runs the ordinary /invocations handler; `respond` turns its result into a Response;
+    `forwarded()` counts a request passed on to another worker."""
     sid = check_id(raw_id)
     body = request.get_data(cache=False)
     if sid != NEW_SESSION:
         owner = owner_of(sid)
         if link is not None and owner is not None and owner != link.me.index and FORWARDED_HEADER not in request.headers:
+            forwarded()
             return _forward(link, owner, body)
     control = _control(body)
     if sid == NEW_SESSION:

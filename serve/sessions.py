@@ -81,9 +81,12 @@ def owner_of(session_id: str) -> int | None:
 
 class SessionTable:
     def __init__(self, worker: int, ttl_s: float, max_sessions: int,
-                 on_end: Callable[[Session], None] | None = None, clock: Callable[[], float] = time.time) -> None:
+                 on_end: Callable[[Session], None] | None = None, clock: Callable[[], float] = time.time,
+                 on_change: Callable[[int], None] | None = None) -> None:
+        """on_end(session): a session closed or expired (release its state); on_change(n): n sessions open."""
         self.worker, self.ttl_s, self.max_sessions = worker, ttl_s, max_sessions
         self._on_end = on_end or (lambda s: None)
+        self._on_change = on_change or (lambda n: None)
         self._clock = clock
         self._lock = threading.Lock()
         self._live: dict[str, Session] = {}
@@ -103,6 +106,7 @@ class SessionTable:
             s = Session(f"w{self.worker}-{secrets.token_hex(16)}", self._clock() + self.ttl_s)
             self._live[s.id] = s
             self.counters["opened"] += 1
+            self._on_change(len(self._live))
             return s
 
     def acquire(self, session_id: str) -> Session:
@@ -163,6 +167,7 @@ class SessionTable:
             while len(self._ended) > _ENDED_MEMORY:
                 self._ended.popitem(last=False)
             self.counters[why] += 1
+            self._on_change(len(self._live))
         self._on_end(s)
 
 

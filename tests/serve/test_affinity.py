@@ -18,7 +18,9 @@ def _app(name: str) -> Flask:
                 for i in range(3):
                     yield f"data:{i}\n\n".encode()
             return Response(gen(), content_type="text/event-stream", headers={"X-Who": name})
-        return Response(b"%s got %s from %s" % (name.encode(), request.get_data(),
+        body = request.get_data()
+        assert request.environ["wsgi.input"].read(1 << 16) == b""  # reading past the body ends, never waits
+        return Response(b"%s got %s from %s" % (name.encode(), body,
                                                 request.headers.get(FORWARDED_HEADER, "-").encode()),
                         status=201, content_type="text/plain", headers={"X-Who": name})
 
