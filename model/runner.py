@@ -1,7 +1,7 @@
 """ModelRunner: turns a StepBatch into tensors, runs the network, returns float32 logits.
 
 All prefill chunks of a step run in one packed forward (model/packed.py), each from its slot's state
-(start == 0 means a fresh sequence: its Mamba state is zeroed first). Decode chunks (one token, start > 0) run together in one call; with
+(a FRESH chunk's Mamba state is zeroed first). DECODE chunks (one token each) run together in one call; with
 static decode they are padded to a batch-size bucket with the dummy slot and run through fixed buffers,
 which on CUDA are captured once per bucket as CUDA graphs and replayed.
 """
@@ -21,7 +21,7 @@ from model.granite import GraniteForCausalLM, load_granite
 from model.kernels import Kernels
 from model.packed import Packed, pack_runs
 from model.state import BLOCK_SIZE, StatePool, auto_kv_tokens, bytes_per_seq
-from model.types import EngineConfig, SeqChunk, StepBatch
+from model.types import ChunkKind, EngineConfig, SeqChunk, StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ModelRunner:
         if len({c.slot for c in batch.chunks}) != len(batch.chunks):
             raise ValueError("a step may hold at most one chunk per slot")
         rows: dict[int, torch.Tensor] = {}
-        decode_idx = [i for i, c in enumerate(batch.chunks) if len(c.token_ids) == 1 and c.start > 0]
+        decode_idx = [i for i, c in enumerate(batch.chunks) if c.kind == ChunkKind.DECODE]
         decode_idx.sort(key=lambda i: batch.chunks[i].slot)  # rows go back in chunk order below
         decode_set = set(decode_idx)
         prefill_idx = [i for i in range(len(batch.chunks)) if i not in decode_set]
@@ -126,13 +126,9 @@ class ModelRunner:
     def _prefill(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """The step's prefill chunks in one packed forward (or a few, see pack_runs) -> hidden (T, hidden),
         chunks back to back."""
-        tables = []
+        tables = [self._check_room(c) for c in chunks]
         for c in chunks:
-            if not c.token_ids:
-                raise ValueError(f"empty chunk for slot {c.slot}")
-            tables.append(self._check_room(c))
-        for c in chunks:
-            if c.start == 0:
+            if c.kind == ChunkKind.FRESH:
                 self.pool.reset_slot(c.slot)
         out = []
         for run in pack_runs([c.start + len(c.token_ids) for c in chunks], packed.MAX_PACK_KEY_ROWS):
@@ -173,9 +169,9 @@ class ModelRunner:
         try:
             full = max(min(full, total - short - 1), 1)
             ids = [1 + i % (self.vocab_size - 1) for i in range(short + full)]
-            self.forward(StepBatch((SeqChunk(slot, tuple(ids[:short]), 0, False),)))
-            self.forward(StepBatch((SeqChunk(slot, tuple(ids[short:]), short, True),)))
-            self.forward(StepBatch((SeqChunk(slot, (1,), short + full, True),)))
+            self.forward(StepBatch((SeqChunk.fresh(slot, tuple(ids[:short]), False),)))
+            self.forward(StepBatch((SeqChunk.cont(slot, tuple(ids[short:]), short, True),)))
+            self.forward(StepBatch((SeqChunk.decode(slot, 1, short + full),)))
         finally:
             self.allocator.free(slot)
         if self.static is not None:

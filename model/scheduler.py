@@ -17,7 +17,7 @@ from collections import deque
 from enum import Enum
 from typing import Any, Protocol
 
-from model.types import EngineConfig, GenerationRequest, QueueFull, SeqChunk, StepBatch
+from model.types import ChunkKind, EngineConfig, GenerationRequest, QueueFull, SeqChunk, StepBatch
 
 
 class Allocator(Protocol):
@@ -132,7 +132,7 @@ class Scheduler:
         decoding = sorted((s for s in self.running if not s.is_prefilling), key=lambda s: s.last_served)
         for seq in decoding[:budget]:
             # A decoding sequence feeds the token it sampled last step.
-            chunks.append(SeqChunk(seq.slot, (seq.output_ids[-1],), seq.num_computed, True))
+            chunks.append(SeqChunk(seq.slot, (seq.output_ids[-1],), seq.num_computed, True, ChunkKind.DECODE))
             seq.scheduled_tokens = 1
             self._clock += 1
             seq.last_served = self._clock  # strictly increasing: a true least-recently-served order
@@ -147,7 +147,9 @@ class Scheduler:
             n = min(seq.prompt_len - seq.num_computed, self.config.prefill_chunk_tokens, budget)
             end = seq.num_computed + n
             ids = tuple(seq.prompt_ids[seq.num_computed : end])
-            chunks.append(SeqChunk(seq.slot, ids, seq.num_computed, end == seq.prompt_len))
+            # A sequence's first chunk starts from a zeroed state; later ones continue from the slot's.
+            kind = ChunkKind.FRESH if seq.num_computed == 0 else ChunkKind.CONTINUE
+            chunks.append(SeqChunk(seq.slot, ids, seq.num_computed, end == seq.prompt_len, kind))
             seq.scheduled_tokens = n
             seqs.append(seq)
             budget -= n

@@ -143,6 +143,14 @@ class EngineConfig:
             raise ValueError(f"kernels must be auto|fused|reference, got {self.kernels!r}")
 
 
+class ChunkKind(str, Enum):
+    """What a chunk does to its slot, set by the scheduler (the runner never infers it from start/length)."""
+
+    FRESH = "fresh"  # the first prefill chunk of a sequence: its Mamba state is zeroed first; start == 0
+    CONTINUE = "continue"  # a later prefill chunk: from the slot's state and existing KV; start > 0
+    DECODE = "decode"  # the one token sampled last step; start > 0; always wants logits
+
+
 @dataclass(frozen=True)
 class SeqChunk:
     """Work for one sequence in one engine step (torch-free; the runner makes tensors of it)."""
@@ -151,6 +159,28 @@ class SeqChunk:
     token_ids: tuple[int, ...]  # tokens to feed: a prefill chunk, or the one last sampled token
     start: int  # tokens already folded into the slot's state (= its KV length before this chunk)
     want_logits: bool  # False for a prefill chunk that is not the prompt's last
+    kind: ChunkKind
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            raise ValueError(f"empty chunk for slot {self.slot}")
+        k = self.kind
+        if (k == ChunkKind.FRESH) != (self.start == 0) or (
+                k == ChunkKind.DECODE and (len(self.token_ids) != 1 or not self.want_logits)):
+            raise ValueError(f"inconsistent {k.value} chunk: start={self.start} tokens={len(self.token_ids)} "
+                             f"want_logits={self.want_logits}")
+
+    @classmethod
+    def fresh(cls, slot: int, token_ids: tuple[int, ...], want_logits: bool) -> SeqChunk:
+        return cls(slot, tuple(token_ids), 0, want_logits, ChunkKind.FRESH)
+
+    @classmethod
+    def cont(cls, slot: int, token_ids: tuple[int, ...], start: int, want_logits: bool) -> SeqChunk:
+        return cls(slot, tuple(token_ids), start, want_logits, ChunkKind.CONTINUE)
+
+    @classmethod
+    def decode(cls, slot: int, token_id: int, start: int) -> SeqChunk:
+        return cls(slot, (token_id,), start, True, ChunkKind.DECODE)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 
 from model.blocks import SlotAllocator
 from model.scheduler import Scheduler, SeqStatus, Sequence
-from model.types import EngineConfig, GenerationRequest, QueueFull, SamplingParams
+from model.types import ChunkKind, EngineConfig, GenerationRequest, QueueFull, SamplingParams, SeqChunk
 
 
 def make_seq(n_prompt: int, max_new: int = 4, base: int = 0) -> Sequence:
@@ -35,6 +35,9 @@ def run_step(sched: Scheduler, token: int = 7):
         expected = (seq.prompt_ids + seq.output_ids)[chunk.start : chunk.start + len(chunk.token_ids)]
         assert list(chunk.token_ids) == expected
         assert chunk.want_logits == (chunk.start + len(chunk.token_ids) >= seq.prompt_len)
+        want_kind = (ChunkKind.DECODE if seq.output_ids else
+                     ChunkKind.FRESH if chunk.start == 0 else ChunkKind.CONTINUE)
+        assert chunk.kind == want_kind
     sched.postprocess(seqs, [token if c.want_logits else None for c in batch.chunks])
     for seq in seqs:
         if len(seq.output_ids) >= seq.max_new_tokens:
@@ -194,3 +197,17 @@ def test_scheduler_does_not_import_torch():
 
     code = "import sys, model.scheduler; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chunk_kind_is_explicit_and_checked():
+    # A one-token prompt chunk past start 0 is a CONTINUE chunk, not a decode: the kind says so, not the shape.
+    assert SeqChunk.cont(0, (5,), 3, True).kind == ChunkKind.CONTINUE
+    assert SeqChunk.fresh(0, (5,), True).kind == ChunkKind.FRESH
+    assert SeqChunk.decode(0, 5, 3).kind == ChunkKind.DECODE
+    for bad in (lambda: SeqChunk(0, (1, 2), 3, True, ChunkKind.DECODE),  # decode feeds one token
+                lambda: SeqChunk(0, (1,), 0, True, ChunkKind.DECODE),  # ... after a prompt
+                lambda: SeqChunk(0, (1,), 3, True, ChunkKind.FRESH),  # fresh starts at 0
+                lambda: SeqChunk(0, (1,), 0, True, ChunkKind.CONTINUE),  # continue from something
+                lambda: SeqChunk(0, (), 0, True, ChunkKind.FRESH)):
+        with pytest.raises(ValueError):
+            bad()
