@@ -104,14 +104,14 @@ def decode_rate(runner: ModelRunner, batch: int, prompt: int, steps: int) -> dic
     ids = tuple((7 * i) % 1000 + 3 for i in range(prompt))
     _sync()
     t0 = time.perf_counter()
-    logits = [runner.forward(StepBatch((SeqChunk(s, ids, 0, True),))) for s in slots]
+    logits = [runner.forward(StepBatch((SeqChunk.fresh(s, ids, True),))) for s in slots]
     _sync()
     prefill_s = time.perf_counter() - t0
     toks = [int(lg.argmax(-1)) for lg in logits]
     first = [toks[0]]
     t0 = time.perf_counter()
     for step in range(steps):
-        out = runner.forward(StepBatch(tuple(SeqChunk(s, (t,), prompt + step, True)
+        out = runner.forward(StepBatch(tuple(SeqChunk.decode(s, t, prompt + step)
                                              for s, t in zip(slots, toks, strict=True))))
         toks = out.argmax(-1).tolist()  # the host needs the tokens, as the engine does
         first.append(toks[0])
