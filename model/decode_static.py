@@ -3,9 +3,10 @@
 A graph is keyed by (batch bucket, block-table width bucket): decode attention gathers `width` KV blocks
 per sequence, so the width follows the longest sequence in the batch (next power of two of blocks)
 instead of always reading max_total_tokens worth of KV. Graphs are captured on first use (warmup
-captures every batch bucket at the smallest width). The bookkeeping (bucket choice, padding) is plain
-functions, testable without a GPU; StaticDecode runs the same fixed buffers eagerly when not capturing,
-so the plumbing is exercised on CPU too.
+captures every batch bucket at the smallest width). The bucket choice is plain functions, testable without
+a GPU; a step fills the buffers by device-side copies from the runner's inputs and device block tables
+(rows past the batch point at the dummy slot / block). StaticDecode runs the same fixed buffers eagerly when
+not capturing, so the plumbing is exercised on CPU too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from model.decode_batch import BlockTables, Decode
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +45,10 @@ def pick_bucket(n: int, buckets: list[int]) -> int:
     raise ValueError(f"decode batch of {n} exceeds the largest bucket {buckets[-1]}")
 
 
-def pad_decode(ids, slots, positions, tables, bucket, dummy_slot, dummy_block, width):
-    """Pad per-sequence decode inputs to `bucket` rows (dummy slot, position 0, dummy blocks) and every
-    block table to `width` entries. Returns four lists."""
-    n = len(ids)
-    if n > bucket:
-        raise ValueError(f"{n} rows do not fit bucket {bucket}")
-    pad = bucket - n
-    tabs = []
-    for t in tables:
-        if len(t) > width:
-            t = t[:width]
-        tabs.append(list(t) + [dummy_block] * (width - len(t)))
-    tabs += [[dummy_block] * width] * pad
-    return list(ids) + [0] * pad, list(slots) + [dummy_slot] * pad, list(positions) + [0] * pad, tabs
-
-
 class StaticDecode:
     def __init__(self, fn, buckets, dummy_slot, dummy_block, max_width, block_size, hidden, device, dtype,
                  capture) -> None:
-        """fn(ids, slots, tables, positions) -> hidden (B, hidden): the model's decode over pool state."""
+        """fn(Decode) -> hidden (B, hidden): the model's decode over pool state."""
         self.fn, self.buckets, self.widths = fn, buckets, width_buckets(max_width)
         self.block_size = block_size
         self.dummy_slot, self.dummy_block = dummy_slot, dummy_block
@@ -84,7 +71,7 @@ class StaticDecode:
         return self.buf[key]
 
     def _eager(self, s) -> None:
-        s["out"].copy_(self.fn(s["ids"], s["slots"], s["tables"], s["positions"]))
+        s["out"].copy_(self.fn(Decode(s["ids"], s["slots"], s["positions"], s["tables"])))
 
     def prepare(self, key: tuple[int, int]) -> None:
         """Allocate (batch, width) buffers and (CUDA) capture their graph. The inputs are first pointed at
@@ -116,16 +103,24 @@ class StaticDecode:
         for b in sorted(self.buckets, reverse=True):  # largest first: later graphs reuse its memory
             self.prepare((b, self.widths[0]))
 
-    def run(self, ids, slots, positions, tables) -> torch.Tensor:
-        n = len(ids)
-        key = (pick_bucket(n, self.buckets), pick_bucket(needed_blocks(positions, self.block_size), self.widths))
+    def run(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, tables: BlockTables,
+            needed: int) -> torch.Tensor:
+        """ids, slots, positions (n,) long on the device; `needed` blocks per row -> hidden (n, hidden).
+        Device-side copies only: rows n.. of the buffers point at the dummy slot / block."""
+        n = ids.shape[0]
+        key = (pick_bucket(n, self.buckets), pick_bucket(needed, self.widths))
         if self.capture and key not in self.graphs:
             self.prepare(key)
         s = self._buffers(key)
-        ids, slots, positions, tables = pad_decode(ids, slots, positions, tables, key[0], self.dummy_slot,
-                                                   self.dummy_block, key[1])
-        for name, vals in (("ids", ids), ("slots", slots), ("positions", positions), ("tables", tables)):
-            s[name].copy_(torch.tensor(vals, dtype=torch.long))
+        s["ids"][:n].copy_(ids)
+        s["slots"][:n].copy_(slots)
+        s["positions"][:n].copy_(positions)
+        torch.index_select(tables.table[:, :key[1]], 0, slots, out=s["tables"][:n])
+        if n < key[0]:
+            s["ids"][n:].zero_()
+            s["slots"][n:].fill_(self.dummy_slot)
+            s["positions"][n:].zero_()
+            s["tables"][n:].fill_(self.dummy_block)
         if self.capture:
             self.graphs[key].replay()
         else:

@@ -1,6 +1,6 @@
-"""Engine: submit() -> Handle; one background thread runs the step loop
+"""Engine: submit() -> Handle; one background thread runs the step loop (torch-free, like the scheduler)
 
-    schedule -> runner.forward(batch) -> sample -> per sequence: append, detokenize, stop checks, emit
+    schedule -> runner.step(batch) = sampled tokens -> per sequence: append, detokenize, stop checks, emit
 
 Finished, cancelled and failed sequences leave the scheduler (and free their slot) at once. An
 exception inside a step (CUDA OOM included) fails only that step's sequences; the loop keeps serving.
@@ -11,19 +11,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from model.handle import Handle, StopBuffer, end_event, top_tokens
 from model.scheduler import Scheduler, SeqStatus, Sequence
 from model.types import (
+    ChunkKind,
+    Detokenizer,
     EngineConfig,
     EngineNotReady,
     FinishReason,
     GenerationRequest,
     InputTooLong,
     InvalidRequest,
+    Runner,
     TokenEvent,
+    Tokenizer,
+    resolve_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -32,24 +38,25 @@ log = logging.getLogger(__name__)
 class _SeqCtx:
     """Engine-side state of one sequence (kept in Sequence.ctx)."""
 
-    def __init__(self, handle: Handle, detok: Any, stops: StopBuffer, sampler: Any) -> None:
+    def __init__(self, handle: Handle, detok: Detokenizer, stops: StopBuffer, seed: int | None) -> None:
         self.handle = handle
         self.detok = detok
         self.stops = stops
-        self.sampler = sampler  # model.sampling.RowState
+        self.seed = seed
 
 
 class Engine:
     def __init__(self, model_dir: Path, config: EngineConfig, model_name: str, *,
-                 runner_factory: Any = None, tokenizer_factory: Any = None) -> None:
-        # runner_factory(model_dir, config) / tokenizer_factory(model_dir): injectable for tests.
+                 runner_factory: Callable[[Path, EngineConfig], Runner] | None = None,
+                 tokenizer_factory: Callable[[Path], Tokenizer] | None = None) -> None:
+        # Injectable for tests; default: model.runner.ModelRunner and model.tokenizer.Tokenizer.from_dir.
         self.model_dir = Path(model_dir)
         self.config = config
         self.model_name = model_name
         self._runner_factory = runner_factory
         self._tokenizer_factory = tokenizer_factory
-        self.runner: Any = None
-        self.tokenizer: Any = None
+        self.runner: Runner | None = None
+        self.tokenizer: Tokenizer | None = None
         self.scheduler: Scheduler | None = None
         self.error: str | None = None
         self._ready = False
@@ -95,12 +102,10 @@ class Engine:
                 self._loop_thread.start()
                 self._accepting = True
                 self._ready = True
-            model = getattr(self.runner, "model", None)
-            params = sum(p.numel() for p in model.parameters()) if model is not None else 0
+            r = self.runner
             log.info("engine ready: model=%s path=%s device=%s dtype=%s parameters=%.2fM slots=%d in %.1fs",
-                     self.model_name, self.model_dir, getattr(self.runner, "device", "?"),
-                     getattr(self.runner, "dtype", "?"), params / 1e6, self.config.max_concurrent_seqs,
-                     time.monotonic() - t0)
+                     self.model_name, self.model_dir, r.device, r.dtype, r.num_parameters / 1e6,
+                     self.config.max_concurrent_seqs, time.monotonic() - t0)
         except Exception as e:  # the server reports this on /ping (503) and in its log
             self.error = f"model load failed: {type(e).__name__}: {e}"
             log.exception("engine: %s", self.error)
@@ -153,8 +158,7 @@ class Engine:
             limit = cfg.max_input_tokens
             raise InputTooLong(f"the prompt has {n} tokens; the limit is max_input_tokens={limit}")
         # Context budget: max_total_tokens, and never more than the KV pool can ever hold for one sequence.
-        per_seq = getattr(self.runner.allocator, "max_tokens_per_seq", cfg.max_total_tokens)
-        budget = min(cfg.max_total_tokens, per_seq)
+        budget = min(cfg.max_total_tokens, self.runner.allocator.max_tokens_per_seq)
         if n >= budget:
             raise InputTooLong(f"the prompt has {n} tokens; at most {budget - 1} fit this server's context")
         if p.max_new_tokens < 1:
@@ -162,13 +166,10 @@ class Engine:
         vocab = self.runner.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
-        from model.sampling import RowState
-
         seq = Sequence(request, max_new_tokens=min(p.max_new_tokens, budget - n))
         handle = Handle(n, request.request_id, lambda: self._cancel(seq))
-        sampler = RowState(p, seq.prompt_ids, getattr(self.runner, "device", "cpu"))
-        handle.seed = sampler.seed
-        seq.ctx = _SeqCtx(handle, self.tokenizer.detokenizer(), StopBuffer(p.stop), sampler)
+        handle.seed = resolve_seed(p)
+        seq.ctx = _SeqCtx(handle, self.tokenizer.detokenizer(), StopBuffer(p.stop), handle.seed)
         with self._cv:
             if not self._accepting:
                 raise EngineNotReady("shutting down")
@@ -196,7 +197,7 @@ class Engine:
                 total_slots=self.config.max_concurrent_seqs,
                 finished_total=dict(self._finished),
             )
-            if alloc is not None and hasattr(alloc, "num_free_blocks"):
+            if alloc is not None:
                 out.update(kv_blocks_free=alloc.num_free_blocks, kv_blocks_total=alloc.num_blocks,
                            kv_block_tokens=alloc.block_size)
         return out
@@ -229,21 +230,20 @@ class Engine:
                 self._fail(seqs, e)
 
     def _step(self, seqs: list[Sequence], batch) -> None:
-        from model.sampling import sample
-
-        logits = self.runner.forward(batch)
+        for seq, c in zip(seqs, batch.chunks, strict=True):
+            if c.kind == ChunkKind.FRESH:  # a new sequence in its slot: its sampling state
+                self.runner.open(c.slot, seq.request.params, seq.ctx.seed, seq.prompt_ids)
+        out = self.runner.step(batch)
         want = [s for s, c in zip(seqs, batch.chunks, strict=True) if c.want_logits]
-        if logits.shape[0] != len(want):
-            raise RuntimeError(f"runner returned {logits.shape[0]} logit rows for {len(want)} sequences")
-        out = sample(logits, [s.ctx.sampler for s in want], [s.output_ids for s in want]) if want else None
-        by_seq = {id(s): i for i, s in enumerate(want)}
-        new = [out.token_ids[by_seq[id(s)]] if id(s) in by_seq else None for s in seqs]
+        if len(out.token_ids) != len(want):
+            raise RuntimeError(f"runner returned {len(out.token_ids)} tokens for {len(want)} sequences")
+        it = iter(out.token_ids)
+        new = [next(it) if c.want_logits else None for c in batch.chunks]
         with self._cv:
             self._counters["steps"] += 1
             self._counters["prefill_tokens_total"] += sum(s.scheduled_tokens for s in seqs if s.is_prefilling)
             self.scheduler.postprocess(seqs, new)
-        for seq in want:
-            i = by_seq[id(seq)]
+        for i, seq in enumerate(want):
             self._on_token(seq, out.token_ids[i], out.logprobs[i], out.top[i])
 
     def _on_token(self, seq: Sequence, tok: int, logprob: float, top: list[tuple[int, float]]) -> None:
@@ -268,8 +268,7 @@ class Engine:
             elif len(seq.output_ids) >= seq.max_new_tokens or seq.num_tokens >= cfg.max_total_tokens:
                 reason = FinishReason.LENGTH
                 text += self._final_text(ctx)
-        token_text = getattr(self.tokenizer, "token_text", None) or (lambda t: self.tokenizer.decode([t]))
-        tops = top_tokens(top, token_text) if top else ()
+        tops = top_tokens(top, self.tokenizer.token_text) if top else ()
         if reason is not None:
             self._retire(seq, reason)  # before the event: a client that saw the end sees the slot free
         ctx.handle._put(TokenEvent(tok, text, logprob, special, reason, tops))
@@ -278,8 +277,7 @@ class Engine:
     def _final_text(ctx: _SeqCtx) -> str:
         # End of stream: the detokenizer's dangling bytes (if any) and the held-back text that never
         # became a stop string are released.
-        finish = getattr(ctx.detok, "finish", None)
-        out, stopped = ctx.stops.push(finish() if finish else "")
+        out, stopped = ctx.stops.push(ctx.detok.finish())
         return out if stopped else out + ctx.stops.flush()
 
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
@@ -294,10 +292,8 @@ class Engine:
     def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
         msg = f"generation step failed: {type(exc).__name__}: {exc}"[:500]
         log.error("engine: %s (failing %d sequences)", msg, len(seqs), exc_info=exc)
-        if type(exc).__name__ == "OutOfMemoryError":
-            import torch
-
-            torch.cuda.empty_cache()
+        if self.runner is not None:
+            self.runner.after_failure(exc)
         with self._cv:
             self._counters["step_errors_total"] += 1
         for seq in seqs:

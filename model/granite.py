@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.arch import GraniteArch
+from model.decode_batch import Decode
 from model.packed import Packed
 
 __all__ = ["GraniteArch", "GraniteForCausalLM", "load_granite", "FP32_PARAMS"]
@@ -201,30 +202,35 @@ class GraniteForCausalLM(nn.Module):
         self.arch = a
         self.model = Backbone(a)
         self.lm_head = None if a.tie_embeddings else nn.Linear(a.hidden, a.vocab_size, bias=False)
+        self.state = self.K = None  # see bind()
 
     def _embed(self, ids):
         return self.model.embed_tokens(ids) * self.arch.embedding_multiplier
 
+    def bind(self, state, kernels) -> None:
+        """The state pool (model/state.py) and kernels (model/kernels.py) every forward uses, set once."""
+        self.state, self.K = state, kernels
+
     @torch.no_grad()
-    def prefill_packed(self, ids, pk: Packed, state, K) -> torch.Tensor:
+    def prefill_packed(self, ids, pk: Packed) -> torch.Tensor:
         """ids (T,): the chunks of pk's sequences back to back -> final-normed hidden states (T, hidden)."""
         h = self._embed(ids)
         for layer in self.model.layers:
-            h = layer.prefill(h, pk, state, K)
+            h = layer.prefill(h, pk, self.state, self.K)
         return self.model.norm(h)
 
-    def prefill(self, ids, slot: int, start: int, block_table, state, K) -> torch.Tensor:
+    def prefill(self, ids, slot: int, start: int, block_table) -> torch.Tensor:
         """ids (l,) of one sequence continuing from `start` -> final-normed hidden states (l, hidden)."""
-        pk = Packed.build([slot], [start], [len(ids)], [block_table], state.block_size, state.dummy_block,
-                          ids.device)
-        return self.prefill_packed(ids, pk, state, K)
+        pk = Packed.build([slot], [start], [len(ids)], [block_table], self.state.block_size,
+                          self.state.dummy_block, ids.device)
+        return self.prefill_packed(ids, pk)
 
     @torch.no_grad()
-    def decode(self, ids, slots, block_tables, positions, state, K) -> torch.Tensor:
-        """ids, slots, positions (B,); block_tables (B, mb) -> final-normed hidden states (B, hidden)."""
-        h = self._embed(ids)
+    def decode(self, d: Decode) -> torch.Tensor:
+        """One token for each of d's B rows -> final-normed hidden states (B, hidden)."""
+        h = self._embed(d.ids)
         for layer in self.model.layers:
-            h = layer.decode(h, slots, block_tables, positions, state, K)
+            h = layer.decode(h, d.slots, d.block_tables, d.positions, self.state, self.K)
         return self.model.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -15,17 +15,9 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any
 
-from model.types import ChunkKind, EngineConfig, GenerationRequest, QueueFull, SeqChunk, StepBatch
-
-
-class Allocator(Protocol):
-    num_free_slots: int
-
-    def can_allocate(self, n_tokens: int) -> bool: ...
-    def allocate(self, n_tokens: int) -> int: ...
-    def free(self, slot: int) -> None: ...
+from model.types import Allocator, ChunkKind, EngineConfig, GenerationRequest, QueueFull, SeqChunk, StepBatch
 
 
 class SeqStatus(str, Enum):

@@ -6,8 +6,11 @@ depend on this module and must stay importable without it.
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 
 class FinishReason(str, Enum):
@@ -44,6 +47,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return (not self.do_sample) or self.temperature == 0.0
+
+
+def resolve_seed(params: SamplingParams) -> int | None:
+    """The seed a request samples with: its own, or a random one for a sampled request without one
+    (reported back, TGI `details.seed`); None for greedy requests without a seed."""
+    return params.seed if (params.seed is not None or params.greedy) else secrets.randbits(63)
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,15 @@ class StepBatch:
     chunks: tuple[SeqChunk, ...]
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What a runner step returns: one entry per chunk with want_logits, in chunk order."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # of the chosen token under the processed distribution
+    top: list[list[tuple[int, float]]]  # per row: up to top_n_tokens (token_id, logprob), best first
+
+
 class EngineError(Exception):
     """An error the server turns into a JSON response with `status`."""
 
@@ -213,3 +231,52 @@ class InputTooLong(EngineError):
 class EngineNotReady(EngineError):
     status = 503
     error_type = "not_ready"
+
+
+# ---- the engine's seams (typed; tests implement them with fakes) ---------------------------------------
+
+
+class Allocator(Protocol):
+    num_slots: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def num_free_slots(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def max_tokens_per_seq(self) -> int: ...
+    def can_allocate(self, n_tokens: int) -> bool: ...
+    def allocate(self, n_tokens: int) -> int: ...
+    def free(self, slot: int) -> None: ...
+
+
+class Runner(Protocol):
+    """What the engine needs of model/runner.py's ModelRunner."""
+
+    allocator: Allocator
+    vocab_size: int
+    device: str
+    dtype: str
+    num_parameters: int
+
+    def warmup(self) -> None: ...
+    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int]) -> None: ...
+    def step(self, batch: StepBatch) -> StepOutput: ...
+    def after_failure(self, exc: Exception) -> None: ...  # e.g. release cached device memory after an OOM
+
+
+class Detokenizer(Protocol):
+    def push(self, token_id: int) -> str: ...  # newly printable text
+    def finish(self) -> str: ...  # dangling bytes at the end of the stream
+
+
+class Tokenizer(Protocol):
+    """What the engine needs of model/tokenizer.py's Tokenizer."""
+
+    eos_token_id: int | None
+
+    def is_special(self, token_id: int) -> bool: ...
+    def token_text(self, token_id: int) -> str: ...
+    def detokenizer(self) -> Detokenizer: ...

@@ -25,6 +25,7 @@ from model.types import (
     InvalidRequest,
     QueueFull,
     SamplingParams,
+    StepOutput,
 )
 
 # ---- fakes --------------------------------------------------------------------------------------
@@ -44,6 +45,9 @@ class FakeDetok:
         self.text += piece
         return piece
 
+    def finish(self):
+        return ""
+
 
 class FakeTokenizer:
     eos_token_id = EOS
@@ -59,6 +63,9 @@ class FakeTokenizer:
     def is_special(self, t):
         return t == EOS
 
+    def token_text(self, t):
+        return self.decode([t])
+
     def detokenizer(self):
         return FakeDetok(self)
 
@@ -69,33 +76,37 @@ class FakeRunner:
     def __init__(self, model_dir, config, script=None, slots=None, blocks=256):
         self.allocator = SlotAllocator(slots or config.max_concurrent_seqs, blocks, 4)
         self.vocab_size = V
-        self.device = "cpu"
+        self.device, self.dtype, self.num_parameters = "cpu", "float32", 0
+        self.opened = {}  # slot -> params of the sequence opened there
         self.script = script or {}
-        self.fail_next = 0  # fail this many forward() calls
-        self.gate: threading.Event | None = None  # when set, forward() waits for it
+        self.fail_next = 0  # fail this many step() calls
+        self.gate: threading.Event | None = None  # when set, step() waits for it
+        self.delay = 0.0  # seconds per step (a slower model)
         self.batches = []
 
     def warmup(self):
         pass
 
-    def forward(self, batch):
+    def open(self, slot, params, seed, context_ids):
+        assert self.allocator.is_allocated(slot)
+        self.opened[slot] = params
+
+    def after_failure(self, exc):
+        self.failures = getattr(self, "failures", 0) + 1
+
+    def step(self, batch):
         if self.gate is not None:
             self.gate.wait(10)
+        time.sleep(self.delay)
         for c in batch.chunks:
-            assert self.allocator.is_allocated(c.slot)
+            assert self.allocator.is_allocated(c.slot) and c.slot in self.opened
             assert c.start + len(c.token_ids) <= self.allocator.capacity(c.slot)
         self.batches.append(batch)
         if self.fail_next:
             self.fail_next -= 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        rows = []
-        for c in batch.chunks:
-            if c.want_logits:
-                last = c.token_ids[-1]
-                row = torch.zeros(V)
-                row[self.script.get(last, (last + 1) % V)] = 20.0
-                rows.append(row)
-        return torch.stack(rows) if rows else torch.empty(0, V)
+        toks = [self.script.get(c.token_ids[-1], (c.token_ids[-1] + 1) % V) for c in batch.chunks if c.want_logits]
+        return StepOutput(toks, [-1e-6] * len(toks), [[] for _ in toks])
 
 
 ENGINES: list[Engine] = []
@@ -270,7 +281,7 @@ def test_shutdown_during_load_never_becomes_ready():
 
 def test_queue_full():
     eng = fake_engine(slots=1, max_queued_requests=2)
-    eng.runner.gate = threading.Event()  # hold the loop inside forward()
+    eng.runner.gate = threading.Event()  # hold the loop inside step()
     first = eng.submit(req("a", max_new_tokens=3))
     time.sleep(0.05)
     hs = [eng.submit(req("a", max_new_tokens=3)) for _ in range(2)]
@@ -283,6 +294,7 @@ def test_queue_full():
 
 def test_cancel_running_and_waiting_frees_slots():
     eng = fake_engine(slots=1, script={t: t for t in range(V)})  # repeats its token forever
+    eng.runner.delay = 0.002
     running = eng.submit(req("ab", max_new_tokens=150))
     waiting = eng.submit(req("cd", max_new_tokens=5))
     it = iter(running)
@@ -314,7 +326,7 @@ def test_injected_failure_fails_only_that_step_and_loop_keeps_serving():
     # the engine keeps serving
     c = eng.submit(req("abc", max_new_tokens=4)).result()
     assert c.token_ids == (3, 4, 5, 6) and c.finish_reason == FinishReason.LENGTH
-    assert eng.stats()["step_errors_total"] == 1
+    assert eng.stats()["step_errors_total"] == 1 and eng.runner.failures == 1
 
 
 def test_scheduler_bug_fails_queued_requests_but_loop_survives():

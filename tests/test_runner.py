@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.decode_static import decode_buckets, needed_blocks, pad_decode, pick_bucket, width_buckets
+from model.blocks import SlotAllocator
+from model.decode_batch import BlockTables
+from model.decode_static import decode_buckets, needed_blocks, pick_bucket, width_buckets
 from model.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 from tests.tiny_granite import build_tiny
@@ -191,9 +193,19 @@ def test_buckets_and_padding():
         pick_bucket(49, b)
     assert width_buckets(4) == [1, 2, 4] and width_buckets(1024)[-1] == 1024
     assert needed_blocks([0, 15], 16) == 1 and needed_blocks([16, 3], 16) == 2
-    ids, slots, pos, tabs = pad_decode([5, 6], [0, 3], [7, 20], [[1], [2, 4]], 4, 9, 99, 3)
-    assert ids == [5, 6, 0, 0] and slots == [0, 3, 9, 9] and pos == [7, 20, 0, 0]
-    assert tabs == [[1, 99, 99], [2, 4, 99], [99, 99, 99], [99, 99, 99]]
+
+
+def test_block_tables_on_device_follow_reallocation():
+    alloc = SlotAllocator(3, 8, 4)
+    bt = BlockTables(alloc, 3, 4, 99, "cpu")
+    a, b = alloc.allocate(4), alloc.allocate(12)
+    assert bt.sync([b, a]) == [alloc.block_table(b), alloc.block_table(a)]
+    assert bt.rows(torch.tensor([a, b, 3]), 3).tolist() == [[0, 99, 99], [1, 2, 3], [99, 99, 99]]
+    alloc.free(a)
+    c = alloc.allocate(8)  # the same slot again, other blocks: uploaded again on the next sync
+    assert c == a and alloc.block_table(c) != [0]
+    bt.sync([c])
+    assert bt.rows(slice(c, c + 1), 4).tolist() == [alloc.block_table(c) + [99, 99]]
 
 
 def test_config_errors(ckpt):

@@ -211,3 +211,10 @@ def test_chunk_kind_is_explicit_and_checked():
                 lambda: SeqChunk(0, (), 0, True, ChunkKind.FRESH)):
         with pytest.raises(ValueError):
             bad()
+
+
+def test_engine_does_not_import_torch():
+    import subprocess
+
+    code = "import sys, model.engine; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,122 @@
+"""Host time of one runner step with the network's own compute taken out (issue 11, items 3 and 4).
+
+The real ModelRunner on the demo checkpoint, with `model.decode` / `model.prefill_packed` / `model.logits`
+replaced by stand-ins that return ready-made tensors of the right shape: what is left is the host work
+around the forward (inputs, block tables, copies, packed metadata, sampling) plus sampling's own small ops.
+Each figure is the median over `steps` timed steps after warm-up steps.
+
+    host_decode_ms(ckpt, rows, context)   one decode step of `rows` sequences, each `context` tokens long
+    host_prefill_ms(ckpt)                 one packed prefill step: 16 fresh prompts of 64-512 tokens
+    report(ckpt)                          all of them with the issue's targets (for `make bench`)
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from pathlib import Path
+
+TARGETS_MS = {"decode_1x2k": None, "decode_64x2k": None, "decode_64x16k": 1.0, "prefill_16_uneven": 3.0}
+
+
+def _runner(ckpt: Path, rows: int, context: int):
+    from model.runner import ModelRunner
+    from model.types import EngineConfig
+
+    total = context + 64
+    cfg = EngineConfig(max_concurrent_seqs=rows, max_total_tokens=total + 1, max_input_tokens=total,
+                       kv_cache_tokens=rows * (total + 16), dtype="float32", max_step_tokens=8192)
+    return ModelRunner(ckpt, cfg)
+
+
+def _stub_network(runner) -> None:
+    """Replace the network's compute by ready-made outputs (zeros hidden, fixed random logits)."""
+    import torch
+
+    hidden, vocab = runner.arch.hidden, runner.vocab_size
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(256, vocab, generator=g) * 3  # logits rows, reused
+    m = runner.model
+    m.decode = lambda d: torch.zeros(d.ids.shape[0], hidden)
+    m.prefill_packed = lambda ids, pk: torch.zeros(ids.shape[0], hidden)
+    m.logits = lambda h: table[: h.shape[0]].clone()
+
+
+def _median_ms(fn, steps: int, warmup: int) -> float:
+    """Median ms of fn() on one intra-op thread (the host thread's own work; on a shared 2-core VM two
+    OpenMP threads mostly measure each other's spin-waits)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return round(statistics.median(times) * 1e3, 3)
+
+
+def host_decode_ms(ckpt: Path, rows: int, context: int, steps: int = 30, warmup: int = 5) -> float:
+    from model.types import SamplingParams, SeqChunk, StepBatch
+
+    runner = _runner(ckpt, rows, context)
+    _stub_network(runner)
+    slots = [runner.allocator.allocate(context + 64) for _ in range(rows)]
+    for s in slots:
+        runner.open(s, SamplingParams(), None, (1, 2, 3))
+    pos = [context]
+
+    def step():
+        p = pos[0] = pos[0] + 1 if pos[0] < context + 60 else context
+        runner.step(StepBatch(tuple(SeqChunk.decode(s, 5, p) for s in slots)))
+
+    return _median_ms(step, steps, warmup)
+
+
+def host_prefill_ms(ckpt: Path, n: int = 16, lo: int = 64, hi: int = 512, steps: int = 20, warmup: int = 3) -> float:
+    from model.types import SamplingParams, SeqChunk, StepBatch
+
+    rng = random.Random(0)
+    lengths = [rng.randint(lo, hi) for _ in range(n)]
+    runner = _runner(ckpt, n, hi)
+    _stub_network(runner)
+    slots = [runner.allocator.allocate(hi + 1) for _ in range(n)]
+    batch = StepBatch(tuple(SeqChunk.fresh(s, tuple(range(1, k + 1)), True) for s, k in zip(slots, lengths,
+                                                                                                strict=True)))
+
+    def step():
+        for s in slots:
+            runner.open(s, SamplingParams(), None, ())
+        runner.step(batch)
+
+    return _median_ms(step, steps, warmup)
+
+
+def report(ckpt: Path) -> dict:
+    out = {
+        "decode_1x2k": host_decode_ms(ckpt, 1, 2048),
+        "decode_64x2k": host_decode_ms(ckpt, 64, 2048),
+        "decode_64x16k": host_decode_ms(ckpt, 64, 16384),
+        "prefill_16_uneven": host_prefill_ms(ckpt),
+    }
+    return {"host_ms_per_step": out, "targets_ms": TARGETS_MS,
+            "method": "ModelRunner.step on the demo checkpoint with the network's compute stubbed out; median"}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    import tempfile
+
+    from model.demo import build_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(json.dumps(report(build_checkpoint(Path(tmp) / "demo", preset="demo")), indent=2))
+        sys.stdout.flush()
