@@ -120,3 +120,45 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(report(build_checkpoint(Path(tmp) / "demo", preset="demo")), indent=2))
         sys.stdout.flush()
+
+
+def engine_overhead_ms(ckpt: Path, streams: int, new_tokens: int = 64, prompt_tokens: int = 32) -> dict:
+    """The engine's own time per step outside runner.step (scheduling, bookkeeping, detokenization, stop
+    checks, events), with the real runner and tokenizer: `streams` requests decoding together."""
+    from model.engine import Engine
+    from model.types import EngineConfig, GenerationRequest, SamplingParams
+
+    cfg = EngineConfig(max_concurrent_seqs=streams, max_total_tokens=prompt_tokens + new_tokens + 8,
+                       max_input_tokens=prompt_tokens + 4, dtype="float32")
+    eng = Engine(ckpt, cfg, "bench")
+    eng.start()
+    if not eng.wait_ready(120):
+        raise RuntimeError(eng.error)
+    runner = eng.runner
+    spent = {"step": 0.0, "n": 0}
+    real_step = runner.step
+
+    def timed(batch):
+        t0 = time.perf_counter()
+        try:
+            return real_step(batch)
+        finally:
+            spent["step"] += time.perf_counter() - t0
+            spent["n"] += 1
+
+    runner.step = timed
+    ids = tuple(1 + i % 200 for i in range(prompt_tokens))
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    try:
+        for h in [eng.submit(GenerationRequest(ids, params)) for _ in range(streams)]:  # warm-up
+            h.result()
+        spent.update(step=0.0, n=0)
+        t0 = time.perf_counter()
+        for h in [eng.submit(GenerationRequest(ids, params)) for _ in range(streams)]:
+            h.result()
+        wall = time.perf_counter() - t0
+    finally:
+        eng.shutdown(5)
+    return {"streams": streams, "steps": spent["n"], "step_ms": round(wall / spent["n"] * 1e3, 3),
+            "runner_step_ms": round(spent["step"] / spent["n"] * 1e3, 3),
+            "engine_ms": round((wall - spent["step"]) / spent["n"] * 1e3, 3)}

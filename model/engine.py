@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from model.handle import Handle, StopBuffer, end_event, top_tokens
-from model.scheduler import Scheduler, SeqStatus, Sequence
+from model.scheduler import Scheduler, Sequence
 from model.types import (
     ChunkKind,
     Detokenizer,
@@ -43,6 +43,7 @@ class _SeqCtx:
         self.detok = detok
         self.stops = stops
         self.seed = seed
+        self.ended = False  # the sequence's last event is out
 
 
 class Engine:
@@ -204,13 +205,18 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
+        # `held`: the last step's sampled tokens whose text and events are not made yet. With an
+        # asynchronous device they are made while the next step runs there (launch, then emit, then
+        # collect); a sequence a stop string ends meanwhile was already scheduled once more, and that
+        # extra token is dropped. With a synchronous device (CPU) events go out before the next step.
+        held = None
         while True:
             with self._cv:
-                while not self._stop and not self.scheduler.has_work():
+                while not self._stop and not self.scheduler.has_work() and held is None:
                     self._cv.notify_all()  # idle: wake shutdown()'s drain wait
                     self._cv.wait()
                 if self._stop:
-                    return
+                    break
                 err = None
                 try:
                     seqs, batch = self.scheduler.schedule()
@@ -218,40 +224,69 @@ class Engine:
                     err, seqs = e, [*self.scheduler.waiting, *self.scheduler.running]
                 retired = self.scheduler.drain_retired()
             if err is not None:
+                held = self._emit(held)
                 self._fail(seqs, err)
                 continue
             for seq in retired:
                 self._emit_end(seq, FinishReason.CANCELLED, seq.ctx.stops.flush())
             if not seqs:
+                held = self._emit(held)
                 continue
             try:
-                self._step(seqs, batch)
+                for seq, c in zip(seqs, batch.chunks, strict=True):
+                    if c.kind == ChunkKind.FRESH:  # a new sequence in its slot: its sampling state
+                        self.runner.open(c.slot, seq.request.params, seq.ctx.seed, seq.prompt_ids)
+                pending = self.runner.launch(batch)
+            except Exception as e:
+                held = self._emit(held)
+                self._fail(seqs, e)
+                continue
+            held = self._emit(held)  # overlapped with the device's work on this step
+            try:
+                out = self.runner.collect(pending)
+                want = self._advance(seqs, batch, out)
             except Exception as e:
                 self._fail(seqs, e)
+                continue
+            held = (want, out)
+            if not self.runner.asynchronous:
+                held = self._emit(held)
+        self._emit(held)
 
-    def _step(self, seqs: list[Sequence], batch) -> None:
-        for seq, c in zip(seqs, batch.chunks, strict=True):
-            if c.kind == ChunkKind.FRESH:  # a new sequence in its slot: its sampling state
-                self.runner.open(c.slot, seq.request.params, seq.ctx.seed, seq.prompt_ids)
-        out = self.runner.step(batch)
+    def _advance(self, seqs: list[Sequence], batch, out) -> list[Sequence]:
+        """Append the sampled tokens and free, before the next schedule, the slots of sequences that end
+        on a token (EOS, stop token, length); stop strings need the text: see _emit. Returns the
+        sequences that got a token, in the order of out's rows."""
         want = [s for s, c in zip(seqs, batch.chunks, strict=True) if c.want_logits]
         if len(out.token_ids) != len(want):
             raise RuntimeError(f"runner returned {len(out.token_ids)} tokens for {len(want)} sequences")
         it = iter(out.token_ids)
         new = [next(it) if c.want_logits else None for c in batch.chunks]
+        eos, limit = self.tokenizer.eos_token_id, self.config.max_total_tokens
         with self._cv:
             self._counters["steps"] += 1
             self._counters["prefill_tokens_total"] += sum(s.scheduled_tokens for s in seqs if s.is_prefilling)
+            self._counters["generated_tokens_total"] += sum(not s.ctx.ended for s in want)
             self.scheduler.postprocess(seqs, new)
-        for i, seq in enumerate(want):
-            self._on_token(seq, out.token_ids[i], out.logprobs[i], out.top[i])
+            for seq, tok in zip(want, out.token_ids, strict=True):
+                p = seq.request.params
+                if ((tok == eos and not p.ignore_eos) or tok in p.stop_token_ids
+                        or len(seq.output_ids) >= seq.max_new_tokens or seq.num_tokens >= limit):
+                    self.scheduler.finish(seq)
+        return want
+
+    def _emit(self, held) -> None:
+        """Text and events of a collected step (held = (sequences, StepOutput)); returns None."""
+        if held is not None:
+            want, out = held
+            for i, seq in enumerate(want):
+                self._on_token(seq, out.token_ids[i], out.logprobs[i], out.top[i])
+        return None
 
     def _on_token(self, seq: Sequence, tok: int, logprob: float, top: list[tuple[int, float]]) -> None:
-        if seq.status == SeqStatus.FINISHED:  # aborted by shutdown while the step ran
-            return
         ctx, p, cfg = seq.ctx, seq.request.params, self.config
-        with self._cv:
-            self._counters["generated_tokens_total"] += 1
+        if ctx.ended:  # ended while the step ran (shutdown, a stop string found one step late)
+            return
         if seq.cancelled:
             self._emit_end(seq, FinishReason.CANCELLED, ctx.stops.flush())
             return
@@ -281,6 +316,7 @@ class Engine:
         return out if stopped else out + ctx.stops.flush()
 
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.ctx.ended = True
         with self._cv:
             self.scheduler.finish(seq)
             self._finished[reason.value] += 1
@@ -297,5 +333,5 @@ class Engine:
         with self._cv:
             self._counters["step_errors_total"] += 1
         for seq in seqs:
-            if seq.status != SeqStatus.FINISHED:
+            if not seq.ctx.ended:
                 self._emit_end(seq, FinishReason.ERROR, error=msg)

@@ -53,7 +53,7 @@ class Handle:
         self.prompt_tokens = prompt_tokens
         self.request_id = request_id
         self.seed: int | None = None  # set by the engine: the seed a sampled request actually used
-        self._queue: queue.Queue[TokenEvent] = queue.Queue()
+        self._queue: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()  # C-level: cheap put per token
         self._events: list[TokenEvent] = []
         self._done = False
         self._on_cancel = on_cancel

@@ -82,6 +82,8 @@ class ModelRunner:
         pin = dev.type == "cuda"
         self._h2d = torch.zeros(3, n, dtype=torch.long, pin_memory=pin)  # decode ids, slots, positions
         self._d2h = torch.zeros(n * 2, dtype=torch.float64, pin_memory=pin)  # sampled rows; grows for top-n
+        self._copied = torch.cuda.Event() if pin else None  # the sampled rows reached _d2h
+        self.asynchronous = pin  # launch() returns before the device is done
         if decode_mode is None:
             decode_mode = "graph" if (dev.type == "cuda" and config.cuda_graphs) else "eager"
         if decode_mode not in ("eager", "static", "graph"):
@@ -116,21 +118,34 @@ class ModelRunner:
         self.sampler.open(slot, params, seed, context_ids)
 
     def step(self, batch: StepBatch) -> StepOutput:
-        """Run the step and sample: one token per chunk with want_logits, in chunk order. The step's only
-        device-to-host transfer is the sampled tokens with their logprobs (and alternatives)."""
+        """Run the step and sample: one token per chunk with want_logits, in chunk order."""
+        return self.collect(self.launch(batch))
+
+    def launch(self, batch: StepBatch) -> tuple[list[int], torch.Tensor | None]:
+        """Queue the forward, the sampling and the copy of the sampled rows to the host (pinned, without
+        blocking on CUDA); collect() waits for them. One step in flight at a time (the copy buffer)."""
         logits = self.forward(batch)
         slots = [c.slot for c in batch.chunks if c.want_logits]
         if not slots:
-            return StepOutput([], [], [])
+            return slots, None
         packed = self.sampler.sample(logits, slots)
-        if self._dev.type == "cuda":
-            if packed.numel() > self._d2h.numel():
-                self._d2h = torch.zeros(packed.numel(), dtype=torch.float64, pin_memory=True)
-            host = self._d2h[:packed.numel()].view(packed.shape)
-            host.copy_(packed, non_blocking=True)
-            torch.cuda.current_stream(self._dev).synchronize()
-            packed = host
-        return self.sampler.unpack(packed.tolist(), slots)
+        if self._dev.type != "cuda":
+            return slots, packed
+        if packed.numel() > self._d2h.numel():
+            self._d2h = torch.zeros(packed.numel(), dtype=torch.float64, pin_memory=True)
+        host = self._d2h[:packed.numel()].view(packed.shape)
+        host.copy_(packed, non_blocking=True)
+        self._copied.record()
+        return slots, host
+
+    def collect(self, pending: tuple[list[int], torch.Tensor | None]) -> StepOutput:
+        """The step's single device-to-host sync: the sampled tokens, their logprobs and alternatives."""
+        slots, host = pending
+        if host is None:
+            return StepOutput([], [], [])
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self.sampler.unpack(host.tolist(), slots)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """float32 logits (rows = chunks with want_logits, in chunk order, vocab)."""

@@ -261,9 +261,12 @@ class Runner(Protocol):
     dtype: str
     num_parameters: int
 
+    asynchronous: bool  # launch() returns before the device is done (CUDA); False: it computes (CPU)
+
     def warmup(self) -> None: ...
     def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int]) -> None: ...
-    def step(self, batch: StepBatch) -> StepOutput: ...
+    def launch(self, batch: StepBatch) -> object: ...  # queue the step (forward + sampling) on the device
+    def collect(self, pending: object) -> StepOutput: ...  # wait for it: the step's one device-to-host sync
     def after_failure(self, exc: Exception) -> None: ...  # e.g. release cached device memory after an OOM
 
 

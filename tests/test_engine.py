@@ -94,6 +94,14 @@ class FakeRunner:
     def after_failure(self, exc):
         self.failures = getattr(self, "failures", 0) + 1
 
+    asynchronous = False  # True: the engine emits a step's events after launching the next one
+
+    def launch(self, batch):
+        return self.step(batch)
+
+    def collect(self, pending):
+        return pending
+
     def step(self, batch):
         if self.gate is not None:
             self.gate.wait(10)
@@ -554,3 +562,34 @@ def test_real_logprobs_and_top_tokens_match_hf_scores(tiny_ckpt, hf_model):
         assert [t.token_id for t in top] == torch.topk(ref, 3).indices.tolist()
         assert top[0].token_id == tok and top[0].text == eng.tokenizer.token_text(tok)
         assert all(abs(t.logprob - ref[t.token_id].item()) < 1e-4 for t in top)
+
+
+def test_real_deferred_events_give_the_same_results(tiny_ckpt):
+    # An asynchronous device: the engine makes a step's text and events after launching the next step.
+    # Stop strings then end a sequence one step late (its extra token is dropped); every result must be
+    # the same as with events made at once, and no slot may leak.
+    ps = prompts(10, seed=12, hi=30)
+    base = real_engine(tiny_ckpt, max_concurrent_seqs=4)
+    free = [base.submit(GenerationRequest(tuple(p), SamplingParams(max_new_tokens=16))).result() for p in ps]
+    params = []
+    for i, c in enumerate(free):
+        kw = dict(max_new_tokens=16 - i % 5)
+        if i % 3 == 0 and len(c.text) > 6:
+            kw["stop"] = (c.text[3:6],)
+        if i % 3 == 1:
+            kw["stop_token_ids"] = (c.token_ids[4],)
+        if i % 4 == 2:
+            kw.update(do_sample=True, temperature=1.2, top_k=40, seed=i)
+        params.append(SamplingParams(**kw))
+    results = []
+    for asynchronous in (False, True):
+        eng = real_engine(tiny_ckpt, max_concurrent_seqs=4)
+        eng.runner.asynchronous = asynchronous
+        hs = [eng.submit(GenerationRequest(tuple(p), q)) for p, q in zip(ps, params, strict=True)]
+        results.append([(c.token_ids, c.text, c.finish_reason) for c in (h.result() for h in hs)])
+        wait_idle(eng)
+        st = eng.stats()
+        assert st["free_slots"] == 4 and sum(st["finished_total"].values()) == len(ps)  # each ended once
+        assert all(h._queue.empty() for h in hs)  # no event after the last one
+    assert results[0] == results[1]
+    assert {r[2] for r in results[0]} >= {FinishReason.STOP, FinishReason.LENGTH}
