@@ -236,6 +236,7 @@ class Engine:
                 for seq, c in zip(seqs, batch.chunks, strict=True):
                     if c.kind == ChunkKind.FRESH:  # a new sequence in its slot: its sampling state
                         self.runner.open(c.slot, seq.request.params, seq.ctx.seed, seq.prompt_ids)
+                t0 = time.perf_counter()
                 pending = self.runner.launch(batch)
             except Exception as e:
                 held = self._emit(held)
@@ -244,7 +245,7 @@ class Engine:
             held = self._emit(held)  # overlapped with the device's work on this step
             try:
                 out = self.runner.collect(pending)
-                want = self._advance(seqs, batch, out)
+                want = self._advance(seqs, batch, out, time.perf_counter() - t0)
             except Exception as e:
                 self._fail(seqs, e)
                 continue
@@ -253,7 +254,7 @@ class Engine:
                 held = self._emit(held)
         self._emit(held)
 
-    def _advance(self, seqs: list[Sequence], batch, out) -> list[Sequence]:
+    def _advance(self, seqs: list[Sequence], batch, out, seconds: float) -> list[Sequence]:
         """Append the sampled tokens and free, before the next schedule, the slots of sequences that end
         on a token (EOS, stop token, length); stop strings need the text: see _emit. Returns the
         sequences that got a token, in the order of out's rows."""
@@ -267,6 +268,7 @@ class Engine:
             self._counters["steps"] += 1
             self._counters["prefill_tokens_total"] += sum(s.scheduled_tokens for s in seqs if s.is_prefilling)
             self._counters["generated_tokens_total"] += sum(not s.ctx.ended for s in want)
+            self.scheduler.observe_step(seqs, seconds)
             self.scheduler.postprocess(seqs, new)
             for seq, tok in zip(want, out.token_ids, strict=True):
                 p = seq.request.params

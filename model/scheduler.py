@@ -7,7 +7,10 @@ Each step:
   3. give every running decoding sequence its one token (least recently served first),
   4. fill the rest of `max_step_tokens` with prefill chunks of at most `prefill_chunk_tokens`,
      oldest sequence first, so a long prompt is spread over many steps while the decodes of
-     the others keep flowing every step.
+     the others keep flowing every step. While sequences are decoding, the prefill tokens of a step
+     are also bounded by time (StepCost: measured step times, fed back by the engine), so a step
+     with prefill takes at most about (1 + PREFILL_SHARE) x a decode-only step: decodes keep their
+     cadence behind arriving prompts. With nothing decoding, prefill takes the whole token budget.
 """
 
 from __future__ import annotations
@@ -27,6 +30,39 @@ class SeqStatus(str, Enum):
 
 
 _ids = itertools.count()
+
+PREFILL_SHARE = 1.0  # prefill time a step may add, as a fraction of a decode-only step's time
+MIN_PREFILL_TOKENS = 16  # waiting prompts always progress
+EWMA = 0.25  # weight of the newest step time in the estimates
+
+
+class StepCost:
+    """Step-time model from measured steps: a decode-only step's time (EWMA) and the time per prefill
+    token on top of the decodes (EWMA). Torch-free; seconds."""
+
+    def __init__(self) -> None:
+        self.decode_s: float | None = None
+        self.token_s: float | None = None
+
+    @staticmethod
+    def _mix(old: float | None, new: float) -> float:
+        return new if old is None else old + EWMA * (new - old)
+
+    def observe(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
+        if prefill_tokens == 0:
+            if decode_rows:
+                self.decode_s = self._mix(self.decode_s, seconds)
+            return
+        # a step without decodes, or before any decode-only step: all its time counts for its tokens
+        # (an overestimate, so the budget errs on the side of the decodes)
+        base = self.decode_s if (decode_rows and self.decode_s is not None) else 0.0
+        self.token_s = self._mix(self.token_s, max(seconds - base, 0.0) / prefill_tokens)
+
+    def prefill_budget(self) -> int | None:
+        """Prefill tokens a step with decodes may take; None while there are no estimates."""
+        if self.decode_s is None or not self.token_s:
+            return None
+        return max(MIN_PREFILL_TOKENS, int(PREFILL_SHARE * self.decode_s / self.token_s))
 
 
 class Sequence:
@@ -77,6 +113,7 @@ class Scheduler:
         self.retired: list[Sequence] = []  # cancelled sequences retired by schedule(); see drain_retired
         self.steps = 0
         self._clock = 0
+        self.cost = StepCost()
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_queued_requests:
@@ -130,6 +167,10 @@ class Scheduler:
             seq.last_served = self._clock  # strictly increasing: a true least-recently-served order
             seqs.append(seq)
         budget -= len(seqs)
+        if seqs:  # decodes run this step: bound the prefill they wait for by time, too
+            timed = self.cost.prefill_budget()
+            if timed is not None:
+                budget = min(budget, timed)
 
         for seq in self.running:
             if budget <= 0:
@@ -149,6 +190,11 @@ class Scheduler:
         if seqs:
             self.steps += 1
         return seqs, StepBatch(tuple(chunks))
+
+    def observe_step(self, seqs: list[Sequence], seconds: float) -> None:
+        """The measured time of the step schedule() returned seqs for (call before postprocess)."""
+        prefill = sum(s.scheduled_tokens for s in seqs if s.is_prefilling)
+        self.cost.observe(sum(1 for s in seqs if not s.is_prefilling), prefill, seconds)
 
     def postprocess(self, seqs: list[Sequence], new_tokens: list[int | None]) -> None:
         """Advance each scheduled sequence by the tokens it fed; append its sampled token
