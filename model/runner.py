@@ -215,7 +215,7 @@ class ModelRunner:
         if self._dev.type == "cuda":
             self._h2d[:, :n].copy_(host)
             host = self._h2d[:, :n].to(self._dev, non_blocking=True)
-        ids, slot_t, pos_t = host
+        ids, slot_t, pos_t = host.unbind(0)
         width = needed_blocks(positions, BLOCK_SIZE)
         if self.static is not None:
             return self.static.run(ids, slot_t, pos_t, self.tables, width)
