@@ -282,7 +282,10 @@ class Engine:
         if held is not None:
             want, out = held
             for i, seq in enumerate(want):
-                self._on_token(seq, out.token_ids[i], out.logprobs[i], out.top[i])
+                try:
+                    self._on_token(seq, out.token_ids[i], out.logprobs[i], out.top[i])
+                except Exception as e:  # e.g. a detokenizer bug: fails this sequence, not the loop
+                    self._fail([seq], e)
         return None
 
     def _on_token(self, seq: Sequence, tok: int, logprob: float, top: list[tuple[int, float]]) -> None:

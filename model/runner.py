@@ -1,4 +1,9 @@
-"""ModelRunner: turns a StepBatch into tensors, runs the network, returns float32 logits.
+"""ModelRunner: turns a StepBatch into tensors, runs the network and samples (the engine's Runner).
+
+  step(batch) = collect(launch(batch)) -> StepOutput: sampled tokens, logprobs, alternatives
+  launch      forward + batched sampling (model/sampling.py) + a non-blocking copy of the result to pinned
+              host memory; collect waits for that copy: the step's one device-to-host sync
+  forward     float32 logits only (tests, benchmarks)
 
 All prefill chunks of a step run in one packed forward (model/packed.py), each from its slot's state
 (a FRESH chunk's Mamba state is zeroed first). DECODE chunks (one token each) run together in one call; with
@@ -152,6 +157,8 @@ class ModelRunner:
         chunks = batch.chunks
         if len({c.slot for c in chunks}) != len(chunks):
             raise ValueError("a step may hold at most one chunk per slot")
+        if not chunks:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self._dev)
         decode_idx = [i for i, c in enumerate(chunks) if c.kind == ChunkKind.DECODE]
         if len(decode_idx) == len(chunks):  # the steady state: decodes only
             decode_idx.sort(key=lambda i: chunks[i].slot)

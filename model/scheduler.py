@@ -9,7 +9,7 @@ Each step:
      oldest sequence first, so a long prompt is spread over many steps while the decodes of
      the others keep flowing every step. While sequences are decoding, the prefill tokens of a step
      are also bounded by time (StepCost: measured step times, fed back by the engine), so a step
-     with prefill takes at most about (1 + PREFILL_SHARE) x a decode-only step: decodes keep their
+     with prefill takes at most about (1 + PREFILL_SHARE) = 3x a decode-only step: decodes keep their
      cadence behind arriving prompts. With nothing decoding, prefill takes the whole token budget.
 """
 
@@ -31,7 +31,7 @@ class SeqStatus(str, Enum):
 
 _ids = itertools.count()
 
-PREFILL_SHARE = 1.0  # prefill time a step may add, as a fraction of a decode-only step's time
+PREFILL_SHARE = 2.0  # prefill time a step may add, as a fraction of a decode-only step's time (p99 <= 3x p50)
 MIN_PREFILL_TOKENS = 16  # waiting prompts always progress
 EWMA = 0.25  # weight of the newest step time in the estimates
 

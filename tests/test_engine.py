@@ -593,3 +593,22 @@ def test_real_deferred_events_give_the_same_results(tiny_ckpt):
         assert all(h._queue.empty() for h in hs)  # no event after the last one
     assert results[0] == results[1]
     assert {r[2] for r in results[0]} >= {FinishReason.STOP, FinishReason.LENGTH}
+
+
+def test_failure_while_making_text_fails_only_that_sequence():
+    eng = fake_engine(script={5: 40})  # "f" -> token 40, whose text the detokenizer cannot make
+    real = FakeDetok.push
+
+    def push(self, t):
+        if t == 40:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return real(self, t)
+
+    FakeDetok.push = push
+    try:
+        bad = eng.submit(req("f", max_new_tokens=4)).result()
+        good = eng.submit(req("k", max_new_tokens=4)).result()
+    finally:
+        FakeDetok.push = real
+    assert bad.finish_reason == FinishReason.ERROR and "injected" in bad.error
+    assert good.token_ids == (11, 12, 13, 14) and good.finish_reason == FinishReason.LENGTH

@@ -236,7 +236,7 @@ def test_step_cost_bounds_prefill_while_decoding():
     for _ in range(2):
         sched.add(Sequence(GenerationRequest(tuple(range(1, 41)), SamplingParams(max_new_tokens=4))))
     seqs, batch = sched.schedule()
-    # one decode + prefill worth PREFILL_SHARE x 100 ms at 10 ms per token = 10 tokens (>= the floor of 16)
+    # one decode + prefill worth PREFILL_SHARE x 100 ms at 10 ms per token (at least the floor of 16)
     assert [len(c.token_ids) for c in batch.chunks] == [1, max(MIN_PREFILL_TOKENS, int(PREFILL_SHARE * 10))]
     sched.postprocess(seqs, [7 if c.want_logits else None for c in batch.chunks])
     for s in list(sched.running):
@@ -246,8 +246,9 @@ def test_step_cost_bounds_prefill_while_decoding():
 
 def _simulate(timed: bool, streams=32, requests=160, seed=0):
     """A closed loop on a fake clock: `streams` clients, each sends its next prompt 5-25 ms after its last
-    one ended; step time = 20 ms + 4 ms per decode row + 1.2 ms per prefill token (the mid checkpoint
-    on this CPU, roughly). Returns (TTFT p50, TPOT p50, TPOT p99) in seconds."""
+    one ended; step time = 20 ms + 2 ms per decode row + 4 ms per prefill token (prefill dear next to
+    decode, as on this CPU: untimed, TPOT p99 is ~10x p50, as measured). Returns (TTFT p50, TPOT p50,
+    TPOT p99) in seconds."""
     rng = random.Random(seed)
     sched, _ = make(slots=streams, blocks=8192, block_size=16, max_step_tokens=2048, prefill_chunk_tokens=512,
                     max_queued_requests=1000, max_input_tokens=1000, max_total_tokens=2000)
@@ -271,7 +272,7 @@ def _simulate(timed: bool, streams=32, requests=160, seed=0):
             sched.add(seq)
             sub[seq.seq_id], stamps[seq.seq_id] = a, []
         seqs, batch = sched.schedule()
-        dt = 0.02 + 0.004 * sum(not s.is_prefilling for s in seqs) + 0.0012 * sum(
+        dt = 0.02 + 0.002 * sum(not s.is_prefilling for s in seqs) + 0.004 * sum(
             s.scheduled_tokens for s in seqs if s.is_prefilling)
         now += dt
         sched.observe_step(seqs, dt)
@@ -292,5 +293,6 @@ def _simulate(timed: bool, streams=32, requests=160, seed=0):
 def test_decodes_keep_their_cadence_behind_arriving_prompts():
     ttft0, p50_0, p99_0 = _simulate(timed=False)
     ttft, p50, p99 = _simulate(timed=True)
-    assert p99 <= 3 * p50 and p99 < p99_0  # bounded by time: a step with prefill <= ~2 decode steps
+    assert p99_0 > 5 * p50_0  # the stall this is about
+    assert p99 <= 3 * p50  # bounded by time: a step with prefill <= ~3 decode steps
     assert ttft <= ttft0 * 1.05  # time to first token not worse
