@@ -8,14 +8,15 @@ Each step:
   4. fill the rest of `max_step_tokens` with prefill chunks of at most `prefill_chunk_tokens`,
      oldest sequence first, so a long prompt is spread over many steps while the decodes of
      the others keep flowing every step. While sequences are decoding, the prefill tokens of a step
-     are also bounded by time (StepCost: measured step times, fed back by the engine), so a step
-     with prefill takes at most about (1 + PREFILL_SHARE) = 3x a decode-only step: decodes keep their
+     are also bounded by time (StepCost: recent measured step times, fed back by the engine), so a step
+     with prefill takes at most about (1 + PREFILL_SHARE) = 2.5x a decode-only step: decodes keep their
      cadence behind arriving prompts. With nothing decoding, prefill takes the whole token budget.
 """
 
 from __future__ import annotations
 
 import itertools
+import statistics
 from collections import deque
 from enum import Enum
 from typing import Any
@@ -31,38 +32,44 @@ class SeqStatus(str, Enum):
 
 _ids = itertools.count()
 
-PREFILL_SHARE = 2.0  # prefill time a step may add, as a fraction of a decode-only step's time (p99 <= 3x p50)
+PREFILL_SHARE = 1.5  # prefill time a step may add, as a fraction of a decode-only step's time
 MIN_PREFILL_TOKENS = 16  # waiting prompts always progress
-EWMA = 0.25  # weight of the newest step time in the estimates
+WINDOW = 9  # recent steps each estimate is the median of
 
 
 class StepCost:
-    """Step-time model from measured steps: a decode-only step's time (EWMA) and the time per prefill
-    token on top of the decodes (EWMA). Torch-free; seconds."""
+    """Step-time model from measured steps: a decode-only step's time and the time per prefill token on
+    top of the decodes, each the median of the last WINDOW samples (a preempted step on a shared machine
+    moves a median little). Torch-free; seconds."""
 
     def __init__(self) -> None:
-        self.decode_s: float | None = None
-        self.token_s: float | None = None
+        self._decode: deque[float] = deque(maxlen=WINDOW)
+        self._token: deque[float] = deque(maxlen=WINDOW)
 
-    @staticmethod
-    def _mix(old: float | None, new: float) -> float:
-        return new if old is None else old + EWMA * (new - old)
+    @property
+    def decode_s(self) -> float | None:
+        return statistics.median(self._decode) if self._decode else None
+
+    @property
+    def token_s(self) -> float | None:
+        return statistics.median(self._token) if self._token else None
 
     def observe(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
         if prefill_tokens == 0:
             if decode_rows:
-                self.decode_s = self._mix(self.decode_s, seconds)
+                self._decode.append(seconds)
             return
         # a step without decodes, or before any decode-only step: all its time counts for its tokens
         # (an overestimate, so the budget errs on the side of the decodes)
-        base = self.decode_s if (decode_rows and self.decode_s is not None) else 0.0
-        self.token_s = self._mix(self.token_s, max(seconds - base, 0.0) / prefill_tokens)
+        base = self.decode_s if decode_rows and self._decode else 0.0
+        self._token.append(max(seconds - base, 0.0) / prefill_tokens)
 
     def prefill_budget(self) -> int | None:
         """Prefill tokens a step with decodes may take; None while there are no estimates."""
-        if self.decode_s is None or not self.token_s:
+        decode_s, token_s = self.decode_s, self.token_s
+        if decode_s is None or not token_s:
             return None
-        return max(MIN_PREFILL_TOKENS, int(PREFILL_SHARE * self.decode_s / self.token_s))
+        return max(MIN_PREFILL_TOKENS, int(PREFILL_SHARE * decode_s / token_s))
 
 
 class Sequence:

@@ -294,5 +294,5 @@ def test_decodes_keep_their_cadence_behind_arriving_prompts():
     ttft0, p50_0, p99_0 = _simulate(timed=False)
     ttft, p50, p99 = _simulate(timed=True)
     assert p99_0 > 5 * p50_0  # the stall this is about
-    assert p99 <= 3 * p50  # bounded by time: a step with prefill <= ~3 decode steps
+    assert p99 <= 3 * p50  # bounded by time: a step with prefill <= ~2.5 decode steps
     assert ttft <= ttft0 * 1.05  # time to first token not worse
