@@ -130,14 +130,14 @@ def decode_rate(runner: ModelRunner, batch: int, prompt: int, steps: int) -> dic
     unprepared = runner.static.unprepared_runs if runner.static is not None else 0
     _sync()
     t0 = time.perf_counter()
-    logits = runner.forward(StepBatch(tuple(SeqChunk(s, ids, 0, True) for s in slots)))
+    logits = runner.forward(StepBatch(tuple(SeqChunk.fresh(s, ids, True) for s in slots)))
     _sync()
     prefill_s = time.perf_counter() - t0
     toks = logits.argmax(-1).tolist()
     first = [toks[0]]
     t0 = time.perf_counter()
     for step in range(steps):
-        out = runner.forward(StepBatch(tuple(SeqChunk(s, (t,), prompt + step, True)
+        out = runner.forward(StepBatch(tuple(SeqChunk.decode(s, t, prompt + step)
                                              for s, t in zip(slots, toks, strict=True))))
         toks = out.argmax(-1).tolist()  # the host needs the tokens, as the engine does
         first.append(toks[0])

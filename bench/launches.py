@@ -161,16 +161,19 @@ def _count(model, pool, counter, fused, batch, nb, context) -> dict:
             raise RuntimeError(f"decode ops not on their fused kernel: {unfused}")
     else:
         K = Kernels("reference", "cpu")
+    from model.decode_batch import Decode
+
+    model.bind(pool, K)
     ids = torch.arange(batch) + 1
     slots = torch.arange(batch)
     tables = torch.arange(batch * nb).view(batch, nb)
     positions = torch.full((batch,), context - 1)
     with _triton_counted(counter) if fused else contextlib.nullcontext():
-        model.decode(ids, slots, tables, positions, pool, K)  # warm-up, not counted
+        model.decode(Decode(ids, slots, positions, tables))  # warm-up, not counted
         counter.ops.clear()
         positions = positions + 1
         with counter:
-            model.decode(ids, slots, tables, positions, pool, K)
+            model.decode(Decode(ids, slots, positions, tables))
     return counter.summary()
 
 

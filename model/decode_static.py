@@ -5,8 +5,10 @@ per sequence, so the width follows the longest sequence in the batch (next power
 instead of always reading max_total_tokens worth of KV. Every key the limits can reach is prepared by
 `prepare_all` during warmup, before the server says ready, largest first and within a memory budget;
 `run` never captures: a key left out (over the budget, or a capture that ran out of memory) runs the same
-fixed buffers eagerly. The bookkeeping (bucket choice, padding, capture plan) is plain functions, and
-capture goes through a small seam (`CudaGraphs`), so everything but the CUDA calls runs on CPU in tests.
+fixed buffers eagerly. A step fills the buffers by device-side copies from the runner's inputs and the
+device block tables (model/decode_batch.py; rows past the batch point at the dummy slot / block). The
+bookkeeping (bucket choice, capture plan) is plain functions, and capture goes through a small seam
+(`CudaGraphs`), so everything but the CUDA calls runs on CPU in tests.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from model.decode_batch import BlockTables, Decode
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +47,6 @@ def pick_bucket(n: int, buckets: list[int], what: str = "decode batch") -> int:
         if b >= n:
             return b
     raise ValueError(f"{what} of {n} exceeds the largest bucket {buckets[-1]}")
-
-
-def pad_decode(ids, slots, positions, tables, bucket, dummy_slot, dummy_block, width):
-    """Pad per-sequence decode inputs to `bucket` rows (dummy slot, position 0, dummy blocks) and every
-    block table to `width` entries. Returns four lists."""
-    n = len(ids)
-    if n > bucket:
-        raise ValueError(f"{n} rows do not fit bucket {bucket}")
-    pad = bucket - n
-    tabs = []
-    for t in tables:
-        if len(t) > width:
-            t = t[:width]
-        tabs.append(list(t) + [dummy_block] * (width - len(t)))
-    tabs += [[dummy_block] * width] * pad
-    return list(ids) + [0] * pad, list(slots) + [dummy_slot] * pad, list(positions) + [0] * pad, tabs
 
 
 def capture_plan(keys, cost: Callable[[tuple[int, int]], int], budget: int) -> tuple[list, list]:
@@ -102,7 +90,7 @@ class CudaGraphs:
 class StaticDecode:
     def __init__(self, fn, buckets, dummy_slot, dummy_block, max_width, block_size, hidden, device, dtype,
                  graphs: CudaGraphs | None) -> None:
-        """fn(ids, slots, tables, positions) -> hidden (B, hidden): the model's decode over pool state.
+        """fn(Decode) -> hidden (B, hidden): the model's decode over pool state.
         graphs: None = run the fixed buffers eagerly (CPU, tests)."""
         self.fn, self.buckets, self.widths = fn, buckets, width_buckets(max_width)
         self.block_size = block_size
@@ -132,7 +120,7 @@ class StaticDecode:
         return self.buf[key]
 
     def _eager(self, s) -> None:
-        s["out"].copy_(self.fn(s["ids"], s["slots"], s["tables"], s["positions"]))
+        s["out"].copy_(self.fn(Decode(s["ids"], s["slots"], s["positions"], s["tables"])))
 
     def prepare(self, key: tuple[int, int]) -> None:
         """Allocate (batch, width) buffers and run them once, or (CUDA) capture their graph. The inputs
@@ -175,15 +163,22 @@ class StaticDecode:
         self.report, self.unprepared_runs = rep, 0  # count from here: the serving steps
         return rep
 
-    def run(self, ids, slots, positions, tables) -> torch.Tensor:
-        n = len(ids)
-        key = (pick_bucket(n, self.buckets),
-               pick_bucket(needed_blocks(positions, self.block_size), self.widths, "block-table width"))
+    def run(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, tables: BlockTables,
+            needed: int) -> torch.Tensor:
+        """ids, slots, positions (n,) long on the device; `needed` blocks per row -> hidden (n, hidden).
+        Device-side copies only: rows n.. of the buffers point at the dummy slot / block."""
+        n = ids.shape[0]
+        key = (pick_bucket(n, self.buckets), pick_bucket(needed, self.widths, "block-table width"))
         s = self._buffers(key)
-        ids, slots, positions, tables = pad_decode(ids, slots, positions, tables, key[0], self.dummy_slot,
-                                                   self.dummy_block, key[1])
-        for name, vals in (("ids", ids), ("slots", slots), ("positions", positions), ("tables", tables)):
-            s[name].copy_(torch.tensor(vals, dtype=torch.long))
+        s["ids"][:n].copy_(ids)
+        s["slots"][:n].copy_(slots)
+        s["positions"][:n].copy_(positions)
+        torch.index_select(tables.table[:, :key[1]], 0, slots, out=s["tables"][:n])
+        if n < key[0]:
+            s["ids"][n:].zero_()
+            s["slots"][n:].fill_(self.dummy_slot)
+            s["positions"][n:].zero_()
+            s["tables"][n:].fill_(self.dummy_block)
         replay = self.replay.get(key)
         if replay is not None:
             replay()

@@ -1,6 +1,6 @@
-"""Engine: submit() -> Handle; one background thread runs the step loop
+"""Engine: submit() -> Handle; one background thread runs the step loop (torch-free, like the scheduler)
 
-    schedule -> runner.forward(batch) -> sample -> per sequence: append, detokenize, stop checks, emit
+    schedule -> runner.step(batch) = sampled tokens -> per sequence: append, detokenize, stop checks, emit
 
 Finished, cancelled and failed sequences leave the scheduler (and free their slot) at once. An
 exception inside a step (CUDA OOM included) fails only that step's sequences; the loop keeps serving.
@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from model import prefix_cache
 from model.handle import Handle, StopBuffer, end_event, top_tokens
-from model.scheduler import Scheduler, SeqStatus, Sequence
+from model.scheduler import Scheduler, Sequence
 from model.types import (
+    Detokenizer,
     EngineConfig,
     EngineNotReady,
     FailureKind,
@@ -25,7 +27,10 @@ from model.types import (
     GenerationRequest,
     InputTooLong,
     InvalidRequest,
+    Runner,
     TokenEvent,
+    Tokenizer,
+    resolve_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -35,26 +40,31 @@ _SNAPSHOT_AT = (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH)  # a c
 class _SeqCtx:
     """Engine-side state of one sequence (kept in Sequence.ctx)."""
 
-    def __init__(self, handle: Handle, detok: Any, stops: StopBuffer, sampler: Any) -> None:
+    def __init__(self, handle: Handle, detok: Detokenizer, stops: StopBuffer, seed: int | None) -> None:
         self.handle = handle
         self.detok = detok
         self.stops = stops
-        self.sampler = sampler  # model.sampling.RowState
+        self.seed = seed
+        self.ended = False  # the sequence's last event is out
+        self.opened = False  # runner.open() done for its slot (before its first chunk)
 
 
 class Engine:
     def __init__(self, model_dir: Path, config: EngineConfig, model_name: str, *,
-                 runner_factory: Any = None, tokenizer_factory: Any = None) -> None:
-        # runner_factory(model_dir, config) / tokenizer_factory(model_dir): injectable for tests.
+                 runner_factory: Callable[[Path, EngineConfig], Runner] | None = None,
+                 tokenizer_factory: Callable[[Path], Tokenizer] | None = None) -> None:
+        # Injectable for tests; default: model.runner.ModelRunner and model.tokenizer.Tokenizer.from_dir.
         self.model_dir = Path(model_dir)
         self.config = config
         self.model_name = model_name
         self._runner_factory = runner_factory
         self._tokenizer_factory = tokenizer_factory
-        self.runner: Any = None
-        self.tokenizer: Any = None
+        self.runner: Runner | None = None
+        self.tokenizer: Tokenizer | None = None
         self.scheduler: Scheduler | None = None
         self.prefix: prefix_cache.PrefixCache | None = None
+        self._inflight: set[int] = set()  # id() of the sequences in the launched, not yet collected step
+        self._late: list[Sequence] = []  # [prefix cache] ended while in flight: snapshot + free after collect
         self.error: str | None = None
         self._ready = False
         self._accepting = False
@@ -100,12 +110,10 @@ class Engine:
                 self._loop_thread.start()
                 self._accepting = True
                 self._ready = True
-            model = getattr(self.runner, "model", None)
-            params = sum(p.numel() for p in model.parameters()) if model is not None else 0
+            r = self.runner
             log.info("engine ready: model=%s path=%s device=%s dtype=%s parameters=%.2fM slots=%d in %.1fs",
-                     self.model_name, self.model_dir, getattr(self.runner, "device", "?"),
-                     getattr(self.runner, "dtype", "?"), params / 1e6, self.config.max_concurrent_seqs,
-                     time.monotonic() - t0)
+                     self.model_name, self.model_dir, r.device, r.dtype, r.num_parameters / 1e6,
+                     self.config.max_concurrent_seqs, time.monotonic() - t0)
         except Exception as e:  # the server reports this on /ping (503) and in its log
             self.error = f"model load failed: {type(e).__name__}: {e}"
             log.exception("engine: %s", self.error)
@@ -158,8 +166,7 @@ class Engine:
             limit = cfg.max_input_tokens
             raise InputTooLong(f"the prompt has {n} tokens; the limit is max_input_tokens={limit}")
         # Context budget: max_total_tokens, and never more than the KV pool can ever hold for one sequence.
-        per_seq = getattr(self.runner.allocator, "max_tokens_per_seq", cfg.max_total_tokens)
-        budget = min(cfg.max_total_tokens, per_seq)
+        budget = min(cfg.max_total_tokens, self.runner.allocator.max_tokens_per_seq)
         if n >= budget:
             raise InputTooLong(f"the prompt has {n} tokens; at most {budget - 1} fit this server's context")
         if p.max_new_tokens < 1:
@@ -167,13 +174,10 @@ class Engine:
         vocab = self.runner.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
-        from model.sampling import RowState
-
         seq = Sequence(request, max_new_tokens=min(p.max_new_tokens, budget - n))
         handle = Handle(n, request.request_id, lambda: self._cancel(seq))
-        sampler = RowState(p, seq.prompt_ids, getattr(self.runner, "device", "cpu"))
-        handle.seed = sampler.seed
-        seq.ctx = _SeqCtx(handle, self.tokenizer.detokenizer(), StopBuffer(p.stop), sampler)
+        handle.seed = resolve_seed(p)
+        seq.ctx = _SeqCtx(handle, self.tokenizer.detokenizer(), StopBuffer(p.stop), handle.seed)
         with self._cv:
             if not self._accepting:
                 raise EngineNotReady("shutting down")
@@ -201,7 +205,7 @@ class Engine:
                 total_slots=self.config.max_concurrent_seqs,
                 finished_total=dict(self._finished),
             )
-            if alloc is not None and hasattr(alloc, "num_free_blocks"):
+            if alloc is not None:
                 out.update(kv_blocks_free=alloc.num_free_blocks, kv_blocks_total=alloc.num_blocks,
                            kv_block_tokens=alloc.block_size)
             if self.prefix is not None:
@@ -224,11 +228,12 @@ class Engine:
         with self._cv:
             return self.prefix.clear() if self.prefix is not None else 0
 
-    def _snapshot(self, seq: Sequence, final: bool) -> None:
+    def _snapshot(self, seq: Sequence, final: bool, ahead: int = 0) -> None:
         # [prefix cache] hook, called with self._cv held. The state holds num_computed tokens: the prompt
-        # (final=False, right after its last prefill chunk) or prompt + all output but the last token.
+        # (final=False, right after its last prefill chunk) or prompt + all output but the last token; `ahead`
+        # more once a collected step fed them (_settle_late).
         try:
-            ids = (seq.prompt_ids + seq.output_ids)[: seq.num_computed]
+            ids = (seq.prompt_ids + seq.output_ids)[: seq.num_computed + ahead]
             sid = seq.request.session_id if final else None
             self.prefix.take(seq.slot, ids, sid, seq.prompt_ids + seq.output_ids,
                              supersedes=seq.prompt_ids if final else None)
@@ -238,13 +243,18 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         self.runner.bind_thread()  # DEVICE=cuda:N: this thread's current device (graph replay, Triton launches)
+        # `held`: the last step's sampled tokens whose text and events are not made yet. With an
+        # asynchronous device they are made while the next step runs there (launch, then emit, then
+        # collect); a sequence a stop string ends meanwhile was already scheduled once more, and that
+        # extra token is dropped. With a synchronous device (CPU) events go out before the next step.
+        held = None
         while True:
             with self._cv:
-                while not self._stop and not self.scheduler.has_work():
+                while not self._stop and not self.scheduler.has_work() and held is None:
                     self._cv.notify_all()  # idle: wake shutdown()'s drain wait
                     self._cv.wait()
                 if self._stop:
-                    return
+                    break
                 err = None
                 try:
                     seqs, batch = self.scheduler.schedule()
@@ -252,45 +262,85 @@ class Engine:
                     err, seqs = e, [*self.scheduler.waiting, *self.scheduler.running]
                 retired = self.scheduler.drain_retired()
             if err is not None:
+                held = self._emit(held)
                 self._fail(seqs, err)
                 continue
             for seq in retired:
                 self._emit_end(seq, FinishReason.CANCELLED, seq.ctx.stops.flush())
             if not seqs:
+                held = self._emit(held)
                 continue
             try:
-                self._step(seqs, batch)
+                for seq, c in zip(seqs, batch.chunks, strict=True):
+                    # a new sequence in its slot: its sampling state (a resumed one starts with a CONTINUE chunk)
+                    if not seq.ctx.opened:
+                        self.runner.open(c.slot, seq.request.params, seq.ctx.seed, seq.prompt_ids)
+                        seq.ctx.opened = True
+                t0 = time.perf_counter()
+                pending = self.runner.launch(batch)
             except Exception as e:
+                held = self._emit(held)
                 self._fail(seqs, e)
+                continue
+            self._inflight = {id(seq) for seq in seqs}
+            held = self._emit(held)  # overlapped with the device's work on this step
+            try:
+                out = self.runner.collect(pending)
+                self._settle_late(snapshot=True)
+                want = self._advance(seqs, batch, out, time.perf_counter() - t0)
+            except Exception as e:
+                self._settle_late(snapshot=False)
+                self._fail(seqs, e)
+                continue
+            held = (want, out)
+            if not self.runner.asynchronous:
+                held = self._emit(held)
+        self._emit(held)
 
-    def _step(self, seqs: list[Sequence], batch) -> None:
-        from model.sampling import sample
-
-        logits = self.runner.forward(batch)
+    def _advance(self, seqs: list[Sequence], batch, out, seconds: float) -> list[Sequence]:
+        """Append the sampled tokens and free, before the next schedule, the slots of sequences that end
+        on a token (EOS, stop token, length); stop strings need the text: see _emit. Returns the
+        sequences that got a token, in the order of out's rows."""
         want = [s for s, c in zip(seqs, batch.chunks, strict=True) if c.want_logits]
-        if logits.shape[0] != len(want):
-            raise RuntimeError(f"runner returned {logits.shape[0]} logit rows for {len(want)} sequences")
-        out = sample(logits, [s.ctx.sampler for s in want], [s.output_ids for s in want]) if want else None
-        by_seq = {id(s): i for i, s in enumerate(want)}
-        new = [out.token_ids[by_seq[id(s)]] if id(s) in by_seq else None for s in seqs]
+        if len(out.token_ids) != len(want):
+            raise RuntimeError(f"runner returned {len(out.token_ids)} tokens for {len(want)} sequences")
+        it = iter(out.token_ids)
+        new = [next(it) if c.want_logits else None for c in batch.chunks]
+        eos, limit = self.tokenizer.eos_token_id, self.config.max_total_tokens
         with self._cv:
             self._counters["steps"] += 1
             self._counters["prefill_tokens_total"] += sum(s.scheduled_tokens for s in seqs if s.is_prefilling)
+            self._counters["generated_tokens_total"] += sum(not s.ctx.ended for s in want)
+            self.scheduler.observe_step(seqs, seconds)
             self.scheduler.postprocess(seqs, new)
             if self.prefix is not None:  # [prefix cache] snapshot each prompt that was just fully prefilled
                 for s in want:
-                    if s.num_computed == s.prompt_len and not s.cancelled:
+                    if s.num_computed == s.prompt_len and not s.cancelled and s.slot is not None:
                         self._snapshot(s, final=False)
-        for seq in want:
-            i = by_seq[id(seq)]
-            self._on_token(seq, out.token_ids[i], out.logprobs[i], out.top[i])
+            for seq, tok in zip(want, out.token_ids, strict=True):
+                p = seq.request.params
+                if ((tok == eos and not p.ignore_eos) or tok in p.stop_token_ids
+                        or len(seq.output_ids) >= seq.max_new_tokens or seq.num_tokens >= limit):
+                    if self.prefix is not None and not seq.cancelled and not seq.ctx.ended:
+                        self._snapshot(seq, final=True)  # [prefix cache] before the slot is freed
+                    self.scheduler.finish(seq)
+        return want
+
+    def _emit(self, held) -> None:
+        """Text and events of a collected step (held = (sequences, StepOutput)); returns None."""
+        if held is not None:
+            want, out = held
+            for i, seq in enumerate(want):
+                try:
+                    self._on_token(seq, out.token_ids[i], out.logprobs[i], out.top[i])
+                except Exception as e:  # e.g. a detokenizer bug: fails this sequence, not the loop
+                    self._fail([seq], e)
+        return None
 
     def _on_token(self, seq: Sequence, tok: int, logprob: float, top: list[tuple[int, float]]) -> None:
-        if seq.status == SeqStatus.FINISHED:  # aborted by shutdown while the step ran
-            return
         ctx, p, cfg = seq.ctx, seq.request.params, self.config
-        with self._cv:
-            self._counters["generated_tokens_total"] += 1
+        if ctx.ended:  # ended while the step ran (shutdown, a stop string found one step late)
+            return
         if seq.cancelled:
             self._emit_end(seq, FinishReason.CANCELLED, ctx.stops.flush())
             return
@@ -307,8 +357,7 @@ class Engine:
             elif len(seq.output_ids) >= seq.max_new_tokens or seq.num_tokens >= cfg.max_total_tokens:
                 reason = FinishReason.LENGTH
                 text += self._final_text(ctx)
-        token_text = getattr(self.tokenizer, "token_text", None) or (lambda t: self.tokenizer.decode([t]))
-        tops = top_tokens(top, token_text) if top else ()
+        tops = top_tokens(top, self.tokenizer.token_text) if top else ()
         if reason is not None:
             self._retire(seq, reason)  # before the event: a client that saw the end sees the slot free
         ctx.handle.cached_tokens = seq.cached_tokens
@@ -318,16 +367,30 @@ class Engine:
     def _final_text(ctx: _SeqCtx) -> str:
         # End of stream: the detokenizer's dangling bytes (if any) and the held-back text that never
         # became a stop string are released.
-        finish = getattr(ctx.detok, "finish", None)
-        out, stopped = ctx.stops.push(finish() if finish else "")
+        out, stopped = ctx.stops.push(ctx.detok.finish())
         return out if stopped else out + ctx.stops.flush()
 
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.ctx.ended = True
         with self._cv:
+            self._finished[reason.value] += 1
             if self.prefix is not None and seq.slot is not None and reason in _SNAPSHOT_AT:
+                if id(seq) in self._inflight:  # a stop string found while its next step runs: that step
+                    self._late.append(seq)  # still moves its state; snapshot + free once it is collected
+                    return
                 self._snapshot(seq, final=True)  # [prefix cache] before the slot is freed
             self.scheduler.finish(seq)
-            self._finished[reason.value] += 1
+
+    def _settle_late(self, snapshot: bool) -> None:
+        """[prefix cache] After a collect: the sequences _retire deferred. The collected step fed their last
+        token (its sampled token is dropped), so their state holds prompt + every output token."""
+        self._inflight = set()
+        late, self._late = self._late, []
+        with self._cv:
+            for seq in late:
+                if snapshot:
+                    self._snapshot(seq, final=True, ahead=seq.scheduled_tokens)
+                self.scheduler.finish(seq)
 
     def _emit_end(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None,
                   failure: FailureKind | None = None):
@@ -337,14 +400,11 @@ class Engine:
     def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
         msg = f"generation step failed: {type(exc).__name__}: {exc}"[:500]
         log.error("engine: %s (failing %d sequences)", msg, len(seqs), exc_info=exc)
-        failure = FailureKind.STEP_FAILED
-        if type(exc).__name__ == "OutOfMemoryError":
-            import torch
-
-            torch.cuda.empty_cache()
-            failure = FailureKind.OUT_OF_MEMORY
+        failure = FailureKind.OUT_OF_MEMORY if type(exc).__name__ == "OutOfMemoryError" else FailureKind.STEP_FAILED
+        if self.runner is not None:
+            self.runner.after_failure(exc)
         with self._cv:
             self._counters["step_errors_total"] += 1
         for seq in seqs:
-            if seq.status != SeqStatus.FINISHED:
+            if not seq.ctx.ended:
                 self._emit_end(seq, FinishReason.ERROR, error=msg, failure=failure)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.arch import GraniteArch
+from model.decode_batch import Decode
 from model.kernels import DecodeMeta, SsmParams, gated_rms_norm
 from model.packed import Packed
 
@@ -210,8 +211,9 @@ class GraniteForCausalLM(nn.Module):
         self.arch = a
         self.model = Backbone(a)
         self.lm_head = None if a.tie_embeddings else nn.Linear(a.hidden, a.vocab_size, bias=False)
+        self.state = self.K = None  # see bind()
 
-    def _layers(self, ids, run, K) -> torch.Tensor:
+    def _layers(self, ids, run) -> torch.Tensor:
         """embedding -> layers (run(layer, y, r, scale)) -> final norm; the embedding multiplier and each
         branch's residual multiplier are applied inside the following norm."""
         a, norm = self.arch, self.model.norm
@@ -219,25 +221,30 @@ class GraniteForCausalLM(nn.Module):
         for layer in self.model.layers:
             y, r = run(layer, y, r, scale)
             scale = a.residual_multiplier
-        return K.add_norm(y, r, norm.weight, norm.eps, scale)[0]
+        return self.K.add_norm(y, r, norm.weight, norm.eps, scale)[0]
+
+    def bind(self, state, kernels) -> None:
+        """The state pool (model/state.py) and kernels (model/kernels.py) every forward uses, set once."""
+        self.state, self.K = state, kernels
 
     @torch.no_grad()
-    def prefill_packed(self, ids, pk: Packed, state, K) -> torch.Tensor:
+    def prefill_packed(self, ids, pk: Packed) -> torch.Tensor:
         """ids (T,): the chunks of pk's sequences back to back -> final-normed hidden states (T, hidden)."""
-        return self._layers(ids, lambda layer, y, r, s: layer.prefill(y, r, s, pk, state, K), K)
+        return self._layers(ids, lambda layer, y, r, s: layer.prefill(y, r, s, pk, self.state, self.K))
 
-    def prefill(self, ids, slot: int, start: int, block_table, state, K) -> torch.Tensor:
+    def prefill(self, ids, slot: int, start: int, block_table) -> torch.Tensor:
         """ids (l,) of one sequence continuing from `start` -> final-normed hidden states (l, hidden)."""
-        pk = Packed.build([slot], [start], [len(ids)], [block_table], state.block_size, state.dummy_block,
-                          ids.device)
-        return self.prefill_packed(ids, pk, state, K)
+        pk = Packed.build([slot], [start], [len(ids)], [block_table], self.state.block_size,
+                          self.state.dummy_block, ids.device)
+        return self.prefill_packed(ids, pk)
 
     @torch.no_grad()
-    def decode(self, ids, slots, block_tables, positions, state, K) -> torch.Tensor:
-        """ids, positions (B,) long; slots (B,) long or a slice of consecutive slots; block_tables (B, mb)
-        long -> final-normed hidden states (B, hidden)."""
-        meta = K.decode_meta(slots, block_tables, positions, state.block_size)
-        return self._layers(ids, lambda layer, y, r, s: layer.decode(y, r, s, meta, state, K), K)
+    def decode(self, d: Decode) -> torch.Tensor:
+        """One token for each of d's B rows (slots: (B,) long or a slice of consecutive slots) ->
+        final-normed hidden states (B, hidden)."""
+        state, K = self.state, self.K
+        meta = K.decode_meta(d.slots, d.block_tables, d.positions, state.block_size)
+        return self._layers(d.ids, lambda layer, y, r, s: layer.decode(y, r, s, meta, state, K))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -54,7 +54,7 @@ class Handle:
         self.request_id = request_id
         self.seed: int | None = None  # set by the engine: the seed a sampled request actually used
         self.cached_tokens = 0  # set by the engine before the first event: prompt tokens resumed from a snapshot
-        self._queue: queue.Queue[TokenEvent] = queue.Queue()
+        self._queue: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()  # C-level: cheap put per token
         self._events: list[TokenEvent] = []
         self._done = False
         self._on_cancel = on_cancel

@@ -1,7 +1,12 @@
-"""ModelRunner: turns a StepBatch into tensors, runs the network, returns float32 logits.
+"""ModelRunner: turns a StepBatch into tensors, runs the network and samples (the engine's Runner).
+
+  step(batch) = collect(launch(batch)) -> StepOutput: sampled tokens, logprobs, alternatives
+  launch      forward + batched sampling (model/sampling.py) + a non-blocking copy of the result to pinned
+              host memory; collect waits for that copy: the step's one device-to-host sync
+  forward     float32 logits only (tests, benchmarks)
 
 All prefill chunks of a step run in one packed forward (model/packed.py), each from its slot's state
-(start == 0 means a fresh sequence: its Mamba state is zeroed first). Decode chunks (one token, start > 0) run together in one call; with
+(a FRESH chunk's Mamba state is zeroed first). DECODE chunks (one token each) run together in one call; with
 static decode they are padded to a batch-size bucket with the dummy slot and run through fixed buffers,
 which on CUDA are captured as CUDA graphs during warmup (every reachable bucket) and replayed.
 """
@@ -10,16 +15,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from model import packed
 from model.blocks import SlotAllocator
-from model.decode_static import CudaGraphs, StaticDecode, decode_buckets
+from model.decode_batch import BlockTables, Decode
+from model.decode_static import CudaGraphs, StaticDecode, decode_buckets, needed_blocks
 from model.granite import GraniteForCausalLM, load_granite
 from model.kernels import Kernels
 from model.packed import Packed, pack_runs
+from model.sampling import Sampler
 from model.snapshots import SnapshotCopier
 from model.state import (
     BLOCK_SIZE,
@@ -30,7 +38,7 @@ from model.state import (
     decode_step_bytes,
     prefill_step_bytes,
 )
-from model.types import EngineConfig, SeqChunk, StepBatch
+from model.types import ChunkKind, EngineConfig, SamplingParams, SeqChunk, StepBatch, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +77,14 @@ class ModelRunner:
         self.bind_thread()
         self._dtype, self._ssm_dtype = resolve_dtypes(config, dev)
         self.dtype = str(self._dtype).removeprefix("torch.")
-        self.kernels = Kernels(config.kernels, dev)
-        self.kernel_report = dict(self.kernels.report)
+        self._kernels = Kernels(config.kernels, dev)
+        self.kernel_report = dict(self._kernels.report)
         # decode attention reads KV in place (no gathered copies to budget for)
         self._paged = self.kernel_report["decode_attention"].startswith("fused")
         self.model = model if model is not None else load_granite(model_dir, dev, self._dtype)
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
             self.arch, config.max_concurrent_seqs, config.max_total_tokens, config.max_step_tokens, dev,
             self._dtype, self._ssm_dtype, config.snapshot_device_share if config.prefix_cache else 0.0, self._paged)
@@ -83,8 +92,17 @@ class ModelRunner:
                               self._ssm_dtype, BLOCK_SIZE)
         self.allocator = SlotAllocator(config.max_concurrent_seqs, self.pool.num_blocks, BLOCK_SIZE)
         self.snapshot_copier = SnapshotCopier(self.pool)  # [prefix cache] tensor copies for snapshots
-        # Widest block table static decode may need: the longest allowed sequence.
+        self.model.bind(self.pool, self._kernels)
+        # Widest block table decode may need: the longest allowed sequence.
         self.max_blocks_per_seq = min(math.ceil(config.max_total_tokens / BLOCK_SIZE), self.pool.num_blocks)
+        n = config.max_concurrent_seqs
+        self.tables = BlockTables(self.allocator, n, self.max_blocks_per_seq, self.pool.dummy_block, dev)
+        self.sampler = Sampler(n, self.vocab_size, dev)
+        pin = dev.type == "cuda"
+        self._h2d = torch.zeros(3, n, dtype=torch.long, pin_memory=pin)  # decode ids, slots, positions
+        self._d2h = torch.zeros(n * 2, dtype=torch.float64, pin_memory=pin)  # sampled rows; grows for top-n
+        self._copied = torch.cuda.Event() if pin else None  # the sampled rows reached _d2h
+        self.asynchronous = pin  # launch() returns before the device is done
         if decode_mode is None:
             decode_mode = "graph" if (dev.type == "cuda" and config.cuda_graphs) else "eager"
         if decode_mode not in ("eager", "static", "graph"):
@@ -94,7 +112,7 @@ class ModelRunner:
         self.decode_mode = decode_mode
         self.static = None
         if decode_mode != "eager":
-            self.static = StaticDecode(self._decode_hidden, decode_buckets(config.max_concurrent_seqs),
+            self.static = StaticDecode(self.model.decode, decode_buckets(config.max_concurrent_seqs),
                                        self.pool.dummy_slot, self.pool.dummy_block, self.max_blocks_per_seq,
                                        BLOCK_SIZE, self.arch.hidden, dev, self._dtype,
                                        CudaGraphs(dev) if decode_mode == "graph" else None)
@@ -108,51 +126,101 @@ class ModelRunner:
         if self._dev.type == "cuda":
             torch.cuda.set_device(self._dev)
 
+    @property
+    def kernels(self) -> Kernels:
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, k: Kernels) -> None:  # the network is bound to its pool and kernels once
+        self._kernels = k
+        if hasattr(self, "model"):
+            self.model.bind(self.pool, k)
+
     # ---- the step ---------------------------------------------------------------------------
+    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int]) -> None:
+        """Bind `slot` (just allocated) to a new sequence's sampling: parameters, seeded generator,
+        penalty state over context_ids (the prompt)."""
+        self.sampler.open(slot, params, seed, context_ids)
+
+    def step(self, batch: StepBatch) -> StepOutput:
+        """Run the step and sample: one token per chunk with want_logits, in chunk order."""
+        return self.collect(self.launch(batch))
+
+    def launch(self, batch: StepBatch) -> tuple[list[int], torch.Tensor | None]:
+        """Queue the forward, the sampling and the copy of the sampled rows to the host (pinned, without
+        blocking on CUDA); collect() waits for them. One step in flight at a time (the copy buffer)."""
+        logits = self.forward(batch)
+        slots = [c.slot for c in batch.chunks if c.want_logits]
+        if not slots:
+            return slots, None
+        packed = self.sampler.sample(logits, slots)
+        if self._dev.type != "cuda":
+            return slots, packed
+        if packed.numel() > self._d2h.numel():
+            self._d2h = torch.zeros(packed.numel(), dtype=torch.float64, pin_memory=True)
+        host = self._d2h[:packed.numel()].view(packed.shape)
+        host.copy_(packed, non_blocking=True)
+        self._copied.record()
+        return slots, host
+
+    def collect(self, pending: tuple[list[int], torch.Tensor | None]) -> StepOutput:
+        """The step's single device-to-host sync: the sampled tokens, their logprobs and alternatives."""
+        slots, host = pending
+        if host is None:
+            return StepOutput([], [], [])
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self.sampler.unpack(host.tolist(), slots)
+
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """float32 logits (rows = chunks with want_logits, in chunk order, vocab)."""
-        if len({c.slot for c in batch.chunks}) != len(batch.chunks):
+        chunks = batch.chunks
+        if len({c.slot for c in chunks}) != len(chunks):
             raise ValueError("a step may hold at most one chunk per slot")
+        if not chunks:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self._dev)
+        decode_idx = [i for i, c in enumerate(chunks) if c.kind == ChunkKind.DECODE]
+        if len(decode_idx) == len(chunks):  # the steady state: decodes only
+            decode_idx.sort(key=lambda i: chunks[i].slot)
+            h = self._decode([chunks[i] for i in decode_idx])
+            if decode_idx != list(range(len(chunks))):
+                back = [0] * len(chunks)
+                for j, i in enumerate(decode_idx):
+                    back[i] = j
+                h = h[torch.tensor(back, device=self._dev)]
+            return self.model.logits(h)
         rows: dict[int, torch.Tensor] = {}
-        decode_idx = [i for i, c in enumerate(batch.chunks) if len(c.token_ids) == 1 and c.start > 0]
-        decode_idx.sort(key=lambda i: batch.chunks[i].slot)  # rows go back in chunk order below
+        decode_idx.sort(key=lambda i: chunks[i].slot)  # rows go back in chunk order below
         decode_set = set(decode_idx)
-        prefill_idx = [i for i in range(len(batch.chunks)) if i not in decode_set]
-        if prefill_idx:
-            h = self._prefill([batch.chunks[i] for i in prefill_idx])  # (T, hidden)
-            end = 0
-            for i in prefill_idx:
-                c = batch.chunks[i]
-                end += len(c.token_ids)
-                if c.want_logits:
-                    rows[i] = h[end - 1:end]
+        prefill_idx = [i for i in range(len(chunks)) if i not in decode_set]
+        h = self._prefill([chunks[i] for i in prefill_idx])  # (T, hidden)
+        end = 0
+        for i in prefill_idx:
+            end += len(chunks[i].token_ids)
+            if chunks[i].want_logits:
+                rows[i] = h[end - 1:end]
         if decode_idx:
-            h = self._decode([batch.chunks[i] for i in decode_idx])
+            h = self._decode([chunks[i] for i in decode_idx])
             for j, i in enumerate(decode_idx):
-                if batch.chunks[i].want_logits:
-                    rows[i] = h[j:j + 1]
+                rows[i] = h[j:j + 1]
         order = sorted(rows)
         if not order:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self._dev)
         return self.model.logits(torch.cat([rows[i] for i in order]))
 
-    def _check_room(self, c: SeqChunk) -> list[int]:
-        table = self.allocator.block_table(c.slot)
-        if c.start + len(c.token_ids) > len(table) * BLOCK_SIZE:
-            raise RuntimeError(f"slot {c.slot}: {c.start + len(c.token_ids)} tokens exceed its reserved "
-                               f"{len(table) * BLOCK_SIZE}")
-        return table
+    def _check_room(self, chunks: list[SeqChunk]) -> None:
+        for c, table in zip(chunks, self.tables.sync([c.slot for c in chunks]), strict=True):
+            if c.start + len(c.token_ids) > len(table) * BLOCK_SIZE:
+                raise RuntimeError(f"slot {c.slot}: {c.start + len(c.token_ids)} tokens exceed its reserved "
+                                   f"{len(table) * BLOCK_SIZE}")
 
     def _prefill(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """The step's prefill chunks in one packed forward (or a few, see pack_runs) -> hidden (T, hidden),
         chunks back to back."""
-        tables = []
+        self._check_room(chunks)
+        tables = [self.allocator.block_table(c.slot) for c in chunks]
         for c in chunks:
-            if not c.token_ids:
-                raise ValueError(f"empty chunk for slot {c.slot}")
-            tables.append(self._check_room(c))
-        for c in chunks:
-            if c.start == 0:
+            if c.kind == ChunkKind.FRESH:
                 self.pool.reset_slot(c.slot)
         out = []
         for run in pack_runs([c.start + len(c.token_ids) for c in chunks], packed.MAX_PACK_KEY_ROWS):
@@ -160,26 +228,28 @@ class ModelRunner:
             pk = Packed.build([c.slot for c in cs], [c.start for c in cs], [len(c.token_ids) for c in cs],
                               [tables[i] for i in run], BLOCK_SIZE, self.pool.dummy_block, self._dev)
             ids = torch.tensor([t for c in cs for t in c.token_ids], dtype=torch.long, device=self._dev)
-            out.append(self.model.prefill_packed(ids, pk, self.pool, self.kernels))
+            out.append(self.model.prefill_packed(ids, pk))
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def _decode_hidden(self, ids, slots, tables, positions) -> torch.Tensor:
-        return self.model.decode(ids, slots, tables, positions, self.pool, self.kernels)
-
     def _decode(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        tables = [self._check_room(c) for c in chunks]
-        ids = [c.token_ids[0] for c in chunks]
+        """DECODE chunks sorted by slot -> hidden (B, hidden). Inputs: one (3, B) host tensor (pinned and
+        copied without blocking on CUDA); block tables gathered from the device table."""
+        self._check_room(chunks)
+        n = len(chunks)
         slots = [c.slot for c in chunks]
         positions = [c.start for c in chunks]
+        host = torch.tensor([[c.token_ids[0] for c in chunks], slots, positions], dtype=torch.long)
+        if self._dev.type == "cuda":
+            self._h2d[:, :n].copy_(host)
+            host = self._h2d[:, :n].to(self._dev, non_blocking=True)
+        ids, slot_t, pos_t = host.unbind(0)
+        width = needed_blocks(positions, BLOCK_SIZE)
         if self.static is not None:
-            return self.static.run(ids, slots, positions, tables)
-        width = max(math.ceil((p + 1) / BLOCK_SIZE) for p in positions)
-        padded = [t[:width] + [self.pool.dummy_block] * (width - len(t[:width])) for t in tables]
-        t = lambda v: torch.tensor(v, dtype=torch.long, device=self._dev)  # noqa: E731
+            return self.static.run(ids, slot_t, pos_t, self.tables, width)
         # forward() sorts decode rows by slot: a run of consecutive slots (every slot busy decoding, the
         # steady state) updates the Mamba state pools through views instead of gather + scatter.
-        run = slice(slots[0], slots[-1] + 1) if slots == list(range(slots[0], slots[0] + len(slots))) else None
-        return self._decode_hidden(t(ids), run or t(slots), t(padded), t(positions))
+        run = slice(slots[0], slots[-1] + 1) if slots[-1] - slots[0] == n - 1 else None
+        return self.model.decode(Decode(ids, run or slot_t, pos_t, self.tables.rows(run or slot_t, width)))
 
     # ---- setup / reporting --------------------------------------------------------------------
     def warmup(self) -> None:
@@ -195,10 +265,10 @@ class ModelRunner:
         slot = self.allocator.allocate(short + full + 1)
         try:
             ids = [1 + i % (self.vocab_size - 1) for i in range(short + full)]
-            self.forward(StepBatch((SeqChunk(slot, tuple(ids[:short]), 0, full == 0),)))
+            self.forward(StepBatch((SeqChunk.fresh(slot, tuple(ids[:short]), full == 0),)))
             if full:
-                self.forward(StepBatch((SeqChunk(slot, tuple(ids[short:]), short, True),)))
-            self.forward(StepBatch((SeqChunk(slot, (1,), short + full, True),)))
+                self.forward(StepBatch((SeqChunk.cont(slot, tuple(ids[short:]), short, True),)))
+            self.step(StepBatch((SeqChunk.decode(slot, 1, short + full),)))
         finally:
             self.allocator.free(slot)
         if self.static is not None:
@@ -210,7 +280,7 @@ class ModelRunner:
             for b in decode_buckets(cfg.max_concurrent_seqs):
                 d = self.pool.dummy_slot
                 t = lambda v: torch.tensor(v, dtype=torch.long, device=self._dev)  # noqa: E731
-                self._decode_hidden(t([1] * b), t([d] * b), t([[self.pool.dummy_block]] * b), t([0] * b))
+                self.model.decode(Decode(t([1] * b), t([d] * b), t([0] * b), t([[self.pool.dummy_block]] * b)))
         self.pool.reset_slot(self.pool.dummy_slot)
         if self._dev.type == "cuda":
             torch.cuda.synchronize(self._dev)
@@ -225,6 +295,10 @@ class ModelRunner:
         prefill = prefill_step_bytes(self.arch, self.config.max_step_tokens, self.config.max_concurrent_seqs,
                                      self._dtype)
         return max(0, min(widest, free - prefill - CUDA_FIXED_RESERVE // 2))
+
+    def after_failure(self, exc: Exception) -> None:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
 
     def memory_report(self) -> dict:
         rep = self.pool.report()

@@ -1,4 +1,4 @@
-"""Batched token sampling with per-row parameters.
+"""Batched token sampling with per-slot parameters, state kept on the device (model/runner.py owns one).
 
 Processing order (the same as Hugging Face `generate` and TGI):
   1. repetition penalty over prompt + generated ids (HF/CTRL: divide positive logits, multiply negative),
@@ -9,47 +9,23 @@ Processing order (the same as Hugging Face `generate` and TGI):
 Logprobs (chosen token and top-n alternatives) are log_softmax of the *processed* distribution,
 as TGI reports them: penalised logits for greedy rows; penalised, temperature-scaled and filtered
 logits for sampled rows (filtered tokens have logprob -inf and are never reported as alternatives).
+
+Per step everything is batched: each processor runs once on the rows that use it (row indices come from
+host-side per-slot parameters, so no device sync), the penalty masks / counts are (slots, V) tensors updated
+in place by the sampled tokens, and the result is one packed tensor for the step's single device-to-host
+copy. The only per-row op left is the noise draw of sampled rows: each row's own generator (seed parity).
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from model.types import SamplingParams
+from model.types import SamplingParams, StepOutput, resolve_seed
 
 NEG_INF = float("-inf")
-
-
-class RowState:
-    """Per-sequence sampling state, kept by the engine for the sequence's lifetime."""
-
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device | str = "cpu"):
-        self.params = params
-        self.prompt_ids = prompt_ids
-        self.device = torch.device(device)
-        # A sampled request without a seed gets a random one, reported back (TGI `details.seed`).
-        self.seed = params.seed if (params.seed is not None or params.greedy) else secrets.randbits(63)
-        self.generator: torch.Generator | None = None
-        if not params.greedy:
-            self.generator = torch.Generator(device=self.device)
-            self.generator.manual_seed(self.seed)
-        self._prompt_t: torch.Tensor | None = None  # prompt ids as a device tensor, built once
-
-    def prompt_tensor(self) -> torch.Tensor:
-        if self._prompt_t is None:
-            self._prompt_t = torch.tensor(list(self.prompt_ids), dtype=torch.long, device=self.device)
-        return self._prompt_t
-
-
-@dataclass
-class SampleOutput:
-    token_ids: list[int]
-    logprobs: list[float]
-    top: list[list[tuple[int, float]]]  # per row: up to top_n_tokens (token_id, logprob), best first
+PLAIN = SamplingParams()  # greedy, no penalties, no alternatives
 
 
 # ---- processors on (n, V) float32 logits; each returns a new tensor -------------------------------
@@ -66,9 +42,10 @@ def apply_openai_penalties(x: torch.Tensor, counts: torch.Tensor, freq: torch.Te
     return x - counts * freq[:, None] - (counts > 0).to(x.dtype) * pres[:, None]
 
 
-def apply_top_k(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    # k: (n,) long in [1, V]; keeps every token tied with the k-th largest (as HF does)
-    kth = torch.topk(x, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+def apply_top_k(x: torch.Tensor, k: torch.Tensor, k_max: int | None = None) -> torch.Tensor:
+    # k: (n,) long in [1, V]; keeps every token tied with the k-th largest (as HF does). k_max = max(k),
+    # given by a caller that knows it on the host (no device sync).
+    kth = torch.topk(x, int(k.max()) if k_max is None else k_max, dim=-1).values.gather(1, (k - 1)[:, None])
     return x.masked_fill(x < kth, NEG_INF)
 
 
@@ -95,93 +72,137 @@ def apply_typical(x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(drop.scatter(1, order, drop), NEG_INF)
 
 
-# ---- the batch --------------------------------------------------------------------------------------
+# ---- the sampler ----------------------------------------------------------------------------------
 
 
-def _rows(flags: list[bool], device: torch.device) -> torch.Tensor | None:
-    idx = [i for i, f in enumerate(flags) if f]
-    return torch.tensor(idx, dtype=torch.long, device=device) if idx else None
+class Sampler:
+    def __init__(self, num_slots: int, vocab: int, device) -> None:
+        self.vocab, self.device = vocab, torch.device(device)
+        self.params: list[SamplingParams] = [PLAIN] * num_slots
+        self.generators: list[torch.Generator | None] = [None] * num_slots
+        self.special: set[int] = set()  # slots with anything but plain greedy processing
+        self.top_n: dict[int, int] = {}  # slots that want alternatives -> how many
+        self.seen: torch.Tensor | None = None  # (slots, V) bool: prompt + generated ids; built on first use
+        self.counts: torch.Tensor | None = None  # (slots, V) float32: generated ids
 
+    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int]) -> None:
+        """Bind `slot` to a new sequence: its parameters, generator and penalty state (context_ids: the
+        prompt the repetition penalty covers)."""
+        self.params[slot] = params
+        self.generators[slot] = None
+        if not params.greedy:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(resolve_seed(params) if seed is None else seed)
+            self.generators[slot] = g
+        plain = params.greedy and params.repetition_penalty == 1.0 and not (
+            params.frequency_penalty or params.presence_penalty)
+        (self.special.discard if plain else self.special.add)(slot)
+        if params.top_n_tokens > 0:
+            self.top_n[slot] = params.top_n_tokens
+        else:
+            self.top_n.pop(slot, None)
+        if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            if self.seen is None:
+                n = len(self.params)
+                self.seen = torch.zeros(n, self.vocab, dtype=torch.bool, device=self.device)
+                self.counts = torch.zeros(n, self.vocab, dtype=torch.float32, device=self.device)
+            self.seen[slot] = False
+            self.counts[slot] = 0
+            if context_ids:
+                self.seen[slot, torch.tensor(list(context_ids), dtype=torch.long, device=self.device)] = True
 
-def _vec(values: list[float], idx: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return torch.tensor([values[i] for i in idx.tolist()], dtype=dtype, device=idx.device)
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
+    def _values(self, values: list, dtype=torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
-def process_logits(
-    logits: torch.Tensor, rows: Sequence[RowState], outputs: Sequence[Sequence[int]]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Apply every row's processors. Returns the processed (B, V) float32 logits and the indices
-    of the sampled (non-greedy) rows, or None when all rows are greedy."""
-    x = logits.float()
-    B, V = x.shape
-    dev = x.device
-    params = [r.params for r in rows]
-
-    idx = _rows([p.repetition_penalty != 1.0 for p in params], dev)
-    if idx is not None:
-        seen = torch.zeros(len(idx), V, dtype=torch.bool, device=dev)
-        for j, i in enumerate(idx.tolist()):
-            seen[j, rows[i].prompt_tensor()] = True
-            if outputs[i]:
-                seen[j, torch.tensor(list(outputs[i]), dtype=torch.long, device=dev)] = True
-        x = x.clone()
-        x[idx] = apply_repetition_penalty(x[idx], seen, _vec([p.repetition_penalty for p in params], idx))
-
-    idx = _rows([(p.frequency_penalty != 0 or p.presence_penalty != 0) and len(o) > 0
-                 for p, o in zip(params, outputs, strict=True)], dev)
-    if idx is not None:
-        counts = torch.stack([
-            torch.bincount(torch.tensor(list(outputs[i]), dtype=torch.long, device=dev), minlength=V)[:V]
-            for i in idx.tolist()
-        ]).float()
-        freq = _vec([p.frequency_penalty for p in params], idx)
-        pres = _vec([p.presence_penalty for p in params], idx)
-        x = x.clone()
-        x[idx] = apply_openai_penalties(x[idx], counts, freq, pres)
-
-    sampled = _rows([not p.greedy for p in params], dev)
-    if sampled is None:
-        return x, None
-    sub_params = [params[i] for i in sampled.tolist()]
-    y = x[sampled] / torch.tensor([p.temperature for p in sub_params], device=dev)[:, None]
-
-    def subset(flags: list[bool], fn, values: list[float], dtype=torch.float32):
-        nonlocal y
-        sel = [j for j, f in enumerate(flags) if f]
+    def process(self, logits: torch.Tensor, slots: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        """Apply every row's processors to (B, V) logits, row j of slot slots[j]. Returns the processed
+        float32 logits and the rows that are sampled (not greedy)."""
+        x = logits.float()
+        if self.special.isdisjoint(slots):
+            return x, []
+        ps = [self.params[s] for s in slots]
+        rep = [j for j, p in enumerate(ps) if p.repetition_penalty != 1.0]
+        if rep:
+            idx, sl = self._index(rep), self._index([slots[j] for j in rep])
+            x = x.clone()
+            x[idx] = apply_repetition_penalty(x[idx], self.seen[sl],
+                                              self._values([ps[j].repetition_penalty for j in rep]))
+        oai = [j for j, p in enumerate(ps) if p.frequency_penalty != 0 or p.presence_penalty != 0]
+        if oai:
+            idx, sl = self._index(oai), self._index([slots[j] for j in oai])
+            x = x.clone()
+            x[idx] = apply_openai_penalties(x[idx], self.counts[sl], self._values([ps[j].frequency_penalty for j in oai]),
+                                            self._values([ps[j].presence_penalty for j in oai]))
+        sampled = [j for j, p in enumerate(ps) if not p.greedy]
+        if not sampled:
+            return x, []
+        sub = [ps[j] for j in sampled]
+        idx = self._index(sampled)
+        y = x[idx] / self._values([p.temperature for p in sub])[:, None]
+        V = x.shape[-1]
+        sel = [j for j, p in enumerate(sub) if p.top_k > 0]
         if sel:
-            s = torch.tensor(sel, dtype=torch.long, device=dev)
-            y[s] = fn(y[s], torch.tensor([values[j] for j in sel], dtype=dtype, device=dev))
+            s, ks = self._index(sel), [min(sub[j].top_k, V) for j in sel]
+            y[s] = apply_top_k(y[s], self._values(ks, torch.long), max(ks))
+        sel = [j for j, p in enumerate(sub) if p.top_p < 1.0]
+        if sel:
+            s = self._index(sel)
+            y[s] = apply_top_p(y[s], self._values([sub[j].top_p for j in sel]))
+        sel = [j for j, p in enumerate(sub) if p.typical_p < 1.0]
+        if sel:
+            s = self._index(sel)
+            y[s] = apply_typical(y[s], self._values([sub[j].typical_p for j in sel]))
+        x = x.clone() if x is logits else x
+        x[idx] = y
+        return x, sampled
 
-    subset([p.top_k > 0 for p in sub_params], apply_top_k, [min(p.top_k, V) for p in sub_params], torch.long)
-    subset([p.top_p < 1.0 for p in sub_params], apply_top_p, [p.top_p for p in sub_params])
-    subset([p.typical_p < 1.0 for p in sub_params], apply_typical, [p.typical_p for p in sub_params])
-    x = x.clone() if x is logits else x
-    x[sampled] = y
-    return x, sampled
+    def sample(self, logits: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """(B, V) logits -> (B, 2 + 2 n) float64 on the device: token id, its logprob, then the n best
+        logprobs and their ids (n = the most alternatives any row wants). Updates the penalty state."""
+        if logits.shape[0] != len(slots):
+            raise ValueError(f"{logits.shape[0]} logit rows for {len(slots)} slots")
+        x, sampled = self.process(logits, slots)
+        logp = torch.log_softmax(x, dim=-1)  # (B, V)
+        tokens = x.max(dim=-1).indices  # greedy rows (first maximum, as argmax; faster on CPU); sampled: below
+        if sampled:
+            idx = self._index(sampled)
+            probs = logp[idx].exp()
+            noise = torch.empty_like(probs)
+            for j, row in enumerate(sampled):
+                # Exponential race (= Gumbel-max): argmax(p / E), E ~ Exp(1) from the row's own generator.
+                noise[j].exponential_(generator=self.generators[slots[row]])
+            tokens[idx] = (probs / noise).argmax(dim=-1)
+        chosen = logp.gather(1, tokens[:, None])
+        cols = [tokens[:, None].double(), chosen.double()]
+        n_top = max((self.top_n.get(s, 0) for s in slots), default=0) if self.top_n else 0
+        if n_top > 0:
+            vals, ids = torch.topk(logp, min(n_top, logp.shape[-1]), dim=-1)
+            cols += [vals.double(), ids.double()]
+        if self.seen is not None:
+            self.record(self._index(list(slots)), tokens)
+        return torch.cat(cols, dim=1)
 
+    def record(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Fold sampled tokens (B,) of slots (B,) (distinct) into the penalty state."""
+        if self.seen is not None:
+            self.seen[slots, tokens] = True
+            self.counts[slots, tokens] += 1
 
-def sample(logits: torch.Tensor, rows: Sequence[RowState], outputs: Sequence[Sequence[int]]) -> SampleOutput:
-    """logits: (B, V) float32, one row per sequence; outputs: the ids each sequence generated so far."""
-    if logits.shape[0] != len(rows) or len(rows) != len(outputs):
-        raise ValueError(f"{logits.shape[0]} logit rows, {len(rows)} rows, {len(outputs)} outputs")
-    x, sampled = process_logits(logits, rows, outputs)
-    logp = torch.log_softmax(x, dim=-1)  # (B, V)
-    tokens = x.max(dim=-1).indices  # greedy rows (first maximum, as argmax; faster on CPU); sampled: below
-    if sampled is not None:
-        probs = logp[sampled].exp()
-        draws = []
-        for j, i in enumerate(sampled.tolist()):
-            # Exponential race (= Gumbel-max): argmax(p / E), E ~ Exp(1) from the row's own generator.
-            noise = torch.empty_like(probs[j]).exponential_(generator=rows[i].generator)
-            draws.append((probs[j] / noise).argmax())
-        tokens[sampled] = torch.stack(draws)
-    chosen = logp.gather(1, tokens[:, None])[:, 0]
+    def unpack(self, packed: list[list[float]], slots: Sequence[int]) -> StepOutput:
+        """The host copy of sample()'s result (as lists) -> StepOutput."""
+        tokens = [int(r[0]) for r in packed]
+        logprobs = [r[1] for r in packed]
+        top: list[list[tuple[int, float]]] = [[] for _ in slots]
+        if packed and len(packed[0]) > 2:
+            n_top = (len(packed[0]) - 2) // 2
+            for i, (s, r) in enumerate(zip(slots, packed, strict=True)):
+                n = self.top_n.get(s, 0)
+                top[i] = [(int(t), v) for v, t in zip(r[2:2 + n], r[2 + n_top:2 + n_top + n], strict=True)
+                          if v != NEG_INF]
+        return StepOutput(tokens, logprobs, top)
 
-    top: list[list[tuple[int, float]]] = [[] for _ in rows]
-    n_top = max(r.params.top_n_tokens for r in rows)
-    if n_top > 0:
-        vals, ids = torch.topk(logp, min(n_top, logp.shape[-1]), dim=-1)
-        for i, (v_row, id_row) in enumerate(zip(vals.tolist(), ids.tolist(), strict=True)):
-            n = rows[i].params.top_n_tokens
-            top[i] = [(t, v) for t, v in zip(id_row[:n], v_row[:n], strict=True) if v != NEG_INF]
-    return SampleOutput(tokens.tolist(), chosen.tolist(), top)
+    def sample_to_host(self, logits: torch.Tensor, slots: Sequence[int]) -> StepOutput:
+        return self.unpack(self.sample(logits, slots).tolist(), slots)

@@ -7,25 +7,21 @@ Each step:
   3. give every running decoding sequence its one token (least recently served first),
   4. fill the rest of `max_step_tokens` with prefill chunks of at most `prefill_chunk_tokens`,
      oldest sequence first, so a long prompt is spread over many steps while the decodes of
-     the others keep flowing every step.
+     the others keep flowing every step. While sequences are decoding, the prefill tokens of a step
+     are also bounded by time (StepCost: recent measured step times, fed back by the engine), so a step
+     with prefill takes at most about (1 + PREFILL_SHARE) = 2.5x a decode-only step: decodes keep their
+     cadence behind arriving prompts. With nothing decoding, prefill takes the whole token budget.
 """
 
 from __future__ import annotations
 
 import itertools
+import statistics
 from collections import deque
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any
 
-from model.types import EngineConfig, GenerationRequest, QueueFull, SeqChunk, StepBatch
-
-
-class Allocator(Protocol):
-    num_free_slots: int
-
-    def can_allocate(self, n_tokens: int) -> bool: ...
-    def allocate(self, n_tokens: int) -> int: ...
-    def free(self, slot: int) -> None: ...
+from model.types import Allocator, ChunkKind, EngineConfig, GenerationRequest, QueueFull, SeqChunk, StepBatch
 
 
 class SeqStatus(str, Enum):
@@ -35,6 +31,45 @@ class SeqStatus(str, Enum):
 
 
 _ids = itertools.count()
+
+PREFILL_SHARE = 1.5  # prefill time a step may add, as a fraction of a decode-only step's time
+MIN_PREFILL_TOKENS = 16  # waiting prompts always progress
+WINDOW = 9  # recent steps each estimate is the median of
+
+
+class StepCost:
+    """Step-time model from measured steps: a decode-only step's time and the time per prefill token on
+    top of the decodes, each the median of the last WINDOW samples (a preempted step on a shared machine
+    moves a median little). Torch-free; seconds."""
+
+    def __init__(self) -> None:
+        self._decode: deque[float] = deque(maxlen=WINDOW)
+        self._token: deque[float] = deque(maxlen=WINDOW)
+
+    @property
+    def decode_s(self) -> float | None:
+        return statistics.median(self._decode) if self._decode else None
+
+    @property
+    def token_s(self) -> float | None:
+        return statistics.median(self._token) if self._token else None
+
+    def observe(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
+        if prefill_tokens == 0:
+            if decode_rows:
+                self._decode.append(seconds)
+            return
+        # a step without decodes, or before any decode-only step: all its time counts for its tokens
+        # (an overestimate, so the budget errs on the side of the decodes)
+        base = self.decode_s if decode_rows and self._decode else 0.0
+        self._token.append(max(seconds - base, 0.0) / prefill_tokens)
+
+    def prefill_budget(self) -> int | None:
+        """Prefill tokens a step with decodes may take; None while there are no estimates."""
+        decode_s, token_s = self.decode_s, self.token_s
+        if decode_s is None or not token_s:
+            return None
+        return max(MIN_PREFILL_TOKENS, int(PREFILL_SHARE * decode_s / token_s))
 
 
 class Sequence:
@@ -87,6 +122,7 @@ class Scheduler:
         self.retired: list[Sequence] = []  # cancelled sequences retired by schedule(); see drain_retired
         self.steps = 0
         self._clock = 0
+        self.cost = StepCost()
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_queued_requests:
@@ -144,12 +180,16 @@ class Scheduler:
         decoding = sorted((s for s in self.running if not s.is_prefilling), key=lambda s: s.last_served)
         for seq in decoding[:budget]:
             # A decoding sequence feeds the token it sampled last step.
-            chunks.append(SeqChunk(seq.slot, (seq.output_ids[-1],), seq.num_computed, True))
+            chunks.append(SeqChunk(seq.slot, (seq.output_ids[-1],), seq.num_computed, True, ChunkKind.DECODE))
             seq.scheduled_tokens = 1
             self._clock += 1
             seq.last_served = self._clock  # strictly increasing: a true least-recently-served order
             seqs.append(seq)
         budget -= len(seqs)
+        if seqs:  # decodes run this step: bound the prefill they wait for by time, too
+            timed = self.cost.prefill_budget()
+            if timed is not None:
+                budget = min(budget, timed)
 
         for seq in self.running:
             if budget <= 0:
@@ -159,7 +199,9 @@ class Scheduler:
             n = min(seq.prompt_len - seq.num_computed, self.config.prefill_chunk_tokens, budget)
             end = seq.num_computed + n
             ids = tuple(seq.prompt_ids[seq.num_computed : end])
-            chunks.append(SeqChunk(seq.slot, ids, seq.num_computed, end == seq.prompt_len))
+            # A sequence's first chunk starts from a zeroed state; later ones continue from the slot's.
+            kind = ChunkKind.FRESH if seq.num_computed == 0 else ChunkKind.CONTINUE
+            chunks.append(SeqChunk(seq.slot, ids, seq.num_computed, end == seq.prompt_len, kind))
             seq.scheduled_tokens = n
             seqs.append(seq)
             budget -= n
@@ -167,6 +209,11 @@ class Scheduler:
         if seqs:
             self.steps += 1
         return seqs, StepBatch(tuple(chunks))
+
+    def observe_step(self, seqs: list[Sequence], seconds: float) -> None:
+        """The measured time of the step schedule() returned seqs for (call before postprocess)."""
+        prefill = sum(s.scheduled_tokens for s in seqs if s.is_prefilling)
+        self.cost.observe(sum(1 for s in seqs if not s.is_prefilling), prefill, seconds)
 
     def postprocess(self, seqs: list[Sequence], new_tokens: list[int | None]) -> None:
         """Advance each scheduled sequence by the tokens it fed; append its sampled token

@@ -6,8 +6,11 @@ depend on this module and must stay importable without it.
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 
 class FailureKind(str, Enum):
@@ -52,6 +55,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return (not self.do_sample) or self.temperature == 0.0
+
+
+def resolve_seed(params: SamplingParams) -> int | None:
+    """The seed a request samples with: its own, or a random one for a sampled request without one
+    (reported back, TGI `details.seed`); None for greedy requests without a seed."""
+    return params.seed if (params.seed is not None or params.greedy) else secrets.randbits(63)
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,14 @@ class EngineConfig:
             raise ValueError(f"snapshot_host_bytes must be >= 0, got {self.snapshot_host_bytes}")
 
 
+class ChunkKind(str, Enum):
+    """What a chunk does to its slot, set by the scheduler (the runner never infers it from start/length)."""
+
+    FRESH = "fresh"  # the first prefill chunk of a sequence: its Mamba state is zeroed first; start == 0
+    CONTINUE = "continue"  # a later prefill chunk: from the slot's state and existing KV; start > 0
+    DECODE = "decode"  # the one token sampled last step; start > 0; always wants logits
+
+
 @dataclass(frozen=True)
 class SeqChunk:
     """Work for one sequence in one engine step (torch-free; the runner makes tensors of it)."""
@@ -175,11 +192,42 @@ class SeqChunk:
     token_ids: tuple[int, ...]  # tokens to feed: a prefill chunk, or the one last sampled token
     start: int  # tokens already folded into the slot's state (= its KV length before this chunk)
     want_logits: bool  # False for a prefill chunk that is not the prompt's last
+    kind: ChunkKind
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            raise ValueError(f"empty chunk for slot {self.slot}")
+        k = self.kind
+        if (k == ChunkKind.FRESH) != (self.start == 0) or (
+                k == ChunkKind.DECODE and (len(self.token_ids) != 1 or not self.want_logits)):
+            raise ValueError(f"inconsistent {k.value} chunk: start={self.start} tokens={len(self.token_ids)} "
+                             f"want_logits={self.want_logits}")
+
+    @classmethod
+    def fresh(cls, slot: int, token_ids: tuple[int, ...], want_logits: bool) -> SeqChunk:
+        return cls(slot, tuple(token_ids), 0, want_logits, ChunkKind.FRESH)
+
+    @classmethod
+    def cont(cls, slot: int, token_ids: tuple[int, ...], start: int, want_logits: bool) -> SeqChunk:
+        return cls(slot, tuple(token_ids), start, want_logits, ChunkKind.CONTINUE)
+
+    @classmethod
+    def decode(cls, slot: int, token_id: int, start: int) -> SeqChunk:
+        return cls(slot, (token_id,), start, True, ChunkKind.DECODE)
 
 
 @dataclass(frozen=True)
 class StepBatch:
     chunks: tuple[SeqChunk, ...]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What a runner step returns: one entry per chunk with want_logits, in chunk order."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # of the chosen token under the processed distribution
+    top: list[list[tuple[int, float]]]  # per row: up to top_n_tokens (token_id, logprob), best first
 
 
 class RequestError(Exception):
@@ -223,3 +271,55 @@ class InputTooLong(EngineError):
 class EngineNotReady(EngineError):
     status = 503
     error_type = "not_ready"
+
+
+# ---- the engine's seams (typed; tests implement them with fakes) ---------------------------------------
+
+
+class Allocator(Protocol):
+    num_slots: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def num_free_slots(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def max_tokens_per_seq(self) -> int: ...
+    def can_allocate(self, n_tokens: int) -> bool: ...
+    def allocate(self, n_tokens: int) -> int: ...
+    def free(self, slot: int) -> None: ...
+
+
+class Runner(Protocol):
+    """What the engine needs of model/runner.py's ModelRunner."""
+
+    allocator: Allocator
+    vocab_size: int
+    device: str
+    dtype: str
+    num_parameters: int
+
+    asynchronous: bool  # launch() returns before the device is done (CUDA); False: it computes (CPU)
+
+    def warmup(self) -> None: ...
+    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int]) -> None: ...
+    def launch(self, batch: StepBatch) -> object: ...  # queue the step (forward + sampling) on the device
+    def collect(self, pending: object) -> StepOutput: ...  # wait for it: the step's one device-to-host sync
+    def after_failure(self, exc: Exception) -> None: ...  # e.g. release cached device memory after an OOM
+
+
+class Detokenizer(Protocol):
+    def push(self, token_id: int) -> str: ...  # newly printable text
+    def finish(self) -> str: ...  # dangling bytes at the end of the stream
+
+
+class Tokenizer(Protocol):
+    """What the engine needs of model/tokenizer.py's Tokenizer."""
+
+    eos_token_id: int | None
+
+    def is_special(self, token_id: int) -> bool: ...
+    def token_text(self, token_id: int) -> str: ...
+    def detokenizer(self) -> Detokenizer: ...

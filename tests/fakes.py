@@ -15,7 +15,7 @@ from pathlib import Path
 
 from model.blocks import SlotAllocator
 from model.engine import Engine
-from model.types import EngineConfig, GenerationRequest, SamplingParams
+from model.types import EngineConfig, GenerationRequest, SamplingParams, StepOutput
 
 # ---- engine --------------------------------------------------------------------------------------
 
@@ -34,6 +34,9 @@ class FakeDetok:
         self.text += piece
         return piece
 
+    def finish(self):
+        return ""
+
 
 class FakeTokenizer:
     eos_token_id = EOS
@@ -49,6 +52,9 @@ class FakeTokenizer:
     def is_special(self, t):
         return t == EOS
 
+    def token_text(self, t):
+        return self.decode([t])
+
     def detokenizer(self):
         return FakeDetok(self)
 
@@ -56,15 +62,18 @@ class FakeTokenizer:
 class FakeRunner:
     """Next token = (last fed token + 1) % V, or `script[last]` when given. Runs with a real allocator."""
 
+    asynchronous = False  # True: the engine emits a step's events after launching the next one
+
     def __init__(self, model_dir, config, script=None, slots=None, blocks=256, delay_s=0.0):
         self.allocator = SlotAllocator(slots or config.max_concurrent_seqs, blocks, 4)
         self.vocab_size = V
-        self.device = "cpu"
+        self.device, self.dtype, self.num_parameters = "cpu", "float32", 0
+        self.opened = {}  # slot -> params of the sequence opened there
         self.script = script or {}
-        self.fail_next = 0  # fail this many forward() calls
-        self.gate: threading.Event | None = None  # when set, forward() waits for it
+        self.fail_next = 0  # fail this many step() calls
+        self.gate: threading.Event | None = None  # when set, step() waits for it
         self.batches = []
-        self.delay_s = delay_s  # seconds per forward(): a slow model
+        self.delay_s = delay_s  # seconds per step(): a slow model
 
     def warmup(self):
         pass
@@ -72,28 +81,35 @@ class FakeRunner:
     def bind_thread(self):
         self.bound_threads = [*getattr(self, "bound_threads", []), threading.current_thread().name]
 
-    def forward(self, batch):
-        import torch  # here, so importing this module stays torch-free (batch subprocess tests)
+    def open(self, slot, params, seed, context_ids):
+        assert self.allocator.is_allocated(slot)
+        self.opened[slot] = params
 
+    def after_failure(self, exc):
+        self.failures = getattr(self, "failures", 0) + 1
+
+    def launch(self, batch):
+        return self.step(batch)
+
+    def collect(self, pending):
+        return pending
+
+    def step(self, batch):
         if self.gate is not None:
             self.gate.wait(10)
         if self.delay_s:
             time.sleep(self.delay_s)
         for c in batch.chunks:
-            assert self.allocator.is_allocated(c.slot)
+            assert self.allocator.is_allocated(c.slot) and c.slot in self.opened
             assert c.start + len(c.token_ids) <= self.allocator.capacity(c.slot)
         self.batches.append(batch)
         if self.fail_next:
             self.fail_next -= 1
+            import torch  # here, so importing this module stays torch-free (batch subprocess tests)
+
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        rows = []
-        for c in batch.chunks:
-            if c.want_logits:
-                last = c.token_ids[-1]
-                row = torch.zeros(V)
-                row[self.script.get(last, (last + 1) % V)] = 20.0
-                rows.append(row)
-        return torch.stack(rows) if rows else torch.empty(0, V)
+        toks = [self.script.get(c.token_ids[-1], (c.token_ids[-1] + 1) % V) for c in batch.chunks if c.want_logits]
+        return StepOutput(toks, [-1e-6] * len(toks), [[] for _ in toks])
 
 
 ENGINES: list[Engine] = []

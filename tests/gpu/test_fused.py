@@ -114,12 +114,12 @@ def _greedy(runner, prompts, new):
     slots = [runner.allocator.allocate(len(p) + new) for p in prompts]
     toks, rows = [], []
     for s, p in zip(slots, prompts, strict=True):
-        out = runner.forward(StepBatch((SeqChunk(s, tuple(p[:5]), 0, False),)))
-        out = runner.forward(StepBatch((SeqChunk(s, tuple(p[5:]), 5, True),)))
+        out = runner.forward(StepBatch((SeqChunk.fresh(s, tuple(p[:5]), False),)))
+        out = runner.forward(StepBatch((SeqChunk.cont(s, tuple(p[5:]), 5, True),)))
         toks.append([int(out.argmax())])
         rows.append(out)
     for i in range(new - 1):
-        out = runner.forward(StepBatch(tuple(SeqChunk(s, (t[-1],), len(p) + i, True)
+        out = runner.forward(StepBatch(tuple(SeqChunk.decode(s, t[-1], len(p) + i)
                                              for s, p, t in zip(slots, prompts, toks, strict=True))))
         rows.append(out)
         for t, row in zip(toks, out, strict=True):

@@ -26,7 +26,18 @@ from model.types import (
     QueueFull,
     SamplingParams,
 )
-from tests.fakes import ALPHA, ENGINES, EOS, FakeRunner, FakeTokenizer, V, fake_engine, req, wait_idle
+from tests.fakes import (
+    ALPHA,
+    ENGINES,
+    EOS,
+    FakeDetok,
+    FakeRunner,
+    FakeTokenizer,
+    V,
+    fake_engine,
+    req,
+    wait_idle,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +185,7 @@ def test_shutdown_during_load_never_becomes_ready():
 
 def test_queue_full():
     eng = fake_engine(slots=1, max_queued_requests=2)
-    eng.runner.gate = threading.Event()  # hold the loop inside forward()
+    eng.runner.gate = threading.Event()  # hold the loop inside step()
     first = eng.submit(req("a", max_new_tokens=3))
     time.sleep(0.05)
     hs = [eng.submit(req("a", max_new_tokens=3)) for _ in range(2)]
@@ -187,6 +198,7 @@ def test_queue_full():
 
 def test_cancel_running_and_waiting_frees_slots():
     eng = fake_engine(slots=1, script={t: t for t in range(V)})  # repeats its token forever
+    eng.runner.delay_s = 0.002
     running = eng.submit(req("ab", max_new_tokens=150))
     waiting = eng.submit(req("cd", max_new_tokens=5))
     it = iter(running)
@@ -219,7 +231,7 @@ def test_injected_failure_fails_only_that_step_and_loop_keeps_serving():
     # the engine keeps serving
     c = eng.submit(req("abc", max_new_tokens=4)).result()
     assert c.token_ids == (3, 4, 5, 6) and c.finish_reason == FinishReason.LENGTH
-    assert eng.stats()["step_errors_total"] == 1
+    assert eng.stats()["step_errors_total"] == 1 and eng.runner.failures == 1
 
 
 def test_scheduler_bug_fails_queued_requests_but_loop_survives():
@@ -449,3 +461,53 @@ def test_real_logprobs_and_top_tokens_match_hf_scores(tiny_ckpt, hf_model):
         assert [t.token_id for t in top] == torch.topk(ref, 3).indices.tolist()
         assert top[0].token_id == tok and top[0].text == eng.tokenizer.token_text(tok)
         assert all(abs(t.logprob - ref[t.token_id].item()) < 1e-4 for t in top)
+
+
+def test_real_deferred_events_give_the_same_results(tiny_ckpt):
+    # An asynchronous device: the engine makes a step's text and events after launching the next step.
+    # Stop strings then end a sequence one step late (its extra token is dropped); every result must be
+    # the same as with events made at once, and no slot may leak.
+    ps = prompts(10, seed=12, hi=30)
+    base = real_engine(tiny_ckpt, max_concurrent_seqs=4)
+    free = [base.submit(GenerationRequest(tuple(p), SamplingParams(max_new_tokens=16))).result() for p in ps]
+    params = []
+    for i, c in enumerate(free):
+        kw = dict(max_new_tokens=16 - i % 5)
+        if i % 3 == 0 and len(c.text) > 6:
+            kw["stop"] = (c.text[3:6],)
+        if i % 3 == 1:
+            kw["stop_token_ids"] = (c.token_ids[4],)
+        if i % 4 == 2:
+            kw.update(do_sample=True, temperature=1.2, top_k=40, seed=i)
+        params.append(SamplingParams(**kw))
+    results = []
+    for asynchronous in (False, True):
+        eng = real_engine(tiny_ckpt, max_concurrent_seqs=4)
+        eng.runner.asynchronous = asynchronous
+        hs = [eng.submit(GenerationRequest(tuple(p), q)) for p, q in zip(ps, params, strict=True)]
+        results.append([(c.token_ids, c.text, c.finish_reason) for c in (h.result() for h in hs)])
+        wait_idle(eng)
+        st = eng.stats()
+        assert st["free_slots"] == 4 and sum(st["finished_total"].values()) == len(ps)  # each ended once
+        assert all(h._queue.empty() for h in hs)  # no event after the last one
+    assert results[0] == results[1]
+    assert {r[2] for r in results[0]} >= {FinishReason.STOP, FinishReason.LENGTH}
+
+
+def test_failure_while_making_text_fails_only_that_sequence():
+    eng = fake_engine(script={5: 40})  # "f" -> token 40, whose text the detokenizer cannot make
+    real = FakeDetok.push
+
+    def push(self, t):
+        if t == 40:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return real(self, t)
+
+    FakeDetok.push = push
+    try:
+        bad = eng.submit(req("f", max_new_tokens=4)).result()
+        good = eng.submit(req("k", max_new_tokens=4)).result()
+    finally:
+        FakeDetok.push = real
+    assert bad.finish_reason == FinishReason.ERROR and "injected" in bad.error
+    assert good.token_ids == (11, 12, 13, 14) and good.finish_reason == FinishReason.LENGTH

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from model.decode_batch import Decode
 from model.granite import GraniteArch, load_granite
 from model.kernels import Kernels
 from model.state import StatePool
@@ -33,7 +34,8 @@ def net(ckpt):
     model = load_granite(d, "cpu", torch.float32)
     pool = StatePool(model.arch, num_slots=4, kv_tokens=256, device="cpu", dtype=torch.float32,
                      ssm_dtype=torch.float32, block_size=4)
-    return model, pool, Kernels("reference", "cpu"), hf
+    model.bind(pool, Kernels("reference", "cpu"))
+    return model, pool, model.K, hf
 
 
 def _table(slot, nblocks=16):
@@ -42,12 +44,12 @@ def _table(slot, nblocks=16):
 
 
 def _prefill(model, pool, K, ids, slot, start=0):
-    return model.prefill(torch.tensor(ids), slot, start, _table(slot), pool, K)
+    return model.prefill(torch.tensor(ids), slot, start, _table(slot))
 
 
 def _decode(model, pool, K, toks, slots, positions):
     tables = torch.stack([_table(s) for s in slots])
-    return model.decode(torch.tensor(toks), torch.tensor(slots), tables, torch.tensor(positions), pool, K)
+    return model.decode(Decode(torch.tensor(toks), torch.tensor(slots), torch.tensor(positions), tables))
 
 
 def test_arch_reads_config(ckpt):
@@ -164,6 +166,7 @@ def test_untied_head_loads(tmp_path):
     assert model.lm_head is not None
     ids = [4, 8, 15, 16, 23, 42]
     pool = StatePool(model.arch, 1, 16, "cpu", torch.float32, torch.float32, block_size=4)
-    h = model.prefill(torch.tensor(ids), 0, 0, torch.arange(4), pool, Kernels("reference", "cpu"))
+    model.bind(pool, Kernels("reference", "cpu"))
+    h = model.prefill(torch.tensor(ids), 0, 0, torch.arange(4))
     with torch.no_grad():
         torch.testing.assert_close(model.logits(h), hf(torch.tensor([ids])).logits[0], atol=ATOL, rtol=1e-4)

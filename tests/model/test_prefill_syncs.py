@@ -34,10 +34,10 @@ def test_reference_prefill_forward_has_no_host_sync(tiny_ckpt):
     r = ModelRunner(tiny_ckpt, EngineConfig(max_concurrent_seqs=4, max_input_tokens=64, max_total_tokens=96,
                                             kv_cache_tokens=512, device="cpu"))
     slots = [r.allocator.allocate(64) for _ in range(3)]
-    r.forward(StepBatch((SeqChunk(slots[1], tuple(range(3, 20)), 0, False),)))
-    batch = StepBatch((SeqChunk(slots[0], tuple(range(30, 35)), 0, True),
-                       SeqChunk(slots[1], tuple(range(20, 58)), 17, True),
-                       SeqChunk(slots[2], tuple(range(60, 83)), 0, True)))
+    r.forward(StepBatch((SeqChunk.fresh(slots[1], tuple(range(3, 20)), False),)))
+    batch = StepBatch((SeqChunk.fresh(slots[0], tuple(range(30, 35)), True),
+                       SeqChunk.cont(slots[1], tuple(range(20, 58)), 17, True),
+                       SeqChunk.fresh(slots[2], tuple(range(60, 83)), True)))
     with count_syncs() as s:
         logits = r.forward(batch)
     assert logits.shape == (3, r.vocab_size)

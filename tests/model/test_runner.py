@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.decode_static import decode_buckets, needed_blocks, pad_decode, pick_bucket, width_buckets
+from model.blocks import SlotAllocator
+from model.decode_batch import BlockTables
+from model.decode_static import decode_buckets, needed_blocks, pick_bucket, width_buckets
 from model.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 from tests.tiny_granite import build_tiny
@@ -30,6 +32,10 @@ def runner(request, ckpt):
     return ModelRunner(ckpt[0], _cfg(), decode_mode=request.param)
 
 
+def prompt_chunk(slot, ids, start, want_logits) -> SeqChunk:
+    return (SeqChunk.cont if start else SeqChunk.fresh)(slot, ids, *((start,) if start else ()), want_logits)
+
+
 def _generate(runner, prompt, new, chunk=None):
     """Greedy through the runner: chunked prefill, then one-token decode steps."""
     slot = runner.allocator.allocate(len(prompt) + new)
@@ -37,13 +43,13 @@ def _generate(runner, prompt, new, chunk=None):
     logits = None
     for s in range(0, len(prompt), chunk):
         part = tuple(prompt[s:s + chunk])
-        out = runner.forward(StepBatch((SeqChunk(slot, part, s, s + len(part) == len(prompt)),)))
+        out = runner.forward(StepBatch((prompt_chunk(slot, part, s, s + len(part) == len(prompt)),)))
         logits = out if s + len(part) == len(prompt) else logits
         if s + len(part) < len(prompt):
             assert out.shape == (0, runner.vocab_size)
     toks = [int(logits.argmax(-1))]
     for i in range(new - 1):
-        out = runner.forward(StepBatch((SeqChunk(slot, (toks[-1],), len(prompt) + i, True),)))
+        out = runner.forward(StepBatch((SeqChunk.decode(slot, toks[-1], len(prompt) + i),)))
         assert out.dtype == torch.float32 and out.shape == (1, runner.vocab_size)
         toks.append(int(out.argmax(-1)))
     runner.allocator.free(slot)
@@ -71,14 +77,14 @@ def test_prefill_then_decode_logits_match_hf(runner, ckpt):
     hf = ckpt[1]
     prompt = list(range(60, 77))
     slot = runner.allocator.allocate(30)
-    got = runner.forward(StepBatch((SeqChunk(slot, tuple(prompt), 0, True),)))
+    got = runner.forward(StepBatch((SeqChunk.fresh(slot, tuple(prompt), True),)))
     with torch.no_grad():
         out = hf(torch.tensor([prompt]), use_cache=True)
         torch.testing.assert_close(got, out.logits[:, -1], atol=ATOL, rtol=1e-4)
         cache = out.past_key_values
         for i, tok in enumerate([3, 100, 7, 300]):
             out = hf(torch.tensor([[tok]]), cache=cache, use_cache=True)
-            got = runner.forward(StepBatch((SeqChunk(slot, (tok,), len(prompt) + i, True),)))
+            got = runner.forward(StepBatch((SeqChunk.decode(slot, tok, len(prompt) + i),)))
             torch.testing.assert_close(got, out.logits[:, -1], atol=ATOL, rtol=1e-4)
 
 
@@ -90,18 +96,18 @@ def test_mixed_step_rows_in_chunk_order(runner):
     # a and b are already decoding; c starts now in two chunks.
     last = {}
     for k in ("a", "b"):
-        last[k] = runner.forward(StepBatch((SeqChunk(slots[k], tuple(prompts[k]), 0, True),)))
+        last[k] = runner.forward(StepBatch((SeqChunk.fresh(slots[k], tuple(prompts[k]), True),)))
     ta, tb = int(last["a"].argmax()), int(last["b"].argmax())
     ca, cb, cc = len(prompts["a"]), len(prompts["b"]), prompts["c"]
     step = StepBatch((
-        SeqChunk(slots["c"], tuple(cc[:6]), 0, False),
-        SeqChunk(slots["b"], (tb,), cb, True),
-        SeqChunk(slots["a"], (ta,), ca, True),
+        SeqChunk.fresh(slots["c"], tuple(cc[:6]), False),
+        SeqChunk.decode(slots["b"], tb, cb),
+        SeqChunk.decode(slots["a"], ta, ca),
     ))
     out1 = runner.forward(step)
     step2 = StepBatch((
-        SeqChunk(slots["a"], (7,), ca + 1, True),
-        SeqChunk(slots["c"], tuple(cc[6:]), 6, True),
+        SeqChunk.decode(slots["a"], 7, ca + 1),
+        SeqChunk.cont(slots["c"], tuple(cc[6:]), 6, True),
     ))
     out2 = runner.forward(step2)
     assert out1.shape == (2, runner.vocab_size) and out2.shape == (2, runner.vocab_size)
@@ -109,37 +115,37 @@ def test_mixed_step_rows_in_chunk_order(runner):
     for k in slots:
         runner.allocator.free(slots[k])
     solo = {k: runner.allocator.allocate(40) for k in prompts}
-    runner.forward(StepBatch((SeqChunk(solo["a"], tuple(prompts["a"]), 0, True),)))
-    runner.forward(StepBatch((SeqChunk(solo["b"], tuple(prompts["b"]), 0, True),)))
-    ref_b = runner.forward(StepBatch((SeqChunk(solo["b"], (tb,), cb, True),)))
-    ref_a = runner.forward(StepBatch((SeqChunk(solo["a"], (ta,), ca, True),)))
-    ref_a2 = runner.forward(StepBatch((SeqChunk(solo["a"], (7,), ca + 1, True),)))
-    ref_c = runner.forward(StepBatch((SeqChunk(solo["c"], tuple(cc), 0, True),)))
+    runner.forward(StepBatch((SeqChunk.fresh(solo["a"], tuple(prompts["a"]), True),)))
+    runner.forward(StepBatch((SeqChunk.fresh(solo["b"], tuple(prompts["b"]), True),)))
+    ref_b = runner.forward(StepBatch((SeqChunk.decode(solo["b"], tb, cb),)))
+    ref_a = runner.forward(StepBatch((SeqChunk.decode(solo["a"], ta, ca),)))
+    ref_a2 = runner.forward(StepBatch((SeqChunk.decode(solo["a"], 7, ca + 1),)))
+    ref_c = runner.forward(StepBatch((SeqChunk.fresh(solo["c"], tuple(cc), True),)))
     torch.testing.assert_close(out1, torch.cat([ref_b, ref_a]), atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(out2, torch.cat([ref_a2, ref_c]), atol=ATOL, rtol=1e-4)
 
 
 def test_slot_reuse_starts_from_zero_state(runner):
     slot = runner.allocator.allocate(20)
-    first = runner.forward(StepBatch((SeqChunk(slot, (1, 2, 3), 0, True),)))
-    runner.forward(StepBatch((SeqChunk(slot, (50, 60, 70, 80), 3, True),)))
+    first = runner.forward(StepBatch((SeqChunk.fresh(slot, (1, 2, 3), True),)))
+    runner.forward(StepBatch((SeqChunk.cont(slot, (50, 60, 70, 80), 3, True),)))
     runner.allocator.free(slot)
     slot2 = runner.allocator.allocate(20)
     assert slot2 == slot
-    again = runner.forward(StepBatch((SeqChunk(slot2, (1, 2, 3), 0, True),)))
+    again = runner.forward(StepBatch((SeqChunk.fresh(slot2, (1, 2, 3), True),)))
     torch.testing.assert_close(again, first, atol=0, rtol=0)
 
 
 def test_two_chunks_for_one_slot_is_an_error(runner):
     slot = runner.allocator.allocate(8)
     with pytest.raises(ValueError, match="one chunk per slot"):
-        runner.forward(StepBatch((SeqChunk(slot, (1, 2), 0, False), SeqChunk(slot, (3,), 2, True))))
+        runner.forward(StepBatch((SeqChunk.fresh(slot, (1, 2), False), SeqChunk.decode(slot, 3, 2))))
 
 
 def test_overrun_of_reservation_is_an_error(runner):
     slot = runner.allocator.allocate(4)  # one block of 16 tokens
     with pytest.raises(RuntimeError, match="exceed"):
-        runner.forward(StepBatch((SeqChunk(slot, tuple(range(1, 18)), 0, True),)))
+        runner.forward(StepBatch((SeqChunk.fresh(slot, tuple(range(1, 18)), True),)))
 
 
 def test_static_decode_equals_eager(ckpt):
@@ -151,10 +157,10 @@ def test_static_decode_equals_eager(ckpt):
         slots = [r.allocator.allocate(40) for _ in range(3)]
         prompts = [list(range(3, 3 + n)) for n in (2, 17, 9)]
         for s, p in zip(slots, prompts, strict=True):
-            r.forward(StepBatch((SeqChunk(s, tuple(p), 0, False),)))
+            r.forward(StepBatch((SeqChunk.fresh(s, tuple(p), False),)))
         rows = []
         for step in range(3):  # batch of 3 -> bucket 4, padded with the dummy slot
-            chunks = tuple(SeqChunk(s, (11 + step,), len(p) + step, True) for s, p in zip(slots, prompts, strict=True))
+            chunks = tuple(SeqChunk.decode(s, 11 + step, len(p) + step) for s, p in zip(slots, prompts, strict=True))
             rows.append(r.forward(StepBatch(chunks)))
         outs.append(torch.cat(rows))
     torch.testing.assert_close(outs[0], outs[1], atol=ATOL, rtol=1e-4)
@@ -187,9 +193,19 @@ def test_buckets_and_padding():
         pick_bucket(49, b)
     assert width_buckets(4) == [1, 2, 4] and width_buckets(1024)[-1] == 1024
     assert needed_blocks([0, 15], 16) == 1 and needed_blocks([16, 3], 16) == 2
-    ids, slots, pos, tabs = pad_decode([5, 6], [0, 3], [7, 20], [[1], [2, 4]], 4, 9, 99, 3)
-    assert ids == [5, 6, 0, 0] and slots == [0, 3, 9, 9] and pos == [7, 20, 0, 0]
-    assert tabs == [[1, 99, 99], [2, 4, 99], [99, 99, 99], [99, 99, 99]]
+
+
+def test_block_tables_on_device_follow_reallocation():
+    alloc = SlotAllocator(3, 8, 4)
+    bt = BlockTables(alloc, 3, 4, 99, "cpu")
+    a, b = alloc.allocate(4), alloc.allocate(12)
+    assert bt.sync([b, a]) == [alloc.block_table(b), alloc.block_table(a)]
+    assert bt.rows(torch.tensor([a, b, 3]), 3).tolist() == [[0, 99, 99], [1, 2, 3], [99, 99, 99]]
+    alloc.free(a)
+    c = alloc.allocate(8)  # the same slot again, other blocks: uploaded again on the next sync
+    assert c == a and alloc.block_table(c) != [0]
+    bt.sync([c])
+    assert bt.rows(slice(c, c + 1), 4).tolist() == [alloc.block_table(c) + [99, 99]]
 
 
 def test_config_errors(ckpt):
@@ -210,13 +226,13 @@ def test_ckpt_tiny_preset_matches_hf(tiny_ckpt):
     r = ModelRunner(tiny_ckpt, _cfg())
     prompt = [int(t) for t in torch.randint(3, r.vocab_size, (37,), generator=torch.Generator().manual_seed(0))]
     slot = r.allocator.allocate(45)
-    got = r.forward(StepBatch((SeqChunk(slot, tuple(prompt[:20]), 0, False), )))
-    got = r.forward(StepBatch((SeqChunk(slot, tuple(prompt[20:]), 20, True),)))
+    got = r.forward(StepBatch((SeqChunk.fresh(slot, tuple(prompt[:20]), False), )))
+    got = r.forward(StepBatch((SeqChunk.cont(slot, tuple(prompt[20:]), 20, True),)))
     with torch.no_grad():
         out = hf(torch.tensor([prompt]), use_cache=True)
         torch.testing.assert_close(got, out.logits[:, -1].float(), atol=1e-4, rtol=1e-4)
         out = hf(torch.tensor([[5]]), cache=out.past_key_values, use_cache=True)
-    got = r.forward(StepBatch((SeqChunk(slot, (5,), 37, True),)))
+    got = r.forward(StepBatch((SeqChunk.decode(slot, 5, 37),)))
     torch.testing.assert_close(got, out.logits[:, -1].float(), atol=1e-4, rtol=1e-4)
 
 
@@ -228,8 +244,8 @@ def test_low_precision_paths_run_and_stay_close(ckpt, dtype, ssm):
     outs = []
     for r in (ref, low):
         s = r.allocator.allocate(40)
-        rows = [r.forward(StepBatch((SeqChunk(s, tuple(range(20, 33)), 0, True),)))]
-        rows += [r.forward(StepBatch((SeqChunk(s, (5 + i,), 13 + i, True),))) for i in range(4)]
+        rows = [r.forward(StepBatch((SeqChunk.fresh(s, tuple(range(20, 33)), True),)))]
+        rows += [r.forward(StepBatch((SeqChunk.decode(s, 5 + i, 13 + i),))) for i in range(4)]
         outs.append(torch.cat(rows))
     assert outs[1].dtype == torch.float32
     torch.testing.assert_close(outs[1], outs[0], atol=0.1, rtol=0.05)
@@ -253,10 +269,10 @@ def test_packed_prefill_equals_one_at_a_time(ckpt, monkeypatch, budget):
         slots = [r.allocator.allocate(48) for _ in prompts]
         for s, p, n in zip(slots, prompts, done, strict=True):
             if n:
-                r.forward(StepBatch((SeqChunk(s, tuple(p[:n]), 0, True),)))
-        chunks = [SeqChunk(s, tuple(p[n:]), n, True) if n < len(p) else SeqChunk(s, (11,), n, True)
+                r.forward(StepBatch((SeqChunk.fresh(s, tuple(p[:n]), True),)))
+        chunks = [prompt_chunk(s, tuple(p[n:]), n, True) if n < len(p) else SeqChunk.decode(s, 11, n)
                   for s, p, n in zip(slots, prompts, done, strict=True)]
-        chunks[3] = SeqChunk(slots[3], chunks[3].token_ids, 0, False)  # a non-final chunk: no logits row
+        chunks[3] = SeqChunk.fresh(slots[3], chunks[3].token_ids, False)  # a non-final chunk: no logits row
         if packed:
             logits = r.forward(StepBatch(tuple(chunks)))
         else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.decode_static import StaticDecode, pick_bucket
+from model.decode_static import StaticDecode, needed_blocks, pick_bucket
 from model.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 
@@ -45,9 +45,9 @@ def _greedy(runner, prompts, new):
     slots = [runner.allocator.allocate(len(p) + new) for p in prompts]
     toks = []
     for s, p in zip(slots, prompts, strict=True):
-        toks.append([int(runner.forward(StepBatch((SeqChunk(s, tuple(p), 0, True),))).argmax())])
+        toks.append([int(runner.forward(StepBatch((SeqChunk.fresh(s, tuple(p), True),))).argmax())])
     for i in range(new - 1):
-        out = runner.forward(StepBatch(tuple(SeqChunk(s, (t[-1],), len(p) + i, True)
+        out = runner.forward(StepBatch(tuple(SeqChunk.decode(s, t[-1], len(p) + i)
                                              for s, p, t in zip(slots, prompts, toks, strict=True))))
         for t, row in zip(toks, out, strict=True):
             t.append(int(row.argmax()))
@@ -77,7 +77,7 @@ def test_bucket_overflow_names_what_overflowed():
         pick_bucket(17, [1, 2, 4, 8, 16])
     sd = StaticDecode(lambda *a: None, [1, 2], 9, 99, 2, 16, 4, "cpu", torch.float32, None)
     with pytest.raises(ValueError, match="block-table width of 3 exceeds the largest bucket 2"):
-        sd.run([1], [0], [40], [[0, 1, 2]])
+        sd.run(torch.tensor([1]), torch.tensor([0]), torch.tensor([40]), None, needed_blocks([40], 16))
 
 
 def test_warmup_prepares_every_reachable_bucket_and_serving_prepares_none(tiny_ckpt):

@@ -25,11 +25,11 @@ def ckpt(tmp_path_factory):
 
 def _greedy(runner, prompts, new):
     slots = [runner.allocator.allocate(len(p) + new) for p in prompts]
-    out = runner.forward(StepBatch(tuple(SeqChunk(s, tuple(p), 0, True) for s, p in zip(slots, prompts,
+    out = runner.forward(StepBatch(tuple(SeqChunk.fresh(s, tuple(p), True) for s, p in zip(slots, prompts,
                                                                                          strict=True))))
     toks, rows = [[int(t)] for t in out.argmax(-1)], [out]
     for i in range(new - 1):
-        out = runner.forward(StepBatch(tuple(SeqChunk(s, (t[-1],), len(p) + i, True)
+        out = runner.forward(StepBatch(tuple(SeqChunk.decode(s, t[-1], len(p) + i)
                                              for s, p, t in zip(slots, prompts, toks, strict=True))))
         rows.append(out)
         for t, row in zip(toks, out, strict=True):

@@ -42,19 +42,19 @@ def _greedy(r):
     """Greedy tokens for PROMPTS (all three prefilled together, the long one in two chunks) and the logits."""
     slots = [r.allocator.allocate(len(p) + NEW) for p in PROMPTS]
     a, b, c = PROMPTS
-    rows = [r.forward(StepBatch((SeqChunk(slots[0], tuple(a), 0, True), SeqChunk(slots[1], tuple(b), 0, True),
-                                 SeqChunk(slots[2], tuple(c[:FIRST]), 0, False))))]
+    rows = [r.forward(StepBatch((SeqChunk.fresh(slots[0], tuple(a), True), SeqChunk.fresh(slots[1], tuple(b), True),
+                                 SeqChunk.fresh(slots[2], tuple(c[:FIRST]), False))))]
     toks = [[t] for t in rows[0].argmax(-1).tolist()] + [[]]
-    rows.append(r.forward(StepBatch((SeqChunk(slots[0], (toks[0][-1],), len(a), True),
-                                     SeqChunk(slots[2], tuple(c[FIRST:]), FIRST, True),
-                                     SeqChunk(slots[1], (toks[1][-1],), len(b), True)))))
+    rows.append(r.forward(StepBatch((SeqChunk.decode(slots[0], toks[0][-1], len(a)),
+                                     SeqChunk.cont(slots[2], tuple(c[FIRST:]), FIRST, True),
+                                     SeqChunk.decode(slots[1], toks[1][-1], len(b))))))
     step = rows[-1].argmax(-1).tolist()
     toks[0].append(step[0])
     toks[2].append(step[1])
     toks[1].append(step[2])
     while min(len(t) for t in toks) < NEW:
         live = [i for i in range(3) if len(toks[i]) < NEW]
-        out = r.forward(StepBatch(tuple(SeqChunk(slots[i], (toks[i][-1],), len(PROMPTS[i]) + len(toks[i]) - 1, True)
+        out = r.forward(StepBatch(tuple(SeqChunk.decode(slots[i], toks[i][-1], len(PROMPTS[i]) + len(toks[i]) - 1)
                                         for i in live)))
         rows.append(out)
         for i, t in zip(live, out.argmax(-1).tolist(), strict=True):
@@ -92,9 +92,9 @@ def test_packed_prefill_equals_one_at_a_time_without_host_syncs(small_ckpt, inte
     for packed in (True, False):
         r = _runner(small_ckpt, ops, "eager")
         slots = [r.allocator.allocate(48) for _ in PROMPTS]
-        r.forward(StepBatch((SeqChunk(slots[2], tuple(PROMPTS[2][:9]), 0, False),)))
-        chunks = (SeqChunk(slots[0], tuple(PROMPTS[0]), 0, True), SeqChunk(slots[2], tuple(PROMPTS[2][9:]), 9, True),
-                  SeqChunk(slots[1], tuple(PROMPTS[1]), 0, True))
+        r.forward(StepBatch((SeqChunk.fresh(slots[2], tuple(PROMPTS[2][:9]), False),)))
+        chunks = (SeqChunk.fresh(slots[0], tuple(PROMPTS[0]), True), SeqChunk.cont(slots[2], tuple(PROMPTS[2][9:]), 9, True),
+                  SeqChunk.fresh(slots[1], tuple(PROMPTS[1]), True))
         if packed:
             with count_syncs() as syncs:
                 logits = r.forward(StepBatch(chunks))
