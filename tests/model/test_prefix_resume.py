@@ -176,3 +176,25 @@ def test_snapshots_never_block_admission(tiny_ckpt):
     assert len(c.token_ids) == 40
     pc = eng.stats()["prefix_cache"]
     assert pc["evictions"] >= 3 and pc["snapshots_host"] == 0
+
+
+def test_stop_string_found_while_the_next_step_runs_snapshots_after_it(tiny_ckpt, hf_model):
+    """An asynchronous device: a stop string is found while the sequence's next step is already launched,
+    and that step moves its state once more. The session's snapshot is taken after that step is collected
+    (prompt + every output token), so the next turn resumes from the whole conversation and stays exact."""
+    eng = engine(tiny_ckpt)
+    eng.runner.asynchronous = True  # events made after the next launch, as on CUDA
+    p = ids(23, seed=12)
+    free = eng.submit(GenerationRequest(tuple(p), SamplingParams(max_new_tokens=12, ignore_eos=True))).result()
+    cut = next(i for i in range(3, len(free.token_ids)) if len(eng.tokenizer.decode(list(free.token_ids[:i]))) > 2)
+    stop = eng.tokenizer.decode(list(free.token_ids[:cut]))[-2:]
+    c1 = eng.submit(GenerationRequest(tuple(p), SamplingParams(max_new_tokens=12, ignore_eos=True, stop=(stop,)),
+                                      session_id="s-2")).result()
+    assert c1.finish_reason == FinishReason.STOP and len(c1.token_ids) < len(free.token_ids)
+    conv = eng.session_conversation("s-2")
+    assert conv == tuple(p) + c1.token_ids
+    q = list(conv) + ids(9, seed=13)
+    c2 = gen(eng, q, 5)
+    assert c2.cached_tokens == len(conv)  # the extra step fed the last output token: the whole conversation
+    assert list(c2.token_ids) == hf_greedy(hf_model, q, 5)
+    assert eng.release_session("s-2")
