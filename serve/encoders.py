@@ -110,6 +110,19 @@ def openai_finish(reason: FinishReason, has_calls: bool = False) -> str:
     return "length" if reason == FinishReason.LENGTH else "stop"
 
 
+def reproducible(obj: Any) -> Any:
+    """A record's response without the counts that depend on what the prefix cache held (cached_tokens):
+    JSON Lines records and batch outputs stay byte-identical between runs (batch resume relies on it)."""
+    items = obj if isinstance(obj, list) else [obj]
+    for item in items:
+        if isinstance(item, dict):
+            if isinstance(item.get("details"), dict):
+                item["details"].pop("cached_tokens", None)
+            if isinstance(item.get("usage"), dict):
+                item["usage"].pop("prompt_tokens_details", None)
+    return obj
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     """OpenAI usage; cached_tokens: prompt tokens resumed from a state snapshot (prefix reuse, sessions)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

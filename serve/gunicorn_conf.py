@@ -51,7 +51,7 @@ def post_fork(server, worker):
         gpu = _GPUS[index % len(_GPUS)]
         pin_gpu(gpu)
         log.info("worker %s pinned to GPU %s", worker.pid, gpu)
-    if _WORKERS > 1:
+    if _WORKERS > 1 and _RUN_DIR:
         affinity.this_worker = affinity.WorkerId(index, _WORKERS, _RUN_DIR)
 
 

@@ -110,7 +110,7 @@ def handle_records(engine: Any, lines: list, defaults: dict | None = None, *, li
     def finish_oldest() -> None:
         j, p = inflight.popleft()
         try:
-            out[j] = p.finish()
+            out[j] = enc.reproducible(p.finish())
         except Exception as e:
             out[j] = error_record(e)
 

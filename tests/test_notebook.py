@@ -103,3 +103,14 @@ def test_throughput_plot_and_server_stopped(executed):
     (png,) = [o.data["image/png"] for o in cell.outputs if o.output_type == "display_data" and "image/png" in o.data]
     assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "server stopped, exit code 0" in text_of(cell_with(executed, "server.stop()"))
+
+
+def test_session_turns_keep_time_to_first_token_flat(executed):
+    cell = cell_with(executed, "chat_session.open()")
+    text = text_of(cell)
+    assert re.search(r"session w\d+-[0-9a-f]{32}", text), text
+    turns = [(int(a), int(b)) for a, b in re.findall(r"turn \d+: TTFT (\d+) ms in the session, (\d+) ms re-sent", text)]
+    assert len(turns) == 5, text
+    assert turns[-1][0] < turns[-1][1], turns  # the last turn re-read the whole conversation without reuse
+    assert "baseline server stopped, exit code 0" in text
+    assert any(o.output_type == "display_data" and "image/png" in o.data for o in cell.outputs)

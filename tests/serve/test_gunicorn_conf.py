@@ -73,7 +73,10 @@ def test_exit_hooks_drain_the_engine(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def restore_conf():
+def restore_conf(monkeypatch):
+    from serve import affinity
+
+    monkeypatch.setattr(affinity, "this_worker", None)  # post_fork sets it: later tests' apps are single-worker
     yield
     import serve.gunicorn_conf as conf
 
@@ -84,6 +87,7 @@ def test_workers_know_their_index_for_session_forwarding(monkeypatch):
     from serve import affinity
 
     conf = load_conf(monkeypatch, SAGEMAKER_MODEL_SERVER_WORKERS="2", DEVICE="cpu")
+    monkeypatch.setattr(affinity, "this_worker", None)  # restored to None after the test: later apps are single
     server = types.SimpleNamespace(WORKERS={})
     conf.on_starting(server)
     try:
@@ -98,6 +102,5 @@ def test_workers_know_their_index_for_session_forwarding(monkeypatch):
         assert seen[0].run_dir == seen[1].run_dir and os.path.isdir(seen[0].run_dir)
         assert "CUDA_VISIBLE_DEVICES" not in os.environ
     finally:
-        monkeypatch.setattr(affinity, "this_worker", None)
         conf.on_exit(server)
     assert not os.path.exists(seen[0].run_dir)
