@@ -234,8 +234,11 @@ def test_client_that_leaves_a_jsonlines_request_cancels_every_record(server):
         text = requests.get(server.url + "/metrics", timeout=5).text
         return float(re.search(pattern, text, re.M).group(1))
 
-    cancelled = r'^granite_engine_finished_total\{reason="cancelled"\} ([\d.]+)$'
-    before, gone = metric(cancelled), metric(r"^granite_client_disconnects_total ([\d.]+)$")
+    def finished(reason: str) -> float:
+        return metric(rf'^granite_engine_finished_total\{{reason="{reason}"\}} ([\d.]+)$')
+
+    before = {r: finished(r) for r in ("cancelled", "eos_token", "length")}
+    gone = metric(r"^granite_client_disconnects_total ([\d.]+)$")
     records = 20  # 16 slots running + 4 waiting
     body = b"".join(json.dumps({"inputs": f"record {i}", "parameters": {
         "max_new_tokens": 400, "do_sample": True, "temperature": 5.0, "seed": i}}).encode() + b"\n"
@@ -248,9 +251,16 @@ def test_client_that_leaves_a_jsonlines_request_cancels_every_record(server):
             assert time.monotonic() < deadline
             time.sleep(0.02)
     deadline = time.monotonic() + 20
-    while metric(cancelled) < before + records:  # the old main generated all 20 x 400 tokens for nobody
-        assert time.monotonic() < deadline, f"{metric(cancelled) - before} of {records} records cancelled"
+
+    def ended() -> dict:
+        return {r: finished(r) - before[r] for r in before}
+
+    # every record ends: cancelled at the hang-up, or (sampled at temperature 5) an early end-of-text before it;
+    # none runs to its 400 tokens for nobody, as on the old main
+    while sum(ended().values()) < records:
+        assert time.monotonic() < deadline, f"records ended so far: {ended()}"
         time.sleep(0.1)
+    assert ended()["length"] == 0 and ended()["cancelled"] >= records - 4, ended()
     while metric(r"^granite_client_disconnects_total ([\d.]+)$") < gone + 1:  # counted as its view returns
         assert time.monotonic() < deadline, "the hang-up was not counted"
         time.sleep(0.1)
