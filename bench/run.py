@@ -9,6 +9,9 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
   batch       batch entrypoint over 256 records vs the same records one at a time (bench/batch_bench.py)
   multiturn   8 conversations x 8 turns, prefix reuse on vs off: TTFT per turn, prefill tokens computed,
               tokens/s, identical outputs (bench/multiturn.py)
+  host_work   host ms per runner step with the network's compute stubbed out (decode 1 x 2K, 64 x 2K,
+              64 x 16K; packed prefill of 16 uneven prompts), before / after / target; the engine's own time
+              per step outside the runner at 1 and 64 streams (bench/host_time.py)
   decode_device_work  kernel launches per decode step of the full-size micro pattern (before / after, target
               <= 450) and decode-attention KV bytes per step vs ideal at 64 x 16K (target <= 1.25x),
               counted on CPU (bench/launches.py; ~10 s)
@@ -257,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench import launches
 
         report["decode_device_work"] = launches.report()
+        print("host work per step ...", flush=True)
+        from bench import host_time
+
+        report["host_work"] = host_time.report(ckpt)
+        report["host_work"]["engine_overhead_ms"] = {str(n): host_time.engine_overhead_ms(ckpt, n) for n in (1, 64)}
+        report["host_work"]["engine_overhead_targets_ms"] = {"1": 0.5, "64": 2.0}
         print("baseline (HF generate, serial) ...", flush=True)
         base_model = hf_model(ckpt)
         hf_generate(base_model, tok.encode(texts[0]), 4)  # warm-up
@@ -311,6 +320,9 @@ def print_table(r: dict) -> None:
         print(f"launches per decode step: {n['before']['launches']} -> {n['after']['launches']} "
               f"(target <= {n['target']}); decode KV bytes {kv['paged_ratio']:.2f}x ideal "
               f"(gather {kv['gather_ratio']:.2f}x; target <= {kv['target_ratio']}x)")
+    if "host_work" in r:
+        print(f"host ms per step: {json.dumps(r['host_work']['host_ms_per_step'])} (before "
+              f"{json.dumps(r['host_work']['before_ms'])}; targets {json.dumps(r['host_work']['targets_ms'])})")
     if "batch" in r:
         print(f"batch: {json.dumps(r['batch'])}")
     if "multiturn" in r:
