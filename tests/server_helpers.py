@@ -84,3 +84,21 @@ def iter_sse(response: requests.Response):
             assert event.startswith(b"data:"), event
             yield event[5:].strip().decode()
     assert buf == b"", f"trailing bytes without a blank line: {buf!r}"
+
+
+def ready_app(ckpt, env: dict[str, str], name: str = "tiny-test"):
+    """(app, Flask test client, engine): the app with the real engine on `ckpt`, once /ping says 200.
+    The caller shuts the engine down."""
+    from model.engine import Engine
+    from serve.app import create_app
+    from serve.config import load_config
+
+    cfg = load_config(env)
+    engine = Engine(ckpt, cfg.engine, name)
+    app = create_app(cfg, engine)
+    client = app.test_client()
+    deadline = time.monotonic() + 120
+    while client.get("/ping").status_code != 200:
+        assert time.monotonic() < deadline, engine.error
+        time.sleep(0.05)
+    return app, client, engine

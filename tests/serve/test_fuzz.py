@@ -12,10 +12,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.engine import Engine
-from serve.app import create_app
-from serve.config import load_config
-from tests.server_helpers import ServerProcess
+from tests.server_helpers import ServerProcess, ready_app
 
 pytestmark = pytest.mark.slow  # a real gunicorn process + model load: ~30-60 s on 2 cores
 ENV = {"MAX_CONCURRENT_SEQS": "4", "MAX_QUEUED_REQUESTS": "8", "MAX_INPUT_TOKENS": "128", "MAX_TOTAL_TOKENS": "136",
@@ -92,14 +89,7 @@ def check(response) -> None:
 
 @pytest.fixture(scope="module")
 def client(tiny_ckpt):
-    cfg = load_config(ENV)
-    engine = Engine(tiny_ckpt, cfg.engine, "fuzz")
-    app = create_app(cfg, engine)
-    c = app.test_client()
-    deadline = time.monotonic() + 120
-    while c.get("/ping").status_code != 200:
-        assert time.monotonic() < deadline, engine.error
-        time.sleep(0.05)
+    _, c, engine = ready_app(tiny_ckpt, ENV, "fuzz")
     yield c
     # the end state the whole module is about: alive, nothing running, every slot back in the pool
     assert c.get("/ping").status_code == 200

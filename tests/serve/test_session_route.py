@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 
-from model.engine import Engine
-from serve.app import create_app
-from serve.config import load_config
 from tests.serve.test_app import sse_events, wait_free
+from tests.server_helpers import ready_app
 
 ENV = {"MAX_CONCURRENT_SEQS": "4", "MAX_QUEUED_REQUESTS": "4", "MAX_INPUT_TOKENS": "1500", "MAX_TOTAL_TOKENS": "1600",
        "MAX_NEW_TOKENS": "6", "DEVICE": "cpu", "SESSION_MAX": "3"}
@@ -22,14 +19,7 @@ NEW_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*;\sExpires=[0-9]{4}-[0-9]
 
 @pytest.fixture(scope="module")
 def served(tiny_ckpt):
-    cfg = load_config(ENV)
-    engine = Engine(tiny_ckpt, cfg.engine, "tiny-test")
-    app = create_app(cfg, engine)
-    client = app.test_client()
-    deadline = time.monotonic() + 120
-    while client.get("/ping").status_code != 200:
-        assert time.monotonic() < deadline, engine.error
-        time.sleep(0.05)
+    app, client, engine = ready_app(tiny_ckpt, ENV)
     yield app, client, engine
     engine.shutdown(timeout=5)
 
