@@ -7,10 +7,10 @@ Each step:
   3. give every running decoding sequence its one token (least recently served first),
   4. fill the rest of `max_step_tokens` with prefill chunks of at most `prefill_chunk_tokens`,
      oldest sequence first, so a long prompt is spread over many steps while the decodes of
-     the others keep flowing every step. While sequences are decoding, the prefill tokens of a step
-     are also bounded by time (StepCost: recent measured step times, fed back by the engine), so a step
-     with prefill takes at most about (1 + PREFILL_SHARE) = 2.5x a decode-only step: decodes keep their
-     cadence behind arriving prompts. With nothing decoding, prefill takes the whole token budget.
+     the others keep flowing every step. With EngineConfig.prefill_time_share > 0 (off by default), while
+     sequences are decoding the prefill tokens of a step are also bounded by time (StepCost: recent
+     measured step times, fed back by the engine), so a step with prefill takes at most about
+     (1 + share) x a decode-only step. With nothing decoding, prefill takes the whole token budget.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ class SeqStatus(str, Enum):
 
 _ids = itertools.count()
 
-PREFILL_SHARE = 1.5  # prefill time a step may add, as a fraction of a decode-only step's time
 MIN_PREFILL_TOKENS = 16  # waiting prompts always progress
 WINDOW = 9  # recent steps each estimate is the median of
 
@@ -42,7 +41,8 @@ class StepCost:
     top of the decodes, each the median of the last WINDOW samples (a preempted step on a shared machine
     moves a median little). Torch-free; seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, share: float = 0.0) -> None:
+        self.share = share  # prefill time a step may add, as a fraction of a decode-only step's time; 0 = off
         self._decode: deque[float] = deque(maxlen=WINDOW)
         self._token: deque[float] = deque(maxlen=WINDOW)
 
@@ -65,11 +65,11 @@ class StepCost:
         self._token.append(max(seconds - base, 0.0) / prefill_tokens)
 
     def prefill_budget(self) -> int | None:
-        """Prefill tokens a step with decodes may take; None while there are no estimates."""
+        """Prefill tokens a step with decodes may take; None when off or while there are no estimates."""
         decode_s, token_s = self.decode_s, self.token_s
-        if decode_s is None or not token_s:
+        if self.share <= 0 or decode_s is None or not token_s:
             return None
-        return max(MIN_PREFILL_TOKENS, int(PREFILL_SHARE * decode_s / token_s))
+        return max(MIN_PREFILL_TOKENS, int(self.share * decode_s / token_s))
 
 
 class Sequence:
@@ -122,7 +122,7 @@ class Scheduler:
         self.retired: list[Sequence] = []  # cancelled sequences retired by schedule(); see drain_retired
         self.steps = 0
         self._clock = 0
-        self.cost = StepCost()
+        self.cost = StepCost(config.prefill_time_share)
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.config.max_queued_requests:

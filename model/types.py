@@ -141,6 +141,10 @@ class EngineConfig:
     kv_cache_tokens: int = 0  # KV pool size in tokens across all sequences; 0 = auto (see model/state.py)
     max_queued_requests: int = 256  # waiting requests beyond this are refused (429)
     prefill_chunk_tokens: int = 512  # prompts are prefilled in chunks of at most this many tokens
+    # > 0: while sequences decode, a step's prefill is also bounded by measured time, to about this share of a
+    # decode-only step (model/scheduler.py StepCost). 0 = off: on the 2-core CPU, 1.5 cut 32-stream throughput
+    # to a third and raised TTFT ~4x (prefill starved); kept as a knob until measured where decode is cheap.
+    prefill_time_share: float = 0.0
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, fp32 on CPU)
     ssm_state_dtype: str = "auto"  # auto | float32 | bfloat16 (auto: fp32 on CPU, same as dtype on CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -170,6 +174,8 @@ class EngineConfig:
         for name, allowed in (("dtype", DTYPES), ("ssm_state_dtype", SSM_STATE_DTYPES), ("kernels", KERNEL_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be {'|'.join(allowed)}, got {getattr(self, name)!r}")
+        if self.prefill_time_share < 0:
+            raise ValueError(f"prefill_time_share must be >= 0, got {self.prefill_time_share}")
         if not 0.0 <= self.snapshot_device_share <= 1.0:
             raise ValueError(f"snapshot_device_share must be in [0, 1], got {self.snapshot_device_share}")
         if self.snapshot_host_bytes < 0:

@@ -110,6 +110,16 @@ def _int(lo: int = 0, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _fraction_or_more(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not 0.0 <= value <= 100.0:
+        raise ValueError("must be 0..100")
+    return value
+
+
 def _fraction(raw: str) -> float:
     try:
         value = float(raw.strip())
@@ -241,6 +251,9 @@ VARS: tuple[Var, ...] = (
         "max_new_tokens when a request does not say (unset: at most MAX_TOTAL_TOKENS - 1).", _int(1)),
     Var("MAX_STEP_TOKENS", _ENGINE_DEFAULTS.max_step_tokens,
         "Tokens run per engine step (prefill chunks + one per decoding sequence).", _int(1)),
+    Var("PREFILL_TIME_SHARE", _ENGINE_DEFAULTS.prefill_time_share,
+        "> 0: while sequences decode, bound a step's prefill by measured time to about this share of a decode-only "
+        "step (steadier decode cadence, slower prefill); 0 = off (token budget only).", _fraction_or_more),
     Var("PREFILL_CHUNK_TOKENS", _ENGINE_DEFAULTS.prefill_chunk_tokens, "Prompts are prefilled in chunks of this.",
         _int(1)),
     Var("KV_CACHE_TOKENS", _ENGINE_DEFAULTS.kv_cache_tokens,
@@ -303,6 +316,7 @@ def _engine_config(v: dict[str, Any], total: int, inp: int) -> EngineConfig:
             kv_cache_tokens=v["KV_CACHE_TOKENS"],
             max_queued_requests=v["MAX_QUEUED_REQUESTS"],
             prefill_chunk_tokens=v["PREFILL_CHUNK_TOKENS"],
+            prefill_time_share=v["PREFILL_TIME_SHARE"],
             dtype=v["DTYPE"],
             ssm_state_dtype=v["SSM_STATE_DTYPE"],
             device=v["DEVICE"],

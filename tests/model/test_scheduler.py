@@ -9,9 +9,11 @@ import sys
 import pytest
 
 from model.blocks import SlotAllocator
-from model.scheduler import MIN_PREFILL_TOKENS, PREFILL_SHARE, Scheduler, SeqStatus, Sequence
+from model.scheduler import MIN_PREFILL_TOKENS, Scheduler, SeqStatus, Sequence
 from model.types import ChunkKind, EngineConfig, GenerationRequest, QueueFull, SamplingParams, SeqChunk
 
+
+SHARE = 1.5  # prefill_time_share of the time-bounded tests (off by default)
 
 def make_seq(n_prompt: int, max_new: int = 4, base: int = 0) -> Sequence:
     ids = tuple(base + i for i in range(n_prompt))
@@ -222,7 +224,7 @@ def test_engine_does_not_import_torch():
 
 
 def test_step_cost_bounds_prefill_while_decoding():
-    sched, alloc = make(slots=4, blocks=256, max_step_tokens=64, prefill_chunk_tokens=64)
+    sched, alloc = make(slots=4, blocks=256, max_step_tokens=64, prefill_chunk_tokens=64, prefill_time_share=SHARE)
     first = Sequence(GenerationRequest(tuple(range(1, 9)), SamplingParams(max_new_tokens=50)))
     sched.add(first)
     seqs, batch = sched.schedule()  # its prefill: no decodes yet, so no time bound
@@ -236,8 +238,8 @@ def test_step_cost_bounds_prefill_while_decoding():
     for _ in range(2):
         sched.add(Sequence(GenerationRequest(tuple(range(1, 41)), SamplingParams(max_new_tokens=4))))
     seqs, batch = sched.schedule()
-    # one decode + prefill worth PREFILL_SHARE x 100 ms at 10 ms per token (at least the floor of 16)
-    assert [len(c.token_ids) for c in batch.chunks] == [1, max(MIN_PREFILL_TOKENS, int(PREFILL_SHARE * 10))]
+    # one decode + prefill worth SHARE x 100 ms at 10 ms per token (at least the floor of 16)
+    assert [len(c.token_ids) for c in batch.chunks] == [1, max(MIN_PREFILL_TOKENS, int(SHARE * 10))]
     sched.postprocess(seqs, [7 if c.want_logits else None for c in batch.chunks])
     for s in list(sched.running):
         sched.finish(s)
@@ -251,7 +253,7 @@ def _simulate(timed: bool, streams=32, requests=160, seed=0):
     TPOT p99) in seconds."""
     rng = random.Random(seed)
     sched, _ = make(slots=streams, blocks=8192, block_size=16, max_step_tokens=2048, prefill_chunk_tokens=512,
-                    max_queued_requests=1000, max_input_tokens=1000, max_total_tokens=2000)
+                    max_queued_requests=1000, max_input_tokens=1000, max_total_tokens=2000, prefill_time_share=SHARE)
     if not timed:
         sched.cost.prefill_budget = lambda: None
     now, arrivals, sent, done, sub, stamps = 0.0, [], 0, 0, {}, {}
