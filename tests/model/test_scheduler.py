@@ -12,7 +12,6 @@ from model.blocks import SlotAllocator
 from model.scheduler import MIN_PREFILL_TOKENS, Scheduler, SeqStatus, Sequence
 from model.types import ChunkKind, EngineConfig, GenerationRequest, QueueFull, SamplingParams, SeqChunk
 
-
 SHARE = 1.5  # prefill_time_share of the time-bounded tests (off by default)
 
 def make_seq(n_prompt: int, max_new: int = 4, base: int = 0) -> Sequence:
