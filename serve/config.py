@@ -110,24 +110,17 @@ def _int(lo: int = 0, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _fraction_or_more(raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError("not a number") from None
-    if not 0.0 <= value <= 100.0:
-        raise ValueError("must be 0..100")
-    return value
+def _float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError("not a number") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be {lo:g}..{hi:g}")
+        return value
 
-
-def _fraction(raw: str) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError("not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError("must be 0..1")
-    return value
+    return parse
 
 
 def _bool(raw: str) -> bool:
@@ -253,7 +246,7 @@ VARS: tuple[Var, ...] = (
         "Tokens run per engine step (prefill chunks + one per decoding sequence).", _int(1)),
     Var("PREFILL_TIME_SHARE", _ENGINE_DEFAULTS.prefill_time_share,
         "> 0: while sequences decode, bound a step's prefill by measured time to about this share of a decode-only "
-        "step (steadier decode cadence, slower prefill); 0 = off (token budget only).", _fraction_or_more),
+        "step (steadier decode cadence, slower prefill); 0 = off (token budget only).", _float(0.0, 100.0)),
     Var("PREFILL_CHUNK_TOKENS", _ENGINE_DEFAULTS.prefill_chunk_tokens, "Prompts are prefilled in chunks of this.",
         _int(1)),
     Var("KV_CACHE_TOKENS", _ENGINE_DEFAULTS.kv_cache_tokens,
@@ -268,7 +261,7 @@ VARS: tuple[Var, ...] = (
     Var("PREFIX_CACHE", _ENGINE_DEFAULTS.prefix_cache,
         "Resume prompts that start with a finished prompt or conversation from its exact state snapshot.", _bool),
     Var("SNAPSHOT_DEVICE_SHARE", _ENGINE_DEFAULTS.snapshot_device_share,
-        "Prefix-cache snapshots kept on the device, as a share of the state pool's bytes (0..1).", _fraction),
+        "Prefix-cache snapshots kept on the device, as a share of the state pool's bytes (0..1).", _float(0.0, 1.0)),
     Var("SNAPSHOT_HOST_BYTES", _ENGINE_DEFAULTS.snapshot_host_bytes,
         "Bytes of host memory (pinned on CUDA) for snapshots moved off the device; 0 = none.", _int(0)),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
