@@ -174,3 +174,26 @@ class FakeSession:
 
     def client(self, name: str):
         return self.clients[name.replace("-", "_")]
+
+
+def check_pools_and_shut_down(engines: list[Engine]) -> None:
+    """After a test: each started engine, once idle, has every slot and KV block free again and its
+    prefix-cache snapshots dropped to zero bytes; then every engine is shut down and the list emptied."""
+    try:
+        for eng in engines:
+            if eng.scheduler is None:
+                continue
+            wait_idle(eng)
+            assert not eng.scheduler.has_work()
+            eng.clear_prefix_cache()  # snapshots hold KV blocks on purpose; dropped, they must all come back
+            alloc, stats = eng.runner.allocator, eng.stats()
+            assert alloc.num_free_slots == alloc.num_slots, "slot leak"
+            assert alloc.num_free_blocks == alloc.num_blocks, "KV block leak"
+            assert stats["free_slots"] == alloc.num_slots
+            pc = stats.get("prefix_cache")
+            if pc is not None:
+                assert pc["bytes_device"] == 0 and pc["bytes_host"] == 0 and pc["kv_blocks_held"] == 0
+    finally:
+        for eng in engines:
+            eng.shutdown(5)
+        engines.clear()

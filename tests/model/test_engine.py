@@ -34,6 +34,7 @@ from tests.fakes import (
     FakeRunner,
     FakeTokenizer,
     V,
+    check_pools_and_shut_down,
     fake_engine,
     req,
     wait_idle,
@@ -45,21 +46,7 @@ def pool_returns_to_free():
     """Every test: once its engines are idle, every slot and KV block is free again."""
     ENGINES.clear()
     yield
-    try:
-        for eng in ENGINES:
-            if eng.scheduler is None:
-                continue
-            wait_idle(eng)
-            eng.clear_prefix_cache()  # snapshots hold KV blocks on purpose; dropped, they must all come back
-            alloc = eng.runner.allocator
-            assert not eng.scheduler.has_work()
-            assert alloc.num_free_slots == alloc.num_slots, "slot leak"
-            assert alloc.num_free_blocks == alloc.num_blocks, "KV block leak"
-            assert eng.stats()["free_slots"] == alloc.num_slots
-    finally:
-        for eng in ENGINES:
-            eng.shutdown(5)
-        ENGINES.clear()
+    check_pools_and_shut_down(ENGINES)
 
 
 # ---- stop-string buffer (model/handle.py) ----------------------------------------------------------

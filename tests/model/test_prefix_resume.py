@@ -13,6 +13,7 @@ import torch
 
 from model.engine import Engine
 from model.types import EngineConfig, FinishReason, GenerationRequest, SamplingParams
+from tests.fakes import check_pools_and_shut_down
 
 ENGINES: list[Engine] = []
 
@@ -45,18 +46,7 @@ def engine(tiny_ckpt, **cfg) -> Engine:
 def nothing_leaks():
     ENGINES.clear()
     yield
-    try:
-        for eng in ENGINES:
-            assert not eng.scheduler.has_work()
-            eng.clear_prefix_cache()
-            alloc, st = eng.runner.allocator, eng.stats().get("prefix_cache")
-            assert alloc.num_free_slots == alloc.num_slots, "slot leak"
-            assert alloc.num_free_blocks == alloc.num_blocks, "KV block leak"
-            if st is not None:
-                assert st["bytes_device"] == 0 and st["bytes_host"] == 0 and st["kv_blocks_held"] == 0
-    finally:
-        for eng in ENGINES:
-            eng.shutdown(5)
+    check_pools_and_shut_down(ENGINES)
 
 
 def gen(eng, ids, n, session=None):
