@@ -103,6 +103,33 @@ def host_prefill_ms(ckpt: Path, n: int = 16, lo: int = 64, hi: int = 512, steps:
     return _median_ms(step, steps, warmup)
 
 
+def syncs_per_step(ckpt: Path) -> dict:
+    """Host syncs (bench/host_syncs.py) of the real network on the reference path: one packed prefill forward
+    (16 uneven fresh prompts plus one continued chunk) and one whole decode step of 16 rows (forward,
+    sampling and the read of the sampled tokens). The fused path is counted under Triton's interpreter in
+    tests/triton/test_model_interp.py."""
+    from bench.host_syncs import count_syncs
+    from model.types import SamplingParams, SeqChunk, StepBatch
+
+    rng = random.Random(0)
+    lengths = [rng.randint(64, 512) for _ in range(16)]
+    runner = _runner(ckpt, 17, 1024)
+    slots = [runner.allocator.allocate(1025) for _ in range(17)]
+    for s in slots:
+        runner.open(s, SamplingParams(), None, ())
+    runner.step(StepBatch((SeqChunk.fresh(slots[16], tuple(range(1, 301)), False),)))
+    chunks = [SeqChunk.fresh(s, tuple(range(1, k + 1)), True) for s, k in zip(slots, lengths, strict=False)]
+    prefill = StepBatch((*chunks, SeqChunk.cont(slots[16], tuple(range(301, 401)), 300, True)))
+    with count_syncs() as pre:
+        runner.forward(prefill)
+    runner.collect(runner.launch(prefill))
+    decode = StepBatch(tuple(SeqChunk.decode(s, 5, n) for s, n in zip(slots, lengths, strict=False)))
+    with count_syncs() as dec:
+        runner.step(decode)
+    return {"prefill_forward": pre.count, "decode_step": dec.count, "prefill_kinds": dict(pre.by_kind),
+            "decode_kinds": dict(dec.by_kind), "targets": {"prefill_forward": 0, "decode_step": 1}}
+
+
 def report(ckpt: Path) -> dict:
     out = {
         "decode_1x2k": host_decode_ms(ckpt, 1, 2048),
@@ -111,6 +138,7 @@ def report(ckpt: Path) -> dict:
         "prefill_16_uneven": host_prefill_ms(ckpt),
     }
     return {"host_ms_per_step": out, "before_ms": BEFORE_MS, "targets_ms": TARGETS_MS,
+            "host_syncs": syncs_per_step(ckpt),
             "method": "ModelRunner.step on the demo checkpoint with the network's compute stubbed out, "
                       "one intra-op thread; ms per step"}
 

@@ -69,7 +69,7 @@ class Packed:
     unpad_index: torch.Tensor  # (T,) long: row of each packed token in the flattened (b * L) view
     kv_write: torch.Tensor  # (T,) long: row of each packed token in the flattened KV cache
     kv_blocks: torch.Tensor  # (b, nb) long: each sequence's first nb KV blocks (dummy block past its table)
-    mask: torch.Tensor  # (b, 1, L, Tk = nb * block_size) bool: key j is visible to query l iff j <= start + l
+    mask: torch.Tensor  # (b|1, 1, L, Tk = nb * block_size) bool: key j is visible to query l iff j <= start + l
     host_starts: tuple[int, ...] = ()  # the same facts as Python ints (no device read-back in the layers)
     host_lengths: tuple[int, ...] = ()
 
@@ -92,7 +92,8 @@ class Packed:
         pos = st.index_select(0, row) + j  # each token's position in its sequence
         kv_write = blocks.view(-1).index_select(0, row * nb + pos // block_size) * block_size + pos % block_size
         long = {"dtype": torch.long, "device": device}
-        st_d = st.to(device)
+        # Rows that share a start (all fresh: the common case) share one (1, L, Tk) mask, broadcast by SDPA.
+        st_d = st[:1].to(device) if len(set(starts)) == 1 else st.to(device)
         mask = torch.arange(nb * block_size, **long)[None, None, :] <= (st_d[:, None] + torch.arange(L, **long))[:, :, None]
         dev = lambda t: t.to(device)  # noqa: E731
         return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), dev(pad_index), dev(unpad_index),

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+from array import array
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -219,15 +221,15 @@ class ModelRunner:
         chunks back to back."""
         self._check_room(chunks)
         tables = [self.allocator.block_table(c.slot) for c in chunks]
-        for c in chunks:
-            if c.kind == ChunkKind.FRESH:
-                self.pool.reset_slot(c.slot)
+        self.pool.reset_slots([c.slot for c in chunks if c.kind == ChunkKind.FRESH])
         out = []
         for run in pack_runs([c.start + len(c.token_ids) for c in chunks], packed.MAX_PACK_KEY_ROWS):
             cs = [chunks[i] for i in run]
             pk = Packed.build([c.slot for c in cs], [c.start for c in cs], [len(c.token_ids) for c in cs],
                               [tables[i] for i in run], BLOCK_SIZE, self.pool.dummy_block, self._dev)
-            ids = torch.tensor([t for c in cs for t in c.token_ids], dtype=torch.long, device=self._dev)
+            # array('q') -> frombuffer: half the time of torch.tensor on a list of ~5K ints
+            ids = torch.frombuffer(array("q", chain.from_iterable(c.token_ids for c in cs)), dtype=torch.long)
+            ids = ids.to(self._dev, non_blocking=True)
             out.append(self.model.prefill_packed(ids, pk))
         return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -281,7 +283,7 @@ class ModelRunner:
                 d = self.pool.dummy_slot
                 t = lambda v: torch.tensor(v, dtype=torch.long, device=self._dev)  # noqa: E731
                 self.model.decode(Decode(t([1] * b), t([d] * b), t([0] * b), t([[self.pool.dummy_block]] * b)))
-        self.pool.reset_slot(self.pool.dummy_slot)
+        self.pool.reset_slots([self.pool.dummy_slot])
         if self._dev.type == "cuda":
             torch.cuda.synchronize(self._dev)
 

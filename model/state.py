@@ -111,6 +111,17 @@ def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_st
                           paged)
 
 
+def _runs(ordered: list[int]) -> list[tuple[int, int]]:
+    """Sorted ints -> (first, last) of each run of consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for v in ordered:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], v)
+        else:
+            runs.append((v, v))
+    return runs
+
+
 class StatePool:
     def __init__(self, a: GraniteArch, num_slots: int, kv_tokens: int, device, dtype: torch.dtype,
                  ssm_dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> None:
@@ -126,10 +137,12 @@ class StatePool:
         self.k = torch.zeros(kv_shape, dtype=dtype, **kw)
         self.v = torch.zeros(kv_shape, dtype=dtype, **kw)
 
-    def reset_slot(self, slot: int) -> None:
-        """A new sequence starts from zero Mamba state (its KV blocks are simply overwritten)."""
-        self.conv[:, slot].zero_()
-        self.ssm[:, slot].zero_()
+    def reset_slots(self, slots: list[int]) -> None:
+        """New sequences start from zero Mamba state (their KV blocks are simply overwritten). Each run of
+        consecutive slots is one slice memset per pool (index_fill_ is ~3x slower than memsets on CPU)."""
+        for first, last in _runs(sorted(slots)):
+            self.conv[:, first:last + 1].zero_()
+            self.ssm[:, first:last + 1].zero_()
 
     def report(self) -> dict:
         a = self.arch

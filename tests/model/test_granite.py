@@ -111,7 +111,7 @@ def test_chunked_prefill_equals_unchunked(net, chunks):
     ids = list(range(100, 119))
     full = model.logits(_prefill(model, pool, K, ids, slot=0))
     state_full = (pool.conv[:, 0].clone(), pool.ssm[:, 0].clone())
-    pool.reset_slot(3)
+    pool.reset_slots([3])
     rows, start = [], 0
     for n in chunks:
         rows.append(model.logits(_prefill(model, pool, K, ids[start:start + n], slot=3, start=start)))
@@ -125,7 +125,7 @@ def test_batched_decode_equals_one_at_a_time(net):
     model, pool, K, _ = net
     prompts = {0: list(range(10, 13)), 1: list(range(50, 71)), 3: list(range(200, 209))}
     for slot, ids in prompts.items():
-        pool.reset_slot(slot)
+        pool.reset_slots([slot])
         _prefill(model, pool, K, ids, slot)
     snapshot = [t.clone() for t in (pool.conv, pool.ssm, pool.k, pool.v)]
     slots = [3, 0, 1]

@@ -22,8 +22,8 @@ def test_indices_match_per_token_definitions(starts, lengths):
     nb = -(-max(s + n for s, n in zip(starts, lengths, strict=True)) // bs)
     assert pk.pad_index.tolist() == pad and pk.unpad_index.tolist() == unpad and pk.kv_write.tolist() == kv
     assert pk.kv_blocks.tolist() == [t[:nb] + [dummy] * (nb - len(t[:nb])) for t in tables]
-    assert pk.mask.shape == (len(lengths), 1, L, nb * bs)
-    assert pk.mask[:, 0].tolist() == [[[k <= s + j for k in range(nb * bs)] for j in range(L)] for s in starts]
+    assert pk.mask.shape == (1 if len(set(starts)) == 1 else len(lengths), 1, L, nb * bs)  # shared start: shared
+    assert pk.mask.expand(len(lengths), -1, -1, -1)[:, 0].tolist() == [[[k <= s + j for k in range(nb * bs)] for j in range(L)] for s in starts]
     sc = pk.scan
     fresh = [i for i, s in enumerate(starts) if s == 0]
     assert sc.fresh == tuple(fresh) and sc.continued == tuple(i for i in range(len(lengths)) if i not in fresh)

@@ -58,7 +58,7 @@ def test_pool_shapes_match_formula_on_meta(micro):
     assert rep["kv_tokens"] == 4096 and rep["num_slots"] == 32
 
 
-def test_reset_slot_zeroes_only_that_slot(tmp_path):
+def test_reset_slots_zeroes_only_those_slots(tmp_path):
     from tests.tiny_granite import build_tiny
 
     build_tiny(tmp_path)
@@ -67,9 +67,11 @@ def test_reset_slot_zeroes_only_that_slot(tmp_path):
     assert pool.ssm.dtype == torch.bfloat16 and pool.num_blocks == 5 and pool.dummy_slot == 3
     pool.conv.fill_(1)
     pool.ssm.fill_(1)
-    pool.reset_slot(1)
-    assert float(pool.conv[:, 1].abs().sum()) == 0 and float(pool.ssm[:, 1].abs().sum()) == 0
-    assert bool((pool.conv[:, 0] == 1).all()) and bool((pool.ssm[:, 2] == 1).all())
+    pool.reset_slots([0, 2])
+    for s in (0, 2):
+        assert float(pool.conv[:, s].abs().sum()) == 0 and float(pool.ssm[:, s].abs().sum()) == 0
+    for s in (1, 3):
+        assert bool((pool.conv[:, s] == 1).all()) and bool((pool.ssm[:, s] == 1).all())
 
 
 def test_auto_kv_tokens_cpu(micro):
