@@ -126,10 +126,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, ckpt: Path, slots: int) -> None:
+    def __init__(self, ckpt: Path, slots: int, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         env = {**os.environ, "MODEL_DIR": str(ckpt), "MAX_CONCURRENT_SEQS": str(slots),
-               "DTYPE": "float32", "LOG_LEVEL": "WARNING"}
+               "DTYPE": "float32", "LOG_LEVEL": "WARNING", **(env or {})}
         env.pop("MODEL_ID", None)
         env.pop("HF_MODEL_ID", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1",

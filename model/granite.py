@@ -22,7 +22,7 @@ from torch import nn
 
 from model.arch import GraniteArch
 from model.decode_batch import Decode
-from model.kernels import DecodeMeta, SsmParams, gated_rms_norm
+from model.kernels import DecodeMeta, SsmParams, add_small_row_weights, gated_rms_norm, linear
 from model.packed import Packed
 
 __all__ = ["GraniteArch", "GraniteForCausalLM", "load_granite", "FP32_PARAMS"]
@@ -48,11 +48,20 @@ class GatedRMSNorm(RMSNorm):
         return gated_rms_norm(y, gate, self.weight, self.eps, self.groups)
 
 
+class Linear(nn.Linear):
+    """nn.Linear with an optional second layout of its weight for inputs of few rows (model/kernels.py linear)."""
+
+    weight_t: torch.Tensor | None = None  # (in, out) contiguous; CPU only, see add_small_row_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.weight_t)
+
+
 class MLP(nn.Module):
     def __init__(self, a: GraniteArch) -> None:
         super().__init__()
-        self.input_linear = nn.Linear(a.hidden, 2 * a.mlp_inner, bias=False)
-        self.output_linear = nn.Linear(a.mlp_inner, a.hidden, bias=False)
+        self.input_linear = Linear(a.hidden, 2 * a.mlp_inner, bias=False)
+        self.output_linear = Linear(a.mlp_inner, a.hidden, bias=False)
 
     def forward(self, x: torch.Tensor, K) -> torch.Tensor:
         return self.output_linear(K.swiglu(self.input_linear(x)))  # [gate | up] -> silu(gate) * up
@@ -62,14 +71,14 @@ class MambaMixer(nn.Module):
     def __init__(self, a: GraniteArch) -> None:
         super().__init__()
         self.a = a
-        self.in_proj = nn.Linear(a.hidden, a.m_inner + a.conv_dim + a.m_heads, bias=a.m_proj_bias)
+        self.in_proj = Linear(a.hidden, a.m_inner + a.conv_dim + a.m_heads, bias=a.m_proj_bias)
         self.conv1d = nn.Conv1d(a.conv_dim, a.conv_dim, a.m_conv, groups=a.conv_dim, bias=a.m_conv_bias,
                                 padding=a.m_conv - 1)
         self.dt_bias = nn.Parameter(torch.empty(a.m_heads))
         self.A_log = nn.Parameter(torch.empty(a.m_heads))
         self.D = nn.Parameter(torch.empty(a.m_heads))
         self.norm = GatedRMSNorm(a.m_inner, a.rms_eps, a.m_groups)
-        self.out_proj = nn.Linear(a.m_inner, a.hidden, bias=a.m_proj_bias)
+        self.out_proj = Linear(a.m_inner, a.hidden, bias=a.m_proj_bias)
         self._ssm: tuple | None = None  # (Kernels, SsmParams), see ssm_params
 
     def _split_xbc(self, xbc: torch.Tensor):
@@ -115,10 +124,10 @@ class Attention(nn.Module):
     def __init__(self, a: GraniteArch) -> None:
         super().__init__()
         self.a = a
-        self.q_proj = nn.Linear(a.hidden, a.n_heads * a.head_dim, bias=a.attention_bias)
-        self.k_proj = nn.Linear(a.hidden, a.n_kv_heads * a.head_dim, bias=a.attention_bias)
-        self.v_proj = nn.Linear(a.hidden, a.n_kv_heads * a.head_dim, bias=a.attention_bias)
-        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.hidden, bias=a.attention_bias)
+        self.q_proj = Linear(a.hidden, a.n_heads * a.head_dim, bias=a.attention_bias)
+        self.k_proj = Linear(a.hidden, a.n_kv_heads * a.head_dim, bias=a.attention_bias)
+        self.v_proj = Linear(a.hidden, a.n_kv_heads * a.head_dim, bias=a.attention_bias)
+        self.o_proj = Linear(a.n_heads * a.head_dim, a.hidden, bias=a.attention_bias)
 
     def _qkv(self, h):
         e = self.a.head_dim
@@ -210,7 +219,7 @@ class GraniteForCausalLM(nn.Module):
         super().__init__()
         self.arch = a
         self.model = Backbone(a)
-        self.lm_head = None if a.tie_embeddings else nn.Linear(a.hidden, a.vocab_size, bias=False)
+        self.lm_head = None if a.tie_embeddings else Linear(a.hidden, a.vocab_size, bias=False)
         self.state = self.K = None  # see bind()
 
     def _layers(self, ids, run) -> torch.Tensor:
@@ -282,4 +291,7 @@ def load_granite(model_dir: str | Path, device: torch.device | str, dtype: torch
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(sd, strict=True, assign=True)
+    if torch.device(device).type == "cpu":
+        add_small_row_weights(model)
     return model.eval().requires_grad_(False)
+

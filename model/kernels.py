@@ -134,6 +134,29 @@ def _long(slots):
     return slots if isinstance(slots, slice) or slots.dtype == torch.long else slots.long()
 
 
+# CPU decode of 1-3 rows: MKL runs x @ W^T ~1.5x faster from an (in, out) contiguous copy of W than from the
+# row-major (out, in) weight (the demo model's 37 projections at 1 row: 3.8 vs 5.7 ms on the 2-core VM; at
+# 4 rows equal, at 8 rows slower). The copy doubles the projections' memory, so only small models get it.
+SMALL_ROWS = 3
+SMALL_ROW_COPY_MAX_BYTES = 2 << 30
+
+
+def linear(x, weight, bias, weight_t=None) -> torch.Tensor:
+    """F.linear, from weight_t (the weight's (in, out) contiguous copy) when x (N, in) has <= SMALL_ROWS rows."""
+    if weight_t is not None and x.dim() == 2 and x.shape[0] <= SMALL_ROWS:
+        return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    return F.linear(x, weight, bias)
+
+
+def add_small_row_weights(model: torch.nn.Module) -> None:
+    """On CPU, give each projection with a `weight_t` slot its (in, out) copy when they all fit in
+    SMALL_ROW_COPY_MAX_BYTES (demo and mid-size checkpoints; not a full-size model on a CPU)."""
+    mods = [m for m in model.modules() if hasattr(m, "weight_t")]
+    if sum(m.weight.nbytes for m in mods) <= SMALL_ROW_COPY_MAX_BYTES:
+        for m in mods:
+            m.weight_t = m.weight.detach().t().contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face GraniteMoeHybridRMSNorm: statistics in fp32, weight * normed.to(x.dtype)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:  # one fused op, the same formula

@@ -37,14 +37,16 @@ WINDOW = 9  # recent steps each estimate is the median of
 
 
 class StepCost:
-    """Step-time model from measured steps: a decode-only step's time and the time per prefill token on
-    top of the decodes, each the median of the last WINDOW samples (a preempted step on a shared machine
-    moves a median little). Torch-free; seconds."""
+    """Step-time model from measured steps: a decode-only step's time (the median of the last WINDOW) and the
+    time each prefill token adds on top of it (summed excess over summed tokens of the last WINDOW steps with
+    prefill: a ratio of sums, so small chunks, whose excess is mostly noise, weigh little). Every step pays a
+    fixed cost (weights read once, per-op overhead) that a decode-only step measures; prefill steps are only
+    learned from once there is a decode-only time to subtract. Torch-free; seconds."""
 
     def __init__(self, share: float = 0.0) -> None:
         self.share = share  # prefill time a step may add, as a fraction of a decode-only step's time; 0 = off
         self._decode: deque[float] = deque(maxlen=WINDOW)
-        self._token: deque[float] = deque(maxlen=WINDOW)
+        self._prefill: deque[tuple[float, int]] = deque(maxlen=WINDOW)  # (excess seconds, tokens)
 
     @property
     def decode_s(self) -> float | None:
@@ -52,17 +54,17 @@ class StepCost:
 
     @property
     def token_s(self) -> float | None:
-        return statistics.median(self._token) if self._token else None
+        tokens = sum(n for _, n in self._prefill)
+        return sum(e for e, _ in self._prefill) / tokens if tokens else None
 
     def observe(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
         if prefill_tokens == 0:
             if decode_rows:
                 self._decode.append(seconds)
             return
-        # a step without decodes, or before any decode-only step: all its time counts for its tokens
-        # (an overestimate, so the budget errs on the side of the decodes)
-        base = self.decode_s if decode_rows and self._decode else 0.0
-        self._token.append(max(seconds - base, 0.0) / prefill_tokens)
+        base = self.decode_s
+        if base is not None:
+            self._prefill.append((max(seconds - base, 0.0), prefill_tokens))
 
     def prefill_budget(self) -> int | None:
         """Prefill tokens a step with decodes may take; None when off or while there are no estimates."""

@@ -224,3 +224,25 @@ def test_fakes_keep_upstreams_signatures_checks_and_dtypes():
     out = fake_kernels.causal_conv1d_update(x, pool2, weight, bias, "silu", None,
                                             torch.tensor([4, -1, 2], dtype=torch.int32))
     assert bool((out[1] == 0).all()) and torch.equal(pool2[[0, 1, 3]], pool[[0, 1, 3]])
+
+
+def test_small_row_linear_uses_the_column_major_copy_and_matches_f_linear(tiny_ckpt, monkeypatch):
+    from model import kernels
+    from model.granite import Linear, load_granite
+
+    m = load_granite(tiny_ckpt, "cpu", torch.float32)
+    lins = [x for x in m.modules() if isinstance(x, Linear)]
+    assert lins and all(x.weight_t is not None and x.weight_t.is_contiguous() for x in lins)
+    lin = lins[0]
+    assert torch.equal(lin.weight_t, lin.weight.t())
+    for rows in (1, 2, 3, 4, 9):
+        x = torch.randn(rows, lin.in_features)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    calls = []
+    monkeypatch.setattr(kernels.torch, "mm", lambda a, b: calls.append(a.shape[0]) or a @ b)
+    for rows in (1, 3, 4):
+        lin(torch.randn(rows, lin.in_features))
+    assert calls == [1, 3]  # 4 rows and more: F.linear on the row-major weight
+    monkeypatch.setattr(kernels, "SMALL_ROW_COPY_MAX_BYTES", 1000)  # too big a model: no copies
+    assert all(x.weight_t is None for x in load_granite(tiny_ckpt, "cpu", torch.float32).modules()
+               if isinstance(x, Linear))

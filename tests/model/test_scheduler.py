@@ -227,22 +227,41 @@ def test_step_cost_bounds_prefill_while_decoding():
     first = Sequence(GenerationRequest(tuple(range(1, 9)), SamplingParams(max_new_tokens=50)))
     sched.add(first)
     seqs, batch = sched.schedule()  # its prefill: no decodes yet, so no time bound
-    sched.observe_step(seqs, 0.080)  # 8 prefill tokens, no decodes: 10 ms per token (an overestimate)
+    sched.observe_step(seqs, 0.080)  # no decode-only time to subtract yet: not learned from
     sched.postprocess(seqs, [7])
+    assert sched.cost.token_s is None
     for _ in range(3):
         seqs, _ = sched.schedule()
         sched.observe_step(seqs, 0.100)  # decode-only steps: 100 ms
         sched.postprocess(seqs, [7] * len(seqs))
-    assert sched.cost.decode_s == pytest.approx(0.1) and sched.cost.token_s == pytest.approx(0.01)
+    assert sched.cost.decode_s == pytest.approx(0.1) and sched.cost.token_s is None
+    assert sched.cost.prefill_budget() is None  # no prefill estimate: unbounded
+    sched.add(Sequence(GenerationRequest(tuple(range(1, 21)), SamplingParams(max_new_tokens=4))))
+    seqs, batch = sched.schedule()
+    assert [len(c.token_ids) for c in batch.chunks] == [1, 20]
+    sched.observe_step(seqs, 0.300)  # 20 prefill tokens added 200 ms: 10 ms per token
+    sched.postprocess(seqs, [7, 7])
+    assert sched.cost.token_s == pytest.approx(0.01)
     for _ in range(2):
         sched.add(Sequence(GenerationRequest(tuple(range(1, 41)), SamplingParams(max_new_tokens=4))))
     seqs, batch = sched.schedule()
-    # one decode + prefill worth SHARE x 100 ms at 10 ms per token (at least the floor of 16)
-    assert [len(c.token_ids) for c in batch.chunks] == [1, max(MIN_PREFILL_TOKENS, int(SHARE * 10))]
+    # two decodes + prefill worth SHARE x 100 ms at 10 ms per token (at least the floor of 16)
+    assert [len(c.token_ids) for c in batch.chunks] == [1, 1, max(MIN_PREFILL_TOKENS, int(SHARE * 10))]
     sched.postprocess(seqs, [7 if c.want_logits else None for c in batch.chunks])
     for s in list(sched.running):
         sched.finish(s)
     assert_all_free(alloc)
+
+
+def test_step_cost_weighs_prefill_samples_by_their_tokens():
+    from model.scheduler import StepCost
+
+    c = StepCost(1.0)
+    c.observe(4, 0, 0.1)
+    c.observe(4, 2, 0.1 + 0.010)  # 2 tokens, 5 ms each: mostly noise
+    c.observe(4, 200, 0.1 + 0.200)  # 200 tokens, 1 ms each
+    c.observe(0, 100, 0.08)  # prefill only: less than a decode step, so adds nothing (excess 0)
+    assert c.token_s == pytest.approx(0.210 / 302)
 
 
 def _simulate(timed: bool, streams=32, requests=160, seed=0):
