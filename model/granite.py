@@ -22,7 +22,7 @@ from torch import nn
 
 from model.arch import GraniteArch
 from model.decode_batch import Decode
-from model.kernels import DecodeMeta, SsmParams, add_small_row_weights, gated_rms_norm, linear
+from model.kernels import DecodeMeta, SsmParams, gated_rms_norm
 from model.packed import Packed
 
 __all__ = ["GraniteArch", "GraniteForCausalLM", "load_granite", "FP32_PARAMS"]
@@ -49,12 +49,12 @@ class GatedRMSNorm(RMSNorm):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with an optional second layout of its weight for inputs of few rows (model/kernels.py linear)."""
+    """nn.Linear through the kernels' linear (model/kernels.py: oneDNN's on CPU), set by bind()."""
 
-    weight_t: torch.Tensor | None = None  # (in, out) contiguous; CPU only, see add_small_row_weights
+    fn = staticmethod(F.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.weight_t)
+        return self.fn(x, self.weight, self.bias)
 
 
 class MLP(nn.Module):
@@ -235,6 +235,9 @@ class GraniteForCausalLM(nn.Module):
     def bind(self, state, kernels) -> None:
         """The state pool (model/state.py) and kernels (model/kernels.py) every forward uses, set once."""
         self.state, self.K = state, kernels
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.fn = kernels.linear
 
     @torch.no_grad()
     def prefill_packed(self, ids, pk: Packed) -> torch.Tensor:
@@ -257,7 +260,8 @@ class GraniteForCausalLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (F.linear(h, w) / self.arch.logits_scaling).float()
+        lin = F.linear if self.K is None else self.K.linear
+        return (lin(h, w, None) / self.arch.logits_scaling).float()
 
 
 # Mamba parameters used in float32 whatever the model dtype (tiny; the scan discretizes in fp32).
@@ -291,7 +295,5 @@ def load_granite(model_dir: str | Path, device: torch.device | str, dtype: torch
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(sd, strict=True, assign=True)
-    if torch.device(device).type == "cpu":
-        add_small_row_weights(model)
     return model.eval().requires_grad_(False)
 

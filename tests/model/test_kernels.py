@@ -121,7 +121,8 @@ def test_modes_and_errors():
     auto = Kernels("auto", "cpu")
     assert auto.report == {"ssd_prefill": "reference", "ssm_decode": "reference", "conv_prefill": "reference",
                            "conv_decode": "reference", "add_norm": "reference", "gated_norm": "reference",
-                           "swiglu": "reference", "attention": "sdpa", "decode_attention": "gather+sdpa"}
+                           "swiglu": "reference", "attention": "sdpa", "decode_attention": "gather+sdpa",
+                           "linear": "onednn:_linear_pointwise"}
     mixed = Kernels("auto", "cpu", fused=fake_ops(causal_conv1d_fn=True))
     assert mixed.report["conv_prefill"] == "reference" and mixed.report["ssd_prefill"].startswith("fused")
     assert Kernels("reference", "cpu", fused=fake_ops()).report["ssm_decode"] == "reference"
@@ -226,23 +227,31 @@ def test_fakes_keep_upstreams_signatures_checks_and_dtypes():
     assert bool((out[1] == 0).all()) and torch.equal(pool2[[0, 1, 3]], pool[[0, 1, 3]])
 
 
-def test_small_row_linear_uses_the_column_major_copy_and_matches_f_linear(tiny_ckpt, monkeypatch):
-    from model import kernels
-    from model.granite import Linear, load_granite
 
+def test_cpu_projections_run_onednn_linear_and_match_f_linear(tiny_ckpt):
+    from model.granite import Linear, load_granite
+    from model.state import StatePool
+
+    K = Kernels("auto", "cpu")
+    assert K.report["linear"] == "onednn:_linear_pointwise" and K.linear is kmod._onednn_linear
     m = load_granite(tiny_ckpt, "cpu", torch.float32)
+    m.bind(StatePool(m.arch, 2, 64, "cpu", torch.float32, torch.float32), K)
     lins = [x for x in m.modules() if isinstance(x, Linear)]
-    assert lins and all(x.weight_t is not None and x.weight_t.is_contiguous() for x in lins)
-    lin = lins[0]
-    assert torch.equal(lin.weight_t, lin.weight.t())
-    for rows in (1, 2, 3, 4, 9):
-        x = torch.randn(rows, lin.in_features)
-        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
-    calls = []
-    monkeypatch.setattr(kernels.torch, "mm", lambda a, b: calls.append(a.shape[0]) or a @ b)
-    for rows in (1, 3, 4):
-        lin(torch.randn(rows, lin.in_features))
-    assert calls == [1, 3]  # 4 rows and more: F.linear on the row-major weight
-    monkeypatch.setattr(kernels, "SMALL_ROW_COPY_MAX_BYTES", 1000)  # too big a model: no copies
-    assert all(x.weight_t is None for x in load_granite(tiny_ckpt, "cpu", torch.float32).modules()
-               if isinstance(x, Linear))
+    assert lins and all(x.fn is kmod._onednn_linear for x in lins)
+    for rows in (1, 3, 8, 100):
+        for lin in lins[:3]:
+            x = torch.randn(rows, lin.in_features)
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    xb = torch.randn(2, lins[0].in_features, dtype=torch.bfloat16)  # not fp32: F.linear
+    assert torch.equal(kmod._onednn_linear(xb, lins[0].weight.bfloat16(), None), F.linear(xb, lins[0].weight.bfloat16()))
+    assert Kernels("auto", "meta").linear is F.linear  # not a CPU: F.linear (cuBLAS on CUDA)
+
+
+def test_cpu_linear_falls_back_to_mkl_when_onednn_fails(monkeypatch):
+    def broken(x, w, b):
+        raise RuntimeError("no oneDNN in this build")
+
+    monkeypatch.setattr(kmod, "_onednn_linear", broken)
+    assert kmod.cpu_linear() is None
+    K = Kernels("auto", "cpu")
+    assert K.linear is F.linear and K.report["linear"] == "torch"
