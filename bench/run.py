@@ -9,6 +9,8 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
   batch       batch entrypoint over 256 records vs the same records one at a time (bench/batch_bench.py)
   multiturn   8 conversations x 8 turns, prefix reuse on vs off: TTFT per turn, prefill tokens computed,
               tokens/s, identical outputs (bench/multiturn.py)
+  mid         the mid checkpoint (hidden 1024, 12 layers) through HTTP: 1, 8, 32 streams; at 32 the prefill
+              time bound off vs on (bench/mid.py; ~5 min)
   host_work   host ms per runner step with the network's compute stubbed out (decode 1 x 2K, 64 x 2K,
               64 x 16K; packed prefill of 16 uneven prompts), before / after / target; the engine's own time
               per step outside the runner at 1 and 64 streams (bench/host_time.py)
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-requests", type=int, default=6)
     ap.add_argument("--skip-batch", action="store_true")
     ap.add_argument("--skip-multiturn", action="store_true")
+    ap.add_argument("--skip-mid", action="store_true")
     a = ap.parse_args(argv)
     import torch
 
@@ -295,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.multiturn import run_multiturn
 
             report["multiturn"] = run_multiturn(ckpt)
+        if not a.skip_mid:
+            print("mid checkpoint through HTTP (~5 min) ...", flush=True)
+            from bench.mid import MID, run_mid
+
+            report["mid"] = run_mid(build_checkpoint(Path(tmp) / "mid", **MID))
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = f"{platform.node() or 'host'}-{dt.date.today().isoformat()}.json"
     text = json.dumps(report, indent=2, default=float)
@@ -327,6 +335,12 @@ def print_table(r: dict) -> None:
         print(f"batch: {json.dumps(r['batch'])}")
     if "multiturn" in r:
         print(f"multiturn: {json.dumps({k: v for k, v in r['multiturn'].items() if not isinstance(v, dict)})}")
+    if "mid" in r:
+        m = r["mid"]
+        for k in ("1", "8", "32_token_bounded", "32_time_bounded"):
+            t = m[k]
+            print(f"mid {k:>17}: {t['engine_tok_s']:.1f} tok/s, TTFT p50 {t['ttft_p50_ms']:.0f} ms, TPOT p50 "
+                  f"{t['tpot_p50_ms']:.1f} / p99 {t['tpot_p99_ms']:.1f} ms ({t['tpot_p99_over_p50']:.1f}x)")
 
 
 if __name__ == "__main__":
