@@ -109,7 +109,7 @@ def micro_arch(width_scale: int = 1):
 
 
 def _fused_ops(counter: LaunchCounter):
-    from model.kernels import load_fused
+    from model.fused_ops import load_fused
 
     ops = load_fused(cuda=False)  # the Triton modules only (imports fine without a GPU)
     missing = [n for n in ops.TRITON if getattr(ops, n) is None]
@@ -147,7 +147,8 @@ def count_decode(arch, fused: bool | str, batch: int = 4, context: int = 1040) -
 
 
 def _count(model, pool, counter, fused, batch, nb, context) -> dict:
-    from model.kernels import FusedOps, Kernels
+    from model.fused_ops import FusedOps
+    from model.kernels import Kernels
 
     if fused:
         ops = _fused_ops(counter)

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from model import ssd
-from model.kernels import Kernels, load_fused
+from model.fused_ops import load_fused
+from model.kernels import Kernels
 from model.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 from tests.tiny_granite import build_tiny

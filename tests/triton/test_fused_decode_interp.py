@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.kernels import FusedOps, Kernels
+from model.fused_ops import FusedOps
+from model.kernels import Kernels
 from model.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 from tests.tiny_granite import build_tiny

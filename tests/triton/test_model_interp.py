@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bench.host_syncs import count_syncs, exempt
-from model.kernels import FusedOps, Kernels
+from model.fused_ops import FusedOps
+from model.kernels import Kernels
 from model.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 

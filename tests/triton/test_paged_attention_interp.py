@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model import paged_attention as pa
-from model.kernels import DecodeMeta, FusedOps, Kernels
+from model.fused_ops import FusedOps
+from model.kernels import DecodeMeta, Kernels
 
 BS = 16  # model/state.py BLOCK_SIZE
 

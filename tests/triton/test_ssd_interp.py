@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model import ssd
-from model.kernels import FusedOps, Kernels
+from model.fused_ops import FusedOps
+from model.kernels import Kernels
 from model.packed import Packed
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}

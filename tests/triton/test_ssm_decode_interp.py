@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model import ssd
-from model.kernels import FusedOps, Kernels
+from model.fused_ops import FusedOps
+from model.kernels import Kernels
 
 H, P, G, N, S = 4, 16, 1, 16, 7  # pool of S slots; the last one plays the dummy slot
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=7e-2, rtol=2e-2),
