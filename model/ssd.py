@@ -26,15 +26,6 @@ def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_limit=NO_DT
     return dt
 
 
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """a (..., T) -> (..., T, T) with out[i, j] = sum(a[j+1 : i+1]) for j <= i, -inf above the diagonal."""
-    t = a.size(-1)
-    a = a[..., None].expand(*a.shape, t)
-    below = torch.tril(torch.ones(t, t, dtype=torch.bool, device=a.device), diagonal=-1)
-    s = torch.cumsum(a.masked_fill(~below, 0), dim=-2)
-    return s.masked_fill(~torch.tril(torch.ones(t, t, dtype=torch.bool, device=a.device)), -torch.inf)
-
-
 def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None, dt_limit=NO_DT_LIMIT,
                    lengths=None):
     """Chunked SSD scan (the Mamba-2 paper's algorithm). Returns (y (b, l, h, p), final state (b, h, p, n) fp32).
@@ -67,24 +58,29 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_sta
 
     # 1. intra-chunk: y_diag[l] = sum_{s <= l} (C_l . B_s) exp(sum Adt(s, l]) xdt_s
     # The decay exp(A_cum[l] - A_cum[s]) as a difference of cumulative sums, as the fused kernel computes
-    # it (_segsum's stable form costs two more passes over (l, s)); in place, -inf above the diagonal.
+    # it (a segment-sum form costs two more passes over (l, s)); in place, -inf above the diagonal.
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
     L = (A_cum[..., :, None] - A_cum[..., None, :]).masked_fill_(~causal, -torch.inf).exp_()  # (b, c, g, r, l, s)
     L.mul_((Cc @ Bc.transpose(-1, -2))[:, :, :, None])  # * C_l . B_s, computed once per group
     y_diag = L @ xdt  # (b, c, g, r, l, p)
-    # 2. chunk end states: sum_s exp(sum Adt(s, end]) xdt_s B_s^T
+    # 2. chunk end states: sum_s exp(sum Adt(s, end]) xdt_s B_s^T. A group's heads and channels fold into one
+    # (r p) axis, so it is one GEMM per (b, c, g) and B is never repeated per head.
     decay_states = torch.exp(A_cum[..., -1:] - A_cum)  # (b, c, g, r, s)
-    states = (xdt * decay_states[..., None]).transpose(-1, -2) @ Bc[:, :, :, None]  # (b, c, g, r, p, n)
-    # 3. recurrence over chunks
-    if initial_states is None:
-        initial_states = torch.zeros(b, h, p, n, device=x.device)
-    init = initial_states.float().reshape(b, 1, g, r, p, n)
-    states = torch.cat([init, states], dim=1)  # (b, c+1, g, r, p, n)
-    decay_chunk = torch.exp(_segsum(F.pad(A_cum[..., -1].permute(0, 2, 3, 1), (1, 0))))  # (b, g, r, c+1, c+1)
-    new_states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, states)
-    states, final = new_states[:, :-1], new_states[:, -1].reshape(b, h, p, n)
-    # 4. state -> output: y_off[l] = exp(sum Adt[.., l]) C_l . chunk start state
-    y_off = (Cc[:, :, :, None] @ states.transpose(-1, -2)) * torch.exp(A_cum)[..., None]  # (b, c, g, r, l, p)
+    xd = (xdt * decay_states[..., None]).transpose(-1, -2).reshape(b, nc, g, r * p, chunk_size)
+    states = (xd @ Bc).view(b, nc, g, r, p, n)  # (b, c, g, r, p, n)
+    # 3. recurrence over chunks, in order (as the fused kernel's state passing): start[:, k] is the state
+    # entering chunk k
+    chunk_decay = torch.exp(A_cum[..., -1])[..., None, None]  # (b, c, g, r, 1, 1)
+    s = (torch.zeros(b, g, r, p, n, device=x.device) if initial_states is None
+         else initial_states.float().reshape(b, g, r, p, n))
+    start = torch.empty_like(states)
+    for k in range(nc):
+        start[:, k] = s
+        s = torch.addcmul(states[:, k], s, chunk_decay[:, k])
+    final = s.reshape(b, h, p, n)
+    # 4. state -> output: y_off[l] = exp(sum Adt[.., l]) C_l . chunk start state, (r p) folded again
+    y_off = Cc @ start.view(b, nc, g, r * p, n).transpose(-1, -2)  # (b, c, g, l, r p)
+    y_off = y_off.view(b, nc, g, chunk_size, r, p).transpose(3, 4) * torch.exp(A_cum)[..., None]  # (b, c, g, r, l, p)
     y = (y_diag + y_off).permute(0, 1, 4, 2, 3, 5).reshape(b, nc * chunk_size, h, p)[:, :seqlen]
     if D is not None:
         y = y + xf * D.float()[:, None]
