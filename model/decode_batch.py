@@ -20,6 +20,7 @@ class Decode:
     slots: torch.Tensor | slice  # (B,) long, or a slice when the rows are consecutive slots (views, no gather)
     positions: torch.Tensor  # (B,) long: tokens already cached per row (= where the new token's KV goes)
     block_tables: torch.Tensor  # (B, width) long: each row's first `width` KV blocks, dummy past its table
+    runs: tuple[tuple[int, int], ...] = ()  # (first slot, count) of each run of consecutive slots, host ints
 
 
 class BlockTables:

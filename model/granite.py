@@ -114,7 +114,7 @@ class MambaMixer(nn.Module):
         xbc = K.conv_decode(xbc, conv_pool, meta.slots, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         x, B, C = self._split_xbc(xbc)
         P = self.ssm_params(K)
-        y = K.ssm_decode(ssm_pool, meta.slots, x, dt, P.A, B, C, P.D, P.dt_bias, a.dt_limit, params=P)
+        y = K.ssm_decode(ssm_pool, meta.slots, x, dt, P.A, B, C, P.D, P.dt_bias, a.dt_limit, params=P, runs=meta.runs)
         return self.out_proj(K.gated_norm(y.flatten(-2), gate, self.norm.weight, self.norm.eps, self.norm.groups))
 
 
@@ -255,7 +255,7 @@ class GraniteForCausalLM(nn.Module):
         """One token for each of d's B rows (slots: (B,) long or a slice of consecutive slots) ->
         final-normed hidden states (B, hidden)."""
         state, K = self.state, self.K
-        meta = K.decode_meta(d.slots, d.block_tables, d.positions, state.block_size)
+        meta = K.decode_meta(d.slots, d.block_tables, d.positions, state.block_size, d.runs)
         return self._layers(d.ids, lambda layer, y, r, s: layer.decode(y, r, s, meta, state, K))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

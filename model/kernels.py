@@ -111,6 +111,7 @@ class DecodeMeta:
     block_tables: torch.Tensor  # (B, mb) long KV block ids; entries past a row's length are not read
     positions: torch.Tensor  # (B,) long: tokens cached before this step (the new token's index)
     kv_index: torch.Tensor  # (B,) long: flat KV row (block * block_size + offset) the new token goes to
+    runs: tuple[tuple[int, int], ...] = ()  # the slots as (first, count) runs (host ints; reference path)
 
 
 class Kernels:
@@ -254,12 +255,13 @@ class Kernels:
                          D_e=D[:, None].expand(h, head_dim), bias_e=dt_bias[:, None].expand(h, head_dim),
                          zero_bias_e=torch.zeros(h, device=A.device)[:, None].expand(h, head_dim))
 
-    def ssm_decode(self, state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit, params: SsmParams | None = None):
+    def ssm_decode(self, state_pool, slots, x, dt, A, B, C, D, dt_bias, dt_limit, params: SsmParams | None = None,
+                   runs=()):
         """state_pool (S, h, p, n); slots (B,) long / int32 or a slice (a run of consecutive slots); x (B, h, p);
         dt (B, h); B, C (B, g, n); A, D, dt_bias (h,) fp32, or their prepared form in `params` (ssm_params).
         Returns y (B, h, p)."""
         if self.f.selective_state_update is None:
-            return ssd.ssm_decode_inplace(state_pool, _long(slots), x, dt, A, B, C, D, dt_bias, dt_limit)
+            return ssd.ssm_decode_inplace(state_pool, _long(slots), x, dt, A, B, C, D, dt_bias, dt_limit, runs)
         h, p, n = state_pool.shape[1:]
         P = params if params is not None else self.ssm_params(None, D, dt_bias, p, n, A=A)
         if tuple(dt_limit) != ssd.NO_DT_LIMIT:  # the kernel has no clamp: discretize here
@@ -303,13 +305,14 @@ class Kernels:
         return self.f.causal_conv1d_update(x, conv_pool, weight, bias, activation="silu",
                                            conv_state_indices=_int32(slots, conv_pool.device))
 
-    def decode_meta(self, slots, block_tables, positions, block_size: int) -> DecodeMeta:
-        """slots (B,) long or a slice of consecutive slots; block_tables (B, mb) long; positions (B,) long."""
+    def decode_meta(self, slots, block_tables, positions, block_size: int, runs=()) -> DecodeMeta:
+        """slots (B,) long or a slice of consecutive slots; block_tables (B, mb) long; positions (B,) long;
+        runs: the slots as (first, count) runs, host ints (the reference state update uses them)."""
         if self.f.selective_state_update is not None or self.f.causal_conv1d_update is not None:
             slots = _int32(slots, block_tables.device)  # once per step, not per layer
         kv_index = block_tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size \
             + positions % block_size
-        return DecodeMeta(slots, block_tables, positions, kv_index)
+        return DecodeMeta(slots, block_tables, positions, kv_index, runs)
 
     # ---- norms / MLP activation ------------------------------------------------------------
     def _rowscale_of(self, rows: int, scale: float, device) -> torch.Tensor:

@@ -39,6 +39,7 @@ from model.state import (
     bytes_per_seq,
     decode_step_bytes,
     prefill_step_bytes,
+    slot_runs,
 )
 from model.types import ChunkKind, EngineConfig, SamplingParams, SeqChunk, StepBatch, StepOutput
 
@@ -251,7 +252,8 @@ class ModelRunner:
         # forward() sorts decode rows by slot: a run of consecutive slots (every slot busy decoding, the
         # steady state) updates the Mamba state pools through views instead of gather + scatter.
         run = slice(slots[0], slots[-1] + 1) if slots[-1] - slots[0] == n - 1 else None
-        return self.model.decode(Decode(ids, run or slot_t, pos_t, self.tables.rows(run or slot_t, width)))
+        return self.model.decode(Decode(ids, run or slot_t, pos_t, self.tables.rows(run or slot_t, width),
+                                        () if run else slot_runs(slots)))
 
     # ---- setup / reporting --------------------------------------------------------------------
     def warmup(self) -> None:

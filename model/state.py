@@ -111,15 +111,15 @@ def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_st
                           paged)
 
 
-def _runs(ordered: list[int]) -> list[tuple[int, int]]:
-    """Sorted ints -> (first, last) of each run of consecutive values."""
-    runs: list[tuple[int, int]] = []
+def slot_runs(ordered: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted ints -> (first, count) of each run of consecutive values."""
+    runs: list[list[int]] = []
     for v in ordered:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], v)
+        if runs and v == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
         else:
-            runs.append((v, v))
-    return runs
+            runs.append([v, 1])
+    return tuple((a, n) for a, n in runs)
 
 
 class StatePool:
@@ -140,9 +140,9 @@ class StatePool:
     def reset_slots(self, slots: list[int]) -> None:
         """New sequences start from zero Mamba state (their KV blocks are simply overwritten). Each run of
         consecutive slots is one slice memset per pool (index_fill_ is ~3x slower than memsets on CPU)."""
-        for first, last in _runs(sorted(slots)):
-            self.conv[:, first:last + 1].zero_()
-            self.ssm[:, first:last + 1].zero_()
+        for first, count in slot_runs(sorted(slots)):
+            self.conv[:, first:first + count].zero_()
+            self.ssm[:, first:first + count].zero_()
 
     def report(self) -> dict:
         a = self.arch

@@ -82,6 +82,29 @@ def test_ssm_decode_inplace_equals_recurrence(slots, pool_dtype):
     assert float(pool[untouched].abs().sum()) == 0
 
 
+def test_ssm_decode_inplace_over_runs_of_slots_equals_gather(monkeypatch):
+    """Big states: rows in runs of consecutive slots are updated through views of the pool, run by run (no
+    gather / scatter); outputs and states equal the gathering path's, other slots untouched."""
+    inp = _ssm_inputs(seqlen=4)  # two rows
+    slots, runs = torch.tensor([1, 4]), ((1, 1), (4, 1))
+    init = inp["initial_states"]
+    pools = [torch.zeros(6, *init.shape[1:]) for _ in range(2)]
+    for pool in pools:
+        pool[slots] = init
+        pool[[0, 5]] = 7.0
+    args = lambda t: (inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t], inp["D"],  # noqa: E731
+                      inp["dt_bias"])
+    gathered = [ssd.ssm_decode_inplace(pools[0], slots, *args(t)) for t in range(4)]
+    calls = []
+    monkeypatch.setattr(ssd, "RUNS_MIN_SLOT_BYTES", 0)
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda *a, **k: calls.append("scatter"))
+    viewed = [ssd.ssm_decode_inplace(pools[1], slots, *args(t), runs=runs) for t in range(4)]
+    assert calls == []
+    torch.testing.assert_close(torch.stack(viewed), torch.stack(gathered), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(pools[1], pools[0], atol=1e-6, rtol=1e-6)
+    assert bool((pools[1][[0, 5]] == 7).all()) and float(pools[1][[2, 3]].abs().sum()) == 0
+
+
 def _run_conv_ops(K, dtype=torch.float32):
     """Both conv ops on small random inputs; returns outputs and the mutated pool."""
     gen = torch.Generator().manual_seed(5)
