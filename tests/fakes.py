@@ -115,6 +115,18 @@ class FakeRunner:
 ENGINES: list[Engine] = []
 
 
+def real_engine(ckpt, **cfg) -> Engine:
+    """A started Engine on a real checkpoint (the tiny one in tests) with small limits, kept in ENGINES for
+    check_pools_and_shut_down."""
+    base = dict(device="cpu", dtype="float32", max_concurrent_seqs=4, max_input_tokens=200, max_total_tokens=256,
+                kv_cache_tokens=2048, max_step_tokens=64, prefill_chunk_tokens=16)
+    eng = Engine(ckpt, EngineConfig(**{**base, **cfg}), "tiny")
+    eng.start()
+    assert eng.wait_ready(120), eng.error
+    ENGINES.append(eng)
+    return eng
+
+
 def fake_engine(script=None, slots=4, blocks=256, delay_s=0.0, name="fake", **cfg) -> Engine:
     defaults = dict(max_concurrent_seqs=slots, max_input_tokens=100, max_total_tokens=200, max_step_tokens=64,
                     prefill_chunk_tokens=16, max_queued_requests=16)

@@ -36,6 +36,7 @@ from tests.fakes import (
     V,
     check_pools_and_shut_down,
     fake_engine,
+    real_engine,
     req,
     wait_idle,
 )
@@ -319,15 +320,6 @@ def hf_greedy(hf_model, prompt: list[int], max_new: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def real_engine(tiny_ckpt, **cfg) -> Engine:
-    defaults = dict(device="cpu", dtype="float32", max_concurrent_seqs=4, max_input_tokens=200,
-                    max_total_tokens=256, kv_cache_tokens=2048, max_step_tokens=64, prefill_chunk_tokens=16)
-    defaults.update(cfg)
-    eng = Engine(tiny_ckpt, EngineConfig(**defaults), "tiny")
-    eng.start()
-    assert eng.wait_ready(120), eng.error
-    ENGINES.append(eng)
-    return eng
 
 
 def prompts(n: int, seed: int, lo: int = 1, hi: int = 60) -> list[list[int]]:

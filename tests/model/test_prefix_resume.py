@@ -11,11 +11,8 @@ import threading
 import pytest
 import torch
 
-from model.engine import Engine
-from model.types import EngineConfig, FinishReason, GenerationRequest, SamplingParams
-from tests.fakes import check_pools_and_shut_down
-
-ENGINES: list[Engine] = []
+from model.types import FinishReason, GenerationRequest, SamplingParams
+from tests.fakes import ENGINES, check_pools_and_shut_down, real_engine
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +28,6 @@ def hf_greedy(hf, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def engine(tiny_ckpt, **cfg) -> Engine:
-    base = dict(device="cpu", dtype="float32", max_concurrent_seqs=4, max_input_tokens=200, max_total_tokens=256,
-                kv_cache_tokens=2048, max_step_tokens=64, prefill_chunk_tokens=16)
-    base.update(cfg)
-    eng = Engine(tiny_ckpt, EngineConfig(**base), "tiny")
-    eng.start()
-    assert eng.wait_ready(120), eng.error
-    ENGINES.append(eng)
-    return eng
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +52,7 @@ def ids(n, seed):
 @pytest.mark.parametrize("plen", [37, 32, 45])  # mid-block + mid-chunk, block/chunk edge, mid-block
 @pytest.mark.parametrize("tier", ["device", "host"])
 def test_resume_from_end_of_prompt(tiny_ckpt, hf_model, plen, tier):
-    eng = engine(tiny_ckpt, snapshot_device_share=0.25 if tier == "device" else 0.0)
+    eng = real_engine(tiny_ckpt, snapshot_device_share=0.25 if tier == "device" else 0.0)
     p = ids(plen, seed=plen)
     gen(eng, p, 4)
     st = eng.stats()["prefix_cache"]
@@ -79,7 +67,7 @@ def test_resume_from_end_of_prompt(tiny_ckpt, hf_model, plen, tier):
 
 @pytest.mark.parametrize("tier", ["device", "host"])
 def test_resume_from_end_of_generation(tiny_ckpt, hf_model, tier):
-    eng = engine(tiny_ckpt, snapshot_device_share=0.25 if tier == "device" else 0.0, prefill_chunk_tokens=8)
+    eng = real_engine(tiny_ckpt, snapshot_device_share=0.25 if tier == "device" else 0.0, prefill_chunk_tokens=8)
     p = ids(21, seed=5)
     out = list(gen(eng, p, 9).token_ids)
     assert out == hf_greedy(hf_model, p, 9)
@@ -92,7 +80,7 @@ def test_resume_from_end_of_generation(tiny_ckpt, hf_model, tier):
 
 
 def test_resume_feeding_one_token_and_exact_repeat(tiny_ckpt, hf_model):
-    eng = engine(tiny_ckpt)
+    eng = real_engine(tiny_ckpt)
     p = ids(29, seed=7)
     first = list(gen(eng, p, 5).token_ids)
     c = gen(eng, p + [first[0]], 4)  # one new token: the resumed sequence runs as a decode step
@@ -103,7 +91,7 @@ def test_resume_feeding_one_token_and_exact_repeat(tiny_ckpt, hf_model):
 
 
 def test_session_pins_its_conversation(tiny_ckpt, hf_model):
-    eng = engine(tiny_ckpt, snapshot_device_share=0.0, snapshot_host_bytes=1)  # no room: only pins survive
+    eng = real_engine(tiny_ckpt, snapshot_device_share=0.0, snapshot_host_bytes=1)  # no room: only pins survive
     p = ids(19, seed=8)
     c1 = gen(eng, p, 6, session="s-1")
     conv = eng.session_conversation("s-1")
@@ -124,7 +112,7 @@ def test_soak_under_pressure_matches_no_cache(tiny_ckpt):
     # and evicted, nothing is refused, every answer equals the engine without a prefix cache.
     cfg = dict(max_concurrent_seqs=3, kv_cache_tokens=640, snapshot_device_share=0.5,
                snapshot_host_bytes=600_000)
-    on, off = engine(tiny_ckpt, **cfg), engine(tiny_ckpt, prefix_cache=False, **cfg)
+    on, off = real_engine(tiny_ckpt, **cfg), real_engine(tiny_ckpt, prefix_cache=False, **cfg)
     assert off.prefix is None
     results: dict[tuple, list] = {}
 
@@ -157,7 +145,7 @@ def test_soak_under_pressure_matches_no_cache(tiny_ckpt):
 def test_snapshots_never_block_admission(tiny_ckpt):
     # A 256-token KV pool: three finished prompts leave their snapshots holding most of it; a request that
     # needs the whole pool is admitted at once by taking their blocks (host tier off: they are dropped).
-    eng = engine(tiny_ckpt, kv_cache_tokens=256, max_total_tokens=256, snapshot_device_share=1.0,
+    eng = real_engine(tiny_ckpt, kv_cache_tokens=256, max_total_tokens=256, snapshot_device_share=1.0,
                  snapshot_host_bytes=0)
     for s in range(3):
         gen(eng, ids(60, seed=20 + s), 4)
@@ -172,7 +160,7 @@ def test_stop_string_found_while_the_next_step_runs_snapshots_after_it(tiny_ckpt
     """An asynchronous device: a stop string is found while the sequence's next step is already launched,
     and that step moves its state once more. The session's snapshot is taken after that step is collected
     (prompt + every output token), so the next turn resumes from the whole conversation and stays exact."""
-    eng = engine(tiny_ckpt)
+    eng = real_engine(tiny_ckpt)
     eng.runner.asynchronous = True  # events made after the next launch, as on CUDA
     p = ids(23, seed=12)
     free = eng.submit(GenerationRequest(tuple(p), SamplingParams(max_new_tokens=12, ignore_eos=True))).result()
