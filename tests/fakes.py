@@ -152,6 +152,17 @@ def wait_idle(eng: Engine, timeout=20.0):
         time.sleep(0.01)
 
 
+def wait_free(engine, timeout=20.0) -> dict:
+    """Wait until the engine (real or fake) reports every slot free and nothing queued; returns its stats."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s["free_slots"] == s["total_slots"] and s["running"] == 0 and s["waiting"] == 0:
+            return s
+        time.sleep(0.02)
+    raise AssertionError(f"slots not freed: {engine.stats()}")
+
+
 # ---- batch ----
 
 def fake_infer(record: str, defaults: dict | None = None, delay_s: float = 0.0):

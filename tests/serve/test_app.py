@@ -9,20 +9,13 @@ from model.engine import Engine
 from model.types import GenerationRequest, SamplingParams
 from serve.app import create_app
 from serve.config import load_config
+from tests.fakes import wait_free
 
 ENV = {"MAX_CONCURRENT_SEQS": "4", "MAX_QUEUED_REQUESTS": "4", "MAX_INPUT_TOKENS": "1000", "MAX_TOTAL_TOKENS": "1100",
        "MAX_NEW_TOKENS": "6", "DEVICE": "cpu", "SAGEMAKER_MAX_PAYLOAD_IN_MB": "1"}
 ATTR = "X-Amzn-SageMaker-Custom-Attributes"
 
 
-def wait_free(engine, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s["free_slots"] == s["total_slots"] and s["running"] == 0 and s["waiting"] == 0:
-            return s
-        time.sleep(0.05)
-    raise AssertionError(f"slots not freed: {engine.stats()}")
 
 
 def sse_events(data: bytes) -> list[str]:

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from tests.serve.test_app import sse_events, wait_free
+from tests.fakes import wait_free
+from tests.serve.test_app import sse_events
 from tests.server_helpers import ready_app
 
 ENV = {"MAX_CONCURRENT_SEQS": "4", "MAX_QUEUED_REQUESTS": "4", "MAX_INPUT_TOKENS": "1500", "MAX_TOTAL_TOKENS": "1600",

@@ -10,7 +10,7 @@ import pytest
 from serve.app import create_app
 from serve.config import load_config
 from serve.watch import DEADLINE, DISCONNECTED, Watch, watching
-from tests.fakes import fake_engine, req
+from tests.fakes import fake_engine, req, wait_free
 
 
 class Recorder:
@@ -70,14 +70,6 @@ def slow_app():
     engine.shutdown(timeout=2)
 
 
-def _wait_free(engine, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        s = engine.stats()
-        if s["free_slots"] == s["total_slots"] and s["running"] == 0 and s["waiting"] == 0:
-            return s
-        time.sleep(0.02)
-    raise AssertionError(f"slots not freed: {engine.stats()}")
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -96,7 +88,7 @@ def test_a_request_past_its_deadline_answers_504_and_frees_its_slots(slow_app, k
     body = r.get_json()
     assert body["error_type"] == "timeout" and "REQUEST_TIMEOUT" in body["error"]
     assert took < 4.0, took
-    _wait_free(engine)
+    wait_free(engine, timeout=5.0)
     assert engine.stats()["finished_total"]["length"] == ran_out  # nothing ran to the end for nobody
 
 
@@ -104,7 +96,7 @@ def test_streams_have_no_deadline(slow_app):
     client, engine = slow_app
     r = client.post("/invocations", json={"inputs": "abc", "stream": True, "parameters": {"max_new_tokens": 15}})
     assert r.status_code == 200 and r.data.count(b"data:") == 15  # 0.75 s > the 0.5 s deadline
-    _wait_free(engine)
+    wait_free(engine, timeout=5.0)
 
 
 def test_batch_transform_has_no_deadline_by_default():
