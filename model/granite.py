@@ -296,4 +296,3 @@ def load_granite(model_dir: str | Path, device: torch.device | str, dtype: torch
         raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
-

@@ -249,11 +249,14 @@ class ModelRunner:
         width = needed_blocks(positions, BLOCK_SIZE)
         if self.static is not None:
             return self.static.run(ids, slot_t, pos_t, self.tables, width)
-        # forward() sorts decode rows by slot: a run of consecutive slots (every slot busy decoding, the
-        # steady state) updates the Mamba state pools through views instead of gather + scatter.
-        run = slice(slots[0], slots[-1] + 1) if slots[-1] - slots[0] == n - 1 else None
-        return self.model.decode(Decode(ids, run or slot_t, pos_t, self.tables.rows(run or slot_t, width),
-                                        () if run else slot_runs(slots)))
+        # forward() sorts decode rows by slot: one run of consecutive slots (every slot busy decoding, the
+        # steady state) updates the Mamba state pools through views instead of gather + scatter; several
+        # runs are passed on for the reference update of big states (model/ssd.py ssm_decode_inplace).
+        runs = slot_runs(slots)
+        if len(runs) == 1:
+            run = slice(slots[0], slots[0] + n)
+            return self.model.decode(Decode(ids, run, pos_t, self.tables.rows(run, width)))
+        return self.model.decode(Decode(ids, slot_t, pos_t, self.tables.rows(slot_t, width), runs))
 
     # ---- setup / reporting --------------------------------------------------------------------
     def warmup(self) -> None:
