@@ -2,18 +2,37 @@
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
+WHEELS ?= build/wheels
+# LATEST=1 (make test-latest): the newest releases pyproject.toml allows instead of the lock, in their own venv.
+# mamba-ssm is built here as a Triton-only wheel (py3-none-any, no CUDA), which `make gpu-check` also carries to a
+# GPU machine; it is installed without its dependencies (its setup.py needs torch to report them).
+ifeq ($(LATEST),1)
+VENV := .venv-latest
+WHEELS := build/wheels-latest
+MAMBA_SSM := mamba-ssm
+# (that venv is not the lock by design: the one test that checks it is left out, by name)
+TEST_ARGS := --deselect tests/test_lock.py::test_the_environment_is_exactly_the_lock
+INSTALL_DEPS = $(UV) pip install -q --python $(VPY) $(FIND_TORCH) --upgrade "$(TORCH_CPU)" '.[dev]'
+else
+MAMBA_SSM ?= mamba-ssm==2.3.2.post1
+INSTALL_DEPS = $(UV) pip sync -q --python $(VPY) $(FIND_TORCH) $(LOCK)
+endif
 VPY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
 HOST ?= 127.0.0.1
 PORT ?= 8080
 IMAGE ?= granite-h-sagemaker
 CONTAINER ?= docker
+# The one lock (`make lock` regenerates it from pyproject.toml with uv; README "Dependencies and the lock"): the exact
+# CPU dev/test environment that `make install` and .ci/run install, and the source of the images' pins.
+LOCK := .ci/lock.txt
+# Lock inputs besides pyproject.toml: the CPU torch build (a local file: where pip finds it, PIP_FIND_LINKS, or
+# TORCH_FIND_LINKS) and the triton that torch pins (the CPU wheel does not install it): its interpreter runs
+# mamba-ssm's Triton kernels on CPU tensors in tests/triton.
 TORCH_CPU ?= torch==2.13.0
-# The triton that torch 2.13 pins (the CPU wheel does not install it): its interpreter runs mamba-ssm's
-# Triton kernels on CPU tensors in tests/triton. mamba-ssm is built here as a Triton-only wheel
-# (py3-none-any, no CUDA), which `make gpu-check` also carries to a GPU machine.
 TRITON_CPU ?= triton==3.7.1
-MAMBA_SSM ?= mamba-ssm==2.3.2.post1
-WHEELS ?= build/wheels
+TORCH_FIND_LINKS ?= $(PIP_FIND_LINKS)
+LOCK_ARGS ?=
 # What `make gpu-check` carries to a CUDA machine that has only torch, triton, transformers and nvcc:
 # the causal-conv1d sdist (compiled there for its GPU) and pure-Python wheels (unpacked there, no pip).
 CAUSAL_CONV1D ?= causal-conv1d==1.6.2.post1
@@ -26,25 +45,36 @@ GPU_TORCH_CHECK = $(GPU_PY) -c "import sys, torch; sys.exit(None if torch.versio
   else sys.executable + ' has no usable CUDA torch (torch ' + torch.__version__ + '): set GPU_PY, or run make gpu-check')"
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve test test-fast test-gpu test-gpu-image gpu-wheels gpu-check test-container bench bench-gpu lint \
+.PHONY: help install lock test-latest serve test test-fast test-gpu test-gpu-image gpu-wheels gpu-check test-container bench bench-gpu lint \
   image image-cpu clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+FIND_TORCH = $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS))
+
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
-	# CPU torch first: a plain `torch` requirement would pull the multi-GB CUDA build.
-	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH_CPU)"
-	$(VPY) -m pip install -q -e '.[dev]'
-	$(VPY) -m pip install -q "$(TRITON_CPU)"
+	# uv installs the lock exactly (sync: nothing more, nothing less); uv itself is in the lock, so this
+	# bootstrap takes the locked uv.
+	$(VPY) -m pip install -q "$$(grep -E '^uv==' $(LOCK))"
+	$(INSTALL_DEPS)
+	$(UV) pip install -q --python $(VPY) --no-deps --no-build-isolation -e .
 	ls $(WHEELS)/mamba_ssm-*-py3-none-any.whl >/dev/null 2>&1 || MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
 	  $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEELS) "$(MAMBA_SSM)"
-	$(VPY) -m pip install -q --no-deps $(WHEELS)/mamba_ssm-*-py3-none-any.whl
+	$(UV) pip install -q --python $(VPY) --no-deps $(WHEELS)/mamba_ssm-*-py3-none-any.whl
+	$(UV) pip freeze -q --python $(VPY) > $(VENV)/versions.txt
+	@echo "installed: $$(grep -E '^(torch|triton|transformers|mamba.ssm|tokenizers)( @|==)' $(VENV)/versions.txt | tr '\n' ' ')"
 	touch $@
 
-install: $(VENV)/.installed ## create .venv with the CPU runtime and the dev tools
+install: $(VENV)/.installed ## create .venv with exactly the lock (.ci/lock.txt): CPU runtime and dev tools
+
+lock: install ## regenerate the lock and the images' pins from pyproject.toml (keeps pins; LOCK_ARGS=--upgrade moves them)
+	UV=$(UV) TORCH_CPU="$(TORCH_CPU)" TRITON_CPU="$(TRITON_CPU)" TORCH_FIND_LINKS="$(TORCH_FIND_LINKS)" \
+	  bash .ci/lock.sh $(LOCK_ARGS)
+
+test-latest: ## the CPU tests against the newest releases pyproject.toml allows (own venv, no lock; not in .ci/run)
+	$(MAKE) test LATEST=1
 
 serve: install ## run the server on $(HOST):$(PORT) (demo model unless MODEL_DIR/HF_MODEL_ID is set)
 	@if [ -z "$$MODEL_ID$$HF_MODEL_ID" ] && [ ! -f "$${MODEL_DIR:-/opt/ml/model}/config.json" ]; then \
@@ -53,7 +83,7 @@ serve: install ## run the server on $(HOST):$(PORT) (demo model unless MODEL_DIR
 	$(VPY) -m serve serve --host $(HOST) --port $(PORT)
 
 test: install $(WHEELS)/.gpu-wheels ## run every CPU test (what .ci/run runs), then the Triton-interpreter suite in its own process
-	$(VPY) -m pytest -q -m "not gpu and not container" tests
+	$(VPY) -m pytest -q -m "not gpu and not container" $(TEST_ARGS) tests
 	TRITON_INTERPRET=1 MAMBA_DETERMINISTIC=1 $(VPY) -m pytest -q -p no:cacheprovider tests/triton
 
 test-fast: install ## the tests minus the slow server/fuzz/notebook ones

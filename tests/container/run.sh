@@ -48,7 +48,7 @@ ensure_base_image
 
 # The wheelhouse is refilled only when the pins change.
 WHEELHOUSE="$CACHE/wheelhouse"
-stamp="$(cat serve/container/requirements.txt serve/container/constraints.txt tests/container/wheelhouse.sh | sha256sum | cut -c1-16)"
+stamp="$(cat serve/container/requirements-cpu.txt tests/container/wheelhouse.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$WHEELHOUSE/.stamp" 2>/dev/null)" != "$stamp" ]; then
     step "wheelhouse"
     rm -rf "$WHEELHOUSE"

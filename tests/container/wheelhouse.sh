@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Fills a wheelhouse for the CPU image: CPU torch + serve/container/requirements.txt (pinned by
-# serve/container/constraints.txt), binary wheels for CPython 3.11 on x86_64 Linux (the CPU base image).
+# Fills a wheelhouse for the CPU image: serve/container/requirements-cpu.txt (CPU torch and every runtime package,
+# exact, from the project's lock), binary wheels for CPython 3.11 on x86_64 Linux (the CPU base image).
 # The Dockerfile installs from it with --no-index, as an air-gapped build would.
-# Usage: wheelhouse.sh DIR   (TORCH_CPU=torch==2.13.0 overrides the torch pin)
+# Usage: wheelhouse.sh DIR
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 DIR="${1:?usage: wheelhouse.sh DIR}"
 PY="${PY:-$REPO/.venv/bin/python}"
-TORCH_CPU="${TORCH_CPU:-torch==2.13.0}"
+PINS="$REPO/serve/container/requirements-cpu.txt"
+TORCH_CPU="$(grep -E '^torch==' "$PINS")"
 mkdir -p "$DIR"
 # The explicit interpreter/platform flags make the result independent of the host's Python.
 TARGET=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
@@ -29,7 +30,7 @@ case "$torch_url" in
        exit 1 ;;
 esac
 quiet "$PY" -m pip download --quiet --dest "$DIR" "${TARGET[@]}" \
-    "$TORCH_CPU" -r "$REPO/serve/container/requirements.txt" -c "$REPO/serve/container/constraints.txt"
+    -r "$PINS"
 torch_wheel="$(ls "$DIR"/torch-*.whl)"
 case "$torch_wheel" in
     *+cpu-*) ;;

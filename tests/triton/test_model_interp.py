@@ -64,11 +64,11 @@ def _greedy(r):
 
 
 @pytest.fixture(scope="module")
-def hf_tokens(small_ckpt, hf_torch_path):
+def hf_tokens(small_ckpt, hf_reference):
     from transformers import GraniteMoeHybridForCausalLM
 
     hf = GraniteMoeHybridForCausalLM.from_pretrained(small_ckpt, dtype=torch.float32).eval()
-    with torch.no_grad():
+    with torch.no_grad(), hf_reference():
         return [hf.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                             pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
 
