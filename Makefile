@@ -8,13 +8,14 @@ WHEELS ?= build/wheels
 # GPU machine; it is installed without its dependencies (its setup.py needs torch to report them).
 ifeq ($(LATEST),1)
 VENV := .venv-latest
-WHEELS := build/wheels-latest
+MAMBA_WHEELS := build/wheels-latest
 MAMBA_SSM := mamba-ssm
 # (that venv is not the lock by design: the one test that checks it is left out, by name)
 TEST_ARGS := --deselect tests/test_lock.py::test_the_environment_is_exactly_the_lock
 INSTALL_DEPS = $(UV) pip install -q --python $(VPY) $(FIND_TORCH) --upgrade "$(TORCH_CPU)" '.[dev]'
 else
 MAMBA_SSM ?= mamba-ssm==2.3.2.post1
+MAMBA_WHEELS := $(WHEELS)
 INSTALL_DEPS = $(UV) pip sync -q --python $(VPY) $(FIND_TORCH) $(LOCK)
 endif
 VPY := $(VENV)/bin/python
@@ -60,9 +61,9 @@ $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(VPY) -m pip install -q "$$(grep -E '^uv==' $(LOCK))"
 	$(INSTALL_DEPS)
 	$(UV) pip install -q --python $(VPY) --no-deps --no-build-isolation -e .
-	ls $(WHEELS)/mamba_ssm-*-py3-none-any.whl >/dev/null 2>&1 || MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
-	  $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEELS) "$(MAMBA_SSM)"
-	$(UV) pip install -q --python $(VPY) --no-deps $(WHEELS)/mamba_ssm-*-py3-none-any.whl
+	ls $(MAMBA_WHEELS)/mamba_ssm-*-py3-none-any.whl >/dev/null 2>&1 || MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+	  $(VPY) -m pip wheel -q --no-build-isolation --no-deps -w $(MAMBA_WHEELS) "$(MAMBA_SSM)"
+	$(UV) pip install -q --python $(VPY) --no-deps $(MAMBA_WHEELS)/mamba_ssm-*-py3-none-any.whl
 	$(UV) pip freeze -q --python $(VPY) > $(VENV)/versions.txt
 	@echo "installed: $$(grep -E '^(torch|triton|transformers|mamba.ssm|tokenizers)( @|==)' $(VENV)/versions.txt | tr '\n' ' ')"
 	touch $@

@@ -275,7 +275,8 @@ def _explain(e: Exception, policy: SignaturePolicy, root: Path) -> str:
     kind = type(e).__name__
     if msg.startswith("Signature mismatch"):
         parts = []
-        changed = sorted({_resource_path(n) for n in re.findall(r"Hash mismatch for '([^']+)'", msg)})
+        # The library's message is a list's repr: where a digest's bytes hold a quote, repr escapes the names' quotes.
+        changed = sorted({_resource_path(n) for n in re.findall(r"Hash mismatch for \\?'([^'\\]+)\\?'", msg)})
         if changed:
             parts.append(f"content differs from the signed digest (changed or corrupted): {_names(', '.join(changed))}")
         extra = re.search(r"Extra files found in model '[^']*': ([^\"\]]+?)['\"]?(?:,\s*['\"]|\]|$)", msg)

@@ -23,7 +23,7 @@ def test_tests_mirror_the_source_folders():
     for folder in ("serve", "serve/batch", "model", "code", "bench"):
         assert (root / folder / "__init__.py").is_file(), folder
     assert not sorted(root.glob("test_*.py")) or {p.name for p in root.glob("test_*.py")} <= {
-        "test_imports.py", "test_readme.py", "test_notebook.py"}, "module tests belong in their mirror folder"
+        "test_imports.py", "test_readme.py", "test_notebook.py", "test_lock.py"}, "module tests belong in their mirror folder"
 
 
 def test_every_file_in_serve_and_model_is_described():

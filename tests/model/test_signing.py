@@ -16,6 +16,7 @@ from model.loader import ALLOW_PATTERNS, resolve_model
 from model.signing import (
     SignatureError,
     SignaturePolicy,
+    _explain,
     bundled_trust_config,
     read_payload,
     signed_files,
@@ -302,3 +303,12 @@ def test_the_check_runs_before_the_checkpoint_is_read(cases, tmp_path, monkeypat
     with pytest.raises(SignatureError, match="changed or corrupted\\): config.json"):
         resolve_model(str(d), None, None, None, None, str(tmp_path), policy(case))
     assert read == []
+
+
+@pytest.mark.parametrize("digest", [b"\x00ab", b"a'b", b"a'b\""])
+def test_a_changed_file_is_named_whatever_bytes_its_digest_holds(digest, tmp_path):
+    """The library's mismatch message is a list's repr: a quote in a digest's bytes makes repr escape the quotes
+    around the file name (seen as a random failure: the digest of a random checkpoint held a quote)."""
+    item = f"Hash mismatch for 'model.safetensors': Expected 'Digest(digest_value={digest!r})', Actual 'x'"
+    msg = _explain(ValueError(f"Signature mismatch: {[item]!r}"), SignaturePolicy(), tmp_path)
+    assert "changed or corrupted): model.safetensors" in msg, msg
