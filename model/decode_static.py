@@ -58,14 +58,20 @@ def capture_plan(keys, cost: Callable[[tuple[int, int]], int], budget: int) -> t
 
 
 class CudaGraphs:
-    """The CUDA calls of capture, behind a seam: capture(fn) -> a replay callable; pool_bytes()."""
+    """The CUDA calls of capture, behind a seam: capture(fn) -> a replay callable; reserved_bytes()."""
 
     def __init__(self, device) -> None:
-        self.device = torch.device(device)
+        self.device = torch.device(device)  # indexed (model/runner.resolve_device)
         self._pool = None
+        self._stream = None
 
     def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
-        stream = torch.cuda.Stream(self.device)
+        # One side stream, made on self.device, for every warm-up and capture: without `stream=`,
+        # torch.cuda.graph captures on a process-wide stream made on whatever device was current at its
+        # first use; graphs sharing a pool should share their capture stream too (torch's advice).
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # Triton autotune + allocator warm-up outside the capture
@@ -74,7 +80,7 @@ class CudaGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        with torch.cuda.graph(g, pool=self._pool, stream=stream):
             fn()
         return g.replay
 

@@ -111,7 +111,7 @@ class MambaMixer(nn.Module):
         """h (B, hidden); pools (S, ...) updated in place at meta's slots."""
         a = self.a
         gate, xbc, dt = self.in_proj(h).split([a.m_inner, a.conv_dim, a.m_heads], dim=-1)
-        xbc = K.conv_decode(xbc, conv_pool, meta.slots, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        xbc = K.conv_decode(xbc, conv_pool, meta.conv_slots, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         x, B, C = self._split_xbc(xbc)
         P = self.ssm_params(K)
         y = K.ssm_decode(ssm_pool, meta.slots, x, dt, P.A, B, C, P.D, P.dt_bias, a.dt_limit, params=P, runs=meta.runs)
@@ -234,6 +234,7 @@ class GraniteForCausalLM(nn.Module):
 
     def bind(self, state, kernels) -> None:
         """The state pool (model/state.py) and kernels (model/kernels.py) every forward uses, set once."""
+        kernels.check_slots(state.conv)
         self.state, self.K = state, kernels
         for m in self.modules():
             if isinstance(m, Linear):

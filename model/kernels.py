@@ -40,11 +40,18 @@ OPS = ("ssd_prefill", "ssm_decode", "conv_prefill", "conv_decode", "add_norm", "
 REFERENCE_CHUNK = 32
 
 
-def _int32(slots, device) -> torch.Tensor:
-    """Slots as the (B,) int32 tensor the fused state kernels index with."""
+# Slot indices of the fused state kernels. selective_state_update adds index * slot stride (h * p * n) to
+# the state pointer in the index's type: int32 wraps from 2^31 / stride slots (4,096 for the micro) onto
+# other slots' states, so it gets int64. causal_conv1d_update takes int32 only (a TORCH_CHECK) and computes
+# its offset in uint32 (csrc/causal_conv1d_update.cu): Kernels.check_slots refuses pools past that at start-up.
+CONV_OFFSET_LIMIT = 2**32
+
+
+def _slot_index(slots, dtype: torch.dtype, device) -> torch.Tensor:
+    """Slots (a slice of consecutive slots or a (B,) integer tensor) as the (B,) `dtype` tensor a kernel takes."""
     if isinstance(slots, slice):
-        return torch.arange(slots.start, slots.stop, dtype=torch.int32, device=device)
-    return slots if slots.dtype == torch.int32 else slots.to(torch.int32)
+        return torch.arange(slots.start, slots.stop, dtype=dtype, device=device)
+    return slots if slots.dtype == dtype else slots.to(dtype)
 
 
 def _long(slots):
@@ -107,11 +114,12 @@ class SsmParams:
 @dataclass
 class DecodeMeta:
     """Per decode step, built once (Kernels.decode_meta) and shared by every layer."""
-    slots: torch.Tensor | slice  # (B,) int32 when a fused state kernel runs, else long or a slice
+    slots: torch.Tensor | slice  # (B,) long when a fused state kernel runs, else long or a slice
     block_tables: torch.Tensor  # (B, mb) long KV block ids; entries past a row's length are not read
     positions: torch.Tensor  # (B,) long: tokens cached before this step (the new token's index)
     kv_index: torch.Tensor  # (B,) long: flat KV row (block * block_size + offset) the new token goes to
     runs: tuple[tuple[int, int], ...] = ()  # the slots as (first, count) runs (host ints; reference path)
+    conv_slots: torch.Tensor | slice | None = None  # the slots for conv_decode: int32 when its kernel is fused
 
 
 class Kernels:
@@ -273,7 +281,7 @@ class Kernels:
         if self.ssm_decode_indexed:
             return self.f.selective_state_update(
                 state_pool, x, dt_e, P.A_e, B, C, D=P.D_e, z=None, dt_bias=bias_e, dt_softplus=softplus,
-                state_batch_indices=_int32(slots, state_pool.device))
+                state_batch_indices=_slot_index(slots, torch.long, state_pool.device))
         slots = _long(slots)  # older mamba_ssm: gather, update, scatter
         state = state_pool[slots]
         y = self.f.selective_state_update(state, x, dt_e, P.A_e, B, C, D=P.D_e, z=None, dt_bias=bias_e,
@@ -303,16 +311,27 @@ class Kernels:
         if self.f.causal_conv1d_update is None:
             return ssd.conv_decode_inplace(x, conv_pool, _long(slots), weight, bias)
         return self.f.causal_conv1d_update(x, conv_pool, weight, bias, activation="silu",
-                                           conv_state_indices=_int32(slots, conv_pool.device))
+                                           conv_state_indices=_slot_index(slots, torch.int32, conv_pool.device))
+
+    def check_slots(self, conv: torch.Tensor) -> None:
+        """Start-up: the conv pool (layers, S, d, w-1) is addressable by causal_conv1d_update's 32-bit offsets
+        up to its last slot (the micro: ~329K slots), or a clear error instead of updating a wrong slot."""
+        layer = conv[0]
+        end = sum((n - 1) * st for n, st in zip(layer.shape, layer.stride(), strict=True))
+        if self.f.causal_conv1d_update is not None and end >= CONV_OFFSET_LIMIT:
+            raise RuntimeError(f"{layer.shape[0]} conv state slots (the dummy one included) exceed the 32-bit "
+                               f"offsets of causal_conv1d_update ({layer[0].numel()} elements per slot); "
+                               "lower MAX_CONCURRENT_SEQS")
 
     def decode_meta(self, slots, block_tables, positions, block_size: int, runs=()) -> DecodeMeta:
         """slots (B,) long or a slice of consecutive slots; block_tables (B, mb) long; positions (B,) long;
         runs: the slots as (first, count) runs, host ints (the reference state update uses them)."""
         if self.f.selective_state_update is not None or self.f.causal_conv1d_update is not None:
-            slots = _int32(slots, block_tables.device)  # once per step, not per layer
+            slots = _slot_index(slots, torch.long, block_tables.device)  # once per step, not per layer
+        conv_slots = slots if self.f.causal_conv1d_update is None else slots.to(torch.int32)
         kv_index = block_tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size \
             + positions % block_size
-        return DecodeMeta(slots, block_tables, positions, kv_index, runs)
+        return DecodeMeta(slots, block_tables, positions, kv_index, runs, conv_slots)
 
     # ---- norms / MLP activation ------------------------------------------------------------
     def _rowscale_of(self, rows: int, scale: float, device) -> torch.Tensor:

@@ -49,11 +49,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto|cpu|cuda|cuda:N -> a torch.device; a CUDA one always carries its index ("auto" / "cuda": the
+    current device now). A bare "cuda" means whatever device is current in the thread that reads it, and
+    torch.cuda.set_device rejects it (bind_thread crashed on it): resolved once here, every later call
+    (set_device, streams, graphs, mem_get_info, the engine's loop thread) names the same device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} requested but CUDA is not available")
+    if dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if dev.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device={name!r} requested but this process sees {torch.cuda.device_count()} CUDA "
+                           "device(s) (CUDA_VISIBLE_DEVICES renumbers them from 0)")
     return dev
 
 

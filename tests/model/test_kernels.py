@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from model import kernels as kmod
 from model import ssd
+from model.decode_batch import Decode
 from model.kernels import Kernels
 from tests import fake_kernels
 from tests.fake_kernels import fake_ops
@@ -216,6 +217,42 @@ def test_fakes_keep_upstreams_signatures_checks_and_dtypes():
                                             torch.tensor([4, -1, 2], dtype=torch.int32))
     assert bool((out[1] == 0).all()) and torch.equal(pool2[[0, 1, 3]], pool[[0, 1, 3]])
 
+
+
+def test_fused_state_kernels_get_slot_indices_they_can_address(tiny_ckpt):
+    """selective_state_update gets int64 slots (it multiplies the index by the slot stride in the index's type:
+    tests/triton/test_ssm_decode_interp.py runs slot 4,096 of the micro), causal_conv1d_update int32 (all it
+    accepts; 32-bit offsets): a conv pool past those is refused when the model is bound to it."""
+    from types import SimpleNamespace
+
+    from model.granite import load_granite
+    from model.state import StatePool
+
+    seen = {}
+
+    def ssu(*args, state_batch_indices, **kw):
+        seen["ssm"] = state_batch_indices.dtype
+        return fake_kernels.selective_state_update(*args, state_batch_indices=state_batch_indices, **kw)
+
+    def conv(*args, conv_state_indices, **kw):
+        seen["conv"] = conv_state_indices.dtype
+        return fake_kernels.causal_conv1d_update(*args, conv_state_indices=conv_state_indices, **kw)
+
+    ops = fake_ops()
+    ops.selective_state_update, ops.causal_conv1d_update = ssu, conv
+    K = Kernels("fused", "cpu", fused=ops)
+    m = load_granite(tiny_ckpt, "cpu", torch.float32)
+    m.bind(StatePool(m.arch, 3, 64, "cpu", torch.float32, torch.float32), K)
+    table = torch.zeros(2, 1, dtype=torch.long)
+    for slots in (torch.tensor([2, 0]), slice(1, 3)):
+        m.decode(Decode(torch.tensor([5, 6]), slots, torch.tensor([0, 0]), table))
+        assert seen == {"ssm": torch.int64, "conv": torch.int32}
+    # the micro's conv pool (36 layers, S slots, 4352 channels, 3 columns) on the meta device: strides, no memory
+    micro = lambda s: SimpleNamespace(conv=torch.empty(36, s, 4352, 3, device="meta"))  # noqa: E731
+    K.check_slots(micro(2**32 // (4352 * 3)).conv)  # 328,965 slots: the last one's end is 2^32 - 1 elements in
+    with pytest.raises(RuntimeError, match="328966 conv state slots .* exceed the 32-bit offsets"):
+        m.bind(micro(2**32 // (4352 * 3) + 1), K)
+    Kernels("reference", "cpu").check_slots(micro(10**6).conv)  # the torch reference indexes in int64
 
 
 def test_cpu_projections_run_onednn_linear_and_match_f_linear(tiny_ckpt):

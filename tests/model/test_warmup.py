@@ -130,12 +130,3 @@ def test_capture_budget_and_out_of_memory_leave_buckets_to_eager(tiny_ckpt):
     assert _greedy(r, prompts, 6) == _greedy(eager, prompts, 6)  # left-out buckets run eagerly, same tokens
     assert r.static.unprepared_runs > 0
 
-
-def test_bind_thread_sets_the_current_cuda_device(monkeypatch):
-    seen = []
-    monkeypatch.setattr(torch.cuda, "set_device", seen.append)
-    fake = type("R", (), {"_dev": torch.device("cuda:1")})()
-    ModelRunner.bind_thread(fake)
-    fake._dev = torch.device("cpu")
-    ModelRunner.bind_thread(fake)
-    assert seen == [torch.device("cuda:1")]

@@ -90,3 +90,35 @@ def test_kernel_without_state_batch_indices_gathers(mamba_ops):
     y2, p2 = _step(Kernels("reference", "cpu"), inp, slots, (0.05, 1.5))
     torch.testing.assert_close(y1, y2, **TOL[torch.float32])
     torch.testing.assert_close(p1, p2, **TOL[torch.float32])
+
+
+def _address_space(elements: int) -> torch.Tensor:
+    """(elements,) fp32 over an anonymous MAP_NORESERVE mapping: address space only; a page gets memory when
+    first touched (the kernel and this test touch a few)."""
+    import mmap
+
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value
+    return torch.frombuffer(mmap.mmap(-1, elements * 4, flags=flags), dtype=torch.float32)
+
+
+def test_slot_offset_past_int32(mamba_ops):
+    """Slot 4,096 of a pool with the micro's slot stride (64 x 64 x 128 = 2^19 elements) starts 2^31 elements
+    in, where an int32 index x stride wraps to -2^31 (the kernel multiplies in the index's type). The pool is a
+    strided view into 16 GiB of address space, 2^31 elements from its start: a wrapped offset lands on that
+    start (marked with 7s) instead of segfaulting, and a few pages are all that is ever touched."""
+    stride = 64 * 64 * 128
+    far = 2**31 // stride  # 4096
+    space = _address_space(2**32 + stride)
+    pool = space[2**31:].as_strided((far + 1, H, P, N), (stride, P * N, N, 1))
+    gen = torch.Generator().manual_seed(4)
+    pool[0], pool[far] = torch.randn(H, P, N, generator=gen), torch.randn(H, P, N, generator=gen)
+    space[:H * P * N] = 7.0
+    inp = _inputs(2, torch.float32, torch.float32, seed=5)
+    inp["pool"] = torch.stack([pool[0], pool[far]])  # the same two states in a small pool
+    y1 = _fused(mamba_ops).ssm_decode(pool, torch.tensor([far, 0]), inp["x"], inp["dt"], inp["A"], inp["B"],
+                                      inp["C"], inp["D"], inp["dt_bias"], ssd.NO_DT_LIMIT)
+    y2, p2 = _step(Kernels("reference", "cpu"), inp, torch.tensor([1, 0]))
+    torch.testing.assert_close(y1, y2, **TOL[torch.float32])
+    torch.testing.assert_close(pool[far], p2[1], **TOL[torch.float32])
+    torch.testing.assert_close(pool[0], p2[0], **TOL[torch.float32])
+    assert bool((space[:H * P * N] == 7.0).all())  # nothing written where an int32 offset wraps to
