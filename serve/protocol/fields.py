@@ -76,10 +76,18 @@ def decode_json(body: bytes | str) -> Any:
         raise ProtocolError(400, f"invalid JSON: {e}", "bad_request") from None
 
 
+def _blank(line: bytes) -> bool:
+    """Blank as decode_json sees it ("empty body"): str.strip() also strips Unicode whitespace such as \x1f."""
+    try:
+        return not line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False
+
+
 def split_lines(body: bytes) -> list[bytes]:
-    """JSON Lines body -> raw lines (one per input line; a final newline ends the last line)."""
+    """JSON Lines body -> raw lines (one per input line; a final blank line ends the last line, no record)."""
     lines = body.split(b"\n")
-    if lines and lines[-1].strip() == b"":
+    if lines and _blank(lines[-1]):
         lines.pop()
     return [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
 

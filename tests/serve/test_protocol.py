@@ -57,6 +57,8 @@ def test_split_lines_keeps_one_entry_per_line():
     assert split_lines(b'{"a":1}\n\n{"b":2}\r\n') == [b'{"a":1}', b"", b'{"b":2}']
     assert split_lines(b'"x"') == [b'"x"']
     assert split_lines(b"") == []
+    # blank as decode_json sees it (str.strip): a final "\x1f" line is no record, as a final " " line is not
+    assert split_lines(b"{\"a\":1}\n\x1f") == split_lines(b"{\"a\":1}\n ") == [b"{\"a\":1}"]
 
 
 # ---- TGI ----
