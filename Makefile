@@ -102,8 +102,8 @@ $(WHEELS)/.gpu-wheels: $(VENV)/.installed
 
 gpu-wheels: $(WHEELS)/.gpu-wheels ## the files gpu-check carries to a CUDA machine: build/wheels (mamba-ssm, causal-conv1d sdist, ...)
 
-gpu-check: ## on a CUDA machine (torch, triton, transformers, nvcc; no network): install build/wheels, tests/gpu, GPU bench -> $(OUT)
-	bash bench/gpu_check.sh $(OUT)
+gpu-check: $(if $(DRY_RUN),$(WHEELS)/.gpu-wheels) ## on a CUDA machine (no make needed: bash bench/gpu_check.sh OUT): build/wheels, tests/gpu, GPU bench -> $(OUT); DRY_RUN=1: step plan + estimate, dry run on this CPU
+	bash bench/gpu_check.sh $(if $(DRY_RUN),--dry-run )$(OUT)
 
 test-container: install ## build the CPU image with podman and check the SageMaker contract (~5 min cold, ~1 min warm)
 	bash .ci/container.sh

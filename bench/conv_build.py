@@ -1,13 +1,18 @@
-"""Build causal-conv1d's CUDA extension from its sdist for ONE GPU architecture, under a time cap.
+"""Build causal-conv1d's CUDA extension from its sdist for ONE GPU architecture, forward + update only.
 
     python bench/conv_build.py --sdist build/wheels/causal_conv1d-1.6.2.post1.tar.gz --site DIR [--arch 90]
 
-Its setup.py compiles every architecture from sm_75 to sm_121 (the time of a release build) and needs
-ninja; this drives nvcc directly instead: the four sources compiled in parallel with the sdist's own nvcc
-flags but one -gencode (the local GPU's), then linked against the running torch. The result is
-DIR/causal_conv1d (the Python package) + DIR/causal_conv1d_cuda<ext>. `plan()` is pure (tested on CPU);
-`build()` returns {"ok": bool, "reason": ...} and never raises, so the caller can fall back to the torch
-conv per op and say why.
+Its setup.py compiles every architecture from sm_75 to sm_121 (the time of a release build), the backward
+source too (causal_conv1d_bwd.cu: ~266 s alone for sm_90 with nvcc 13 on a 2-core VM) and needs ninja; this
+drives nvcc directly instead: the two sources inference runs (causal_conv1d_fwd.cu, causal_conv1d_update.cu)
+with the sdist's own nvcc flags but one -gencode (the local GPU's), compiled in parallel with the Python
+binding, then linked against the running torch. The binding is the sdist's csrc/causal_conv1d.cpp with its
+backward function and that function's `m.def` cut out, written into the build folder at build time
+(`inference_binding`): the module then has no undefined backward symbol, and the package's Python side, which
+looks `causal_conv1d_cuda.causal_conv1d_bwd` up only when a backward runs, imports as usual. The result is
+DIR/causal_conv1d (the Python package) + DIR/causal_conv1d_cuda<ext>. `plan()` only writes the binding
+(tested on CPU); `build()` returns {"ok": bool, "reason": ...} and never raises, so the caller can fall back
+to the torch conv per op and say why.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,14 +30,16 @@ import tarfile
 import time
 from pathlib import Path
 
-SOURCES = ("csrc/causal_conv1d_fwd.cu", "csrc/causal_conv1d_bwd.cu", "csrc/causal_conv1d_update.cu",
-           "csrc/causal_conv1d.cpp")  # longest first: they run in parallel
+# what inference calls, longest first (they compile in parallel); the binding is generated (inference_binding)
+SOURCES = ("csrc/causal_conv1d_fwd.cu", "csrc/causal_conv1d_update.cu")
+BINDING = "causal_conv1d_infer.cpp"  # in the build folder, from csrc/causal_conv1d.cpp
 # setup.py's nvcc flags, without its -gencode list and the verbose ptxas / lineinfo output
 NVCC_FLAGS = ["-O3", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
               "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
               "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
               "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math"]
 EXT = "causal_conv1d_cuda"
+STAMP = ".causal_conv1d_build.json"  # in the site: what was built there (a rerun reuses it)
 
 
 def unpack(sdist: Path, dest: Path) -> Path:
@@ -40,6 +48,31 @@ def unpack(sdist: Path, dest: Path) -> Path:
         t.extractall(dest, filter="data")
     (top,) = [p for p in dest.iterdir() if p.is_dir() and p.name.startswith("causal_conv1d-")]
     return top
+
+
+def inference_binding(src: Path, out_dir: Path) -> Path:
+    """out_dir/BINDING: csrc/causal_conv1d.cpp minus the `causal_conv1d_bwd` definition (return type to closing
+    brace) and its `m.def`. Raises ValueError when the sdist's file does not have that shape any more."""
+    text = (src / "csrc" / "causal_conv1d.cpp").read_text()
+    m = re.search(r"^void\s+causal_conv1d_bwd\s*\(", text, re.M)
+    if m is None:
+        raise ValueError("csrc/causal_conv1d.cpp: no `void causal_conv1d_bwd(` definition to cut")
+    depth, end = 0, text.index("{", m.end())
+    while True:  # to the matching closing brace
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if depth == 0:
+            break
+        end += 1
+    text = text[:m.start()] + "// causal_conv1d_bwd: cut by bench/conv_build.py (inference only)\n" + text[end + 1:]
+    text, defs = re.subn(r'^\s*m\.def\("causal_conv1d_bwd".*\n', "", text, flags=re.M)
+    left = re.findall(r"\bcausal_conv1d(?:_channellast)?_bwd_cuda\s*<", text)
+    kept = all(re.search(rf"^\s*m\.def\(\"{f}\"", text, re.M) for f in ("causal_conv1d_fwd", "causal_conv1d_update"))
+    if defs != 1 or left or not kept:
+        raise ValueError(f"csrc/causal_conv1d.cpp: backward cut left {len(left)} backward calls, removed {defs} m.def "
+                         f"lines, forward/update bindings kept: {kept}")
+    out = out_dir / BINDING
+    out.write_text(text)
+    return out
 
 
 def _torch_paths(kind: str) -> list[str]:
@@ -73,27 +106,27 @@ def find_cuda_home() -> str | None:
 
 
 def plan(src: Path, out_dir: Path, arch: str, cuda_home: str, cxx: str = "c++") -> dict:
-    """Compile and link commands (argv lists) for one architecture, e.g. arch "90" -> sm_90."""
+    """Compile and link commands (argv lists) for one architecture, e.g. arch "90" -> sm_90. Writes the
+    generated binding (inference_binding) into out_dir; compiles nothing."""
     import torch
+    import torch.utils.cpp_extension as ce
 
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     defines = [f"-DTORCH_EXTENSION_NAME={EXT}", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     includes = [f"-I{p}" for p in [str(src / "csrc"), *_torch_paths("include"), str(Path(cuda_home) / "include"),
                                    sysconfig.get_paths()["include"]]]
     nvcc, std = str(Path(cuda_home) / "bin" / "nvcc"), f"-std={cxx_std()}"
-    import torch.utils.cpp_extension as ce
-
     common = list(getattr(ce, "COMMON_NVCC_FLAGS", []))  # torch's own, before the sdist's (as setup.py)
     objs, compile_cmds = [], []
-    for rel in SOURCES:
-        obj = out_dir / (Path(rel).name + ".o")
+    for path in [*(src / rel for rel in SOURCES), inference_binding(src, out_dir)]:
+        obj = out_dir / (path.name + ".o")
         objs.append(obj)
-        if rel.endswith(".cu"):
-            cmd = [nvcc, "-c", str(src / rel), "-o", str(obj), std, *common, *NVCC_FLAGS, "-gencode",
+        if path.suffix == ".cu":
+            cmd = [nvcc, "-c", str(path), "-o", str(obj), std, *common, *NVCC_FLAGS, "-gencode",
                    f"arch=compute_{arch},code=sm_{arch}", "-Xcompiler", "-fPIC", f"-ccbin={cxx}", *defines,
                    *includes]
         else:
-            cmd = [cxx, "-c", str(src / rel), "-o", str(obj), "-O3", std, "-fPIC", *defines, *includes]
+            cmd = [cxx, "-c", str(path), "-o", str(obj), "-O3", std, "-fPIC", *defines, *includes]
         compile_cmds.append(cmd)
     libs = [f"-L{p}" for p in _torch_paths("library")] + [f"-L{Path(cuda_home) / 'lib64'}"]
     target = out_dir / (EXT + sysconfig.get_config_var("EXT_SUFFIX"))
@@ -124,10 +157,22 @@ def _run_all(cmds: list[list[str]], deadline: float, log) -> str | None:
                 p.wait()
 
 
+def _stamp(sdist: Path, arch: str) -> dict:
+    import torch
+
+    return {"sdist": sdist.name, "arch": arch, "sources": [*SOURCES, BINDING], "torch": torch.__version__}
+
+
 def build(sdist: Path, site: Path, work: Path, arch: str, timeout_s: float, log=print) -> dict:
+    """Build into `site`; an earlier build of the same sdist, architecture and torch there is reused (reruns)."""
     t0 = time.monotonic()
-    res: dict = {"ok": False, "arch": f"sm_{arch}", "timeout_s": timeout_s}
+    res: dict = {"ok": False, "arch": f"sm_{arch}", "timeout_s": timeout_s, "sources": [*SOURCES, BINDING]}
     try:
+        stamp, stamp_file = _stamp(sdist, arch), site / STAMP
+        target = site / (EXT + sysconfig.get_config_var("EXT_SUFFIX"))
+        if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp and target.exists():
+            res.update(ok=True, reason="reused the build of an earlier run", cached=True)
+            return res
         cuda_home = find_cuda_home()
         cxx = shutil.which("c++") or shutil.which("g++")
         missing = [what for what, ok in (("nvcc (CUDA_HOME)", cuda_home), ("a C++ compiler", cxx),
@@ -135,6 +180,8 @@ def build(sdist: Path, site: Path, work: Path, arch: str, timeout_s: float, log=
         if missing:
             res["reason"] = f"cannot build: no {', '.join(missing)}"
             return res
+        stamp_file.unlink(missing_ok=True)  # never leave an older build importable beside a failed one
+        target.unlink(missing_ok=True)
         src = unpack(sdist, work)
         p = plan(src, work, arch, cuda_home, cxx)
         deadline = t0 + timeout_s
@@ -143,9 +190,10 @@ def build(sdist: Path, site: Path, work: Path, arch: str, timeout_s: float, log=
             res["reason"] = err
             return res
         site.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p["target"], site / p["target"].name)
+        shutil.copy2(p["target"], target)
         shutil.rmtree(site / "causal_conv1d", ignore_errors=True)
         shutil.copytree(src / "causal_conv1d", site / "causal_conv1d")
+        stamp_file.write_text(json.dumps(stamp))
         res.update(ok=True, reason="built", version=src.name.removeprefix("causal_conv1d-"))
         return res
     except Exception as e:  # noqa: BLE001 - any failure means "fall back to the torch conv"
@@ -161,7 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--site", type=Path, required=True, help="where the package and extension go")
     ap.add_argument("--work", type=Path, default=Path("build/conv1d"))
     ap.add_argument("--arch", default=None, help="e.g. 90 (default: the current GPU's compute capability)")
-    ap.add_argument("--timeout", type=float, default=270.0)
+    ap.add_argument("--timeout", type=float, default=90.0)
     args = ap.parse_args(argv)
     if args.arch is None:
         import torch
