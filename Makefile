@@ -37,8 +37,8 @@ LOCK_ARGS ?=
 # What `make gpu-check` carries to a CUDA machine that has only torch, triton, transformers and nvcc:
 # the causal-conv1d sdist (compiled there for its GPU) and pure-Python wheels (unpacked there, no pip).
 CAUSAL_CONV1D ?= causal-conv1d==1.6.2.post1
-GPU_PURE_WHEELS ?= einops==0.8.1 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 packaging==26.4 \
-  pytest-timeout==2.4.0
+# (each at the lock's version; gpu_check unpacks one only where the GPU machine's python lacks it)
+GPU_PURE_WHEELS ?= $(shell sed -n -E 's/^((einops|pytest|pluggy|iniconfig|pygments|packaging|pytest-timeout)==[^ ]+).*/\1/p' $(LOCK))
 # The GPU targets run with the CUDA machine's python (CUDA torch + kernels), never the CPU .venv.
 GPU_PY ?= python3
 OUT ?= build/gpu-check

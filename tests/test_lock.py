@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,9 @@ def pins(path: Path) -> dict[str, str]:
 
 def test_the_environment_is_exactly_the_lock():
     lock = pins(LOCK)
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions()}
+    # The venv's own site-packages, not sys.path: an earlier test may have put a package's vendored copies on it.
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions(path=site)}
     wrong = {n: (v, installed.get(n)) for n, v in lock.items() if installed.get(n) != v}
     extra = sorted(set(installed) - set(lock) - NOT_LOCKED)
     assert not wrong, f"installed versions differ from the lock (lock, installed): {wrong}; run make install"
