@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.backends.cuda import SDPAParams, can_use_flash_attention
-from torch.nn.attention.bias import causal_lower_right
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, logsumexp): what SDPA runs on CPU
 
@@ -69,6 +68,8 @@ def causal_cuda(q, k, v, past: int, scale: float) -> torch.Tensor:
     gqa = k.shape[1] != hq
     if past == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    from torch.nn.attention.bias import causal_lower_right  # here: importing it imports torch._dynamo (~3 s)
+
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]), scale=scale,
                                           enable_gqa=gqa)
 
