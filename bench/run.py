@@ -6,6 +6,10 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
               vs serial HF generate of the same prompts; TTFT / TPOT p50 and p99 from the streams
   memory      engine state bytes per live sequence (from the allocated tensors) vs the GRANITE.md formula,
               for the demo model and for the full-size micro architecture (arithmetic only)
+  capacity    sequences per GPU for g5 / g6e / p4d / p5 at 8K, 32K, 128K with the largest prefill step's
+              temporaries kept back (bench/capacity.py; arithmetic only)
+  prefill_memory  peak bytes and time of one prefill chunk (512 tokens) at 512 / 4K / 16K context on CPU, the
+              micro's attention heads (bench/prefill_memory.py; linear in the context, no L x Tk term)
   batch       batch entrypoint over 256 records vs the same records one at a time (bench/batch_bench.py)
   multiturn   8 conversations x 8 turns, prefix reuse on vs off: TTFT per turn, prefill tokens computed,
               tokens/s, identical outputs (bench/multiturn.py)
@@ -259,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         report["parity"] = parity(ckpt, texts[:8], 32)
         print("memory ...", flush=True)
         report["memory"] = memory(ckpt, 4096)
+        from bench import capacity, prefill_memory
+
+        report["capacity"] = capacity.report()
+        print("prefill chunk memory at growing context ...", flush=True)
+        report["prefill_memory"] = prefill_memory.report(Path(tmp) / "wide")
         print("decode launches / KV bytes ...", flush=True)
         from bench import launches
 

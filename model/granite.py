@@ -135,16 +135,14 @@ class Attention(nn.Module):
                 self.v_proj(h).unflatten(-1, (-1, e)))
 
     def prefill(self, h, pk: Packed, k_cache, v_cache, K):
-        """h (T, hidden) packed; new KV written at pk.kv_write, each sequence's keys read from pk.kv_blocks."""
+        """h (T, hidden) packed; new KV written at pk.kv_write, then each chunk attends to its sequence's keys
+        [0, start + l] in place of a mask (model/prefill_attention.py)."""
         q, k, v = self._qkv(h)  # (T, heads, e)
         kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         kf.index_copy_(0, pk.kv_write, k.to(kf.dtype))
         vf.index_copy_(0, pk.kv_write, v.to(vf.dtype))
-        keys = k_cache[pk.kv_blocks].flatten(1, 2).to(q.dtype)  # (b, Tk = nb * bs, kv_heads, e)
-        vals = v_cache[pk.kv_blocks].flatten(1, 2).to(q.dtype)
-        o = K.attention(pk.pad(q).transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), pk.mask,
-                        self.a.attention_multiplier)  # (b, heads, L, e)
-        return self.o_proj(pk.unpad(o.transpose(1, 2).flatten(-2)))  # (T, hidden)
+        o = K.prefill_attention(q, k_cache, v_cache, pk, self.a.attention_multiplier)  # (T, heads, e)
+        return self.o_proj(o.flatten(-2))  # (T, hidden)
 
     def decode(self, h, k_cache, v_cache, meta: DecodeMeta, K):
         """h (B, hidden); this step's K/V are written at meta.kv_index, then each row attends to its own

@@ -9,7 +9,8 @@ Ops (shapes as in model/ssd.py):
   add_norm     residual + x * scale, then RMSNorm; returns both (N, hidden)            rms_norm_fn (prenorm)
   gated_norm   RMSNorm(y * silu(gate)) per group of channels (N, d)                    rmsnorm_fn (gated)
   swiglu       silu(gate) * up from [gate | up] (N, 2m) -> (N, m)                      swiglu
-  attention    prefill: SDPA on gathered KV (torch picks flash / memory-efficient / math itself)
+  prefill_attention  each chunk over its own KV, causal with the diagonal at its start, no mask tensor
+               (model/prefill_attention.py: causal_lower_right SDPA on CUDA, a two-part merge on CPU)
   decode_attention  one query per row over its paged KV, read in place   model/paged_attention.py
                     (reference: gather the row's blocks + SDPA)
   linear       the projections: F.linear; on CPU oneDNN's linear when present (cpu_linear: faster than MKL here)
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from model import ssd
 from model.fused_ops import FusedOps, accepts, load_fused
 from model.packed import Packed
+from model.prefill_attention import causal_cpu, causal_cuda, prefill_attention
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,7 @@ class Kernels:
         elif fused is None:
             fused = load_fused() if device.type == "cuda" else FusedOps()
         self.f = fused
+        self._causal = causal_cuda if device.type == "cuda" else causal_cpu  # prefill attention, per device
         self.ssm_decode_indexed = fused.selective_state_update is not None and accepts(
             fused.selective_state_update, "state_batch_indices")
         self.ssd_state_dtype_arg = fused.mamba_chunk_scan_combined is not None and accepts(
@@ -371,9 +374,15 @@ class Kernels:
         return self.f.swiglu(gate_up)
 
     # ---- attention -------------------------------------------------------------------------
+    def prefill_attention(self, q, k_cache, v_cache, pk: Packed, scale: float):
+        """q (T, hq, e) packed; k_cache, v_cache (NB, block_size, hkv, e) holding the chunks' K / V; each chunk
+        attends to its sequence's keys [0, start + l]. Returns (T, hq, e)."""
+        return prefill_attention(q, k_cache, v_cache, pk, scale, self._causal)
+
     @staticmethod
     def attention(q, k, v, mask, scale):
-        """q (b, hq, lq, e); k, v (b, hkv, lk, e); mask (b|1, 1, lq, lk) bool (True = attend).
+        """q (b, hq, lq, e); k, v (b, hkv, lk, e); mask (b|1, 1, lq, lk) bool (True = attend). The decode
+        reference (lq = 1); prefill never builds a mask (prefill_attention).
 
         GQA without repeating K/V: query head i reads KV head i // rep, so the rep query heads of one KV
         head become rep * lq query rows of that head: (b, hkv, rep * lq, e), mask tiled to match.

@@ -8,7 +8,9 @@ and has zeros after its end (L = the longest chunk):
                 state is the state after the sequence's last real token. The fused kernel instead runs
                 the fresh sequences (start == 0: zero state) packed back to back in one varlen call and
                 each continued one on its own real tokens (see ScanRows, model/kernels.py ssd_prefill)
-  attention     each sequence's own KV (start + length keys) with a causal mask offset by its start
+  attention     each sequence's own KV (start + length keys), causal with the diagonal offset by its start:
+                rows that share a start form one AttnGroup, one call over keys [0, start + width) with no
+                mask tensor (model/prefill_attention.py)
 Pad rows are computed and dropped by unpad(); they never reach a real row.
 """
 
@@ -43,6 +45,34 @@ def _token_rows(lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.
     return row, torch.arange(total) - offs.index_select(0, row)
 
 
+def _attn_groups(starts, lengths, blocks, pad_index, pad_d, unpad_d, block_size, dev) -> tuple[AttnGroup, ...]:
+    """The rows by start (host facts, a few index ops per group). One group (every row fresh, or a single
+    continued chunk: the common steps) reuses the pack's own pad / unpad indices and blocks."""
+    by_start: dict[int, list[int]] = {}
+    for i, s in enumerate(starts):
+        by_start.setdefault(s, []).append(i)
+    offs = [0]
+    for n in lengths:
+        offs.append(offs[-1] + n)
+    groups = []
+    for past, rows in by_start.items():
+        width = max(lengths[i] for i in rows)
+        nb = -(-(past + width) // block_size)
+        if len(rows) == 1:
+            i = rows[0]
+            groups.append(AttnGroup(past, width, dev(blocks[i:i + 1, :nb]), (offs[i], offs[i + 1]), None, None, None))
+        elif len(by_start) == 1:
+            groups.append(AttnGroup(past, width, dev(blocks[:, :nb]), None, pad_d, unpad_d, None))
+        else:
+            r, ns = torch.tensor(rows), [lengths[i] for i in rows]
+            pad = pad_index.index_select(0, r)[:, :width]  # (n, width)
+            k, j = _token_rows(torch.tensor(ns), sum(ns))  # row in the group, position, per token of the group
+            unpad = k * width + j
+            groups.append(AttnGroup(past, width, dev(blocks.index_select(0, r)[:, :nb]), None, dev(pad), dev(unpad),
+                                    dev(pad.reshape(-1).index_select(0, unpad))))
+    return tuple(groups)
+
+
 @dataclass(frozen=True)
 class ScanRows:
     """Host facts for the fused SSD scan of one packed forward, so that no layer reads a tensor back.
@@ -61,6 +91,21 @@ class ScanRows:
     seq_idx: torch.Tensor  # (1, T_f) int32: fresh row ordinal of each of their tokens
 
 
+@dataclass(frozen=True)
+class AttnGroup:
+    """Rows of one packed prefill that share a start (`past`): one causal attention call, query l of a row
+    seeing keys [0, past + l]. Rows shorter than the group's width are padded at the end; a pad query only
+    ever sees keys past its row's end and its output is dropped, so no mask is needed. Host ints + indices."""
+
+    past: int  # tokens cached before each row's chunk
+    width: int  # the group's longest chunk: queries per row, padded
+    blocks: torch.Tensor  # (n, nb) long: each row's first nb = ceil((past + width) / block_size) KV blocks
+    span: tuple[int, int] | None  # one row: its tokens are packed[span[0]:span[1]] (no index tensors below)
+    pad_index: torch.Tensor | None  # (n, width) long: the packed token at each padded position (T: a zero row)
+    unpad_index: torch.Tensor | None  # (T_g,) long: each of the group's tokens in the flattened (n * width) view
+    packed: torch.Tensor | None  # (T_g,) long: their packed positions; None when the group is the whole pack
+
+
 @dataclass
 class Packed:
     slots: torch.Tensor  # (b,) long: each sequence's slot in the state pool
@@ -68,8 +113,7 @@ class Packed:
     pad_index: torch.Tensor  # (b, L) long: packed row of each padded position; T (a zero row) at pads
     unpad_index: torch.Tensor  # (T,) long: row of each packed token in the flattened (b * L) view
     kv_write: torch.Tensor  # (T,) long: row of each packed token in the flattened KV cache
-    kv_blocks: torch.Tensor  # (b, nb) long: each sequence's first nb KV blocks (dummy block past its table)
-    mask: torch.Tensor  # (b|1, 1, L, Tk = nb * block_size) bool: key j is visible to query l iff j <= start + l
+    attn: tuple[AttnGroup, ...]  # the rows grouped by start, in order of first appearance
     host_starts: tuple[int, ...] = ()  # the same facts as Python ints (no device read-back in the layers)
     host_lengths: tuple[int, ...] = ()
 
@@ -92,12 +136,11 @@ class Packed:
         pos = st.index_select(0, row) + j  # each token's position in its sequence
         kv_write = blocks.view(-1).index_select(0, row * nb + pos // block_size) * block_size + pos % block_size
         long = {"dtype": torch.long, "device": device}
-        # Rows that share a start (all fresh: the common case) share one (1, L, Tk) mask, broadcast by SDPA.
-        st_d = st[:1].to(device) if len(set(starts)) == 1 else st.to(device)
-        mask = torch.arange(nb * block_size, **long)[None, None, :] <= (st_d[:, None] + torch.arange(L, **long))[:, :, None]
         dev = lambda t: t.to(device)  # noqa: E731
-        return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), dev(pad_index), dev(unpad_index),
-                   dev(kv_write), dev(blocks), mask[:, None], tuple(starts), tuple(lengths))
+        pad_d, unpad_d = dev(pad_index), dev(unpad_index)
+        attn = _attn_groups(starts, lengths, blocks, pad_index, pad_d, unpad_d, block_size, dev)
+        return cls(torch.tensor(slots, **long), torch.tensor(lengths, **long), pad_d, unpad_d, dev(kv_write), attn,
+                   tuple(starts), tuple(lengths))
 
     @cached_property
     def scan(self) -> ScanRows:

@@ -101,7 +101,8 @@ class ModelRunner:
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
             self.arch, config.max_concurrent_seqs, config.max_total_tokens, config.max_step_tokens, dev,
-            self._dtype, self._ssm_dtype, config.snapshot_device_share if config.prefix_cache else 0.0, self._paged)
+            self._dtype, self._ssm_dtype, config.snapshot_device_share if config.prefix_cache else 0.0, self._paged,
+            config.prefill_chunk_tokens)
         self.pool = StatePool(self.arch, config.max_concurrent_seqs, kv_tokens, dev, self._dtype,
                               self._ssm_dtype, BLOCK_SIZE)
         self.allocator = SlotAllocator(config.max_concurrent_seqs, self.pool.num_blocks, BLOCK_SIZE)
@@ -310,8 +311,9 @@ class ModelRunner:
         if self._dev.type != "cuda":
             return widest
         free, _ = torch.cuda.mem_get_info(self._dev)
-        prefill = prefill_step_bytes(self.arch, self.config.max_step_tokens, self.config.max_concurrent_seqs,
-                                     self._dtype)
+        cfg = self.config
+        prefill = prefill_step_bytes(self.arch, cfg.max_step_tokens, cfg.max_concurrent_seqs, self._dtype,
+                                     cfg.max_total_tokens, cfg.prefill_chunk_tokens)
         return max(0, min(widest, free - prefill - CUDA_FIXED_RESERVE // 2))
 
     def after_failure(self, exc: Exception) -> None:
@@ -323,6 +325,9 @@ class ModelRunner:
         n = self.config.max_total_tokens
         rep["formula_bytes_per_seq"] = bytes_per_seq(self.arch, n, self._dtype, self._ssm_dtype)
         rep["formula_tokens"] = n
+        cfg = self.config  # the largest prefill step's temporaries, as the auto KV size kept them back
+        rep["prefill_step_bytes"] = prefill_step_bytes(self.arch, cfg.max_step_tokens, cfg.max_concurrent_seqs,
+                                                       self._dtype, n, cfg.prefill_chunk_tokens)
         if self.static is not None:
             rep["decode_graphs"] = dict(self.static.report)
         return rep

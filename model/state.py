@@ -14,6 +14,7 @@ import math
 import torch
 
 from model.granite import GraniteArch
+from model.packed import MAX_PACK_KEY_ROWS
 
 BLOCK_SIZE = 16
 CPU_MAX_KV_TOKENS = 1 << 18  # auto KV size on CPU: at most 256K tokens ...
@@ -64,30 +65,72 @@ def decode_step_bytes(a: GraniteArch, batch: int, tokens: int, dtype: torch.dtyp
     return attn + batch * row_activation_bytes(a, dtype)
 
 
-def prefill_step_bytes(a: GraniteArch, step_tokens: int, num_slots: int, dtype: torch.dtype) -> int:
-    """Temporaries of one packed prefill step of `step_tokens` tokens: per-row activations, the SSD scan's
-    fp32 chunk states (b, chunks, heads, head_dim, d_state, x3 for states / passing / output), the fp32
-    logits of at most one row per sequence."""
+def prefill_padded_rows(step_tokens: int, num_slots: int, chunk_tokens: int) -> int:
+    """Rows of the padded (b, L) view one packed prefill forward may hold: b <= min(slots, step) chunks, the
+    longest <= min(chunk, step) tokens, and pack_runs keeps b x L <= MAX_PACK_KEY_ROWS when b > 1."""
+    return min(min(num_slots, step_tokens) * min(chunk_tokens, step_tokens), max(step_tokens, MAX_PACK_KEY_ROWS))
+
+
+def prefill_key_rows(step_tokens: int, num_slots: int, context_tokens: int) -> int:
+    """K / V rows one attention group of a packed prefill gathers: n rows sharing a start, each up to
+    past + width <= context_tokens keys, rounded up to whole blocks; pack_runs keeps n x that within
+    MAX_PACK_KEY_ROWS unless the row is alone."""
+    rows = max(context_tokens, min(MAX_PACK_KEY_ROWS, num_slots * context_tokens))
+    return rows + min(num_slots, step_tokens) * BLOCK_SIZE
+
+
+def prefill_attention_bytes(a: GraniteArch, step_tokens: int, num_slots: int, context_tokens: int,
+                            chunk_tokens: int, dtype: torch.dtype, expand_heads: bool | None = None) -> int:
+    """Temporaries of one attention layer's packed prefill (model/prefill_attention.py), its largest group:
+      gathered K and V   2 x key rows x kv_heads x head_dim (x (1 + q_heads / kv_heads) when the KV heads are
+                         repeated for a kernel without grouped heads: memory-efficient attention, i.e. fp32 on
+                         CUDA, the default for expand_heads; flash takes bf16 / fp16 as they are)
+      queries, outputs   5 x padded rows x q_heads x head_dim: the padded q, the kernel's output and its copy
+                         in packed order, the packed output of a pack with several groups (the CPU merge's
+                         folded q and second partial output take the place of the copies: 4 at its peak)
+      log-sum-exps       4 x padded rows x q_heads fp32 (the CPU merge's two, their max and weights)
+    Linear in the context and in the step: there is no (queries x keys) term (no mask, no score matrix)."""
+    if expand_heads is None:
+        expand_heads = dtype not in (torch.float16, torch.bfloat16)
+    e = _nbytes(dtype)
+    keys = prefill_key_rows(step_tokens, num_slots, context_tokens)
+    kv = 2 * keys * a.n_kv_heads * a.head_dim * e * ((1 + a.n_heads // a.n_kv_heads) if expand_heads else 1)
+    rows = prefill_padded_rows(step_tokens, num_slots, chunk_tokens)
+    return kv + rows * a.n_heads * (5 * a.head_dim * e + 4 * 4)
+
+
+def prefill_step_bytes(a: GraniteArch, step_tokens: int, num_slots: int, dtype: torch.dtype, context_tokens: int,
+                       chunk_tokens: int | None = None, expand_heads: bool | None = None) -> int:
+    """Temporaries of one packed prefill step of `step_tokens` tokens (chunks of at most chunk_tokens, default
+    the whole step; sequences up to context_tokens): per-token activations; the Mamba layer's padded (b, L)
+    views (pad(xbc), the conv's input with its state prepended and its output, the scan's gathered copy,
+    pad(dt)); the SSD scan's fp32 chunk states (chunks, heads, head_dim, d_state, x3 for states / passing /
+    output); the attention layer's (prefill_attention_bytes: linear in the context); the fp32 logits of at
+    most one row per sequence. Layers run one after another: one layer's temporaries at a time."""
+    chunk_tokens = step_tokens if chunk_tokens is None else chunk_tokens
     chunks = -(-step_tokens // max(a.m_chunk, 1)) + 1
     ssd = 3 * chunks * a.m_heads * a.m_head_dim * a.m_state * 4
-    return step_tokens * row_activation_bytes(a, dtype) + ssd + min(step_tokens, num_slots) * a.vocab_size * 4
+    padded = prefill_padded_rows(step_tokens, num_slots, chunk_tokens) * (4 * a.conv_dim + 2 * a.m_heads) * _nbytes(dtype)
+    attn = prefill_attention_bytes(a, step_tokens, num_slots, context_tokens, chunk_tokens, dtype, expand_heads)
+    return (step_tokens * row_activation_bytes(a, dtype) + max(ssd + padded, attn)
+            + min(step_tokens, num_slots) * a.vocab_size * 4)
 
 
 def cuda_reserve_bytes(a: GraniteArch, num_slots: int, max_total_tokens: int, max_step_tokens: int,
-                       dtype: torch.dtype, paged: bool = False) -> int:
+                       dtype: torch.dtype, paged: bool = False, chunk_tokens: int | None = None) -> int:
     """Memory kept out of the KV pool on CUDA, from the limits: the widest decode graph (every slot at
-    max_total_tokens), the largest prefill step and a fixed reserve."""
+    max_total_tokens), the largest prefill step (sequences up to max_total_tokens) and a fixed reserve."""
     return (CUDA_FIXED_RESERVE + decode_step_bytes(a, num_slots, max_total_tokens, dtype, paged)
-            + prefill_step_bytes(a, max_step_tokens, num_slots, dtype))
+            + prefill_step_bytes(a, max_step_tokens, num_slots, dtype, max_total_tokens, chunk_tokens))
 
 
 def cuda_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_step_tokens: int, free: int,
                    dtype: torch.dtype, ssm_dtype: torch.dtype, snapshot_share: float = 0.0,
-                   paged: bool = False) -> int:
+                   paged: bool = False, chunk_tokens: int | None = None) -> int:
     """KV pool tokens that fit `free` bytes of GPU memory (after the weights) beside the reserve. Prefix-cache
     snapshots may copy up to `snapshot_share` x the pool's bytes of Mamba state on top of the pool: that part
     is set aside first."""
-    reserve = cuda_reserve_bytes(a, num_slots, max_total_tokens, max_step_tokens, dtype, paged)
+    reserve = cuda_reserve_bytes(a, num_slots, max_total_tokens, max_step_tokens, dtype, paged, chunk_tokens)
     budget = int(free * CUDA_FREE_FRACTION) - reserve - (num_slots + 1) * state_bytes_per_seq(a, dtype, ssm_dtype)
     budget = int(budget / (1.0 + snapshot_share))
     tokens = min(num_slots * max_total_tokens, budget // max(kv_bytes_per_token(a, dtype), 1))
@@ -101,14 +144,15 @@ def cuda_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_st
 
 def auto_kv_tokens(a: GraniteArch, num_slots: int, max_total_tokens: int, max_step_tokens: int,
                    device: torch.device, dtype: torch.dtype, ssm_dtype: torch.dtype, snapshot_share: float = 0.0,
-                   paged: bool = False) -> int:
-    """KV pool size when EngineConfig.kv_cache_tokens == 0 (snapshot_share, paged: see cuda_kv_tokens)."""
+                   paged: bool = False, chunk_tokens: int | None = None) -> int:
+    """KV pool size when EngineConfig.kv_cache_tokens == 0 (snapshot_share, paged, chunk_tokens: see
+    cuda_kv_tokens, cuda_reserve_bytes)."""
     if device.type != "cuda":
         cap = min(CPU_MAX_KV_TOKENS, CPU_MAX_KV_BYTES // max(kv_bytes_per_token(a, dtype), 1))
         return max(min(num_slots * max_total_tokens, cap), max_total_tokens)
     free, _total = torch.cuda.mem_get_info(device)
     return cuda_kv_tokens(a, num_slots, max_total_tokens, max_step_tokens, free, dtype, ssm_dtype, snapshot_share,
-                          paged)
+                          paged, chunk_tokens)
 
 
 def slot_runs(ordered: list[int]) -> tuple[tuple[int, int], ...]:

@@ -8,7 +8,7 @@ from model.packed import Packed
 
 
 @pytest.mark.parametrize("starts,lengths", [([0], [5]), ([0, 7, 0, 3], [20, 9, 33, 1]), ([4, 9], [13, 30]),
-                                            ([0, 0, 0], [16, 1, 17])])
+                                            ([0, 0, 0], [16, 1, 17]), ([5, 0, 5, 5], [2, 9, 7, 1])])
 def test_indices_match_per_token_definitions(starts, lengths):
     bs, dummy = 4, 99
     tables = [[10 * i + k for k in range(12)] for i in range(len(lengths))]
@@ -19,11 +19,21 @@ def test_indices_match_per_token_definitions(starts, lengths):
     unpad = [i * L + j for i, n in enumerate(lengths) for j in range(n)]
     kv = [tables[i][p // bs] * bs + p % bs
           for i, (s, n) in enumerate(zip(starts, lengths, strict=True)) for p in range(s, s + n)]
-    nb = -(-max(s + n for s, n in zip(starts, lengths, strict=True)) // bs)
     assert pk.pad_index.tolist() == pad and pk.unpad_index.tolist() == unpad and pk.kv_write.tolist() == kv
-    assert pk.kv_blocks.tolist() == [t[:nb] + [dummy] * (nb - len(t[:nb])) for t in tables]
-    assert pk.mask.shape == (1 if len(set(starts)) == 1 else len(lengths), 1, L, nb * bs)  # shared start: shared
-    assert pk.mask.expand(len(lengths), -1, -1, -1)[:, 0].tolist() == [[[k <= s + j for k in range(nb * bs)] for j in range(L)] for s in starts]
+    # attention: one group per distinct start, in order of first appearance; no (L, Tk) mask anywhere
+    assert [g.past for g in pk.attn] == list(dict.fromkeys(starts))
+    for g in pk.attn:
+        rows = [i for i, s in enumerate(starts) if s == g.past]
+        nb = -(-(g.past + g.width) // bs)
+        assert g.width == max(lengths[i] for i in rows)
+        assert g.blocks.tolist() == [tables[i][:nb] + [dummy] * (nb - len(tables[i][:nb])) for i in rows]
+        tokens = [offs[i] + j for i in rows for j in range(lengths[i])]  # the group's packed tokens, in order
+        if len(rows) == 1:
+            assert g.span == (offs[rows[0]], offs[rows[0]] + lengths[rows[0]]) and g.pad_index is None
+            continue
+        assert g.pad_index.tolist() == [pad[i][:g.width] for i in rows]
+        assert g.unpad_index.tolist() == [k * g.width + j for k, i in enumerate(rows) for j in range(lengths[i])]
+        assert (g.packed is None and tokens == list(range(T))) or g.packed.tolist() == tokens
     sc = pk.scan
     fresh = [i for i, s in enumerate(starts) if s == 0]
     assert sc.fresh == tuple(fresh) and sc.continued == tuple(i for i in range(len(lengths)) if i not in fresh)
