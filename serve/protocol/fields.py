@@ -37,7 +37,7 @@ def invalid(message: str) -> ProtocolError:
 class Limits:
     """What the server allows, from serve/config.py (so parsing needs no environment)."""
 
-    default_max_new_tokens: int = 256
+    default_max_new_tokens: int = SamplingParams.max_new_tokens  # the one default length: SamplingParams'
     max_new_tokens: int = 16383  # upper bound for a request's max_new_tokens
     # SamplingParams field -> value applied before the request's own fields (batch CLI defaults)
     base: dict[str, Any] = field(default_factory=dict)

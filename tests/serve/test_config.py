@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from model.types import EngineConfig
-from serve.config import VARS, Config, ConfigError, Context, describe, load_config, with_context
+from serve.config import Config, ConfigError, Context, load_config, with_context
+from serve.env_vars import VARS, describe
 
 
 def test_defaults_match_sagemaker_contract():
