@@ -21,6 +21,7 @@ from model.types import EngineNotReady, RequestError
 from serve import affinity, session_route
 from serve import encoders as enc
 from serve.config import Config, load_config
+from serve.engine_client import EngineClient
 from serve.generate import Ctx, start, stream
 from serve.handler import Service, load_user_module
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -38,11 +39,11 @@ DRAIN_MIN_BYTES = 64 * 1024 * 1024  # an answered request's unread body is read 
 class ServerState:
     """The engine and the handler service of this worker, created by a background loader."""
 
-    def __init__(self, config: Config, engine: Any = None) -> None:
+    def __init__(self, config: Config, engine: EngineClient | None = None) -> None:
         self.config = config
         self.engine = engine
         self.service: Service | None = None
-        self.model_name = getattr(engine, "model_name", None) or "granite"
+        self.model_name = engine.model_name if engine is not None else "granite"
         self.error: str | None = None
         self.ready = False
         self.metrics = Metrics(config.server.metrics_dir)
@@ -65,35 +66,33 @@ class ServerState:
             self.sessions.sweep()
 
     def _session_ended(self, session) -> None:
-        release = getattr(self.engine, "release_session", None)
-        if release is not None:
-            release(session.id)
+        if self.engine is not None:
+            self.engine.release_session(session.id)
 
     def _load(self) -> None:
         try:
-            if self.engine is None:
-                self.engine = self._create_engine()
-            self.engine.start()  # idempotent
-            if not self.engine.wait_ready():
-                raise RuntimeError(self.engine.error or "the engine did not start")
-            total = self.engine.config.max_total_tokens
+            engine = self.engine = self.engine or self._create_engine()
+            engine.start()  # idempotent
+            if not engine.wait_ready():
+                raise RuntimeError(engine.error or "the engine did not start")
+            total = engine.config.max_total_tokens
             self.limits = Limits(default_max_new_tokens=min(self.config.server.default_max_new_tokens, total - 1),
                                  max_new_tokens=total - 1)
             # code/inference.py sits at the top of the model dir (the checkpoint may be one level down)
             model_dir = Path(self.config.model.model_dir)
             if not (model_dir / "code" / "inference.py").is_file():
-                model_dir = Path(getattr(self.engine, "model_dir", model_dir))
-            service = Service(self.engine, model_dir, self.limits, self.metrics, load_user_module(model_dir))
+                model_dir = Path(engine.model_dir)
+            service = Service(engine, model_dir, self.limits, self.metrics, load_user_module(model_dir))
             service.load_model()
             self.service = service
             self.ready = True
-            self.metrics.start_sync(self.engine.stats)
+            self.metrics.start_sync(engine.stats)
             log.info("server ready: model %s", self.model_name)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"[:500]
             log.exception("model load failed; /ping answers 503: %s", self.error)
 
-    def _create_engine(self) -> Any:
+    def _create_engine(self) -> EngineClient:
         from serve.engine_setup import build_engine
 
         engine, self.config = build_engine(self.config)
@@ -101,7 +100,7 @@ class ServerState:
         return engine
 
     def live(self) -> bool:
-        return self.ready and bool(getattr(self.engine, "ready", False))
+        return self.ready and self.engine is not None and self.engine.ready
 
     def require(self) -> Service:
         if not self.live() or self.service is None:
@@ -159,7 +158,7 @@ def _drain_unread_body(response: Response, limit: int) -> None:
     response.headers["Connection"] = "close"
 
 
-def create_app(config: Config | None = None, engine: Any = None) -> Flask:
+def create_app(config: Config | None = None, engine: EngineClient | None = None) -> Flask:
     config = config or load_config()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=config.server.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

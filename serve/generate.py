@@ -27,6 +27,7 @@ from model.types import (
 )
 from serve import encoders as enc
 from serve import watch
+from serve.engine_client import EngineClient, PromptTokenizer
 from serve.metrics import Metrics
 from serve.protocol import ChatRequest, CompletionRequest, ProtocolError, TextRequest
 from serve.protocol.toolcalls import ToolCallHoldback
@@ -65,7 +66,7 @@ def raise_if_abandoned() -> None:
 
 @dataclass
 class Ctx:
-    engine: Any
+    engine: EngineClient
     model_name: str
     metrics: Metrics | None = None
 
@@ -117,16 +118,18 @@ def collect(ctx: Ctx, handle) -> Completion:
     return c
 
 
-def _require_ready(ctx: Ctx) -> None:
-    if not getattr(ctx.engine, "ready", False):
-        raise EngineNotReady(getattr(ctx.engine, "error", None) or "the model is not ready")
+def _ready_tokenizer(ctx: Ctx) -> PromptTokenizer:
+    tokenizer = ctx.engine.tokenizer
+    if not ctx.engine.ready or tokenizer is None:
+        raise EngineNotReady(ctx.engine.error or "the model is not ready")
+    return tokenizer
 
 
 def encode_prompt(ctx: Ctx, text: str, truncate: int | None = None, continued: bool = True) -> tuple[int, ...]:
     """Token ids of a prompt; inside a session (`continued`) they continue the session's conversation."""
-    _require_ready(ctx)
+    tokenizer = _ready_tokenizer(ctx)
     try:
-        ids = ctx.engine.tokenizer.encode(text)
+        ids = tokenizer.encode(text)
     except Exception as e:  # input the tokenizer cannot take is the client's problem, not a 500
         raise ProtocolError(422, f"the prompt cannot be tokenized: {type(e).__name__}") from None
     ids = tuple(ids[-truncate:] if truncate else ids)
@@ -136,13 +139,13 @@ def encode_prompt(ctx: Ctx, text: str, truncate: int | None = None, continued: b
 
 def chat_prompt(ctx: Ctx, req: ChatRequest) -> tuple[int, ...]:
     """Token ids of the rendered conversation (inside a session: its messages, then these)."""
-    _require_ready(ctx)
+    tokenizer = _ready_tokenizer(ctx)
     messages = [dict(m) for m in req.messages]
     turn = current_turn()
     if turn is not None:
         messages = turn.chat_messages(messages)
     try:
-        text = ctx.engine.tokenizer.render_chat(
+        text = tokenizer.render_chat(
             messages, tools=[dict(t) for t in req.tools] if req.tools else None,
             documents=[dict(d) for d in req.documents] if req.documents else None)
     except Exception as e:  # the template rejects this conversation (jinja raise_exception, bad shapes)
