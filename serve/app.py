@@ -18,15 +18,16 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from model.types import EngineNotReady, RequestError
-from serve import affinity, session_route
+from serve import affinity, kinds, session_route
 from serve import encoders as enc
 from serve.config import Config, load_config
 from serve.engine_client import EngineClient
-from serve.generate import Ctx, start, stream
+from serve.generate import start, stream
 from serve.handler import Service, load_user_module
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serve.metrics import Metrics
-from serve.protocol import JSON_TYPES, KINDS, Limits, ProtocolError, decode_json, media_type, parse_request
+from serve.prompts import Ctx
+from serve.protocol import JSON_TYPES, Limits, ProtocolError, decode_json, media_type
 from serve.sessions import SESSION_HEADER, SessionTable
 from serve.watch import DISCONNECTED, watching
 
@@ -208,13 +209,13 @@ def create_app(config: Config | None = None, engine: EngineClient | None = None)
         if media not in JSON_TYPES:
             raise ProtocolError(415, f"unsupported content type {media!r}: use application/json",
                                 "unsupported_media_type")
-        req = parse_request(decode_json(request.get_data(cache=False)), state.limits, kind)
+        req = kinds.parse_request(decode_json(request.get_data(cache=False)), state.limits, kind)
         ctx = Ctx(service.engine, state.model_name, state.metrics)
         if req.stream:
             return _respond(stream(ctx, req), "text/event-stream", openai=True)
         return _respond(enc.json_body(start(ctx, req).finish()), "application/json")
 
-    for k in KINDS:
+    for k in kinds.KINDS:
         if k.route is not None:
             app.post(f"/v1/{k.route}", endpoint=k.name)(functools.partial(openai_route, k.name))
 

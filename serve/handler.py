@@ -23,16 +23,16 @@ from model.types import QueueFull, RequestError
 from serve import encoders as enc
 from serve import watch
 from serve.engine_client import EngineClient
-from serve.generate import Ctx, Pending, raise_if_abandoned, start, stream
+from serve.generate import Pending, raise_if_abandoned, start, stream
+from serve.kinds import is_request, parse_request
+from serve.prompts import Ctx
 from serve.protocol import (
     JSON_TYPES,
     JSONL_TYPES,
-    REQUEST_TYPES,
     Limits,
     ProtocolError,
     decode_json,
     media_type,
-    parse_request,
     split_lines,
     tgi_params,
 )
@@ -207,9 +207,9 @@ class Service:
             out = JsonLines(handle_records(engine, data, limits=self.limits, metrics=self.metrics))
             raise_if_abandoned()  # every record was cancelled; the request as a whole answers the error
             return out
-        req = data if isinstance(data, REQUEST_TYPES) else parse_request(data, self.limits)
+        req = data if is_request(data) else parse_request(data, self.limits)
         ctx = Ctx(engine, engine.model_name, self.metrics)
-        if getattr(req, "stream", False):
+        if req.stream:
             return Stream(stream(ctx, req))
         return start(ctx, req).finish()
 

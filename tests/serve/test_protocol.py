@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from serve.kinds import parse_request
 from serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -10,7 +11,6 @@ from serve.protocol import (
     TextRequest,
     decode_json,
     media_type,
-    parse_request,
     split_lines,
     tgi_params,
 )
