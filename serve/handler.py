@@ -84,10 +84,10 @@ def error_record(e: BaseException) -> dict:
 # ---- records (JSON Lines, batch) ----
 
 def _limits(engine: EngineClient, defaults: dict | None, limits: Limits | None) -> Limits:
-    base = limits or Limits(max_new_tokens=max(1, engine.config.max_total_tokens - 1))
+    base = limits or Limits.from_config(engine.config)
     if defaults:
         values, _ = tgi_params(defaults, base)
-        base = Limits(base.default_max_new_tokens, base.max_new_tokens, {**base.base, **values})
+        base = base.with_base(values)
     return base
 
 
