@@ -30,7 +30,7 @@ from model.types import (
 from serve import encoders as enc
 from serve import watch
 from serve.engine_client import RequestHandle
-from serve.kinds import kind_of
+from serve.kinds import Request, kind_of
 from serve.prompts import Ctx
 from serve.sessions import current_turn
 
@@ -152,7 +152,7 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
 
 # ---- non-streaming ----
 
-def start(ctx: Ctx, req: Any, record: bool = False) -> Pending:
+def start(ctx: Ctx, req: Request, record: bool = False) -> Pending:
     """record=True (JSON Lines): a single TGI input answers with an object instead of a list."""
     kind = kind_of(req)
     items = submit_all(ctx, list(kind.prompts(ctx, req)), req.params)
@@ -161,12 +161,12 @@ def start(ctx: Ctx, req: Any, record: bool = False) -> Pending:
 
 # ---- streaming ----
 
-def stream(ctx: Ctx, req: Any) -> Iterator[bytes]:
+def stream(ctx: Ctx, req: Request) -> Iterator[bytes]:
     (handle,) = submit_all(ctx, [next(kind_of(req).prompts(ctx, req))], req.params, watched=False)
     return _guarded(ctx, handle, stream_body(ctx, req, handle))
 
 
-def stream_body(ctx: Ctx, req: Any, handle: RequestHandle) -> Iterator[bytes]:
+def stream_body(ctx: Ctx, req: Request, handle: RequestHandle) -> Iterator[bytes]:
     """The one stream loop: the kind's encoder frames each token. A sequence that fails ends the stream with
     an error event ([DONE] after it on OpenAI streams); a cancelled one just ends (its client is gone)."""
     encoder = kind_of(req).stream(ctx, req, handle)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve.kinds import chat, completion, tgi
-from serve.kinds.kind import Kind
+from serve.kinds.kind import Kind, Request
 from serve.protocol import Limits, invalid
 
 KINDS: tuple[Kind[Any], ...] = (chat.KIND, tgi.KIND, completion.KIND)  # precedence when a body has several keys
@@ -25,7 +25,7 @@ def _shapes() -> str:
     return " or ".join(f"'{k.key}' ({k.name})" for k in KINDS)
 
 
-def kind_of(req: Any) -> Kind[Any]:
+def kind_of(req: Request) -> Kind[Any]:
     """The kind of a parsed request."""
     for k in KINDS:
         if isinstance(req, k.request_type):
@@ -50,7 +50,7 @@ def select(obj: Any) -> tuple[Kind[Any], dict[str, Any]] | None:
     return None
 
 
-def parse_request(obj: Any, limits: Limits, kind: str | None = None) -> Any:
+def parse_request(obj: Any, limits: Limits, kind: str | None = None) -> Request:
     """A decoded JSON body -> the request of `kind` (an OpenAI route), else of the kind its keys select."""
     if kind is not None:
         return next(k for k in KINDS if k.name == kind).parse(obj, limits)
@@ -62,4 +62,4 @@ def parse_request(obj: Any, limits: Limits, kind: str | None = None) -> Any:
     return k.parse(body, limits)
 
 
-__all__ = ["KINDS", "Kind", "is_request", "kind_of", "parse_request", "select"]
+__all__ = ["KINDS", "Kind", "Request", "is_request", "kind_of", "parse_request", "select"]

@@ -12,12 +12,22 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from model.types import Completion, TokenEvent
+from model.types import Completion, SamplingParams, TokenEvent
 from serve.engine_client import RequestHandle
 from serve.prompts import Ctx
 from serve.protocol import Limits
 
-R = TypeVar("R")
+
+class Request(Protocol):
+    """What serve/generate.py and the handler read of any kind's request (the rest is its kind's)."""
+
+    @property
+    def params(self) -> SamplingParams: ...  # one SamplingParams for every sequence of the request
+    @property
+    def stream(self) -> bool: ...  # answer with SSE (one sequence)
+
+
+R = TypeVar("R", bound=Request)
 
 
 class StreamEncoder(Protocol):
