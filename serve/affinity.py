@@ -41,7 +41,7 @@ this_worker: WorkerId | None = None
 
 def _bounded_input(app):
     """werkzeug's server hands the app the raw socket as wsgi.input (gunicorn bounds it by Content-Length):
-    bound it here too, so code that reads the rest of a body (serve/app.py drains unread bodies) stops at
+    bound it here too, so code that reads the rest of a body (serve/routes.py drains unread bodies) stops at
     its end instead of waiting for the forwarding worker to hang up."""
     from werkzeug.wsgi import LimitedStream
 

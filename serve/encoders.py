@@ -186,6 +186,12 @@ def completion_choice(index: int, prompt: str, c: Completion, echo: bool, logpro
     return choice
 
 
+def completion_token_logprobs(ev: TokenEvent, alternatives: bool) -> dict:
+    """One streamed token's completions-API logprobs (its top_logprobs when alternatives were asked for)."""
+    return {"tokens": [ev.text], "token_logprobs": [_lp(ev.logprob)],
+            "top_logprobs": [{t.text: _lp(t.logprob) for t in ev.top_tokens}] if alternatives else None}
+
+
 def text_completion(rid: str, model: str, created: int, choices: list[dict], prompt_tokens: int,
                     completion_tokens: int, chunk: bool = False, cached_tokens: int = 0) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
 
+from model.loader import ResolvedModel, resolve_model
 from serve.config import Config, with_context
+from serve.engine_client import EngineClient
 
 log = logging.getLogger("serve")
 
 
-def resolve_model_source(cfg: Config) -> Any:
-    """-> model.loader.ResolvedModel (path, name, is_demo, config); ModelLoadError saying what is missing."""
-    from model.loader import resolve_model
-
+def resolve_model_source(cfg: Config) -> ResolvedModel:
+    """The checkpoint to serve (path, name, is_demo, config); ModelLoadError saying what is missing."""
     m = cfg.model
     # the checkpoint's signature (MODEL_SIGNATURE*) is checked in resolve_model, before any file is read
     resolved = resolve_model(m.model_dir, m.hf_model_id, m.hf_revision, m.hf_token, m.model_id, m.cache_dir,
@@ -34,7 +33,7 @@ def resolve_model_source(cfg: Config) -> Any:
     return resolved
 
 
-def build_engine(cfg: Config, model_dir: str | None = None, model_id: str | None = None) -> tuple[Any, Config]:
+def build_engine(cfg: Config, model_dir: str | None = None, model_id: str | None = None) -> tuple[EngineClient, Config]:
     """The engine for the configured model (model_dir / model_id: the batch CLI's overrides), not started."""
     from model.engine import Engine
 

@@ -22,16 +22,17 @@ from typing import Any
 from model.types import QueueFull, RequestError
 from serve import encoders as enc
 from serve import watch
-from serve.generate import Ctx, Pending, raise_if_abandoned, start, stream
+from serve.engine_client import EngineClient
+from serve.generate import Pending, raise_if_abandoned, start, stream
+from serve.kinds import is_request, parse_request
+from serve.prompts import Ctx
 from serve.protocol import (
     JSON_TYPES,
     JSONL_TYPES,
-    REQUEST_TYPES,
     Limits,
     ProtocolError,
     decode_json,
     media_type,
-    parse_request,
     split_lines,
     tgi_params,
 )
@@ -82,11 +83,11 @@ def error_record(e: BaseException) -> dict:
 
 # ---- records (JSON Lines, batch) ----
 
-def _limits(engine: Any, defaults: dict | None, limits: Limits | None) -> Limits:
-    base = limits or Limits(max_new_tokens=max(1, engine.config.max_total_tokens - 1))
+def _limits(engine: EngineClient, defaults: dict | None, limits: Limits | None) -> Limits:
+    base = limits or Limits.from_config(engine.config)
     if defaults:
         values, _ = tgi_params(defaults, base)
-        base = Limits(base.default_max_new_tokens, base.max_new_tokens, {**base.base, **values})
+        base = base.with_base(values)
     return base
 
 
@@ -95,7 +96,7 @@ def _start_record(ctx: Ctx, line: bytes | str, limits: Limits) -> Pending:
     return start(ctx, req, record=True)
 
 
-def handle_records(engine: Any, lines: list, defaults: dict | None = None, *, limits: Limits | None = None,
+def handle_records(engine: EngineClient, lines: list, defaults: dict | None = None, *, limits: Limits | None = None,
                    metrics=None) -> list[dict]:
     """Records -> one response object per record, in order; all run on the engine concurrently
     (submitted as queue room allows). Never raises: a bad record gets an error object."""
@@ -146,7 +147,7 @@ def _abandoned(w: watch.Watch) -> Exception:
     return RuntimeError(w.reason)
 
 
-def handle_record(engine: Any, record: str, defaults: dict | None = None) -> dict:
+def handle_record(engine: EngineClient, record: str, defaults: dict | None = None) -> dict:
     """One JSON Lines record (`{"inputs":...}`, `{"messages":...}`, `{"prompt":...}` or a bare JSON string)
     -> its response object, or {"error", "error_type", "status"}. Never raises."""
     try:
@@ -182,14 +183,14 @@ def _accept_or_json(accept: str | None) -> str:
 
 
 class Service:
-    def __init__(self, engine: Any, model_dir: str | Path, limits: Limits, metrics=None,
+    def __init__(self, engine: EngineClient, model_dir: str | Path, limits: Limits, metrics=None,
                  user: ModuleType | None = None) -> None:
         self.engine = engine
         self.model_dir = str(model_dir)
         self.limits = limits
         self.metrics = metrics
         self.user = user
-        self.model: Any = None
+        self.model: Any = None  # what model_fn returned (by default the engine): the user's to shape
 
     def hook(self, name: str):
         fn = getattr(self.user, name, None) if self.user is not None else None
@@ -201,14 +202,14 @@ class Service:
         self.model = fn(self.model_dir) if fn else self.engine
 
     def predict_fn(self, data: Any, model: Any) -> Any:
-        engine = model if hasattr(model, "submit") else self.engine  # model_fn may return something else
+        engine = model if isinstance(model, EngineClient) else self.engine  # model_fn may return something else
         if isinstance(data, JsonLines):
             out = JsonLines(handle_records(engine, data, limits=self.limits, metrics=self.metrics))
             raise_if_abandoned()  # every record was cancelled; the request as a whole answers the error
             return out
-        req = data if isinstance(data, REQUEST_TYPES) else parse_request(data, self.limits)
+        req = data if is_request(data) else parse_request(data, self.limits)
         ctx = Ctx(engine, engine.model_name, self.metrics)
-        if getattr(req, "stream", False):
+        if req.stream:
             return Stream(stream(ctx, req))
         return start(ctx, req).finish()
 

@@ -20,6 +20,7 @@ from flask import Response, request
 
 from serve import encoders as enc
 from serve.affinity import FORWARDED_HEADER, WorkerLink
+from serve.engine_client import EngineClient
 from serve.protocol import JSONL_TYPES, media_type
 from serve.sessions import (
     CLOSED_SESSION_HEADER,
@@ -68,7 +69,7 @@ def _forward(link: WorkerLink, owner: int, body: bytes) -> Response:
     return Response(f.body, status=f.status, headers=f.headers, direct_passthrough=True)
 
 
-def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine: Any,
+def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine: EngineClient,
                invoke: Callable[[bytes], tuple[Any, str]], respond: Callable[[Any, str], Response],
                forwarded: Callable[[], None] = lambda: None) -> Response:
     """`invoke(body)` runs the ordinary /invocations handler; `respond` turns its result into a Response;
@@ -99,7 +100,7 @@ def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine
     return _turn(table.acquire(sid), table, engine, body, invoke, respond, {})
 
 
-def _turn(s: Session, table: SessionTable, engine: Any, body: bytes, invoke, respond,
+def _turn(s: Session, table: SessionTable, engine: EngineClient, body: bytes, invoke, respond,
           headers: dict[str, str]) -> Response:
     turn = Turn(s, table, engine)
     try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.types import RequestError
+from serve.engine_client import EngineClient, RequestHandle
 
 SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
 NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
@@ -182,10 +183,10 @@ class Turn:
     `chat_messages` (the session's messages + the new ones) or `continue_ids` (the session's token ids + the
     new text's), and reports the one sequence it submits; `end()` records the turn in the session."""
 
-    def __init__(self, session: Session, table: SessionTable, engine: Any) -> None:
+    def __init__(self, session: Session, table: SessionTable, engine: EngineClient) -> None:
         self.session, self.table, self.engine = session, table, engine
         self.messages: list[dict[str, Any]] | None = None  # the whole conversation this turn renders (chat)
-        self.handle: Any = None
+        self.handle: RequestHandle | None = None
         self.prompt_ids: tuple[int, ...] = ()
         self._ended = False
 
@@ -198,7 +199,7 @@ class Turn:
     def continue_ids(self, new: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(self.session.ids) + tuple(new)
 
-    def submitted(self, handle: Any, prompt_ids: tuple[int, ...]) -> None:
+    def submitted(self, handle: RequestHandle, prompt_ids: tuple[int, ...]) -> None:
         if self.handle is not None:
             raise SessionError(400, f"a turn of session {self.session.id} is one prompt: send a single input "
                                     "(not a list, not JSON Lines)", "invalid_session_request")
@@ -215,7 +216,7 @@ class Turn:
         if h is not None and h.finished:
             c = h.result()
             if c.finish_reason.value in _FINISHED_OK:
-                conv = getattr(self.engine, "session_conversation", lambda _sid: None)(self.session.id)
+                conv = self.engine.session_conversation(self.session.id)
                 ids = tuple(conv) if conv else self.prompt_ids + tuple(c.token_ids)
                 if self.messages is not None:
                     messages = [*self.messages, {"role": "assistant", "content": c.text}]

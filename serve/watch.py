@@ -18,7 +18,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+
+from serve.engine_client import RequestHandle
 
 POLL_S = 0.1
 DISCONNECTED = "disconnected"
@@ -35,10 +36,10 @@ class Watch:
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s if timeout_s else None
         self.reason: str | None = None
-        self._handles: list[Any] = []
+        self._handles: list[RequestHandle] = []
         self._lock = threading.Lock()
 
-    def add(self, handle: Any) -> None:
+    def add(self, handle: RequestHandle) -> None:
         with self._lock:
             if self.reason is None:
                 self._handles.append(handle)

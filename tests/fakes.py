@@ -46,6 +46,10 @@ class FakeTokenizer:
     def encode(self, text):
         return [ALPHA.index(c) for c in text]
 
+    def render_chat(self, messages, tools=None, documents=None):
+        # no template: the turns' text, one after another (serve/engine_client.py PromptTokenizer)
+        return "".join(m["content"] for m in messages)
+
     def decode(self, ids, skip_special_tokens=False):
         return "".join("<eos>" if i == EOS else ALPHA[i] for i in ids)
 

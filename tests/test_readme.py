@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from serve.config import describe
+from serve.env_vars import describe
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

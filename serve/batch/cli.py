@@ -28,6 +28,8 @@ import sys
 from serve.batch import s3io
 from serve.batch.fileio import list_inputs
 from serve.batch.runner import BatchJob, BatchRun
+from serve.config import Config
+from serve.engine_client import EngineClient
 from serve.protocol import Limits, ProtocolError, tgi_params
 
 log = logging.getLogger("serve.batch")
@@ -92,20 +94,19 @@ def sampling_values(defaults: dict) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def make_infer(engine, cfg, defaults: dict):
+def make_infer(engine: EngineClient, cfg: Config, defaults: dict):
     """(record, defaults) -> response object, through the server's JSON Lines record path with the
     server's limits (MAX_NEW_TOKENS etc.); `defaults` differ from the job's only by a per-record seed."""
     from serve.handler import error_record, handle_records
 
     values = sampling_values(defaults)
-    limits = Limits(default_max_new_tokens=cfg.server.default_max_new_tokens,
-                    max_new_tokens=cfg.engine.max_total_tokens - 1, base=values)
+    limits = Limits.from_config(cfg.engine, cfg.server.default_max_new_tokens, base=values)
 
     def infer(record: str, record_defaults: dict | None):
         lim = limits
         seed = (record_defaults or {}).get("seed")
         if seed is not None and seed != values.get("seed"):
-            lim = Limits(limits.default_max_new_tokens, limits.max_new_tokens, {**values, "seed": seed})
+            lim = limits.with_base({"seed": seed})
         try:
             return handle_records(engine, [record], limits=lim)[0]
         except Exception as e:  # the contract is "never raises"; keep it so whatever happens
@@ -126,7 +127,7 @@ def default_concurrency(engine_cfg) -> int:
     return engine_cfg.max_concurrent_seqs + min(engine_cfg.max_queued_requests, engine_cfg.max_concurrent_seqs)
 
 
-def start_engine(cfg, model_dir: str | None, model_id: str | None):
+def start_engine(cfg: Config, model_dir: str | None, model_id: str | None) -> tuple[EngineClient, str, Config]:
     """-> (engine, model name, cfg with the checkpoint's context limits) once ready; SystemExit(2) with the
     reason when loading fails."""
     from serve.engine_setup import build_engine

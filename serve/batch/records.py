@@ -16,7 +16,7 @@ import hashlib
 import json
 
 from serve import encoders as enc
-from serve.protocol import Limits, ProtocolError, tgi_params
+from serve import kinds
 
 
 def seed_for(base: int, rel: str, index: int) -> int:
@@ -75,17 +75,10 @@ def join(text: str | None, resp) -> dict:
 
 
 def may_sample(obj, defaults: dict) -> bool:
-    """Whether a record (decoded JSON) would be sampled rather than greedy, per serve/protocol.py."""
-    if isinstance(obj, dict) and ("messages" in obj or "prompt" in obj):
-        # OpenAI shapes sample at temperature 1 unless the record says 0; the job's temperature fills in
-        t = obj.get("temperature", defaults.get("temperature", 1.0))
-        return not isinstance(t, (int, float)) or t > 0
-    own = obj.get("parameters") if isinstance(obj, dict) else None
-    try:
-        values, _ = tgi_params({**defaults, **(own if isinstance(own, dict) else {})}, Limits())
-    except ProtocolError:
-        return False  # the record fails validation in the handler anyway
-    return bool(values.get("do_sample")) and values.get("temperature") != 0.0
+    """Whether a record (decoded JSON) would be sampled rather than greedy: asked of its request kind
+    (serve/kinds). A record no kind takes is never generated."""
+    found = kinds.select(obj)
+    return found is not None and found[0].may_sample(found[1], defaults)
 
 
 def pin_ids(resp, rel: str, index: int, created: int):

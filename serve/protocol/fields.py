@@ -5,13 +5,15 @@ and ProtocolError carrying its HTTP status: 400 bad JSON, 413 too big, 415 wrong
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.types import RequestError, SamplingParams
+from model.types import EngineConfig, RequestError, SamplingParams
 
 JSON_TYPES = frozenset({"application/json", "text/json"})
 JSONL_TYPES = frozenset({"application/jsonlines", "application/x-jsonlines", "application/jsonl",
@@ -37,10 +39,22 @@ def invalid(message: str) -> ProtocolError:
 class Limits:
     """What the server allows, from serve/config.py (so parsing needs no environment)."""
 
-    default_max_new_tokens: int = 256
+    default_max_new_tokens: int = SamplingParams.max_new_tokens  # the one default length: SamplingParams'
     max_new_tokens: int = 16383  # upper bound for a request's max_new_tokens
     # SamplingParams field -> value applied before the request's own fields (batch CLI defaults)
     base: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig, default_max_new_tokens: int = SamplingParams.max_new_tokens,
+                    base: Mapping[str, Any] | None = None) -> Limits:
+        """The limits of an engine: a request may ask for up to max_total_tokens - 1 new tokens, and the
+        server's default (MAX_NEW_TOKENS) yields to a smaller context."""
+        top = max(1, engine.max_total_tokens - 1)
+        return cls(min(default_max_new_tokens, top), top, dict(base or {}))
+
+    def with_base(self, values: Mapping[str, Any]) -> Limits:
+        """These limits with `values` (SamplingParams fields) added to the base under each request's own."""
+        return dataclasses.replace(self, base={**self.base, **values})
 
 
 # ---- body decoding ----

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,3 +198,11 @@ def parse_completion(obj: Any, limits: Limits) -> CompletionRequest:
         prompts=tuple(prompts), params=sampling_params(limits, values), stream=stream,
         include_usage=include_usage, echo=bool(f.bool("echo")), logprobs=logprobs, model=obj.get("model"),
     )
+
+
+def may_sample(obj: dict, defaults: Mapping[str, Any]) -> bool:
+    """Whether a chat or completions body, under a batch job's default parameters, samples: OpenAI samples at
+    temperature 1 unless told 0; the body's temperature, else the job's, decides (a temperature that is not a
+    number counts as sampling: the parser refuses the body anyway)."""
+    t = obj.get("temperature", defaults.get("temperature", 1.0))
+    return not isinstance(t, (int, float)) or t > 0

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from model.types import SamplingParams
-from serve.protocol.fields import MAX_TOP_N, Fields, Limits, invalid, max_new, sampling_params
+from serve.protocol.fields import MAX_TOP_N, Fields, Limits, ProtocolError, invalid, max_new, sampling_params
 
 TGI_TOP = frozenset({"inputs", "parameters", "stream"})
 TGI_PARAMS = frozenset({
@@ -82,3 +83,14 @@ def parse_tgi(obj: dict, limits: Limits) -> TextRequest:
     values, opts = tgi_params(obj.get("parameters"), limits)
     return TextRequest(inputs=tuple(inputs), params=sampling_params(limits, values), batched=batched,
                        stream=stream, **opts)
+
+
+def may_sample(obj: dict, defaults: Mapping[str, Any]) -> bool:
+    """Whether this body, under a batch job's default parameters, samples rather than decodes greedily:
+    its parameters over the defaults, read as tgi_params reads them (any warping knob turns sampling on)."""
+    own = obj.get("parameters")
+    try:
+        values, _ = tgi_params({**defaults, **(own if isinstance(own, dict) else {})}, Limits())
+    except ProtocolError:
+        return False  # the record fails validation in the handler anyway
+    return not sampling_params(Limits(), values).greedy

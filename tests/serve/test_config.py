@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from model.types import EngineConfig
-from serve.config import VARS, Config, ConfigError, Context, describe, load_config, with_context
+from serve.config import Config, ConfigError, Context, load_config, with_context
+from serve.env_vars import VARS, describe
 
 
 def test_defaults_match_sagemaker_contract():
@@ -195,3 +196,31 @@ def test_context_that_cannot_work_refuses_to_start_naming_the_variables(env, con
         with_context(cfg, context)
     for name in names:
         assert name in str(err.value)
+
+
+ENGINE_VALUES = {"MAX_CONCURRENT_SEQS": ("7", 7), "MAX_QUEUED_REQUESTS": ("9", 9), "MAX_STEP_TOKENS": ("70", 70),
+                 "PREFILL_TIME_SHARE": ("0.5", 0.5), "PREFILL_CHUNK_TOKENS": ("11", 11), "KV_CACHE_TOKENS": ("4096", 4096),
+                 "DTYPE": ("bfloat16", "bfloat16"), "SSM_STATE_DTYPE": ("bfloat16", "bfloat16"), "DEVICE": ("cpu", "cpu"),
+                 "CUDA_GRAPHS": ("off", False), "KERNELS": ("reference", "reference"), "PREFIX_CACHE": ("no", False),
+                 "SNAPSHOT_DEVICE_SHARE": ("0.5", 0.5), "SNAPSHOT_HOST_BYTES": ("123", 123)}
+
+
+def test_each_engine_variable_reaches_the_field_of_its_name():
+    fields = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    knobs = {v.name for v in VARS if v.name.lower() in fields} - {"MAX_INPUT_TOKENS", "MAX_TOTAL_TOKENS"}
+    assert knobs == ENGINE_VALUES.keys()
+    for v in VARS:
+        if v.name in knobs:
+            assert v.default == fields[v.name.lower()], v.name  # the default is the field's, not a copy
+    engine = load_config({name: raw for name, (raw, _) in ENGINE_VALUES.items()}).engine
+    assert {name: getattr(engine, name.lower()) for name in knobs} == {n: want for n, (_, want) in ENGINE_VALUES.items()}
+
+
+def test_one_default_for_new_tokens():
+    from model.types import SamplingParams
+    from serve.config import ServerConfig
+    from serve.protocol import Limits
+
+    default = SamplingParams().max_new_tokens
+    assert ServerConfig().default_max_new_tokens == Limits().default_max_new_tokens == default
+    assert {r["name"]: r["default"] for r in describe()}["MAX_NEW_TOKENS"] == str(default)

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from serve.kinds import parse_request
 from serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -10,7 +11,6 @@ from serve.protocol import (
     TextRequest,
     decode_json,
     media_type,
-    parse_request,
     split_lines,
     tgi_params,
 )
@@ -258,3 +258,13 @@ def test_errors_serialise():
 def test_error_messages_stay_short():
     err = error_of({"inputs": "x", "k" * 100_000: 1})
     assert err.status == 422 and len(err.message) <= 500
+
+
+def test_limits_from_an_engine_config():
+    from model.types import EngineConfig
+
+    small = Limits.from_config(EngineConfig(max_input_tokens=50, max_total_tokens=100))
+    assert (small.default_max_new_tokens, small.max_new_tokens, small.base) == (99, 99, {})  # the default yields
+    lim = Limits.from_config(EngineConfig(), 300, base={"top_k": 5})
+    assert (lim.default_max_new_tokens, lim.max_new_tokens, lim.base) == (300, 16383, {"top_k": 5})
+    assert lim.with_base({"seed": 7}) == Limits(300, 16383, {"top_k": 5, "seed": 7}) and lim.base == {"top_k": 5}
