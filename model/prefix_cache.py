@@ -4,7 +4,7 @@ A snapshot after n tokens = that sequence's Mamba state (conv + SSM of every Mam
 whatever n) + the KV of its n tokens. The Mamba state is the whole history, so a new prompt that starts
 with those n ids resumes from the snapshot and prefills only the rest, exactly.
 
-Tiers (the tensor side, `Copier`, lives in model/snapshots.py):
+Tiers (the tensor side, `Copier` in model/types.py, lives in model/snapshots.py):
   device  state copied out of the slot; KV *shared by reference*: the snapshot holds ceil(n / block)
           KV blocks (refcounted in model/blocks.py). A resumed sequence shares the n // block full blocks
           and gets a fresh copy of the partial last block, which it then appends to.
@@ -28,26 +28,14 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from model.blocks import SlotAllocator, blocks_needed
 from model.token_trie import TokenTrie
+from model.types import Copier, EngineConfig, Runner
 
 DEVICE, HOST = "device", "host"
 log = logging.getLogger(__name__)
-
-
-class Copier(Protocol):
-    """Tensor copies between the state pool and snapshot storage (model/snapshots.py)."""
-
-    state_bytes: int  # one snapshot's Mamba state (conv + SSM, all layers)
-    kv_block_bytes: int  # one KV block, all attention layers, K and V
-
-    def save(self, slot: int) -> Any: ...  # the slot's Mamba state, copied on the device
-    def to_host(self, saved: Any, blocks: list[int], n_tokens: int) -> Any: ...  # one host buffer
-    def host_bytes(self, n_tokens: int) -> int: ...
-    def restore_device(self, saved: Any, slot: int, src: list[int], dst: list[int], n_tokens: int) -> None: ...
-    def restore_host(self, packed: Any, slot: int, dst: list[int], n_tokens: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -255,9 +243,9 @@ class PrefixCache:
         return got[1] if got else None
 
 
-def for_runner(config, runner) -> PrefixCache | None:
+def for_runner(config: EngineConfig, runner: Runner) -> PrefixCache | None:
     """The engine's prefix cache, or None (disabled, or a runner without a state pool, e.g. a test fake)."""
-    copier = getattr(runner, "snapshot_copier", None)
+    copier = runner.snapshot_copier
     if not config.prefix_cache or copier is None:
         return None
     rep = runner.memory_report()

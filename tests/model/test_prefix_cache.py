@@ -10,51 +10,7 @@ import pytest
 from model.blocks import SlotAllocator
 from model.prefix_cache import DEVICE, HOST, PrefixCache
 from model.token_trie import TokenTrie
-
-BS = 4
-
-
-class ListCopier:
-    """Slot state = the token ids it holds; KV block = a list of BS token ids (None = garbage)."""
-
-    state_bytes = 100
-    kv_block_bytes = 40
-
-    def __init__(self, slots: int, blocks: int) -> None:
-        self.state = [None] * slots
-        self.kv = [[None] * BS for _ in range(blocks)]
-
-    def host_bytes(self, n):
-        return self.state_bytes + n * (self.kv_block_bytes // BS)
-
-    def save(self, slot):
-        return tuple(self.state[slot])
-
-    def to_host(self, saved, blocks, n):
-        return saved, tuple(self.kv[blocks[p // BS]][p % BS] for p in range(n))
-
-    def restore_device(self, saved, slot, src, dst, n):
-        self.state[slot] = list(saved)
-        if n % BS:
-            self.kv[dst[n // BS]] = list(self.kv[src[n // BS]])
-
-    def restore_host(self, packed, slot, dst, n):
-        saved, toks = packed
-        self.state[slot] = list(saved)
-        for p, t in enumerate(toks):
-            self.kv[dst[p // BS]][p % BS] = t
-
-    # what a step does: fold tokens into a slot and write their KV
-    def feed(self, alloc, slot, start, toks):
-        table = alloc.block_table(slot)
-        self.state[slot] = (self.state[slot] or [])[:start] + list(toks)
-        for i, t in enumerate(toks):
-            p = start + i
-            self.kv[table[p // BS]][p % BS] = t
-
-    def kv_of(self, alloc, slot, n):
-        table = alloc.block_table(slot)
-        return [self.kv[table[p // BS]][p % BS] for p in range(n)]
+from tests.fakes import BS, ListCopier
 
 
 def make(slots=4, blocks=64, device=10_000, host=10_000):
