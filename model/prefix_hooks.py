@@ -72,7 +72,7 @@ class PrefixHooks:
             ids = seq.ids
             sid = seq.request.session_id if final else None
             self.cache.take(seq.slot, ids[: seq.num_computed + ahead], sid, ids,
-                            supersedes=seq.prompt_ids if final else None)
+                            supersedes=seq.prompt_ids if final else None, namespace=seq.namespace)
         except Exception:  # a snapshot is an optimisation: never fail the request for it
             log.exception("prefix cache: snapshot of sequence %d failed", seq.seq_id)
 

@@ -125,7 +125,7 @@ class Scheduler:
         while self.waiting and self.allocator.num_free_slots > 0:
             seq = self.waiting[0]
             if self.prefix is not None:  # [prefix cache] resume from the longest snapshot; snapshots make room
-                got = self.prefix.admit(seq.prompt_ids, seq.reserve_tokens)
+                got = self.prefix.admit(seq.prompt_ids, seq.reserve_tokens, seq.namespace)
                 if got is None:
                     break
                 self.waiting.popleft()

@@ -7,6 +7,7 @@ import itertools
 from enum import Enum
 from typing import Any
 
+from model.prefix_cache import DEFAULT_NAMESPACE
 from model.types import EngineConfig, FinishReason, GenerationRequest, InputTooLong, InvalidRequest
 
 
@@ -20,13 +21,17 @@ _ids = itertools.count()
 
 
 class Sequence:
-    def __init__(self, request: GenerationRequest, max_new_tokens: int | None = None) -> None:
+    def __init__(self, request: GenerationRequest, max_new_tokens: int | None = None,
+                 namespace: str = DEFAULT_NAMESPACE) -> None:
         self.seq_id = next(_ids)
         self.request = request
         self.prompt_ids: list[int] = list(request.prompt_ids)
         self.output_ids: list[int] = []
         # Clipped by the engine to the context budget; the scheduler reserves prompt + this.
         self.max_new_tokens = request.params.max_new_tokens if max_new_tokens is None else max_new_tokens
+        # The prefix cache's key space (model/prefix_cache.py): snapshots are resumed only within it. Every request
+        # has the default today; a LoRA adapter's id goes here (state under other weights is other state).
+        self.namespace = namespace
         self.slot: int | None = None
         self.num_computed = 0  # tokens already folded into the slot's state (= KV length)
         self.status = SeqStatus.WAITING

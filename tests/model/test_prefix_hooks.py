@@ -116,3 +116,23 @@ def test_sessions_over_the_cache():
     assert sessions.release("s3") and not sessions.release("s3") and sessions.conversation("s3") is None
     n = len(cache.lru)
     assert n == 2 and sessions.clear() == n and not cache.lru  # the prompt's and the end's, now unpinned
+
+
+def test_a_sequence_resumes_only_from_its_own_namespace():
+    sched, cop, cache = make(slots=1)
+    p = [1, 2, 3, 4, 5, 6]
+
+    def served(ns):
+        s = Sequence(GenerationRequest(tuple(p + [9]), SamplingParams(max_new_tokens=2)), namespace=ns)
+        sched.add(s)
+        while sched.has_work():
+            collect(sched, *step(sched, cop))
+        return s.cached_tokens
+
+    first = Sequence(GenerationRequest(tuple(p), SamplingParams(max_new_tokens=2)), namespace="adapter-a")
+    sched.add(first)
+    while sched.has_work():
+        collect(sched, *step(sched, cop))
+    assert [s.namespace for s in cache.lru.values()] == ["adapter-a", "adapter-a"]
+    assert served("") == 0 and served("adapter-b") == 0  # the same ids, other namespaces
+    assert served("adapter-a") == len(p)  # its own: resumed after the prompt
