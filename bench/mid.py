@@ -18,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench.run import Server, prompts, run_concurrency, stream_one
+from bench.http_load import Server, prompts, run_concurrency, stream_one
 
 MID = dict(hidden_size=1024, num_hidden_layers=12, attention_layers=(3, 9), num_attention_heads=16,
            num_key_value_heads=4, mamba_n_heads=32, mamba_d_head=64, mamba_d_state=128)

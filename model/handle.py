@@ -1,11 +1,22 @@
-"""The client side of one generation (Handle) and the stop-string text buffer the engine uses."""
+"""The client side of one generation (Handle) and the engine's side of its text: the stop-string buffer
+(StopBuffer) and the per-sequence output state that turns sampled tokens into text (SeqOutput)."""
 
 from __future__ import annotations
 
 import queue
 from collections.abc import Callable, Iterator
 
-from model.types import Completion, FailureKind, FinishReason, TokenEvent, TopToken
+from model.types import (
+    Completion,
+    Detokenizer,
+    FailureKind,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+    Tokenizer,
+    TopToken,
+    resolve_seed,
+)
 
 
 class StopBuffer:
@@ -98,6 +109,42 @@ class Handle:
             failure=last.failure,
             cached_tokens=self.cached_tokens,
         )
+
+
+class SeqOutput:
+    """The engine's side of one sequence's output (kept in Sequence.ctx): its handle, incremental text with its
+    stop strings, and whether its last event is out."""
+
+    def __init__(self, request: GenerationRequest, detok: Detokenizer, on_cancel: Callable[[], None]) -> None:
+        self.seed = resolve_seed(request.params)  # the seed it samples with (reported back)
+        self.handle = Handle(len(request.prompt_ids), request.request_id, on_cancel)
+        self.handle.seed = self.seed
+        self.detok = detok
+        self.stops = StopBuffer(request.params.stop)
+        self.ended = False  # the sequence's last event is out
+        self.opened = False  # runner.open() done for its slot (before its first chunk)
+
+    def event(self, tok: int, logprob: float, top: list[tuple[int, float]], reason: FinishReason | None,
+              tokenizer: Tokenizer) -> TokenEvent:
+        """The event of a sampled token: the text it adds, and the reason the sequence ends with it: `reason` (the
+        scheduler's finish rule, model/scheduler.py) or STOP when the text completes a stop string."""
+        special = bool(tokenizer.is_special(tok))
+        if reason in (FinishReason.EOS, FinishReason.STOP):
+            text = self.final_text()  # an EOS or stop token adds no text
+        else:
+            text, stopped = self.stops.push(self.detok.push(tok))
+            if stopped:
+                reason = FinishReason.STOP
+            elif reason is not None:  # LENGTH
+                text += self.final_text()
+        tops = top_tokens(top, tokenizer.token_text) if top else ()
+        return TokenEvent(tok, text, logprob, special, reason, tops)
+
+    def final_text(self) -> str:
+        # End of stream: the detokenizer's dangling bytes (if any) and the held-back text that never
+        # became a stop string are released.
+        out, stopped = self.stops.push(self.detok.finish())
+        return out if stopped else out + self.stops.flush()
 
 
 def end_event(reason: FinishReason, text: str = "", error: str | None = None,

@@ -1,10 +1,10 @@
-"""Torch-free prefix cache: snapshots of sequence state keyed by the exact token ids they consumed.
+"""Torch-free prefix cache: snapshots of sequence state keyed by (namespace, the exact token ids they consumed).
 
 A snapshot after n tokens = that sequence's Mamba state (conv + SSM of every Mamba layer, a fixed size
 whatever n) + the KV of its n tokens. The Mamba state is the whole history, so a new prompt that starts
 with those n ids resumes from the snapshot and prefills only the rest, exactly.
 
-Tiers (the tensor side, `Copier`, lives in model/snapshots.py):
+Tiers (the tensor side, `Copier` in model/types.py, lives in model/snapshots.py):
   device  state copied out of the slot; KV *shared by reference*: the snapshot holds ceil(n / block)
           KV blocks (refcounted in model/blocks.py). A resumed sequence shares the n // block full blocks
           and gets a fresh copy of the partial last block, which it then appends to.
@@ -18,6 +18,10 @@ sequence needs KV blocks that snapshots hold, they move to the host tier (or are
 Sessions: a snapshot pinned for a session (pin_session) is never dropped while pinned; it may still move
 to the host tier (which may then exceed its budget: the server bounds sessions in number).
 
+Namespaces: a snapshot is only ever resumed by a sequence of its own namespace (each has its own trie). Today's
+requests all have DEFAULT_NAMESPACE; a LoRA adapter's id goes there, since state computed under other weights is
+not the same state for the same ids.
+
 Matching: the longest snapshot whose ids are a *strict* prefix of the prompt (n <= len(prompt) - 1): the
 resumed sequence must feed >= 1 token, because sampling needs the logits of the prompt's last token and
 a snapshot's state already contains its last token (it cannot be fed twice).
@@ -28,26 +32,15 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from model.blocks import SlotAllocator, blocks_needed
 from model.token_trie import TokenTrie
+from model.types import Copier, EngineConfig, Runner
 
 DEVICE, HOST = "device", "host"
+DEFAULT_NAMESPACE = ""  # the key space of requests on the base weights (no adapter)
 log = logging.getLogger(__name__)
-
-
-class Copier(Protocol):
-    """Tensor copies between the state pool and snapshot storage (model/snapshots.py)."""
-
-    state_bytes: int  # one snapshot's Mamba state (conv + SSM, all layers)
-    kv_block_bytes: int  # one KV block, all attention layers, K and V
-
-    def save(self, slot: int) -> Any: ...  # the slot's Mamba state, copied on the device
-    def to_host(self, saved: Any, blocks: list[int], n_tokens: int) -> Any: ...  # one host buffer
-    def host_bytes(self, n_tokens: int) -> int: ...
-    def restore_device(self, saved: Any, slot: int, src: list[int], dst: list[int], n_tokens: int) -> None: ...
-    def restore_host(self, packed: Any, slot: int, dst: list[int], n_tokens: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -58,6 +51,7 @@ class Snapshot:
     blocks: tuple[int, ...] = ()  # device tier: KV blocks of the n tokens (held)
     nbytes: int = 0  # host tier: buffer bytes
     pins: set[str] = field(default_factory=set)
+    namespace: str = DEFAULT_NAMESPACE  # shared only within it
 
 
 class PrefixCache:
@@ -65,7 +59,8 @@ class PrefixCache:
         self.allocator, self.copier = allocator, copier
         self.bs = allocator.block_size
         self.device_budget, self.host_budget = max(device_bytes, 0), max(host_bytes, 0)
-        self.trie = TokenTrie()
+        self.trie = TokenTrie()  # DEFAULT_NAMESPACE's index
+        self._tries: dict[str, TokenTrie] = {DEFAULT_NAMESPACE: self.trie}  # namespace -> its own index
         self.lru: OrderedDict[int, Snapshot] = OrderedDict()  # id(snap) -> snap, least recent first
         self._dev_blocks: dict[int, int] = {}  # block -> device snapshots holding it
         self._host_used = 0
@@ -91,13 +86,14 @@ class PrefixCache:
                     kv_blocks_held=len(self._dev_blocks), sessions=len(self._sessions))
 
     # ---- admission (the scheduler's hook) ---------------------------------------------------------
-    def admit(self, prompt_ids, reserve_tokens: int) -> tuple[int, int] | None:
+    def admit(self, prompt_ids, reserve_tokens: int, namespace: str = DEFAULT_NAMESPACE) -> tuple[int, int] | None:
         """Allocate a slot for a new sequence, resumed from the longest matching snapshot when there is
         one: returns (slot, tokens already in its state), or None when it cannot be admitted yet (no slot,
         or running sequences hold the KV it needs). Snapshots give up their blocks before that."""
         if self.allocator.num_free_slots < 1:
             return None
-        hit = self.trie.longest(prompt_ids, len(prompt_ids) - 1)
+        trie = self._tries.get(namespace)
+        hit = trie.longest(prompt_ids, len(prompt_ids) - 1) if trie is not None else None
         while True:
             shared = list(hit.blocks[: len(hit.ids) // self.bs]) if hit and hit.tier == DEVICE else []
             need = blocks_needed(reserve_tokens, self.bs) - len(shared)
@@ -125,7 +121,7 @@ class PrefixCache:
             log.exception("prefix cache: restoring a snapshot of %d tokens failed; dropped", n)
             self.allocator.free(slot)
             self._drop(hit, evicted=True)
-            return self.admit(prompt_ids, reserve_tokens)
+            return self.admit(prompt_ids, reserve_tokens, namespace)
         self.lru.move_to_end(id(hit))
         self.counters["hits"] += 1
         self.counters["hits_host"] += hit.tier == HOST
@@ -134,25 +130,26 @@ class PrefixCache:
 
     # ---- taking snapshots (the engine's hooks) ------------------------------------------------------
     def take(self, slot: int, ids, session: str | None = None, conversation=None,
-             supersedes=None) -> Snapshot | None:
+             supersedes=None, namespace: str = DEFAULT_NAMESPACE) -> Snapshot | None:
         """Snapshot the slot's state after exactly `ids` (its first len(ids) KV positions). With `session`,
         pin it for that session (replacing the session's previous pin) and remember `conversation`.
         `supersedes`: the ids of this sequence's earlier (prompt-end) snapshot, which the new one extends:
         it becomes the least recently used, first to leave the device."""
         ids = tuple(ids)
-        older = self.trie.get(tuple(supersedes)) if supersedes is not None else None
-        if older is not None and len(older.ids) < len(ids):
-            self.lru.move_to_end(id(older), last=False)
         if not ids:
             return None
-        snap = self.trie.get(ids)
+        trie = self._tries.setdefault(namespace, TokenTrie())
+        older = trie.get(tuple(supersedes)) if supersedes is not None else None
+        if older is not None and len(older.ids) < len(ids):
+            self.lru.move_to_end(id(older), last=False)
+        snap = trie.get(ids)
         if snap is None:
             blocks = tuple(self.allocator.block_table(slot)[: blocks_needed(len(ids), self.bs)])
-            snap = Snapshot(ids, DEVICE, self.copier.save(slot), blocks)
+            snap = Snapshot(ids, DEVICE, self.copier.save(slot), blocks, namespace=namespace)
             self.allocator.retain(blocks)
             for b in blocks:
                 self._dev_blocks[b] = self._dev_blocks.get(b, 0) + 1
-            self.trie.put(snap)
+            trie.put(snap)
             self.lru[id(snap)] = snap
             self._dev_count += 1
             self.counters["snapshots_taken"] += 1
@@ -219,7 +216,10 @@ class PrefixCache:
             self._dev_count -= 1
         else:
             self._host_used -= snap.nbytes
-        self.trie.remove(snap.ids)
+        trie = self._tries[snap.namespace]
+        trie.remove(snap.ids)
+        if snap.namespace != DEFAULT_NAMESPACE and not trie.root.children:
+            del self._tries[snap.namespace]  # its last snapshot
         del self.lru[id(snap)]
         snap.data = None
         if evicted:
@@ -255,9 +255,9 @@ class PrefixCache:
         return got[1] if got else None
 
 
-def for_runner(config, runner) -> PrefixCache | None:
+def for_runner(config: EngineConfig, runner: Runner) -> PrefixCache | None:
     """The engine's prefix cache, or None (disabled, or a runner without a state pool, e.g. a test fake)."""
-    copier = getattr(runner, "snapshot_copier", None)
+    copier = runner.snapshot_copier
     if not config.prefix_cache or copier is None:
         return None
     rep = runner.memory_report()

@@ -11,26 +11,21 @@ Each step:
      sequences are decoding the prefill tokens of a step are also bounded by time (StepCost: recent
      measured step times, fed back by the engine), so a step with prefill takes at most about
      (1 + share) x a decode-only step. With nothing decoding, prefill takes the whole token budget.
+After the step (postprocess): each sequence advances by the tokens it fed and appends its sampled token; the
+finish rule (finish_rule: EOS, a stop token id, length) ends it and frees its slot before the next schedule.
+The prefix cache is asked at admission (resume from a snapshot) and told of each sequence's moments through
+its hooks (model/prefix_hooks.py: prefilled, finished; launched / settled for the step in flight).
 """
 
 from __future__ import annotations
 
-import itertools
 import statistics
 from collections import deque
-from enum import Enum
-from typing import Any
 
-from model.types import Allocator, ChunkKind, EngineConfig, GenerationRequest, QueueFull, SeqChunk, StepBatch
-
-
-class SeqStatus(str, Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-_ids = itertools.count()
+from model.prefix_cache import PrefixCache
+from model.prefix_hooks import PrefixHooks
+from model.sequence import SeqStatus, Sequence
+from model.types import Allocator, ChunkKind, EngineConfig, FinishReason, QueueFull, SeqChunk, StepBatch
 
 MIN_PREFILL_TOKENS = 16  # waiting prompts always progress
 WINDOW = 9  # recent steps each estimate is the median of
@@ -74,51 +69,28 @@ class StepCost:
         return max(MIN_PREFILL_TOKENS, int(self.share * decode_s / token_s))
 
 
-class Sequence:
-    def __init__(self, request: GenerationRequest, max_new_tokens: int | None = None) -> None:
-        self.seq_id = next(_ids)
-        self.request = request
-        self.prompt_ids: list[int] = list(request.prompt_ids)
-        self.output_ids: list[int] = []
-        # Clipped by the engine to the context budget; the scheduler reserves prompt + this.
-        self.max_new_tokens = request.params.max_new_tokens if max_new_tokens is None else max_new_tokens
-        self.slot: int | None = None
-        self.num_computed = 0  # tokens already folded into the slot's state (= KV length)
-        self.status = SeqStatus.WAITING
-        self.cancelled = False  # set from any thread; acted on by the next schedule()
-        self.last_served = -1  # when this sequence last got a decode token (fairness order)
-        self.scheduled_tokens = 0  # tokens fed in the step being run
-        self.cached_tokens = 0  # prompt tokens resumed from a prefix-cache snapshot (not computed)
-        self.ctx: Any = None  # engine-owned per-sequence state (handle, detokenizer, generator)
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def reserve_tokens(self) -> int:
-        return self.prompt_len + self.max_new_tokens
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed < self.prompt_len
-
-    def __repr__(self) -> str:
-        return (
-            f"Sequence(id={self.seq_id}, slot={self.slot}, status={self.status.value}, "
-            f"prompt={self.prompt_len}, out={len(self.output_ids)}, computed={self.num_computed})"
-        )
+def finish_rule(seq: Sequence, eos_token_id: int | None, max_total_tokens: int) -> FinishReason | None:
+    """Whether the token a sequence just sampled (its last output id) ends it: EOS (unless ignore_eos), a stop
+    token id (STOP), max_new_tokens or the context budget (LENGTH); None: it goes on. Stop *strings* need the
+    text: the engine finds those when it makes the token's text (model/handle.py SeqOutput)."""
+    tok, p = seq.output_ids[-1], seq.request.params
+    if tok == eos_token_id and not p.ignore_eos:
+        return FinishReason.EOS
+    if tok in p.stop_token_ids:
+        return FinishReason.STOP
+    if len(seq.output_ids) >= seq.max_new_tokens or seq.num_tokens >= max_total_tokens:
+        return FinishReason.LENGTH
+    return None
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: Allocator, prefix: Any = None) -> None:
+    def __init__(self, config: EngineConfig, allocator: Allocator, prefix: PrefixCache | None = None,
+                 eos_token_id: int | None = None) -> None:
         self.config = config
         self.allocator = allocator
-        self.prefix = prefix  # model.prefix_cache.PrefixCache or None
+        self.prefix = prefix
+        self.hooks = PrefixHooks(prefix)  # when snapshots are taken (no-ops without a prefix cache)
+        self.eos_token_id = eos_token_id
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.retired: list[Sequence] = []  # cancelled sequences retired by schedule(); see drain_retired
@@ -153,7 +125,7 @@ class Scheduler:
         while self.waiting and self.allocator.num_free_slots > 0:
             seq = self.waiting[0]
             if self.prefix is not None:  # [prefix cache] resume from the longest snapshot; snapshots make room
-                got = self.prefix.admit(seq.prompt_ids, seq.reserve_tokens)
+                got = self.prefix.admit(seq.prompt_ids, seq.reserve_tokens, seq.namespace)
                 if got is None:
                     break
                 self.waiting.popleft()
@@ -217,9 +189,18 @@ class Scheduler:
         prefill = sum(s.scheduled_tokens for s in seqs if s.is_prefilling)
         self.cost.observe(sum(1 for s in seqs if not s.is_prefilling), prefill, seconds)
 
+    def launched(self, seqs: list[Sequence]) -> None:
+        """The step schedule() returned seqs for is on the device (until settled)."""
+        self.hooks.launched(seqs)
+
+    def settled(self, ok: bool = True) -> None:
+        """The launched step was collected (ok) or failed: free the sequences whose end waited for it."""
+        for seq in self.hooks.settled(ok):
+            self.finish(seq)
+
     def postprocess(self, seqs: list[Sequence], new_tokens: list[int | None]) -> None:
-        """Advance each scheduled sequence by the tokens it fed; append its sampled token
-        (None for a prefill chunk that produced no logits)."""
+        """Advance each scheduled sequence by the tokens it fed; append its sampled token (None for a prefill
+        chunk that produced no logits); end (free the slot of) each one the finish rule ends."""
         if len(seqs) != len(new_tokens):
             raise ValueError(f"{len(seqs)} sequences but {len(new_tokens)} tokens")
         for seq, tok in zip(seqs, new_tokens, strict=True):
@@ -227,6 +208,19 @@ class Scheduler:
             seq.scheduled_tokens = 0
             if tok is not None:
                 seq.output_ids.append(tok)
+        sampled = [s for s, tok in zip(seqs, new_tokens, strict=True) if tok is not None]
+        self.hooks.prefilled(sampled)
+        for seq in sampled:
+            if seq.status == SeqStatus.RUNNING:  # not one that ended while its step ran
+                seq.finish_reason = finish_rule(seq, self.eos_token_id, self.config.max_total_tokens)
+                if seq.finish_reason is not None:
+                    self.end(seq, seq.finish_reason)
+
+    def end(self, seq: Sequence, reason: FinishReason) -> None:
+        """A sequence ended: free its slot, after the prefix cache's snapshot of a clean end (EOS, stop, length),
+        which waits for settled() while the step in flight still feeds the sequence."""
+        if self.hooks.finished(seq, reason):
+            self.finish(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence from whichever queue holds it and free its slot now. Idempotent."""

@@ -298,8 +298,22 @@ class Allocator(Protocol):
     def free(self, slot: int) -> None: ...
 
 
+class Copier(Protocol):
+    """Tensor copies between the state pool and snapshot storage (model/snapshots.py), for the torch-free prefix
+    cache (model/prefix_cache.py). Storage values are the copier's own (tensors), opaque to the cache."""
+
+    state_bytes: int  # one snapshot's Mamba state (conv + SSM, all layers)
+    kv_block_bytes: int  # one KV block, all attention layers, K and V
+
+    def save(self, slot: int) -> object: ...  # the slot's Mamba state, copied on the device
+    def to_host(self, saved: object, blocks: list[int], n_tokens: int) -> object: ...  # one host buffer
+    def host_bytes(self, n_tokens: int) -> int: ...
+    def restore_device(self, saved: object, slot: int, src: list[int], dst: list[int], n_tokens: int) -> None: ...
+    def restore_host(self, packed: object, slot: int, dst: list[int], n_tokens: int) -> None: ...
+
+
 class Runner(Protocol):
-    """What the engine needs of model/runner.py's ModelRunner."""
+    """What the engine needs of model/runner.py's ModelRunner (tests/test_protocols.py checks it and the fakes)."""
 
     allocator: Allocator
     vocab_size: int
@@ -308,12 +322,15 @@ class Runner(Protocol):
     num_parameters: int
 
     asynchronous: bool  # launch() returns before the device is done (CUDA); False: it computes (CPU)
+    snapshot_copier: Copier | None  # the prefix cache's tensor side; None: no state pool to snapshot (a fake)
 
     def warmup(self) -> None: ...
+    def bind_thread(self) -> None: ...  # make the runner's device the calling thread's current one (the loop's)
     def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int]) -> None: ...
     def launch(self, batch: StepBatch) -> object: ...  # queue the step (forward + sampling) on the device
     def collect(self, pending: object) -> StepOutput: ...  # wait for it: the step's one device-to-host sync
     def after_failure(self, exc: Exception) -> None: ...  # e.g. release cached device memory after an OOM
+    def memory_report(self) -> dict: ...  # bytes of the state pool by part (pool_state_bytes, pool_kv_bytes, ...)
 
 
 class Detokenizer(Protocol):

@@ -29,8 +29,8 @@ class FakeDetok:
         self.tok = tok
         self.text = ""
 
-    def push(self, t):
-        piece = "" if self.tok.is_special(t) else ALPHA[t]
+    def push(self, token_id):
+        piece = "" if self.tok.is_special(token_id) else ALPHA[token_id]
         self.text += piece
         return piece
 
@@ -53,11 +53,11 @@ class FakeTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return "".join("<eos>" if i == EOS else ALPHA[i] for i in ids)
 
-    def is_special(self, t):
-        return t == EOS
+    def is_special(self, token_id):
+        return token_id == EOS
 
-    def token_text(self, t):
-        return self.decode([t])
+    def token_text(self, token_id):
+        return self.decode([token_id])
 
     def detokenizer(self):
         return FakeDetok(self)
@@ -67,6 +67,7 @@ class FakeRunner:
     """Next token = (last fed token + 1) % V, or `script[last]` when given. Runs with a real allocator."""
 
     asynchronous = False  # True: the engine emits a step's events after launching the next one
+    snapshot_copier = None  # no state pool: the engine runs without a prefix cache
 
     def __init__(self, model_dir, config, script=None, slots=None, blocks=256, delay_s=0.0):
         self.allocator = SlotAllocator(slots or config.max_concurrent_seqs, blocks, 4)
@@ -91,6 +92,9 @@ class FakeRunner:
 
     def after_failure(self, exc):
         self.failures = getattr(self, "failures", 0) + 1
+
+    def memory_report(self):
+        return {"pool_state_bytes": 0, "pool_kv_bytes": 0}
 
     def launch(self, batch):
         return self.step(batch)
@@ -165,6 +169,54 @@ def wait_free(engine, timeout=20.0) -> dict:
             return s
         time.sleep(0.02)
     raise AssertionError(f"slots not freed: {engine.stats()}")
+
+
+# ---- prefix cache ------------------------------------------------------------------------------
+
+BS = 4  # ListCopier's KV block size
+
+
+class ListCopier:
+    """Slot state = the token ids it holds; KV block = a list of BS token ids (None = garbage)."""
+
+    state_bytes = 100
+    kv_block_bytes = 40
+
+    def __init__(self, slots: int, blocks: int) -> None:
+        self.state = [None] * slots
+        self.kv = [[None] * BS for _ in range(blocks)]
+
+    def host_bytes(self, n_tokens):
+        return self.state_bytes + n_tokens * (self.kv_block_bytes // BS)
+
+    def save(self, slot):
+        return tuple(self.state[slot])
+
+    def to_host(self, saved, blocks, n_tokens):
+        return saved, tuple(self.kv[blocks[p // BS]][p % BS] for p in range(n_tokens))
+
+    def restore_device(self, saved, slot, src, dst, n_tokens):
+        self.state[slot] = list(saved)
+        if n_tokens % BS:
+            self.kv[dst[n_tokens // BS]] = list(self.kv[src[n_tokens // BS]])
+
+    def restore_host(self, packed, slot, dst, n_tokens):
+        saved, toks = packed
+        self.state[slot] = list(saved)
+        for p, t in enumerate(toks):
+            self.kv[dst[p // BS]][p % BS] = t
+
+    # what a step does: fold tokens into a slot and write their KV
+    def feed(self, alloc, slot, start, toks):
+        table = alloc.block_table(slot)
+        self.state[slot] = (self.state[slot] or [])[:start] + list(toks)
+        for i, t in enumerate(toks):
+            p = start + i
+            self.kv[table[p // BS]][p % BS] = t
+
+    def kv_of(self, alloc, slot, n):
+        table = alloc.block_table(slot)
+        return [self.kv[table[p // BS]][p % BS] for p in range(n)]
 
 
 # ---- batch ----

@@ -10,51 +10,7 @@ import pytest
 from model.blocks import SlotAllocator
 from model.prefix_cache import DEVICE, HOST, PrefixCache
 from model.token_trie import TokenTrie
-
-BS = 4
-
-
-class ListCopier:
-    """Slot state = the token ids it holds; KV block = a list of BS token ids (None = garbage)."""
-
-    state_bytes = 100
-    kv_block_bytes = 40
-
-    def __init__(self, slots: int, blocks: int) -> None:
-        self.state = [None] * slots
-        self.kv = [[None] * BS for _ in range(blocks)]
-
-    def host_bytes(self, n):
-        return self.state_bytes + n * (self.kv_block_bytes // BS)
-
-    def save(self, slot):
-        return tuple(self.state[slot])
-
-    def to_host(self, saved, blocks, n):
-        return saved, tuple(self.kv[blocks[p // BS]][p % BS] for p in range(n))
-
-    def restore_device(self, saved, slot, src, dst, n):
-        self.state[slot] = list(saved)
-        if n % BS:
-            self.kv[dst[n // BS]] = list(self.kv[src[n // BS]])
-
-    def restore_host(self, packed, slot, dst, n):
-        saved, toks = packed
-        self.state[slot] = list(saved)
-        for p, t in enumerate(toks):
-            self.kv[dst[p // BS]][p % BS] = t
-
-    # what a step does: fold tokens into a slot and write their KV
-    def feed(self, alloc, slot, start, toks):
-        table = alloc.block_table(slot)
-        self.state[slot] = (self.state[slot] or [])[:start] + list(toks)
-        for i, t in enumerate(toks):
-            p = start + i
-            self.kv[table[p // BS]][p % BS] = t
-
-    def kv_of(self, alloc, slot, n):
-        table = alloc.block_table(slot)
-        return [self.kv[table[p // BS]][p % BS] for p in range(n)]
+from tests.fakes import BS, ListCopier
 
 
 def make(slots=4, blocks=64, device=10_000, host=10_000):
@@ -253,3 +209,64 @@ def test_policy_modules_are_torch_free():
     code = ("import sys, model.prefix_cache, model.token_trie, model.blocks, model.scheduler; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- namespaces: (namespace, ids) is the key; a snapshot never serves another namespace ----------------------
+
+def run_ns(alloc, cop, cache, ns, prompt, new=()):
+    """`run` in a namespace: the copier's state and KV hold (namespace, id) pairs, so a resume from another
+    namespace's snapshot would show in the restored values."""
+    got = cache.admit(prompt, len(prompt) + len(new) + 1, namespace=ns)
+    assert got is not None
+    slot, n = got
+    if n == 0:
+        cop.state[slot] = []
+    tagged = [(ns, t) for t in prompt]
+    assert cop.state[slot] == tagged[:n] and cop.kv_of(alloc, slot, n) == tagged[:n], "another namespace's state"
+    cop.feed(alloc, slot, n, tagged[n:])
+    cache.take(slot, prompt, namespace=ns)
+    toks = list(prompt)
+    for t in new[:-1]:
+        cop.feed(alloc, slot, len(toks), [(ns, t)])
+        toks.append(t)
+    cache.take(slot, toks, supersedes=prompt, namespace=ns)
+    alloc.free(slot)
+    return n
+
+
+def test_two_namespaces_never_share_a_snapshot():
+    from model.prefix_cache import DEFAULT_NAMESPACE
+
+    alloc, cop, cache = make()
+    p = [1, 2, 3, 4, 5, 6]
+    assert run_ns(alloc, cop, cache, "adapter-a", p, new=[7, 8]) == 0
+    assert run_ns(alloc, cop, cache, DEFAULT_NAMESPACE, p + [7, 9]) == 0  # the same ids, another namespace: a miss
+    assert run_ns(alloc, cop, cache, "adapter-b", p + [7, 9]) == 0
+    assert run_ns(alloc, cop, cache, "adapter-a", p + [7, 9]) == len(p) + 1  # its own: resumed
+    assert run_ns(alloc, cop, cache, DEFAULT_NAMESPACE, p + [7, 9, 10]) == len(p) + 2
+    same = [s for s in cache.lru.values() if s.ids == (*p, 7, 9)]
+    assert sorted(s.namespace for s in same) == ["", "adapter-a", "adapter-b"]  # one snapshot per namespace
+    assert cache.trie.get((*p, 7, 9)).namespace == DEFAULT_NAMESPACE and cache.trie.get(tuple(p)) is None
+    cache.clear()
+    assert alloc.num_free_blocks == 64 and set(cache._tries) == {DEFAULT_NAMESPACE}  # emptied ones are gone
+
+
+def test_namespaces_under_pressure_never_cross():
+    rng = random.Random(1)
+    alloc, cop, cache = make(slots=3, blocks=40, device=800, host=1500)
+    spaces = ["", "a", "b"]
+    convs = {ns: [[] for _ in range(4)] for ns in spaces}
+    for _ in range(150):
+        ns = rng.choice(spaces)
+        i = rng.randrange(4)
+        shared = [1, 2, 3] if rng.random() < 0.5 else []  # the same ids in every namespace
+        prompt = (convs[ns][i] or shared) + [rng.randrange(1, 20) for _ in range(rng.randint(1, 5))]
+        new = [rng.randrange(1, 20) for _ in range(rng.randint(1, 3))]
+        if len(prompt) + len(new) > 50:
+            convs[ns][i] = []
+            continue
+        run_ns(alloc, cop, cache, ns, prompt, new)  # checks every restored value is this namespace's
+        convs[ns][i] = prompt + new
+    assert cache.counters["hits"] > 0 and cache.counters["evictions"] > 0
+    cache.clear()
+    assert alloc.num_free_blocks == 40

@@ -316,3 +316,40 @@ def test_decodes_keep_their_cadence_behind_arriving_prompts():
     assert p99_0 > 5 * p50_0  # the stall this is about
     assert p99 <= 3 * p50  # bounded by time: a step with prefill <= ~2.5 decode steps
     assert ttft <= ttft0 * 1.05  # time to first token not worse
+
+
+# ---- the finish rule (the one place "finished" is decided; stop strings are the engine's: they need text) ----
+
+def test_finish_rule_eos_stop_token_and_length():
+    from model.scheduler import finish_rule
+    from model.types import FinishReason
+
+    def ended(out, limit=100, **params):
+        seq = Sequence(GenerationRequest((5, 6, 7), SamplingParams(**{"max_new_tokens": 4, **params})))
+        seq.output_ids = list(out)
+        return finish_rule(seq, 0, limit)
+
+    assert ended([9, 0]) == FinishReason.EOS
+    assert ended([9, 0], ignore_eos=True) is None
+    assert ended([9, 0], stop_token_ids=(0,)) == FinishReason.EOS  # EOS first
+    assert ended([9, 0], stop_token_ids=(0,), ignore_eos=True) == FinishReason.STOP
+    assert ended([9, 3], stop_token_ids=(3,)) == FinishReason.STOP
+    assert ended([9, 0, 9, 0]) == FinishReason.EOS  # EOS wins over the length reached with it
+    assert ended([9, 9, 9, 9]) == FinishReason.LENGTH  # max_new_tokens
+    assert ended([9, 9], limit=5) == FinishReason.LENGTH  # the context budget: prompt + output
+    assert ended([9, 9, 9]) is None
+
+
+def test_postprocess_ends_a_finished_sequence_and_frees_its_slot_at_once():
+    alloc = SlotAllocator(2, 16, 4)
+    sched = Scheduler(EngineConfig(max_concurrent_seqs=2, max_step_tokens=16, prefill_chunk_tokens=8), alloc,
+                      eos_token_id=0)
+    eos = make_seq(3, max_new=10)
+    goes_on = Sequence(GenerationRequest((20, 21, 22), SamplingParams(max_new_tokens=10, ignore_eos=True)))
+    for s in (eos, goes_on):
+        sched.add(s)
+    seqs, _ = sched.schedule()
+    sched.postprocess(seqs, [0, 0])  # both sample EOS; only the first stops on it
+    assert eos.status == SeqStatus.FINISHED and eos.slot is None and eos.finish_reason.value == "eos_token"
+    assert goes_on.status == SeqStatus.RUNNING and goes_on.finish_reason is None
+    assert alloc.num_free_slots == 1  # before the next schedule()
