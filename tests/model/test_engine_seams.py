@@ -18,7 +18,8 @@ from model.types import Allocator, Copier, Detokenizer, EngineConfig, Runner, To
 from tests import fakes
 
 TESTS = Path(__file__).resolve().parents[1]
-NOT_SEAM_FAKES = {"FakeSession"}  # a boto3.Session stand-in (tests/fakes.py), not an engine seam
+# a boto3.Session stand-in (tests/fakes.py); the CUDA hardware stand-in under torch's own checks (tests/fake_cuda.py)
+NOT_SEAM_FAKES = {"FakeSession", "FakeCuda"}
 
 
 def members(proto: type) -> tuple[dict[str, object], dict[str, typing.Callable]]:
