@@ -22,7 +22,7 @@ from torch import nn
 
 from model.arch import GraniteArch
 from model.decode_batch import Decode
-from model.kernels import DecodeMeta, SsmParams, gated_rms_norm
+from model.kernels import DecodeMeta, LinearExtra, SsmParams, gated_rms_norm
 from model.packed import Packed
 
 __all__ = ["GraniteArch", "GraniteForCausalLM", "load_granite", "FP32_PARAMS"]
@@ -49,12 +49,15 @@ class GatedRMSNorm(RMSNorm):
 
 
 class Linear(nn.Linear):
-    """nn.Linear through the kernels' linear (model/kernels.py: oneDNN's on CPU), set by bind()."""
+    """nn.Linear through the kernels' linear (model/kernels.py: oneDNN's on CPU), set by bind(), plus an
+    optional per-row extra term (model/kernels.py LinearExtra: where a LoRA delta goes)."""
 
     fn = staticmethod(F.linear)
+    extra: LinearExtra | None = None  # none by default: the projection alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, self.weight, self.bias)
+        y = self.fn(x, self.weight, self.bias)
+        return y if self.extra is None else self.extra(x, y)
 
 
 class MLP(nn.Module):

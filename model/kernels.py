@@ -13,7 +13,9 @@ Ops (shapes as in model/ssd.py):
                (model/prefill_attention.py: causal_lower_right SDPA on CUDA, a two-part merge on CPU)
   decode_attention  one query per row over its paged KV, read in place   model/paged_attention.py
                     (reference: gather the row's blocks + SDPA)
-  linear       the projections: F.linear; on CPU oneDNN's linear when present (cpu_linear: faster than MKL here)
+  linear       the projections: F.linear; on CPU oneDNN's linear when present (cpu_linear: faster than MKL here).
+               A projection may add a per-row extra term to its output (LinearExtra, where a LoRA delta goes);
+               without one (the default) it is this op alone
 Fused modules are imported lazily and only for CUDA (tests inject them). `report` says which path each op
 took. The reference formulas match Hugging Face's Granite modules in fp32 (tests/test_granite.py).
 """
@@ -21,8 +23,9 @@ took. The reference formulas match Hugging Face's Granite modules in fp32 (tests
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +85,37 @@ def cpu_linear() -> Callable | None:
     except Exception as e:  # noqa: BLE001 - a torch without the op, or a broken build: MKL it is
         log.info("oneDNN linear unavailable: %r", e)
     return None
+
+
+class LinearExtra(Protocol):
+    """A per-row extra term on one projection's output (where a LoRA delta goes), set on the projection
+    (model/granite.py Linear.extra). x (N, in) is the projection's input, y = linear(x, W, b) (N, out) its
+    output, N the step's rows (packed prefill tokens or decode rows, model/runner.py's order); returns y with
+    the delta added on the rows it covers (typically the rows of some RowGroups' groups, batched per group),
+    every other row bit for bit as it came. It owns the step's row -> group mapping: whoever runs the step
+    sets it before the forward (a CUDA graph replays whatever its fixed buffers hold). Unset (None, the
+    default), the projection is linear alone: no op more, the same CUDA graph capture."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """A step's row -> group mapping for per-row extra terms (a LoRA: group = adapter), built once per step
+    before its forward is queued (the index copies are plain, blocking ones): the groups present (ids) and
+    each one's rows ((n_g,) long, ascending, disjoint)."""
+
+    ids: tuple[int, ...]
+    rows: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(cls, groups: Sequence[int | None], device) -> RowGroups:
+        """groups[i]: row i's group, None for none -> the rows of each group, groups in first-seen order."""
+        by: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            if g is not None:
+                by.setdefault(g, []).append(i)
+        return cls(tuple(by), tuple(torch.tensor(r, dtype=torch.long, device=device) for r in by.values()))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,9 +1,13 @@
 """ModelRunner: turns a StepBatch into tensors, runs the network and samples (the engine's Runner).
 
   step(batch) = collect(launch(batch)) -> StepOutput: sampled tokens, logprobs, alternatives
-  launch      forward + batched sampling (model/sampling.py) + a non-blocking copy of the result to pinned
-              host memory; collect waits for that copy: the step's one device-to-host sync
-  forward     float32 logits only (tests, benchmarks)
+  launch      forward -> [logits processors] -> sample, each queued without waiting for the device:
+                forward   the network, float32 logits (alone: tests, benchmarks)
+                [fill]    the rows' logits processors (a grammar's mask) filled on the host while the device
+                          runs the forward (model/sampling.py Sampler.fill); none in the step: no work
+                sample    batched sampling (model/sampling.py) + a non-blocking copy of the result to pinned
+                          host memory
+  collect     waits for that copy: the step's one device-to-host sync
 
 All prefill chunks of a step run in one packed forward (model/packed.py), each from its slot's state
 (a FRESH chunk's Mamba state is zeroed first). DECODE chunks (one token each) run together in one call; with
@@ -29,7 +33,7 @@ from model.decode_static import CudaGraphs, StaticDecode, decode_buckets, needed
 from model.granite import GraniteForCausalLM, load_granite
 from model.kernels import Kernels
 from model.packed import Packed, pack_runs
-from model.sampling import Sampler
+from model.sampling import RowMask, Sampler
 from model.snapshots import SnapshotCopier
 from model.state import (
     BLOCK_SIZE,
@@ -41,7 +45,15 @@ from model.state import (
     prefill_step_bytes,
     slot_runs,
 )
-from model.types import ChunkKind, EngineConfig, SamplingParams, SeqChunk, StepBatch, StepOutput
+from model.types import (
+    ChunkKind,
+    EngineConfig,
+    LogitsProcessor,
+    SamplingParams,
+    SeqChunk,
+    StepBatch,
+    StepOutput,
+)
 
 log = logging.getLogger(__name__)
 
@@ -152,23 +164,31 @@ class ModelRunner:
             self.model.bind(self.pool, k)
 
     # ---- the step ---------------------------------------------------------------------------
-    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int]) -> None:
+    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int],
+             processor: LogitsProcessor | None = None) -> None:
         """Bind `slot` (just allocated) to a new sequence's sampling: parameters, seeded generator,
-        penalty state over context_ids (the prompt)."""
-        self.sampler.open(slot, params, seed, context_ids)
+        penalty state over context_ids (the prompt), logits processor (None: none)."""
+        self.sampler.open(slot, params, seed, context_ids, processor)
 
     def step(self, batch: StepBatch) -> StepOutput:
         """Run the step and sample: one token per chunk with want_logits, in chunk order."""
         return self.collect(self.launch(batch))
 
     def launch(self, batch: StepBatch) -> tuple[list[int], torch.Tensor | None]:
-        """Queue the forward, the sampling and the copy of the sampled rows to the host (pinned, without
-        blocking on CUDA); collect() waits for them. One step in flight at a time (the copy buffer)."""
-        logits = self.forward(batch)
-        slots = [c.slot for c in batch.chunks if c.want_logits]
+        """Queue the step: forward -> [logits processors] -> sample; collect() waits for it. One step in
+        flight at a time (the copy buffers)."""
+        logits = self.forward(batch)  # queued on the device
+        rows = [c for c in batch.chunks if c.want_logits]
+        mask = self.sampler.fill(rows)  # host work meanwhile; None (at once) when no row has a processor
+        return self.sample(logits, [c.slot for c in rows], mask)
+
+    def sample(self, logits: torch.Tensor, slots: list[int],
+               mask: RowMask | None = None) -> tuple[list[int], torch.Tensor | None]:
+        """Queue the sampling of forward()'s logits (row j: slot slots[j]) and the copy of the sampled rows
+        to the host (pinned, without blocking on CUDA); mask: Sampler.fill's for these rows."""
         if not slots:
             return slots, None
-        packed = self.sampler.sample(logits, slots)
+        packed = self.sampler.sample(logits, slots, mask)
         if self._dev.type != "cuda":
             return slots, packed
         if packed.numel() > self._d2h.numel():

@@ -1,6 +1,8 @@
 """Batched token sampling with per-slot parameters, state kept on the device (model/runner.py owns one).
 
 Processing order (the same as Hugging Face `generate` and TGI):
+  0. logits processors (model/types.py LogitsProcessor, e.g. a grammar): the rows that have one lose the
+     tokens their mask disallows (-inf), so everything below, logprobs included, sees the masked distribution,
   1. repetition penalty over prompt + generated ids (HF/CTRL: divide positive logits, multiply negative),
   2. frequency / presence penalty over generated ids only (OpenAI: logit -= count * f + (count > 0) * p),
   3. greedy rows: argmax of the penalised logits,
@@ -14,15 +16,21 @@ Per step everything is batched: each processor runs once on the rows that use it
 host-side per-slot parameters, so no device sync), the penalty masks / counts are (slots, V) tensors updated
 in place by the sampled tokens, and the result is one packed tensor for the step's single device-to-host
 copy. The only per-row op left is the noise draw of sampled rows: each row's own generator (seed parity).
+
+A step is split in two around the forward (model/runner.py launch): `fill` runs the logits processors on the
+host (their masks into a preallocated buffer, copied to the device without blocking) while the device runs
+the forward, then `sample` applies them and samples. Without a processor in the step `fill` returns None at
+once and `sample` runs the same ops as without the hook.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from model.types import SamplingParams, StepOutput, resolve_seed
+from model.types import LogitsProcessor, SamplingParams, SeqChunk, StepOutput, resolve_seed
 
 NEG_INF = float("-inf")
 PLAIN = SamplingParams()  # greedy, no penalties, no alternatives
@@ -72,6 +80,52 @@ def apply_typical(x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(drop.scatter(1, order, drop), NEG_INF)
 
 
+@dataclass(frozen=True)
+class RowMask:
+    """A step's logits-processor masks on the device (Sampler.fill): allowed (k, V) bool for the batch rows
+    `rows` ((k,) long, ascending), or for every row in order when rows is None."""
+
+    allowed: torch.Tensor
+    rows: torch.Tensor | None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, V) float32 logits -> a new tensor, the disallowed tokens of the masked rows at -inf."""
+        if self.rows is None:  # every row has a processor (a batch of grammar requests): one op
+            return torch.where(self.allowed, x, NEG_INF)
+        return x.index_put((self.rows,), torch.where(self.allowed, x[self.rows], NEG_INF))
+
+
+class _MaskBuffers:
+    """Sampler.fill's preallocated buffers: allowed (slots, V) bool and the masked rows' batch indices
+    (slots,) long, on the host (pinned on CUDA) and on the device (the same tensors on a CPU device)."""
+
+    def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.allowed = torch.empty(slots, vocab, dtype=torch.bool, pin_memory=pin)
+        self.rows = torch.empty(slots, dtype=torch.long, pin_memory=pin)
+        self.copy = device.type != "cpu"
+        self.allowed_dev = torch.empty_like(self.allowed, device=device) if self.copy else self.allowed
+        self.rows_dev = torch.empty_like(self.rows, device=device) if self.copy else self.rows
+
+    def fill(self, rows: list[int], chunks: Sequence[SeqChunk], processors: dict[int, LogitsProcessor],
+             every: bool) -> RowMask:
+        k = len(rows)
+        allowed = self.allowed[:k]
+        allowed.fill_(True)
+        for i, j in enumerate(rows):
+            processors[chunks[j].slot].fill(allowed[i], chunks[j])
+        out = self.allowed_dev[:k]
+        if self.copy:
+            out.copy_(allowed, non_blocking=True)
+        if every:  # the rows are the batch, in order: no index
+            return RowMask(out, None)
+        self.rows[:k] = torch.tensor(rows, dtype=torch.long)
+        idx = self.rows_dev[:k]
+        if self.copy:
+            idx.copy_(self.rows[:k], non_blocking=True)
+        return RowMask(out, idx)
+
+
 # ---- the sampler ----------------------------------------------------------------------------------
 
 
@@ -84,11 +138,18 @@ class Sampler:
         self.top_n: dict[int, int] = {}  # slots that want alternatives -> how many
         self.seen: torch.Tensor | None = None  # (slots, V) bool: prompt + generated ids; built on first use
         self.counts: torch.Tensor | None = None  # (slots, V) float32: generated ids
+        self.processors: dict[int, LogitsProcessor] = {}  # slots with a logits processor
+        self._masks: _MaskBuffers | None = None  # fill()'s buffers, made on first use
 
-    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int]) -> None:
-        """Bind `slot` to a new sequence: its parameters, generator and penalty state (context_ids: the
-        prompt the repetition penalty covers)."""
+    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int],
+             processor: LogitsProcessor | None = None) -> None:
+        """Bind `slot` to a new sequence: its parameters, generator, penalty state (context_ids: the
+        prompt the repetition penalty covers) and logits processor (None: none)."""
         self.params[slot] = params
+        if processor is None:
+            self.processors.pop(slot, None)
+        else:
+            self.processors[slot] = processor
         self.generators[slot] = None
         if not params.greedy:
             g = torch.Generator(device=self.device)
@@ -117,10 +178,29 @@ class Sampler:
     def _values(self, values: list, dtype=torch.float32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
-    def process(self, logits: torch.Tensor, slots: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
-        """Apply every row's processors to (B, V) logits, row j of slot slots[j]. Returns the processed
-        float32 logits and the rows that are sampled (not greedy)."""
+    def fill(self, chunks: Sequence[SeqChunk]) -> RowMask | None:
+        """The host half of the logits processors, between the step's forward launch and its sampling:
+        chunks are the step's rows (its chunks with want_logits, in order). Each row with a processor fills
+        its row of a preallocated host mask; the mask and the rows' indices go to the device without
+        blocking (pinned buffers on CUDA: a plain torch.tensor(..., device=) copy would wait for the stream,
+        that is for the forward). One step in flight: the runner's collect() syncs past these copies before
+        the next fill reuses the buffers. None, with no work at all, when no row has a processor."""
+        if not self.processors:
+            return None
+        rows = [j for j, c in enumerate(chunks) if c.slot in self.processors]
+        if not rows:
+            return None
+        if self._masks is None:
+            self._masks = _MaskBuffers(len(self.params), self.vocab, self.device)
+        return self._masks.fill(rows, chunks, self.processors, every=len(rows) == len(chunks))
+
+    def process(self, logits: torch.Tensor, slots: Sequence[int],
+                mask: RowMask | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Apply every row's processors to (B, V) logits, row j of slot slots[j], the logits processors'
+        masks (fill) first. Returns the processed float32 logits and the rows that are sampled (not greedy)."""
         x = logits.float()
+        if mask is not None:
+            x = mask.apply(x)
         if self.special.isdisjoint(slots):
             return x, []
         ps = [self.params[s] for s in slots]
@@ -159,12 +239,13 @@ class Sampler:
         x[idx] = y
         return x, sampled
 
-    def sample(self, logits: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, slots: Sequence[int], mask: RowMask | None = None) -> torch.Tensor:
         """(B, V) logits -> (B, 2 + 2 n) float64 on the device: token id, its logprob, then the n best
-        logprobs and their ids (n = the most alternatives any row wants). Updates the penalty state."""
+        logprobs and their ids (n = the most alternatives any row wants). Updates the penalty state.
+        mask: this step's logits-processor masks (fill), None when no row has a processor."""
         if logits.shape[0] != len(slots):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(slots)} slots")
-        x, sampled = self.process(logits, slots)
+        x, sampled = self.process(logits, slots, mask)
         logp = torch.log_softmax(x, dim=-1)  # (B, V)
         tokens = x.max(dim=-1).indices  # greedy rows (first maximum, as argmax; faster on CPU); sampled: below
         if sampled:

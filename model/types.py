@@ -10,7 +10,10 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # annotations only: this module stays importable without torch
+    import torch
 
 
 class FailureKind(str, Enum):
@@ -234,6 +237,21 @@ class StepOutput:
     token_ids: list[int]
     logprobs: list[float]  # of the chosen token under the processed distribution
     top: list[list[tuple[int, float]]]  # per row: up to top_n_tokens (token_id, logprob), best first
+
+
+class LogitsProcessor(Protocol):
+    """A per-row constraint on the next token (where a grammar's mask goes), bound to a slot with the runner's
+    open(..., processor=). Host-side only: the sampler (model/sampling.py) owns the mask buffers and applies
+    the step's masks on the device batched over the rows (one op when every row has one), before penalties,
+    temperature, top-k/p and logprobs.
+
+    fill runs once per step that samples the row, after the step's forward is launched and before its
+    sampling (on CUDA: on the host while the device runs the forward). `allowed` is the row's (V,) bool host
+    tensor, all True on entry: set False every token the row may not pick (at least one must stay True).
+    `chunk` is what the step feeds the row: a DECODE chunk's one token is the token sampled for this row last
+    step (a grammar advances on it here); the first fill sees the prompt's last prefill chunk."""
+
+    def fill(self, allowed: torch.Tensor, chunk: SeqChunk) -> None: ...
 
 
 class RequestError(Exception):
