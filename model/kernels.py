@@ -283,8 +283,14 @@ class Kernels:
             extra = {"state_dtype": torch.float32 if initial_states is None else initial_states.dtype}
         else:
             extra = {}
+        # x head-dim-contiguous in every call (the varlen call's gathered x already is). After the conv's
+        # transpose x is sequence-major, except for a 1-token chunk, whose size-1 dim loses that stride, and
+        # mamba-ssm then copies it to this layout itself. The autotuner tunes once per key (sizes + dtypes,
+        # not strides) and reuses its pick for every layout, but a config's shared memory depends on the
+        # layout: compiled for sm_90, the one taking 115 KB sequence-major takes 279 KB here (over 227 KB),
+        # so a pick made on one layout could fail to launch on the other (bench/compile_report.py).
         y, final = self.f.mamba_chunk_scan_combined(
-            x, dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=initial_states,
+            x.contiguous(), dt, A, B, C, chunk_size, D=D, z=None, dt_bias=dt_bias, initial_states=initial_states,
             dt_softplus=True, dt_limit=tuple(dt_limit), return_final_states=True, **extra)
         return y, final
 
