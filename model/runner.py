@@ -54,6 +54,7 @@ from model.types import (
     StepBatch,
     StepOutput,
 )
+from model.warmup import warm_prefills
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +293,9 @@ class ModelRunner:
 
     # ---- setup / reporting --------------------------------------------------------------------
     def warmup(self) -> None:
-        """Before the server says ready: a prefill and decode (Triton autotunes here), then every decode
-        (batch, width) bucket the limits can reach, captured as CUDA graphs in graph mode (never later)."""
+        """Before the server says ready: a prefill and decode (Triton autotunes here), with the fused scan every
+        prefill shape class it compiles for (model/warmup.py), then every decode (batch, width) bucket the
+        limits can reach, captured as CUDA graphs in graph mode (never later)."""
         cfg = self.config
         # A short prompt (part of one SSD chunk), then a full prefill chunk continuing from its state
         # (multi-chunk scan with initial state), then a decode step. The prompt stays within
@@ -310,6 +312,10 @@ class ModelRunner:
             self.step(StepBatch((SeqChunk.decode(slot, 1, short + full),)))
         finally:
             self.allocator.free(slot)
+        if self._kernels.f.mamba_chunk_scan_combined is not None:
+            # The fused scan compiles per prefill shape class (fresh, continued, batched, packed varlen, and
+            # their int sizes): all of them now, not while a request waits (model/warmup.py).
+            warm_prefills(self)
         if self.static is not None:
             cost = lambda key: decode_step_bytes(self.arch, key[0], key[1] * BLOCK_SIZE, self._dtype,  # noqa: E731
                                                  self._paged)

@@ -130,3 +130,22 @@ def test_capture_budget_and_out_of_memory_leave_buckets_to_eager(tiny_ckpt):
     assert _greedy(r, prompts, 6) == _greedy(eager, prompts, 6)  # left-out buckets run eagerly, same tokens
     assert r.static.unprepared_runs > 0
 
+
+def test_prefill_plan_covers_every_int_class_within_the_limits():
+    """model/warmup.py: one prefill per form (fresh, continued, continued batch, packed varlen) and per Triton
+    int class (1 / multiple of 16 / other) of tokens, chunks and batch that the limits reach; never beyond them."""
+    from model.warmup import _cls, lengths, prefill_plan
+
+    assert lengths(512, 256) == [1, 2, 16, 257, 272]  # (tokens, chunks): (1,1) (o,1) (16,1) (o,o) (16,o)
+    assert lengths(8192, 256) == [1, 2, 16, 257, 272, 3841, 3856]  # + 16 chunks (o,16) (16,16)
+    plan = prefill_plan(256, 512, 2048, 64)
+    fresh = [s for s in plan if len(s) == 1 and s[0][0] == 0]
+    cont = [s for s in plan if all(start > 0 for start, _ in s)]
+    varlen = [s for s in plan if len(s) > 1 and all(start == 0 for start, _ in s)]
+    assert len(fresh) + len(cont) + len(varlen) == len(plan)
+    assert {_cls(len(s)) for s in cont} == {1, 0, 16}  # batch 1, 2, 16
+    assert {(_cls(sum(n for _, n in s)), _cls(-(-sum(n for _, n in s) // 256))) for s in varlen} == {
+        (0, 1), (16, 1), (0, 0), (16, 0)}
+    assert all(sum(n for _, n in s) <= 2048 and max(n for _, n in s) <= 512 for s in plan)
+    small = prefill_plan(16, 8, 24, 2)  # tiny limits: nothing serving could not run
+    assert all(len(s) <= 2 and sum(n for _, n in s) <= 24 and max(n for _, n in s) <= 8 for s in small)
