@@ -124,7 +124,7 @@ COPY --chmod=0755 serve/container/entrypoint.sh /usr/local/bin/granite-entrypoin
 COPY model/ /opt/program/model/
 COPY serve/ /opt/program/serve/
 # Fail the build, not the endpoint, if the application cannot even be imported.
-RUN python -c "import serve.app, serve.batch, serve.sign, model.engine, model_signing.signing, model_signing.verifying" \
+RUN python -c "import serve.app, serve.batch, serve.sign, model.engine.engine, model_signing.signing, model_signing.verifying" \
     && python -m compileall -q /opt/program/serve /opt/program/model
 WORKDIR /opt/program
 EXPOSE 8080

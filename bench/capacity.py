@@ -4,13 +4,13 @@
     python -m bench.capacity --json     # the same numbers as JSON (bench/results/capacity.json)
 
 Arithmetic only (no GPU): the full-size Granite 4.0 H micro architecture (bench/micro_config.json)
-through the engine's own memory accounting (model/state.py): per sequence a fixed Mamba state
+through the engine's own memory accounting (model/runtime/state.py): per sequence a fixed Mamba state
 (conv + SSM, all Mamba layers) plus KV per token for the attention layers, in bf16 (the CUDA
 defaults: DTYPE=auto -> bf16, SSM_STATE_DTYPE=auto -> the model dtype). One replica (gunicorn
 worker, its own engine and weights) per GPU. Per GPU, what the engine can give to sequences is
     (memory_after_weights_and_context * CUDA_FREE_FRACTION) - CUDA_FIXED_RESERVE - largest prefill step
 and each sequence costs its state, its KV and its share of the widest decode graph's temporaries
-(model/state.py: decode_step_bytes; on CUDA decode attention is the paged kernel, which reads KV in place,
+(model/runtime/state.py: decode_step_bytes; on CUDA decode attention is the paged kernel, which reads KV in place,
 so that share is only its per-split partial results), so the table follows the engine. The largest prefill
 step (prefill_step_bytes at the engine defaults MAX_STEP_TOKENS / PREFILL_CHUNK_TOKENS, sequences up to the
 context, as many slots as sequences fit) holds activations, padded views and the attention's temporaries:
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from model.arch import GraniteArch
-from model.state import (
+from model.network.arch import GraniteArch
+from model.runtime.state import (
     CUDA_FIXED_RESERVE,
     CUDA_FREE_FRACTION,
     decode_step_bytes,
@@ -201,7 +201,7 @@ def markdown(rows: list[dict], arch: GraniteArch) -> str:
         + ", ".join(f"= {per_seq_bytes(arch, c) / MIB:.0f} MiB at {c // 1024}K" for c in CONTEXTS)
         + f". Per GPU: weights {WEIGHT_BYTES / 1e9:.2f} GB and ~{CUDA_CONTEXT_BYTES // MIB} MiB CUDA context off "
         f"the top, then {CUDA_FREE_FRACTION:.0%} of the rest minus {CUDA_FIXED_RESERVE // GIB} GiB (\"available\"), "
-        "minus the largest prefill step (model/state.py). The engine admits at most MAX_CONCURRENT_SEQS (default "
+        "minus the largest prefill step (model/runtime/state.py). The engine admits at most MAX_CONCURRENT_SEQS (default "
         "32) sequences per replica: raise it to use the room shown here.",
     ]
     return "\n".join(lines)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from model.granite import FP32_PARAMS, GraniteArch, GraniteForCausalLM  # noqa: E402
-from model.runner import ModelRunner  # noqa: E402
+from model.network.granite import FP32_PARAMS, GraniteArch, GraniteForCausalLM  # noqa: E402
+from model.runtime.runner import ModelRunner  # noqa: E402
 from model.types import EngineConfig, SeqChunk, StepBatch  # noqa: E402
 
 MICRO_CONFIG = ROOT / "bench" / "micro_config.json"

@@ -212,7 +212,7 @@ def main(argv=None) -> int:
             res = conv_build.build(sdists[-1], site, work, arch, c.left(args.conv_timeout), c.log)
         c.step("conv_build", **res)
         conv = "fused" if res["ok"] else "torch"
-    probe = ("import json, importlib.util; from model.fused_ops import load_fused; o = load_fused(); "
+    probe = ("import json, importlib.util; from model.network.fused_ops import load_fused; o = load_fused(); "
              "print(json.dumps({'loaded': [n for n in ('mamba_chunk_scan_combined', 'selective_state_update', "
              "'causal_conv1d_fn', 'causal_conv1d_update') if getattr(o, n)], 'errors': o.errors, "
              "'mamba_ssm': importlib.util.find_spec('mamba_ssm').origin}))")

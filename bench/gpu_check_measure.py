@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import conv_build, gpu_plan  # noqa: E402
 
-PROBE = "from model.fused_ops import load_fused; load_fused()"
+PROBE = "from model.network.fused_ops import load_fused; load_fused()"
 CMAKE_MACROS = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"  # what a CUDA torch build generates
 
 
@@ -69,7 +69,7 @@ def imports(site: Path) -> dict:
             "probe": _timed([*py, PROBE], env),
             "pytest_collect_tests_gpu": _timed([sys.executable, "-m", "pytest", "-q", "--collect-only",
                                                 "-p", "no:cacheprovider", "-m", "gpu", "tests/gpu"], env),
-            "bench_imports": _timed([*py, "import bench.gpu_bench; from model.fused_ops import load_fused; "
+            "bench_imports": _timed([*py, "import bench.gpu_bench; from model.network.fused_ops import load_fused; "
                                      "load_fused(); from transformers import GraniteMoeHybridForCausalLM"], env)}
 
 
@@ -152,7 +152,7 @@ def _cases(test):
 
 
 def _runner(where, cfg, kernels, mode=None, model=None):
-    from model.runner import ModelRunner
+    from model.runtime.runner import ModelRunner
 
     r = ModelRunner(where, cfg, decode_mode=mode, model=model)
     r.kernels = kernels  # the fused path on CPU tensors (static decode stands in for CUDA graphs: same shapes)
@@ -178,7 +178,7 @@ def _tests_gpu(kernels, micro, tmp: Path) -> None:
     import torch
 
     import tests.gpu.test_fused as tf
-    from model.kernels import Kernels
+    from model.network.kernels import Kernels
     from model.types import EngineConfig
     from tests.tiny_granite import build_tiny
 
@@ -230,8 +230,8 @@ def triton_child(bench: dict) -> dict:
 
     from bench.compile_only import compile_only
     from bench.gpu_bench import hf_generate_rate
-    from model.fused_ops import load_fused
-    from model.kernels import Kernels
+    from model.network.fused_ops import load_fused
+    from model.network.kernels import Kernels
 
     warnings.filterwarnings("ignore", message="Deterministic mode")
     ops = load_fused(cuda=False)  # before transformers' model module: it binds mamba-ssm's kernels, as on the GPU

@@ -54,8 +54,8 @@ def load(path: Path = MEASURED) -> dict:
 
 def bench_work(bench: dict = BENCH) -> dict:
     """Decode steps, graph captures and HF tokens of one gpu_bench run with these arguments (its own code)."""
-    from model.decode_static import decode_buckets, width_buckets
-    from model.state import BLOCK_SIZE
+    from model.runtime.decode_static import decode_buckets, width_buckets
+    from model.runtime.state import BLOCK_SIZE
 
     max_total = bench["prompt"] + bench["steps"] + 64  # gpu_bench's EngineConfig
     buckets = decode_buckets(bench["max_batch"])

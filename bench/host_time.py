@@ -25,7 +25,7 @@ BEFORE_MS = {"decode_1x2k": 0.061, "decode_64x2k": 1.13, "decode_64x16k": 5.10, 
 
 
 def _runner(ckpt: Path, rows: int, context: int):
-    from model.runner import ModelRunner
+    from model.runtime.runner import ModelRunner
     from model.types import EngineConfig
 
     total = context + 64
@@ -147,7 +147,7 @@ def engine_overhead_ms(ckpt: Path, streams: int, new_tokens: int = 64, prompt_to
     """The engine's own time per step outside the runner's launch..collect (scheduling, bookkeeping,
     detokenization, stop checks, events), with the real runner and tokenizer: `streams` requests decoding
     together, the client reading every event (as the HTTP threads do)."""
-    from model.engine import Engine
+    from model.engine.engine import Engine
     from model.types import EngineConfig, GenerationRequest, SamplingParams
 
     cfg = EngineConfig(max_concurrent_seqs=streams, max_total_tokens=prompt_tokens + new_tokens + 8,
@@ -194,7 +194,7 @@ if __name__ == "__main__":
     import sys
     import tempfile
 
-    from model.demo import build_checkpoint
+    from model.checkpoint.demo import build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(report(build_checkpoint(Path(tmp) / "demo", preset="demo")), indent=2))

@@ -3,7 +3,7 @@
 Launches: a TorchDispatchMode counts every aten op of one `GraniteForCausalLM.decode` (embedding to final
 norm, what a decode CUDA graph captures) except views and bare allocations (no kernel runs for them), on
 CPU. The fused path runs the REAL Python wrappers (mamba-ssm's rms_norm_fn / rmsnorm_fn / swiglu /
-selective_state_update, model/paged_attention.py): each Triton kernel launch is intercepted at
+selective_state_update, model/network/paged_attention.py): each Triton kernel launch is intercepted at
 `kernel[grid](...)`, counted as one launch and not executed; causal_conv1d_update (CUDA C++) is a one-launch
 stand-in. Outputs are therefore garbage: only the count means anything.
 
@@ -11,7 +11,7 @@ The count does not depend on widths (no op loops over heads, channels or tokens 
 keeps the real 40-layer pattern (attention at 5, 15, 25, 35; 32/8 heads) at small widths; `widths_agree`
 checks that by counting a second, wider build. bf16 weights and state, as on a GPU.
 
-KV bytes: see model/paged_attention.py (kv_bytes_paged, kv_bytes_gather): computed from the kernel's access
+KV bytes: see model/network/paged_attention.py (kv_bytes_paged, kv_bytes_gather): computed from the kernel's access
 pattern over the block tables of batch 64 x 16K context, against the ideal (every live K/V row read once).
 """
 
@@ -98,7 +98,7 @@ def micro_arch(width_scale: int = 1):
     """The full-size micro layer pattern (bench/micro_config.json) at small widths (x width_scale)."""
     from transformers import GraniteMoeHybridConfig
 
-    from model.arch import GraniteArch
+    from model.network.arch import GraniteArch
 
     full = GraniteArch.from_hf_config(
         GraniteMoeHybridConfig(**json.loads((ROOT / "bench" / "micro_config.json").read_text())))
@@ -109,7 +109,7 @@ def micro_arch(width_scale: int = 1):
 
 
 def _fused_ops(counter: LaunchCounter):
-    from model.fused_ops import load_fused
+    from model.network.fused_ops import load_fused
 
     ops = load_fused(cuda=False)  # the Triton modules only (imports fine without a GPU)
     missing = [n for n in ops.TRITON if getattr(ops, n) is None]
@@ -129,8 +129,8 @@ def count_decode(arch, fused: bool | str, batch: int = 4, context: int = 1040) -
     """Launches of one decode step (batch rows at `context` tokens: several attention splits) on CPU, bf16,
     after a first step (one-time constants and buffers, as before a CUDA graph capture). fused: True (every
     fused kernel), "state" (only the two state kernels, as before the fused norms / attention), False."""
-    from model.granite import GraniteForCausalLM
-    from model.state import BLOCK_SIZE, StatePool
+    from model.network.granite import GraniteForCausalLM
+    from model.runtime.state import BLOCK_SIZE, StatePool
 
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -147,8 +147,8 @@ def count_decode(arch, fused: bool | str, batch: int = 4, context: int = 1040) -
 
 
 def _count(model, pool, counter, fused, batch, nb, context) -> dict:
-    from model.fused_ops import FusedOps
-    from model.kernels import Kernels
+    from model.network.fused_ops import FusedOps
+    from model.network.kernels import Kernels
 
     if fused:
         ops = _fused_ops(counter)
@@ -162,7 +162,7 @@ def _count(model, pool, counter, fused, batch, nb, context) -> dict:
             raise RuntimeError(f"decode ops not on their fused kernel: {unfused}")
     else:
         K = Kernels("reference", "cpu")
-    from model.decode_batch import Decode
+    from model.network.decode_batch import Decode
 
     model.bind(pool, K)
     ids = torch.arange(batch) + 1
@@ -203,8 +203,8 @@ def launches_report() -> dict:
 
 
 def _kv(lengths: list[int]) -> dict:
-    from model import paged_attention as pa
-    from model.state import BLOCK_SIZE
+    from model.network import paged_attention as pa
+    from model.runtime.state import BLOCK_SIZE
 
     _, full = micro_arch()
     kw = {"kv_heads": full.n_kv_heads, "head_dim": full.head_dim, "elem_bytes": 2, "block_size": BLOCK_SIZE,

@@ -63,7 +63,7 @@ def run_mid(ckpt: Path, requests: int = 64, max_new: int = 64) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.demo import build_checkpoint
+    from model.checkpoint.demo import build_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64)

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.engine import Engine  # noqa: E402
+from model.engine.engine import Engine  # noqa: E402
 from model.types import EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
 
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         if a.model_dir:
             ckpt = Path(a.model_dir)
         else:
-            from model.demo import build_checkpoint
+            from model.checkpoint.demo import build_checkpoint
 
             ckpt = build_checkpoint(Path(tmp) / "demo", preset="demo")
         report = run_multiturn(ckpt, a.conversations, a.turns, a.new_tokens, a.gen_tokens)

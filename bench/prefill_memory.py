@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model.arch import GraniteArch
+from model.network.arch import GraniteArch
 
 # hidden 2048 with 32 query / 8 KV heads of 64 (the micro's attention), one Mamba and one attention layer
 WIDE = dict(hidden_size=2048, num_hidden_layers=2, attention_layers=(1,), num_attention_heads=32,
@@ -57,7 +57,7 @@ def alloc_profile(fn) -> tuple[int, int]:
 def attention_case(starts, lengths, device="cpu", dtype=torch.float32, block_size: int = 16, seed: int = 0):
     """One packed prefill attention call at MICRO_ATTN's heads: a random KV pool holding each sequence's blocks
     back to back, packed q, the Packed. Returns (q, k_cache, v_cache, pk, longest start + length)."""
-    from model.packed import Packed
+    from model.network.packed import Packed
 
     a = MICRO_ATTN
     tk = max(s + n for s, n in zip(starts, lengths, strict=True))
@@ -74,9 +74,9 @@ def attention_case(starts, lengths, device="cpu", dtype=torch.float32, block_siz
 
 def load(ckpt: Path, kv_tokens: int):
     """The checkpoint on CPU in fp32 with a one-slot pool of kv_tokens and the CPU kernels."""
-    from model.granite import load_granite
-    from model.kernels import Kernels
-    from model.state import StatePool
+    from model.network.granite import load_granite
+    from model.network.kernels import Kernels
+    from model.runtime.state import StatePool
 
     model = load_granite(ckpt, "cpu", torch.float32)
     pool = StatePool(model.arch, 1, kv_tokens, "cpu", torch.float32, torch.float32)
@@ -93,7 +93,7 @@ def chunk(model, pool, L: int, tk: int):
 
 def attention_layer(model, pool, L: int, tk: int):
     """The chunk's first attention layer alone (its Attention.prefill: projections, KV write, attention)."""
-    from model.packed import Packed
+    from model.network.packed import Packed
 
     i = model.arch.kinds.index("attention")
     layer, j = model.model.layers[i].self_attn, model.model.layers[i].kind_index
@@ -166,7 +166,7 @@ def compare(ckpt: Path, other: Path, rounds: int = 3, repeats: int = 3) -> dict:
 
 def report(out_dir: Path) -> dict:
     """`make bench`'s prefill_memory section: the WIDE checkpoint built in out_dir, measured here."""
-    from model.demo import build_checkpoint
+    from model.checkpoint.demo import build_checkpoint
 
     ckpt = build_checkpoint(out_dir, preset="tiny", **WIDE)
     return {"checkpoint": {k: list(v) if isinstance(v, tuple) else v for k, v in WIDE.items()},
@@ -174,7 +174,7 @@ def report(out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.demo import build_checkpoint
+    from model.checkpoint.demo import build_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--against", type=Path, help="another checkout to time against (alternating)")

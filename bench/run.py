@@ -83,7 +83,7 @@ def baseline_tok_s(model, prompt_ids: list[list[int]], max_new: int) -> tuple[fl
 # ---- parity ------------------------------------------------------------------------------------------
 
 def parity(ckpt: Path, texts: list[str], max_new: int) -> dict:
-    from model.engine import Engine
+    from model.engine.engine import Engine
     from model.types import EngineConfig, GenerationRequest, SamplingParams
 
     eng = Engine(ckpt, EngineConfig(max_concurrent_seqs=len(texts), dtype="float32"), "parity")
@@ -109,9 +109,9 @@ def parity(ckpt: Path, texts: list[str], max_new: int) -> dict:
 def memory(ckpt: Path, tokens: int) -> dict:
     import torch
 
-    from model.arch import GraniteArch
-    from model.runner import ModelRunner
-    from model.state import bytes_per_seq
+    from model.network.arch import GraniteArch
+    from model.runtime.runner import ModelRunner
+    from model.runtime.state import bytes_per_seq
     from model.types import EngineConfig
 
     runner = ModelRunner(ckpt, EngineConfig(max_concurrent_seqs=8, dtype="float32", max_total_tokens=tokens + 1,
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from model.demo import build_checkpoint
-    from model.tokenizer import Tokenizer
+    from model.checkpoint.demo import build_checkpoint
+    from model.text.tokenizer import Tokenizer
 
     levels = [int(c) for c in a.concurrency.split(",")]
     report: dict = {"machine": machine_name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

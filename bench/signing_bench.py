@@ -1,4 +1,4 @@
-"""Cost of the load-time signature check: verify_checkpoint (model/signing.py, the server's code path)
+"""Cost of the load-time signature check: verify_checkpoint (model/checkpoint/signing.py, the server's code path)
 on a synthetic checkpoint, blake3 (what `python -m serve sign` writes) against sha256 (the library's
 default) in the same run, warm page cache, projected to the full-size checkpoint.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.signing import SignaturePolicy, verify_checkpoint  # noqa: E402
+from model.checkpoint.signing import SignaturePolicy, verify_checkpoint  # noqa: E402
 from serve.sign import sign_checkpoint  # noqa: E402
 
 FULL_SIZE_BYTES = 6.4e9  # granite-4.0-h-micro bf16 safetensors

@@ -1,6 +1,6 @@
 """Torch-free types shared by the server, the scheduler and the engine.
 
-Nothing here imports torch: `serve/protocol.py`, `serve/config.py` and `model/scheduler.py`
+Nothing here imports torch: `serve/protocol.py`, `serve/config.py` and `model/engine/scheduler.py`
 depend on this module and must stay importable without it.
 """
 
@@ -74,7 +74,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     # A stateful session (serve side): when the sequence finishes, its snapshot is pinned for this session
-    # and Engine.session_conversation(session_id) returns prompt + output ids (see model/prefix_cache.py).
+    # and Engine.session_conversation(session_id) returns prompt + output ids (see model/engine/prefix_cache.py).
     session_id: str | None = None
 
 
@@ -141,11 +141,11 @@ class EngineConfig:
     max_input_tokens: int = 8192  # longest prompt accepted
     max_total_tokens: int = 16384  # prompt + generated, per sequence
     max_step_tokens: int = 2048  # tokens run per engine step (prefill chunks + one per decoding seq)
-    kv_cache_tokens: int = 0  # KV pool size in tokens across all sequences; 0 = auto (see model/state.py)
+    kv_cache_tokens: int = 0  # KV pool size in tokens across all sequences; 0 = auto (see model/runtime/state.py)
     max_queued_requests: int = 256  # waiting requests beyond this are refused (429)
     prefill_chunk_tokens: int = 512  # prompts are prefilled in chunks of at most this many tokens
     # > 0: while sequences decode, a step's prefill is also bounded by measured time, to about this share of a
-    # decode-only step (model/scheduler.py StepCost). 0 = off: on the 2-core CPU, 1.5 cut 32-stream throughput
+    # decode-only step (model/engine/scheduler.py StepCost). 0 = off: on the 2-core CPU, 1.5 cut 32-stream throughput
     # to a third and raised TTFT ~4x (prefill starved); kept as a knob until measured where decode is cheap.
     prefill_time_share: float = 0.0
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, fp32 on CPU)
@@ -153,7 +153,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     kernels: str = "auto"  # auto | fused | reference ; fused on a CPU-only machine is an error
-    prefix_cache: bool = True  # resume prompts from state snapshots (model/prefix_cache.py)
+    prefix_cache: bool = True  # resume prompts from state snapshots (model/engine/prefix_cache.py)
     snapshot_device_share: float = 0.25  # device tier: this share of the state pool's bytes (KV + slots)
     snapshot_host_bytes: int = 2 << 30  # host tier (pinned on CUDA) in bytes; 0 = no host tier
 
@@ -241,7 +241,7 @@ class StepOutput:
 
 class LogitsProcessor(Protocol):
     """A per-row constraint on the next token (where a grammar's mask goes), bound to a slot with the runner's
-    open(..., processor=). Host-side only: the sampler (model/sampling.py) owns the mask buffers and applies
+    open(..., processor=). Host-side only: the sampler (model/runtime/sampling.py) owns the mask buffers and applies
     the step's masks on the device batched over the rows (one op when every row has one), before penalties,
     temperature, top-k/p and logprobs.
 
@@ -272,7 +272,7 @@ class RequestError(Exception):
 
 
 class EngineError(RequestError):
-    """Raised by the engine (model/engine.py submit)."""
+    """Raised by the engine (model/engine/engine.py submit)."""
 
     error_type = "engine_error"
 
@@ -317,8 +317,8 @@ class Allocator(Protocol):
 
 
 class Copier(Protocol):
-    """Tensor copies between the state pool and snapshot storage (model/snapshots.py), for the torch-free prefix
-    cache (model/prefix_cache.py). Storage values are the copier's own (tensors), opaque to the cache."""
+    """Tensor copies between the state pool and snapshot storage (model/runtime/snapshots.py), for the torch-free prefix
+    cache (model/engine/prefix_cache.py). Storage values are the copier's own (tensors), opaque to the cache."""
 
     state_bytes: int  # one snapshot's Mamba state (conv + SSM, all layers)
     kv_block_bytes: int  # one KV block, all attention layers, K and V
@@ -331,7 +331,7 @@ class Copier(Protocol):
 
 
 class Runner(Protocol):
-    """What the engine needs of model/runner.py's ModelRunner (tests/test_protocols.py checks it and the fakes)."""
+    """What the engine needs of model/runtime/runner.py's ModelRunner (tests/test_protocols.py checks it and the fakes)."""
 
     allocator: Allocator
     vocab_size: int
@@ -357,7 +357,7 @@ class Detokenizer(Protocol):
 
 
 class Tokenizer(Protocol):
-    """What the engine needs of model/tokenizer.py's Tokenizer."""
+    """What the engine needs of model/text/tokenizer.py's Tokenizer."""
 
     eos_token_id: int | None
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from model.signing import SignaturePolicy
+from model.checkpoint.signing import SignaturePolicy
 from model.types import EngineConfig
 from serve.env_vars import (
     BATCH_MAX_PAYLOAD_MB,

@@ -2,7 +2,7 @@
 of one submitted sequence (RequestHandle) and on the engine's tokenizer (PromptTokenizer). torch-free.
 
 The consumer names what it needs, as the engine does for its runner (model/types.py `Runner`): these live
-beside the server, and model/engine.py's Engine satisfies them structurally without importing serve/.
+beside the server, and model/engine/engine.py's Engine satisfies them structurally without importing serve/.
 tests/serve/test_engine_client.py holds the real classes and the test fakes to every member, signatures
 included, so neither the engine nor a fake can drift from what the server calls.
 """
@@ -18,7 +18,7 @@ from model.types import Completion, EngineConfig, GenerationRequest, TokenEvent
 
 @runtime_checkable
 class PromptTokenizer(Protocol):
-    """What serve/ needs to turn a request into prompt ids (model/tokenizer.py's Tokenizer)."""
+    """What serve/ needs to turn a request into prompt ids (model/text/tokenizer.py's Tokenizer)."""
 
     def encode(self, text: str) -> list[int]: ...
     def render_chat(self, messages, tools=None, documents=None) -> str: ...  # the checkpoint's chat template
@@ -26,7 +26,7 @@ class PromptTokenizer(Protocol):
 
 @runtime_checkable
 class RequestHandle(Protocol):
-    """One submitted sequence (model/handle.py's Handle): its events, once, in order; or its Completion."""
+    """One submitted sequence (model/engine/handle.py's Handle): its events, once, in order; or its Completion."""
 
     prompt_tokens: int
     cached_tokens: int  # prompt tokens resumed from a state snapshot; set before the first event
@@ -40,7 +40,7 @@ class RequestHandle(Protocol):
 
 @runtime_checkable
 class EngineClient(Protocol):
-    """What serve/ may call on the engine (model/engine.py's Engine)."""
+    """What serve/ may call on the engine (model/engine/engine.py's Engine)."""
 
     model_name: str  # reported in responses (`model`) and /v1/models
     model_dir: Path  # the resolved checkpoint (code/inference.py may sit beside it)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from model.loader import ResolvedModel, resolve_model
+from model.checkpoint.loader import ResolvedModel, resolve_model
 from serve.config import Config, with_context
 from serve.engine_client import EngineClient
 
@@ -35,7 +35,7 @@ def resolve_model_source(cfg: Config) -> ResolvedModel:
 
 def build_engine(cfg: Config, model_dir: str | None = None, model_id: str | None = None) -> tuple[EngineClient, Config]:
     """The engine for the configured model (model_dir / model_id: the batch CLI's overrides), not started."""
-    from model.engine import Engine
+    from model.engine.engine import Engine
 
     if model_dir or model_id:
         src = cfg.model

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from model.signing import MODES as SIGNATURE_MODES
+from model.checkpoint.signing import MODES as SIGNATURE_MODES
 from model.types import DTYPES, KERNEL_MODES, SSM_STATE_DTYPES, EngineConfig, SamplingParams
 
 SAGEMAKER_MAX_PAYLOAD_MB = 6  # SageMaker's real-time limit: 6 MiB = 6,291,456 bytes each way

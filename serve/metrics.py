@@ -34,7 +34,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 GAUGES = {"queue_depth": "waiting", "running_sequences": "running", "free_slots": "free_slots",
           "total_slots": "total_slots"}  # metric -> engine.stats() key
 ENGINE_COUNTERS = ("prompt_tokens_total", "generated_tokens_total", "requests_total", "step_errors_total")
-# engine.stats()["prefix_cache"] (model/prefix_cache.py): counters, gauges, and bytes per tier
+# engine.stats()["prefix_cache"] (model/engine/prefix_cache.py): counters, gauges, and bytes per tier
 PREFIX_COUNTERS = ("hits", "hits_host", "misses", "evictions", "demotions", "tokens_reused", "snapshots_taken")
 PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "kv_blocks_held", "sessions")
 
@@ -60,7 +60,7 @@ class Metrics:
                        for key in ENGINE_COUNTERS}
         self.finished = Counter(f"{p}engine_finished_total", "Sequences finished, by reason.", ["reason"],
                                 registry=r)
-        self.prefix = {k: Counter(f"{p}prefix_cache_{k}", f"Prefix cache {k} (model/prefix_cache.py).", registry=r)
+        self.prefix = {k: Counter(f"{p}prefix_cache_{k}", f"Prefix cache {k} (model/engine/prefix_cache.py).", registry=r)
                        for k in PREFIX_COUNTERS}
         self.prefix_gauges = {k: Gauge(f"{p}prefix_cache_{k}", f"Prefix cache {k}.", registry=r,
                                        multiprocess_mode="livesum") for k in PREFIX_GAUGES}

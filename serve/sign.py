@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from model.signing import inside, read_payload
+from model.checkpoint.signing import inside, read_payload
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from model.demo import build_checkpoint
+from model.checkpoint.demo import build_checkpoint
 
 # tests/triton runs the real Triton kernels under the interpreter, which must be switched on before any
 # import of triton: it has its own pytest process (see tests/triton/conftest.py; `make test` runs both).

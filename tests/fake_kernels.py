@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.fused_ops import FusedOps
+from model.network.fused_ops import FusedOps
 
 calls: dict[str, int] = {}
 

@@ -13,8 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from model.blocks import SlotAllocator
-from model.engine import Engine
+from model.engine.engine import Engine
+from model.runtime.blocks import SlotAllocator
 from model.types import EngineConfig, GenerationRequest, SamplingParams, StepOutput
 
 # ---- engine --------------------------------------------------------------------------------------

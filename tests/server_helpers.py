@@ -89,7 +89,7 @@ def iter_sse(response: requests.Response):
 def ready_app(ckpt, env: dict[str, str], name: str = "tiny-test"):
     """(app, Flask test client, engine): the app with the real engine on `ckpt`, once /ping says 200.
     The caller shuts the engine down."""
-    from model.engine import Engine
+    from model.engine.engine import Engine
     from serve.app import create_app
     from serve.config import load_config
 

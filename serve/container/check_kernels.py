@@ -6,7 +6,7 @@ kernels import) and can be rerun on a GPU host: `docker run --gpus all IMAGE pyt
 mamba-ssm's Triton submodules. mamba-ssm's compiled selective_scan_cuda (imported by
 mamba_ssm/__init__.py, never used by the engine, optional in newer wheels) is reported, not required:
 without it the Triton submodules are imported with the package registered but not executed, as
-model/kernels.py does. Self-contained (the build stage has no project code).
+model/network/kernels.py does. Self-contained (the build stage has no project code).
 """
 
 import importlib

@@ -18,7 +18,7 @@ from bench.capacity import (
     sequence_budget_bytes,
     was_mask_bytes,
 )
-from model.state import (
+from model.runtime.state import (
     CUDA_FIXED_RESERVE,
     CUDA_FREE_FRACTION,
     cuda_kv_tokens,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from model.signing import SignatureError, SignaturePolicy, verify_checkpoint
+from model.checkpoint.signing import SignatureError, SignaturePolicy, verify_checkpoint
 from tests.sdk_helpers import load
 from tests.serve.signing_keys import cert_set, key_pair
 

@@ -67,7 +67,7 @@ echo "image: $IMAGE, size $((size_bytes / 1000000)) MB, build $((SECONDS - build
 WORK="$(mktemp -d "$CACHE/tmp/test.XXXXXX")"
 chmod 755 "$WORK"
 step "demo checkpoint (host) -> mounted read-only at /opt/ml/model"
-"$PY" -c "import sys; from model.demo import build_checkpoint; build_checkpoint(sys.argv[1], preset='demo')" \
+"$PY" -c "import sys; from model.checkpoint.demo import build_checkpoint; build_checkpoint(sys.argv[1], preset='demo')" \
     "$WORK/model" >/dev/null
 "$PY" -c "import sys; from pathlib import Path; from tests.serve.signing_keys import key_pair
 for name in ('signer', 'other'): key_pair(Path(sys.argv[1]), name)" "$WORK/keys"

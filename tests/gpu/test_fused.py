@@ -15,10 +15,10 @@ import os
 import pytest
 import torch
 
-from model import ssd
-from model.fused_ops import load_fused
-from model.kernels import Kernels
-from model.runner import ModelRunner
+from model.network import ssd
+from model.network.fused_ops import load_fused
+from model.network.kernels import Kernels
+from model.runtime.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 from tests.tiny_granite import build_tiny
 

@@ -1,6 +1,6 @@
-"""Prefill attention on CUDA (model/prefill_attention.py causal_cuda, make test-gpu): the CPU path's results, a
+"""Prefill attention on CUDA (model/network/prefill_attention.py causal_cuda, make test-gpu): the CPU path's results, a
 fused SDPA kernel (flash for bf16 with grouped KV heads, memory-efficient for fp32), and a peak within what the
-memory budget keeps back for it (model/state.py prefill_attention_bytes), up to a 128K context."""
+memory budget keeps back for it (model/runtime/state.py prefill_attention_bytes), up to a 128K context."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
 
 from bench.prefill_memory import MICRO_ATTN, attention_case
-from model import prefill_attention as pa
-from model.kernels import Kernels
-from model.state import prefill_attention_bytes
+from model.network import prefill_attention as pa
+from model.network.kernels import Kernels
+from model.runtime.state import prefill_attention_bytes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}

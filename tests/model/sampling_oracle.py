@@ -1,4 +1,4 @@
-"""Oracle: the sampler as it was before the batched one (model/sampling.py at commit beba698), per-row loops
+"""Oracle: the sampler as it was before the batched one (model/runtime/sampling.py at commit beba698), per-row loops
 and all, kept verbatim to check the new sampler gives the same tokens for the same seeds."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from model.sampling import (
+from model.runtime.sampling import (
     NEG_INF,
     apply_openai_penalties,
     apply_repetition_penalty,

@@ -10,10 +10,10 @@ import threading
 import pytest
 import torch
 
-from model.decode_static import CudaGraphs
-from model.granite import GraniteArch
-from model.runner import ModelRunner, resolve_device
-from model.state import auto_kv_tokens
+from model.network.granite import GraniteArch
+from model.runtime.decode_static import CudaGraphs
+from model.runtime.runner import ModelRunner, resolve_device
+from model.runtime.state import auto_kv_tokens
 from tests import fake_cuda
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from model.blocks import SlotAllocator
+from model.runtime.blocks import SlotAllocator
 from model.types import Allocator, Copier, Detokenizer, EngineConfig, Runner, Tokenizer
 from tests import fakes
 
@@ -94,8 +94,8 @@ def fake_classes() -> set[str]:
 
 
 def test_the_real_runner_and_tokenizer_implement_their_seams(tiny_ckpt):
-    from model.runner import ModelRunner
-    from model.tokenizer import Tokenizer as RealTokenizer
+    from model.runtime.runner import ModelRunner
+    from model.text.tokenizer import Tokenizer as RealTokenizer
 
     cfg = EngineConfig(device="cpu", dtype="float32", max_concurrent_seqs=2, max_input_tokens=32,
                        max_total_tokens=64, kv_cache_tokens=256, max_step_tokens=32)

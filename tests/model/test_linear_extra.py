@@ -1,4 +1,4 @@
-"""The per-row extra term of the projections (model/kernels.py LinearExtra, model/granite.py Linear.extra),
+"""The per-row extra term of the projections (model/network/kernels.py LinearExtra, model/network/granite.py Linear.extra),
 where a LoRA delta goes: a low-rank delta on the rows of one group equals F.linear with the merged weights
 there and leaves every other row bit for bit as without it; through the whole network, a sequence in the
 group runs as the merged model would and its batch-mates exactly as without the term."""
@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import kernels as kmod
-from model.granite import Linear, load_granite
-from model.kernels import Kernels, RowGroups
-from model.runner import ModelRunner
-from model.state import StatePool
+from model.network import kernels as kmod
+from model.network.granite import Linear, load_granite
+from model.network.kernels import Kernels, RowGroups
+from model.runtime.runner import ModelRunner
+from model.runtime.state import StatePool
 from model.types import EngineConfig, SeqChunk, StepBatch
 
 RANK, SCALE = 2, 0.5

@@ -1,4 +1,4 @@
-"""The logits-processor seam (model/types.py LogitsProcessor, model/sampling.py Sampler.fill, model/runner.py
+"""The logits-processor seam (model/types.py LogitsProcessor, model/runtime/sampling.py Sampler.fill, model/runtime/runner.py
 launch = forward -> fill -> sample): a processor's mask changes only its own row, everything after it (greedy,
 sampled, penalties, logprobs, alternatives) sees the masked distribution, rows without one are bit for bit as
 without the hook, and a decode step still reads the device back once."""
@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.host_syncs import count_syncs
-from model.runner import ModelRunner
-from model.sampling import NEG_INF, Sampler
+from model.runtime.runner import ModelRunner
+from model.runtime.sampling import NEG_INF, Sampler
 from model.types import EngineConfig, SamplingParams, SeqChunk, StepBatch, StepOutput, resolve_seed
 
 V = 50

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bench.prefill_memory import MICRO_ATTN, alloc_profile, attention_case, chunk, load
-from model.kernels import Kernels
-from model.state import prefill_attention_bytes
+from model.network.kernels import Kernels
+from model.runtime.state import prefill_attention_bytes
 
 LS, TKS = (32, 512), (1024, 8192)  # chunk lengths and contexts (keys); queries at [Tk - L, Tk)
 
@@ -49,7 +49,7 @@ def test_largest_allocation_is_the_chunks_or_the_contexts(peaks):
                                             ([0, 1500, 0, 700, 700], [128, 100, 37, 256, 3])])
 def test_attention_temporaries_within_the_budget(starts, lengths):
     """The measured CPU peak of one prefill attention call stays within prefill_attention_bytes, the term the
-    CUDA memory budget keeps back for it (model/state.py), at the micro's head counts."""
+    CUDA memory budget keeps back for it (model/runtime/state.py), at the micro's head counts."""
     a = MICRO_ATTN
     q, k_cache, v_cache, pk, tk = attention_case(starts, lengths)
     K = Kernels("auto", "cpu")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from bench.host_syncs import count_syncs, exempt
-from model.runner import ModelRunner
+from model.runtime.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 
 

@@ -1,4 +1,4 @@
-"""The batched sampler (model/sampling.py) against the sampler it replaced (tests/model/sampling_oracle.py):
+"""The batched sampler (model/runtime/sampling.py) against the sampler it replaced (tests/model/sampling_oracle.py):
 the same tokens, logprobs and alternatives for the same seeds, over mixed batches and many steps."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from model.sampling import Sampler
+from model.runtime.sampling import Sampler
 from model.types import SamplingParams
 from tests.model.sampling_oracle import RowState, sample
 

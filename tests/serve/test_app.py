@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from model.engine import Engine
+from model.engine.engine import Engine
 from model.types import GenerationRequest, SamplingParams
 from serve.app import create_app
 from serve.config import load_config

@@ -5,9 +5,9 @@ import inspect
 
 import pytest
 
-from model.engine import Engine
-from model.handle import Handle
-from model.tokenizer import Tokenizer
+from model.engine.engine import Engine
+from model.engine.handle import Handle
+from model.text.tokenizer import Tokenizer
 from serve.engine_client import EngineClient, PromptTokenizer, RequestHandle
 from tests.fakes import FakeTokenizer, fake_engine, req
 from tests.serve.test_generate import ScriptedHandle

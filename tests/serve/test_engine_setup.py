@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from model.tokenizer import Tokenizer
+from model.text.tokenizer import Tokenizer
 from serve.app import create_app
 from serve.config import load_config
 

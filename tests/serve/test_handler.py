@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from model.engine import Engine
+from model.engine.engine import Engine
 from serve.handler import (
     JsonLines,
     Service,

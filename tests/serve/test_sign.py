@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model.signing import SignatureError, SignaturePolicy, read_payload, verify_checkpoint
+from model.checkpoint.signing import SignatureError, SignaturePolicy, read_payload, verify_checkpoint
 from serve.sign import main
 from tests.serve.signing_keys import cert_set, key_pair
 from tests.server_helpers import ROOT

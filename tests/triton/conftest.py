@@ -92,8 +92,8 @@ def hf_reference(mamba_ops):
 
 @pytest.fixture(scope="session")
 def mamba_ops():
-    """model.fused_ops.FusedOps with the real mamba-ssm Triton kernels (causal-conv1d is CUDA C++: absent)."""
-    from model.fused_ops import load_fused
+    """model.network.fused_ops.FusedOps with the real mamba-ssm Triton kernels (causal-conv1d is CUDA C++: absent)."""
+    from model.network.fused_ops import load_fused
 
     ops = load_fused()
     missing = [n for n in ("mamba_chunk_scan_combined", "selective_state_update") if getattr(ops, n) is None]
@@ -105,7 +105,7 @@ def mamba_ops():
 def interp_ops(mamba_ops):
     """What the engine's fused path runs: the real mamba-ssm kernels, and causal-conv1d's fakes (CUDA C++ only,
     tests/fake_kernels.py)."""
-    from model.fused_ops import FusedOps
+    from model.network.fused_ops import FusedOps
     from tests import fake_kernels
 
     return FusedOps(mamba_ops.mamba_chunk_scan_combined, mamba_ops.selective_state_update,

@@ -16,7 +16,7 @@ def _ssu_inputs(seed=0, batch=3, h=2, p=16, n=16, g=1):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     state = r(batch + 2, h, p, n) * 0.5
-    # per-(head, channel) parameters as model/kernels.py passes them: stride-0 views over p ("tied" path)
+    # per-(head, channel) parameters as model/network/kernels.py passes them: stride-0 views over p ("tied" path)
     dt = r(batch, h)[:, :, None].expand(-1, h, p)
     A = (-torch.rand(h, generator=gen) - 0.5)[:, None, None].expand(h, p, n)
     dt_bias = (r(h) * 0.5 - 1)[:, None].expand(h, p)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fused_ops import FusedOps
-from model.kernels import Kernels
-from model.runner import ModelRunner
+from model.network.fused_ops import FusedOps
+from model.network.kernels import Kernels
+from model.runtime.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 from tests.tiny_granite import build_tiny
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bench.host_syncs import count_syncs, exempt
-from model.fused_ops import FusedOps
-from model.kernels import Kernels
-from model.runner import ModelRunner
+from model.network.fused_ops import FusedOps
+from model.network.kernels import Kernels
+from model.runtime.runner import ModelRunner
 from model.types import EngineConfig, SeqChunk, StepBatch
 
 # 3 layers (mamba, attention, mamba); Mamba 4 heads x 16, d_state 16, SSD chunk 16: ~1 s per fused call.

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fused_ops import FusedOps
-from model.kernels import Kernels
+from model.network.fused_ops import FusedOps
+from model.network.kernels import Kernels
 
 DTYPES = {torch.float32: dict(atol=2e-6, rtol=2e-6), torch.float16: dict(atol=4e-3, rtol=4e-3)}
 

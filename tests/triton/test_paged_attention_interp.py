@@ -1,4 +1,4 @@
-"""model/paged_attention.py under the interpreter against SDPA on the gathered KV (Kernels' reference
+"""model/network/paged_attention.py under the interpreter against SDPA on the gathered KV (Kernels' reference
 decode_attention), and the proof that it reads only each row's live tokens: everything else in the cache
 is NaN, which any read would spread into the output."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import paged_attention as pa
-from model.fused_ops import FusedOps
-from model.kernels import DecodeMeta, Kernels
+from model.network import paged_attention as pa
+from model.network.fused_ops import FusedOps
+from model.network.kernels import DecodeMeta, Kernels
 
-BS = 16  # model/state.py BLOCK_SIZE
+BS = 16  # model/runtime/state.py BLOCK_SIZE
 
 
 def _case(gen, lengths, width, hq=8, hkv=2, e=16, dtype=torch.float32, extra_blocks=3):

@@ -1,4 +1,4 @@
-"""mamba-ssm's real SSD chunk scan (mamba_chunk_scan_combined) through Kernels.ssd_prefill vs model/ssd.py.
+"""mamba-ssm's real SSD chunk scan (mamba_chunk_scan_combined) through Kernels.ssd_prefill vs model/network/ssd.py.
 
 fp32 and fp16 only: bf16 tl.dot is wrong in triton 3.7.1's interpreter. fp32 tl.dot is exact there (no TF32).
 """
@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ssd
-from model.fused_ops import FusedOps
-from model.kernels import Kernels
-from model.packed import Packed
+from model.network import ssd
+from model.network.fused_ops import FusedOps
+from model.network.kernels import Kernels
+from model.network.packed import Packed
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
 

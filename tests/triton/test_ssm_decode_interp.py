@@ -1,4 +1,4 @@
-"""mamba-ssm's real selective_state_update through Kernels.ssm_decode vs model/ssd.py: slots of a state pool
+"""mamba-ssm's real selective_state_update through Kernels.ssm_decode vs model/network/ssd.py: slots of a state pool
 by index (state_batch_indices), padding rows on the dummy slot, a run of consecutive slots, dt limits,
 low-precision inputs and pools (no tl.dot here, so bf16 runs correctly in the interpreter)."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import ssd
-from model.fused_ops import FusedOps
-from model.kernels import Kernels
+from model.network import ssd
+from model.network.fused_ops import FusedOps
+from model.network.kernels import Kernels
 
 H, P, G, N, S = 4, 16, 1, 16, 7  # pool of S slots; the last one plays the dummy slot
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=7e-2, rtol=2e-2),

@@ -1,0 +1,1 @@
+"""Checkpoints: loading, signatures, the demo model."""

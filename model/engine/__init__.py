@@ -1,0 +1,1 @@
+"""The torch-free engine: loop, scheduler, sequences, handles, prefix cache."""

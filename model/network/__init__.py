@@ -1,0 +1,1 @@
+"""The network and its kernels: Granite hybrid, the one kernel choice, SSD, attention, step metadata."""

@@ -1,0 +1,1 @@
+"""Tokens and text: tokenizer, incremental detokenizer, chat template."""
