@@ -17,6 +17,8 @@ machine is), with wall seconds beside them:
   micro's widths; 2 layers, a small vocabulary and MLP: no Triton kernel's variant depends on those), with
   MAMBA_DETERMINISTIC=1 and an empty Triton cache, in a child process;
 - launches: kernel launches of one decode step, the engine's (bench/launches.py) and HF generate's.
+
+Size: ~300 lines: one measurement per step of the GPU check's plan, each with the call sites it replays.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Nothing here imports torch: `serve/protocol.py`, `serve/config.py` and `model/engine/scheduler.py`
 depend on this module and must stay importable without it.
+
+Size: ~370 lines, on purpose: the shared types and every engine seam (Protocols) in one torch-free file, so
+what crosses a seam is read in one place.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ on. torch-free; model_signing is imported only when a signature is checked. Sign
 The hashing method (sha256/blake2/blake3, per file or per shard) is the one the bundle declares: it
 is read from the bundle to configure the library (an unauthenticated hint: the library then checks
 the signature over that very payload before comparing any digest).
+
+Size: ~310 lines, of which _explain's actionable message per library failure is a fifth.
 """
 
 from __future__ import annotations

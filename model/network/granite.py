@@ -22,8 +22,10 @@ from torch import nn
 
 from model.network.arch import GraniteArch
 from model.network.decode_batch import Decode
-from model.network.kernels import DecodeMeta, LinearExtra, SsmParams, gated_rms_norm
+from model.network.kernels import gated_rms_norm
+from model.network.linear import LinearExtra
 from model.network.packed import Packed
+from model.network.step_meta import DecodeMeta, SsmParams
 
 __all__ = ["GraniteArch", "GraniteForCausalLM", "load_granite", "FP32_PARAMS"]
 

@@ -13,27 +13,29 @@ Ops (shapes as in model/network/ssd.py):
                (model/network/prefill_attention.py: causal_lower_right SDPA on CUDA, a two-part merge on CPU)
   decode_attention  one query per row over its paged KV, read in place   model/network/paged_attention.py
                     (reference: gather the row's blocks + SDPA)
-  linear       the projections: F.linear; on CPU oneDNN's linear when present (cpu_linear: faster than MKL here).
-               A projection may add a per-row extra term to its output (LinearExtra, where a LoRA delta goes);
-               without one (the default) it is this op alone
+  linear       the projections: F.linear; on CPU oneDNN's linear when present (model/network/linear.py
+               cpu_linear: faster than MKL here). A projection may add a per-row extra term to its output
+               (linear.py LinearExtra, where a LoRA delta goes); without one (the default) it is this op alone
 Fused modules are imported lazily and only for CUDA (tests inject them). `report` says which path each op
 took. The reference formulas match Hugging Face's Granite modules in fp32 (tests/test_granite.py).
+Size: ~370 lines because every op's two paths and their argument preparation sit side by side, the point
+of one choosing module; what is not choosing lives beside it (linear.py, step_meta.py, ssd.py, fused_ops.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from model.network import ssd
 from model.network.fused_ops import FusedOps, accepts, load_fused
+from model.network.linear import cpu_linear
 from model.network.packed import Packed
 from model.network.prefill_attention import causal_cpu, causal_cuda, prefill_attention
+from model.network.step_meta import DecodeMeta, SsmParams
 
 log = logging.getLogger(__name__)
 
@@ -64,60 +66,6 @@ def _long(slots):
     return slots if isinstance(slots, slice) or slots.dtype == torch.long else slots.long()
 
 
-def _onednn_linear(x, weight, bias):
-    if x.dtype != torch.float32:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def cpu_linear() -> Callable | None:
-    """oneDNN's fp32 linear (the op Inductor's CPU fusions call) when this torch has it and it agrees with
-    F.linear. torch's F.linear on CPU calls MKL, whose fp32 GEMM at decode's few rows runs 1.3-2.3x slower on
-    this project's AMD EPYC VMs (mid checkpoint, 52 projections: 77 -> 46 ms at 1 row, 140 -> 80 ms at 8,
-    399 -> 221 ms at 64; demo model 1.35x at 1 row, equal at 8). Same formula, another summation order."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return None
-        g = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*s, generator=g) for s in ((3, 40), (24, 40), (24,)))
-        if torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-5):
-            return _onednn_linear
-    except Exception as e:  # noqa: BLE001 - a torch without the op, or a broken build: MKL it is
-        log.info("oneDNN linear unavailable: %r", e)
-    return None
-
-
-class LinearExtra(Protocol):
-    """A per-row extra term on one projection's output (where a LoRA delta goes), set on the projection
-    (model/network/granite.py Linear.extra). x (N, in) is the projection's input, y = linear(x, W, b) (N, out) its
-    output, N the step's rows (packed prefill tokens or decode rows, model/runtime/runner.py's order); returns y with
-    the delta added on the rows it covers (typically the rows of some RowGroups' groups, batched per group),
-    every other row bit for bit as it came. It owns the step's row -> group mapping: whoever runs the step
-    sets it before the forward (a CUDA graph replays whatever its fixed buffers hold). Unset (None, the
-    default), the projection is linear alone: no op more, the same CUDA graph capture."""
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class RowGroups:
-    """A step's row -> group mapping for per-row extra terms (a LoRA: group = adapter), built once per step
-    before its forward is queued (the index copies are plain, blocking ones): the groups present (ids) and
-    each one's rows ((n_g,) long, ascending, disjoint)."""
-
-    ids: tuple[int, ...]
-    rows: tuple[torch.Tensor, ...]
-
-    @classmethod
-    def of(cls, groups: Sequence[int | None], device) -> RowGroups:
-        """groups[i]: row i's group, None for none -> the rows of each group, groups in first-seen order."""
-        by: dict[int, list[int]] = {}
-        for i, g in enumerate(groups):
-            if g is not None:
-                by.setdefault(g, []).append(i)
-        return cls(tuple(by), tuple(torch.tensor(r, dtype=torch.long, device=device) for r in by.values()))
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face GraniteMoeHybridRMSNorm: statistics in fp32, weight * normed.to(x.dtype)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:  # one fused op, the same formula
@@ -132,30 +80,6 @@ def gated_rms_norm(y, gate, weight, eps: float, groups: int) -> torch.Tensor:
     yg = yf.unflatten(-1, (groups, -1))
     yg = F.rms_norm(yg, (yg.shape[-1],), None, eps)  # x * rsqrt(mean(x^2) + eps) per group, fp32
     return weight * yg.flatten(-2).to(y.dtype)
-
-
-@dataclass
-class SsmParams:
-    """A Mamba layer's decode constants, prepared once at load (Kernels.ssm_params): A = -exp(A_log) and
-    the (h, p[, n]) stride-0 views selective_state_update takes (None on the reference path)."""
-    A: torch.Tensor  # (h,) fp32
-    D: torch.Tensor  # (h,)
-    dt_bias: torch.Tensor  # (h,)
-    A_e: torch.Tensor | None = None  # (h, p, n)
-    D_e: torch.Tensor | None = None  # (h, p)
-    bias_e: torch.Tensor | None = None  # (h, p)
-    zero_bias_e: torch.Tensor | None = None  # (h, p) fp32 zeros: dt discretized here when dt_limit is set
-
-
-@dataclass
-class DecodeMeta:
-    """Per decode step, built once (Kernels.decode_meta) and shared by every layer."""
-    slots: torch.Tensor | slice  # (B,) long when a fused state kernel runs, else long or a slice
-    block_tables: torch.Tensor  # (B, mb) long KV block ids; entries past a row's length are not read
-    positions: torch.Tensor  # (B,) long: tokens cached before this step (the new token's index)
-    kv_index: torch.Tensor  # (B,) long: flat KV row (block * block_size + offset) the new token goes to
-    runs: tuple[tuple[int, int], ...] = ()  # the slots as (first, count) runs (host ints; reference path)
-    conv_slots: torch.Tensor | slice | None = None  # the slots for conv_decode: int32 when its kernel is fused
 
 
 class Kernels:

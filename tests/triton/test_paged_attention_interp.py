@@ -9,7 +9,8 @@ import torch
 
 from model.network import paged_attention as pa
 from model.network.fused_ops import FusedOps
-from model.network.kernels import DecodeMeta, Kernels
+from model.network.kernels import Kernels
+from model.network.step_meta import DecodeMeta
 
 BS = 16  # model/runtime/state.py BLOCK_SIZE
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.network import kernels as kmod
 from model.network import ssd
 from model.network.decode_batch import Decode
 from model.network.kernels import Kernels
@@ -253,32 +252,3 @@ def test_fused_state_kernels_get_slot_indices_they_can_address(tiny_ckpt):
     with pytest.raises(RuntimeError, match="328966 conv state slots .* exceed the 32-bit offsets"):
         m.bind(micro(2**32 // (4352 * 3) + 1), K)
     Kernels("reference", "cpu").check_slots(micro(10**6).conv)  # the torch reference indexes in int64
-
-
-def test_cpu_projections_run_onednn_linear_and_match_f_linear(tiny_ckpt):
-    from model.network.granite import Linear, load_granite
-    from model.runtime.state import StatePool
-
-    K = Kernels("auto", "cpu")
-    assert K.report["linear"] == "onednn:_linear_pointwise" and K.linear is kmod._onednn_linear
-    m = load_granite(tiny_ckpt, "cpu", torch.float32)
-    m.bind(StatePool(m.arch, 2, 64, "cpu", torch.float32, torch.float32), K)
-    lins = [x for x in m.modules() if isinstance(x, Linear)]
-    assert lins and all(x.fn is kmod._onednn_linear for x in lins)
-    for rows in (1, 3, 8, 100):
-        for lin in lins[:3]:
-            x = torch.randn(rows, lin.in_features)
-            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
-    xb = torch.randn(2, lins[0].in_features, dtype=torch.bfloat16)  # not fp32: F.linear
-    assert torch.equal(kmod._onednn_linear(xb, lins[0].weight.bfloat16(), None), F.linear(xb, lins[0].weight.bfloat16()))
-    assert Kernels("auto", "meta").linear is F.linear  # not a CPU: F.linear (cuBLAS on CUDA)
-
-
-def test_cpu_linear_falls_back_to_mkl_when_onednn_fails(monkeypatch):
-    def broken(x, w, b):
-        raise RuntimeError("no oneDNN in this build")
-
-    monkeypatch.setattr(kmod, "_onednn_linear", broken)
-    assert kmod.cpu_linear() is None
-    K = Kernels("auto", "cpu")
-    assert K.linear is F.linear and K.report["linear"] == "torch"

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.network import kernels as kmod
+from model.network import linear as lmod
 from model.network.granite import Linear, load_granite
-from model.network.kernels import Kernels, RowGroups
+from model.network.kernels import Kernels
+from model.network.linear import RowGroups
 from model.runtime.runner import ModelRunner
 from model.runtime.state import StatePool
 from model.types import EngineConfig, SeqChunk, StepBatch
@@ -64,7 +65,7 @@ def test_extra_on_one_group_equals_merged_weights_and_leaves_other_rows_exact(ti
     m.bind(StatePool(m.arch, 2, 64, "cpu", torch.float32, torch.float32), K)
     lins = [x for x in m.modules() if isinstance(x, Linear)]
     assert lins and all(x.extra is None for x in lins)  # the default: the projection alone
-    assert all(x.fn is K.linear for x in lins) and K.linear is kmod._onednn_linear  # the CPU path unchanged
+    assert all(x.fn is K.linear for x in lins) and K.linear is lmod._onednn_linear  # the CPU path unchanged
     step = Step()
     step.groups = RowGroups.of([None, 7, 3, 7, None, 7], "cpu")  # group 3: rows the term has no weights for
     covered, other = [1, 3, 5], [0, 2, 4]
@@ -134,3 +135,32 @@ def test_network_with_extra_on_one_sequence(tiny_ckpt, mode):
         assert torch.equal(g[0], p[0])
         torch.testing.assert_close(g[1], a[0], atol=2e-5, rtol=1e-4)
         assert not torch.allclose(g[1], p[1], atol=1e-3)  # the term does change sequence 1
+
+
+def test_cpu_projections_run_onednn_linear_and_match_f_linear(tiny_ckpt):
+    from model.network.granite import Linear, load_granite
+    from model.runtime.state import StatePool
+
+    K = Kernels("auto", "cpu")
+    assert K.report["linear"] == "onednn:_linear_pointwise" and K.linear is lmod._onednn_linear
+    m = load_granite(tiny_ckpt, "cpu", torch.float32)
+    m.bind(StatePool(m.arch, 2, 64, "cpu", torch.float32, torch.float32), K)
+    lins = [x for x in m.modules() if isinstance(x, Linear)]
+    assert lins and all(x.fn is lmod._onednn_linear for x in lins)
+    for rows in (1, 3, 8, 100):
+        for lin in lins[:3]:
+            x = torch.randn(rows, lin.in_features)
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    xb = torch.randn(2, lins[0].in_features, dtype=torch.bfloat16)  # not fp32: F.linear
+    assert torch.equal(lmod._onednn_linear(xb, lins[0].weight.bfloat16(), None), F.linear(xb, lins[0].weight.bfloat16()))
+    assert Kernels("auto", "meta").linear is F.linear  # not a CPU: F.linear (cuBLAS on CUDA)
+
+
+def test_cpu_linear_falls_back_to_mkl_when_onednn_fails(monkeypatch):
+    def broken(x, w, b):
+        raise RuntimeError("no oneDNN in this build")
+
+    monkeypatch.setattr(lmod, "_onednn_linear", broken)
+    assert lmod.cpu_linear() is None
+    K = Kernels("auto", "cpu")
+    assert K.linear is F.linear and K.report["linear"] == "torch"
