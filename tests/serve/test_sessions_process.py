@@ -13,12 +13,15 @@ from tests.server_helpers import ServerProcess, iter_sse
 
 pytestmark = pytest.mark.slow  # two workers each load the model: ~30-60 s on 2 cores
 SID = "X-Amzn-SageMaker-Session-Id"
+# Long enough that the sessions test_sessions_reach_their_worker opens first stay alive while it runs its turns on
+# a slow 2-core machine (at 3 s they expired before its CLOSEs: a timing-dependent failure, ~1 run in 2).
+TTL = 15
 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):
     env = {"MODEL_DIR": str(tiny_ckpt), "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "MAX_CONCURRENT_SEQS": "4",
-           "MAX_TOTAL_TOKENS": "2048", "MAX_NEW_TOKENS": "4", "SESSION_TTL": "3", "SESSION_MAX": "16"}
+           "MAX_TOTAL_TOKENS": "2048", "MAX_NEW_TOKENS": "4", "SESSION_TTL": str(TTL), "SESSION_MAX": "16"}
     srv = ServerProcess(env, tmp_path_factory.mktemp("sessions") / "server.log")
     try:
         srv.wait_ready(240)
@@ -84,7 +87,7 @@ def test_sessions_reach_their_worker(server):
 def test_idle_sessions_expire(server):
     sid = _open(server)
     assert _post(server, {"inputs": "hello", "parameters": {"max_new_tokens": 2}}, sid).status_code == 200
-    time.sleep(5)  # SESSION_TTL=3; the sweep runs every 0.75 s
+    time.sleep(TTL + 2)  # past its expiry: the worker's next lookup (this request) sweeps it
     r = _post(server, {"inputs": " again"}, sid)
     assert r.status_code == 410 and "expired" in r.json()["error"]
     deadline = time.monotonic() + 20
