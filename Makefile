@@ -86,6 +86,7 @@ serve: install ## run the server on $(HOST):$(PORT) (demo model unless MODEL_DIR
 test: install $(WHEELS)/.gpu-wheels ## run every CPU test (what .ci/run runs), then the Triton-interpreter suite in its own process
 	$(VPY) -m pytest -q -m "not gpu and not container" $(TEST_ARGS) tests
 	TRITON_INTERPRET=1 MAMBA_DETERMINISTIC=1 $(VPY) -m pytest -q -p no:cacheprovider tests/triton
+	TRITON_CACHE_DIR=$${TRITON_CACHE_DIR:-/var/tmp/granite-h-triton} $(VPY) -m pytest -q -p no:cacheprovider tests/compile
 
 test-fast: install ## the tests minus the slow server/fuzz/notebook ones
 	$(VPY) -m pytest -q -x -m "not gpu and not container and not slow" tests

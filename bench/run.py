@@ -18,6 +18,10 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
   host_work   host ms per runner step with the network's compute stubbed out (decode 1 x 2K, 64 x 2K,
               64 x 16K; packed prefill of 16 uneven prompts), before / after / target; the engine's own time
               per step outside the runner at 1 and 64 streams (bench/host_time.py)
+  compile     every Triton kernel the CUDA path launches, compiled on CPU for sm_80 / 86 / 89 / 90 through our call
+              sites at the full-size micro's shapes: shared memory, registers, spills per kernel per architecture,
+              over-limit configs, variants compiled after warmup (bench/compile_report.py; with triton 3.6.0 too
+              when COMPILE_TRITON36=1)
   decode_device_work  kernel launches per decode step of the full-size micro pattern (before / after, target
               <= 450) and decode-attention KV bytes per step vs ideal at 64 x 16K (target <= 1.25x),
               counted on CPU (bench/launches.py; ~10 s)
@@ -83,7 +87,8 @@ def baseline_tok_s(model, prompt_ids: list[list[int]], max_new: int) -> tuple[fl
 # ---- parity ------------------------------------------------------------------------------------------
 
 def parity(ckpt: Path, texts: list[str], max_new: int) -> dict:
-    from model.engine.engine import Engine
+    from model.engine.engine.engine import Engine
+
     from model.types import EngineConfig, GenerationRequest, SamplingParams
 
     eng = Engine(ckpt, EngineConfig(max_concurrent_seqs=len(texts), dtype="float32"), "parity")
@@ -166,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench import launches
 
         report["decode_device_work"] = launches.report()
+        print("Triton kernels compiled for sm_80 / sm_86 / sm_89 / sm_90 (minutes when TRITON_CACHE_DIR is cold) ...",
+              flush=True)
+        from bench import compile_report
+
+        report["compile"] = compile_report.bench_section()
         print("host work per step ...", flush=True)
         from bench import host_time
 
@@ -231,6 +241,12 @@ def print_table(r: dict) -> None:
         print(f"launches per decode step: {n['before']['launches']} -> {n['after']['launches']} "
               f"(target <= {n['target']}); decode KV bytes {kv['paged_ratio']:.2f}x ideal "
               f"(gather {kv['gather_ratio']:.2f}x; target <= {kv['target_ratio']}x)")
+    for version, c in r.get("compile", {}).items():
+        print(f"compile ({version}): " + ("; ".join(
+            f"{arch} {sum(k['variants'] for k in a['kernels']['serving'].values())} variants, deterministic picks <= "
+            f"{max(k['smem_max'] or 0 for k in a['kernels']['deterministic'].values()) / 1024:.0f} KB"
+            for arch, a in c["archs"].items()) if "archs" in c else c["error"][-200:])
+              + f"; problems: {len(c.get('problems', []))}")
     if "host_work" in r:
         print(f"host ms per step: {json.dumps(r['host_work']['host_ms_per_step'])} (before "
               f"{json.dumps(r['host_work']['before_ms'])}; targets {json.dumps(r['host_work']['targets_ms'])})")

@@ -18,7 +18,9 @@ from model.checkpoint.demo import build_checkpoint
 
 # tests/triton runs the real Triton kernels under the interpreter, which must be switched on before any
 # import of triton: it has its own pytest process (see tests/triton/conftest.py; `make test` runs both).
-collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["triton"]
+# tests/compile compiles them for real (no interpreter), minutes when cold: its own process too, run when
+# named (`make test` does: tests/compile/conftest.py).
+collect_ignore = ["compile"] + ([] if os.environ.get("TRITON_INTERPRET") == "1" else ["triton"])
 
 
 def build_variant(out_dir, *, preset: str = "tiny", seed: int = 0, **overrides) -> Path:
