@@ -4,7 +4,6 @@ no deterministic pick over the shared memory limit, none of our kernels over it,
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -42,8 +41,7 @@ def test_every_kernel_compiles_for_every_architecture_within_its_limits(compile_
     assert [p for p in cr.problems(compile_report) if AFTER_WARMUP not in p] == []
 
 
-@pytest.mark.skipif(os.environ.get("COMPILE_TRITON36") != "1",
-                    reason="opt-in (COMPILE_TRITON36=1): triton 3.6.0, the CUDA image's, costs ~7 CPU-minutes cold")
+@pytest.mark.triton36  # opt-in (make test COMPILE_TRITON36=1): triton 3.6.0, the CUDA image's, ~7 CPU-minutes cold
 def test_the_same_with_the_cuda_images_triton(tmp_path):
     """The GPU machine and the CUDA image run triton 3.6.0: the same report with it, in a subprocess (installed
     once under /var/tmp with pip --target, 640 MB)."""
