@@ -83,7 +83,7 @@ serve: install ## run the server on $(HOST):$(PORT) (demo model unless MODEL_DIR
 	  export MODEL_ID=demo; fi; \
 	$(VPY) -m serve serve --host $(HOST) --port $(PORT)
 
-test: install $(WHEELS)/.gpu-wheels ## run every CPU test (what .ci/run runs), then the Triton-interpreter suite in its own process
+test: install $(WHEELS)/.gpu-wheels ## every CPU test (what .ci/run runs), then the Triton-interpreter suite and the sm_80-90 compile report, each in its own process
 	$(VPY) -m pytest -q -m "not gpu and not container" $(TEST_ARGS) tests
 	TRITON_INTERPRET=1 MAMBA_DETERMINISTIC=1 $(VPY) -m pytest -q -p no:cacheprovider tests/triton
 	TRITON_CACHE_DIR=$${TRITON_CACHE_DIR:-/var/tmp/granite-h-triton} $(VPY) -m pytest -q -p no:cacheprovider \
