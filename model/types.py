@@ -70,6 +70,47 @@ def resolve_seed(params: SamplingParams) -> int | None:
 
 
 @dataclass(frozen=True)
+class ToolSpec:
+    """One declared function of a tool-calling request: its name and its `parameters` JSON schema, as canonical
+    JSON text (json.dumps(..., sort_keys=True)) so that equal tools hash equal (the grammar cache key)."""
+
+    name: str
+    parameters: str = "{}"
+
+
+CONSTRAINT_KINDS = ("json", "regex", "tool_calls")
+TOOL_MODES = ("required", "auto")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a sequence's output must match (grammar-constrained decoding). Torch-free and hashable: the server
+    builds it from the request (OpenAI response_format / tool_choice, TGI parameters.grammar), the engine compiles
+    it once per distinct value into a per-row logits processor.
+
+    kind "json": `value` a JSON schema as canonical JSON text ("" = any JSON object, OpenAI json_object).
+    kind "regex": `value` the pattern; the whole output must match it.
+    kind "tool_calls": Granite's own markup, `<tool_call>` {"name", "arguments"} `</tool_call>`, the name one of
+    `tools` and the arguments valid against its parameters. tool_mode "required": the output is one call (several
+    when `parallel`); "auto": free text, constrained only once the model opens a `<tool_call>`. A named function
+    (OpenAI tool_choice {"type": "function", ...}) is "required" with that one tool."""
+
+    kind: str
+    value: str = ""
+    tools: tuple[ToolSpec, ...] = ()
+    tool_mode: str = "required"
+    parallel: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"constraint kind must be {'|'.join(CONSTRAINT_KINDS)}, got {self.kind!r}")
+        if self.tool_mode not in TOOL_MODES:
+            raise ValueError(f"tool_mode must be {'|'.join(TOOL_MODES)}, got {self.tool_mode!r}")
+        if self.kind == "tool_calls" and not self.tools:
+            raise ValueError("a tool_calls constraint needs at least one tool")
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One sequence to generate. The server tokenizes; the engine only sees ids."""
 
@@ -79,6 +120,8 @@ class GenerationRequest:
     # A stateful session (serve side): when the sequence finishes, its snapshot is pinned for this session
     # and Engine.session_conversation(session_id) returns prompt + output ids (see model/engine/prefix_cache.py).
     session_id: str | None = None
+    # The output must match this (grammar-constrained decoding); None: free text.
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
