@@ -40,9 +40,31 @@ def _schema(text: str, what: str) -> dict:
     return schema
 
 
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf",
+              "$ref", "if", "dependentSchemas")
+
+
+def closed(schema):
+    """The schema with `additionalProperties: false` on every object that lists `properties` and says nothing
+    about others (OpenAI's strict mode, xgrammar's default): outputs still validate against the original, but
+    a model never invents keys the schema did not ask for (unbounded output). Left open: allOf's branches and
+    an object combined with other subschemas (closing one part would forbid the others' properties)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k == "allOf" else closed(v)) if isinstance(v, dict | list) else v for k, v in schema.items()}
+    if "allOf" in schema:
+        out["allOf"] = [{**b, **{k: closed(v) for k, v in b.items() if k != "additionalProperties"}}
+                        if isinstance(b, dict) else b for b in schema["allOf"]]
+    if isinstance(schema.get("properties"), dict) and not any(k in schema for k in _OPEN_KEYS):
+        out["additionalProperties"] = False
+    return out
+
+
 def _with_options(schema: dict) -> dict:
-    """The schema with our whitespace options (the request's own x-guidance, if any, is replaced)."""
-    return {**schema, "x-guidance": dict(JSON_OPTIONS)}
+    """The schema closed (closed()) with our whitespace options (the request's own x-guidance is replaced)."""
+    return {**closed(schema), "x-guidance": dict(JSON_OPTIONS)}
 
 
 def tool_call_schema(constraint: Constraint) -> dict:
