@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 
 from model.types import ChunkKind, SeqChunk
 
@@ -61,12 +62,12 @@ class GrammarRow:
         if chunk.kind == ChunkKind.DECODE and self._started:
             self.advance(chunk.token_ids[0])
         self._started = True
-        row = allowed.numpy()
-        if self.fill_words():
-            row[:] = np.unpackbits(self._words.view(np.uint8), count=self.vocab, bitorder="little").view(np.bool_)
+        if self.fill_words():  # (host to host copies only: no read back from a device, no sync)
+            bits = np.unpackbits(self._words.view(np.uint8), count=self.vocab, bitorder="little")
+            allowed.copy_(torch.from_numpy(bits).view(torch.bool))
             return
         if self._m.is_error() and self.error is None:
             self.error = self._m.get_error()[:300]
             log.warning("grammar: matcher error after %d tokens, ending the sequence: %s", self.tokens, self.error)
-        row[:] = False
-        row[self.eos] = True
+        allowed.fill_(False)
+        allowed[self.eos] = True
