@@ -23,6 +23,17 @@ from model.types import ChunkKind, SeqChunk
 log = logging.getLogger(__name__)
 
 
+_EXECUTOR = []  # llguidance's LLExecutor (a thread pool), made on first use
+
+
+def executor():
+    if not _EXECUTOR:
+        import llguidance
+
+        _EXECUTOR.append(llguidance.LLExecutor())
+    return _EXECUTOR[0]
+
+
 class GrammarRow:
     """model/types.py RowProcessor for one sequence; `matcher` is its own llguidance LLMatcher (a copy)."""
 
@@ -48,26 +59,46 @@ class GrammarRow:
             m.consume_token(token)
             self.tokens += 1
 
-    def fill_words(self) -> bool:
-        """The next token's packed mask into self._words; False when only end-of-text may follow."""
-        m = self._m
-        if m.is_error() or m.is_stopped():
-            return False
-        m.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-        return not m.is_error()
-
-    def fill(self, allowed, chunk: SeqChunk) -> None:
-        if self._m is None:  # closed: the sequence is over (a late fill leaves the row free)
-            return
+    def _step(self, chunk: SeqChunk) -> bool:
+        """Advance on the chunk (a DECODE chunk after the first fill); True when a mask is to be computed,
+        False when only end-of-text may follow (complete, or the matcher failed)."""
         if chunk.kind == ChunkKind.DECODE and self._started:
             self.advance(chunk.token_ids[0])
         self._started = True
-        if self.fill_words():  # (host to host copies only: no read back from a device, no sync)
-            bits = np.unpackbits(self._words.view(np.uint8), count=self.vocab, bitorder="little")
-            allowed.copy_(torch.from_numpy(bits).view(torch.bool))
-            return
+        m = self._m
+        return not (m.is_error() or m.is_stopped())
+
+    def _end_only(self, allowed) -> None:
         if self._m.is_error() and self.error is None:
             self.error = self._m.get_error()[:300]
             log.warning("grammar: matcher error after %d tokens, ending the sequence: %s", self.tokens, self.error)
         allowed.fill_(False)
         allowed[self.eos] = True
+
+    def fill(self, allowed, chunk: SeqChunk) -> None:
+        if self._m is None:  # closed: the sequence is over (a late fill leaves the row free)
+            return
+        if self._step(chunk):
+            self._m.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+            if not self._m.is_error():  # (host to host copies only: no read back from a device, no sync)
+                bits = np.unpackbits(self._words.view(np.uint8), count=self.vocab, bitorder="little")
+                allowed.copy_(torch.from_numpy(bits).view(torch.bool))
+                return
+        self._end_only(allowed)
+
+    @classmethod
+    def fill_rows(cls, rows: list[GrammarRow], allowed, idx: list[int], chunks: list[SeqChunk]) -> None:
+        """The step's grammar rows at once (model/types.py LogitsProcessor): each advances, then every mask is
+        computed by llguidance's thread pool into one packed buffer, unpacked in one numpy call."""
+        live = [i for i, r in enumerate(rows) if r._m is not None]
+        todo = [i for i in live if rows[i]._step(chunks[i])]
+        computed = set(todo)
+        if todo:
+            words = np.zeros((len(todo), rows[0]._words.size), dtype=np.int32)
+            executor().unsafe_compute_mask_ptr([(rows[i]._m, n) for n, i in enumerate(todo)], words.ctypes.data,
+                                               words.shape[1] * 4, len(todo))
+            bits = np.unpackbits(words.view(np.uint8), axis=1, count=rows[0].vocab, bitorder="little")
+            allowed[torch.tensor([idx[i] for i in todo])] = torch.from_numpy(bits).view(torch.bool)
+        for i in live:
+            if i not in computed or rows[i]._m.is_error():
+                rows[i]._end_only(allowed[idx[i]])
