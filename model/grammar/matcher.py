@@ -14,6 +14,7 @@ forces end-of-text rather than fail the whole step; the error is kept in `error`
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -23,14 +24,19 @@ from model.types import ChunkKind, SeqChunk
 log = logging.getLogger(__name__)
 
 
-_EXECUTOR = []  # llguidance's LLExecutor (a thread pool), made on first use
+# llguidance's LLExecutor (a thread pool computing many rows' masks at once), made on first use, and only where
+# there are cores for it: on the 2-core VM, under load, it was slower than one row after another
+# (bench/results/grammar-cpu.json), the GPU hosts have 16 or more.
+PARALLEL_MIN_CPUS = 4
+_EXECUTOR: list = []
 
 
 def executor():
+    """The shared LLExecutor, or None where one thread is as good (fewer than PARALLEL_MIN_CPUS cores)."""
     if not _EXECUTOR:
         import llguidance
 
-        _EXECUTOR.append(llguidance.LLExecutor())
+        _EXECUTOR.append(llguidance.LLExecutor() if len(os.sched_getaffinity(0)) >= PARALLEL_MIN_CPUS else None)
     return _EXECUTOR[0]
 
 
@@ -89,13 +95,19 @@ class GrammarRow:
     @classmethod
     def fill_rows(cls, rows: list[GrammarRow], allowed, idx: list[int], chunks: list[SeqChunk]) -> None:
         """The step's grammar rows at once (model/types.py LogitsProcessor): each advances, then every mask is
-        computed by llguidance's thread pool into one packed buffer, unpacked in one numpy call."""
+        computed by llguidance's thread pool into one packed buffer, unpacked in one numpy call (one row after
+        another where there is no pool)."""
+        pool = executor()
+        if pool is None:
+            for r, j, c in zip(rows, idx, chunks, strict=True):
+                r.fill(allowed[j], c)
+            return
         live = [i for i, r in enumerate(rows) if r._m is not None]
         todo = [i for i in live if rows[i]._step(chunks[i])]
         computed = set(todo)
         if todo:
             words = np.zeros((len(todo), rows[0]._words.size), dtype=np.int32)
-            executor().unsafe_compute_mask_ptr([(rows[i]._m, n) for n, i in enumerate(todo)], words.ctypes.data,
+            pool.unsafe_compute_mask_ptr([(rows[i]._m, n) for n, i in enumerate(todo)], words.ctypes.data,
                                                words.shape[1] * 4, len(todo))
             bits = np.unpackbits(words.view(np.uint8), axis=1, count=rows[0].vocab, bitorder="little")
             allowed[torch.tensor([idx[i] for i in todo])] = torch.from_numpy(bits).view(torch.bool)

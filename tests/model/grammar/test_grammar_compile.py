@@ -199,3 +199,36 @@ def test_regex_walks_are_full_matches(grammars, tok):
             out = walk(grammars.processor(Constraint("regex", rx)), tok, seed=seed)
             assert out[-1] == tok.eos_token_id
             assert re.fullmatch(rx, tok.decode(out[:-1])), (rx, tok.decode(out))
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_fill_rows_equals_one_row_after_another(grammars, tok, monkeypatch, pool):
+    """The batched fill (llguidance's thread pool where the machine has cores; forced on here, or off) gives
+    every row the mask its own fill gives, across steps, rows ending (end-of-text only) and rows closed."""
+    import llguidance
+
+    from model.grammar import matcher
+    from model.grammar.matcher import GrammarRow
+
+    monkeypatch.setattr(matcher, "_EXECUTOR", [llguidance.LLExecutor() if pool else None])
+    cs = [Constraint("json", canonical(s)) for _, s, _ in SCHEMAS[:5]] + [Constraint("regex", "(yes|no)")]
+    batch = [grammars.processor(c) for c in cs]
+    single = [grammars.processor(c) for c in cs]
+    gen = torch.Generator().manual_seed(1)
+    chunks = [SeqChunk.fresh(i, (11, 12), True) for i in range(len(cs))]
+    for step in range(25):
+        a = torch.ones(len(cs) + 2, 512, dtype=torch.bool)  # two free rows around them
+        b = torch.ones_like(a)
+        idx = list(range(1, len(cs) + 1))
+        GrammarRow.fill_rows(batch, a, idx, chunks)
+        for r, j, c in zip(single, idx, chunks, strict=True):
+            r.fill(b[j], c)
+        assert torch.equal(a, b) and bool(a[0].all()) and bool(a[-1].all())
+        nxt = []
+        for i, j in enumerate(idx):
+            ids = a[j].nonzero().flatten()
+            nxt.append(SeqChunk.decode(i, int(ids[torch.randint(len(ids), (1,), generator=gen)]), 2 + step))
+        chunks = nxt
+        if step == 10:
+            batch[0].close()
+            single[0].close()
