@@ -82,24 +82,26 @@ def apply_typical(x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RowMask:
-    """A step's logits-processor masks on the device (Sampler.fill): allowed (B, V) bool, one row per batch row
-    (all True for the rows without a processor), so applying it is one op whatever the mix of rows."""
+    """A step's logits-processor masks on the device (Sampler.fill): banned (B, V) bool, one row per batch row
+    (all False for the rows without a processor), so applying it is one op (masked_fill) whatever the mix."""
 
-    allowed: torch.Tensor
+    banned: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """(B, V) float32 logits -> a new tensor, the disallowed tokens at -inf (the free rows unchanged)."""
-        return torch.where(self.allowed, x, NEG_INF)
+        return x.masked_fill(self.banned, NEG_INF)
 
 
 class _MaskBuffers:
-    """Sampler.fill's preallocated allowed (slots, V) bool, on the host (pinned on CUDA) and on the device (the
-    same tensor on a CPU device)."""
+    """Sampler.fill's preallocated buffers: allowed (slots, V) bool that the processors write and its negation
+    banned, on the host (pinned on CUDA), and banned on the device (the same tensor on a CPU device)."""
 
     def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
-        self.allowed = torch.empty(slots, vocab, dtype=torch.bool, pin_memory=device.type == "cuda")
+        pin = device.type == "cuda"
+        self.allowed = torch.empty(slots, vocab, dtype=torch.bool)
+        self.banned = torch.empty(slots, vocab, dtype=torch.bool, pin_memory=pin)
         self.copy = device.type != "cpu"
-        self.allowed_dev = torch.empty_like(self.allowed, device=device) if self.copy else self.allowed
+        self.banned_dev = torch.empty_like(self.banned, device=device) if self.copy else self.banned
 
     def fill(self, rows: list[int], chunks: Sequence[SeqChunk], processors: dict[int, LogitsProcessor]) -> RowMask:
         allowed = self.allowed[:len(chunks)]
@@ -113,9 +115,10 @@ class _MaskBuffers:
                 p.fill(allowed[j], chunks[j])
         for kind, js in batched.items():
             kind.fill_rows([processors[chunks[j].slot] for j in js], allowed, js, [chunks[j] for j in js])
-        out = self.allowed_dev[:len(chunks)]
+        banned = torch.logical_not(allowed, out=self.banned[:len(chunks)])  # on the host: no device op
+        out = self.banned_dev[:len(chunks)]
         if self.copy:
-            out.copy_(allowed, non_blocking=True)
+            out.copy_(banned, non_blocking=True)
         return RowMask(out)
 
 
