@@ -300,6 +300,21 @@ class LogitsProcessor(Protocol):
     def fill(self, allowed: torch.Tensor, chunk: SeqChunk) -> None: ...
 
 
+class RowProcessor(LogitsProcessor, Protocol):
+    """A LogitsProcessor the engine made for one sequence (a grammar's matcher): close() when the sequence ends
+    (finished, cancelled, failed) frees what it holds; a fill after close leaves every token allowed."""
+
+    def close(self) -> None: ...
+
+
+class GrammarCompiler(Protocol):
+    """Constraint -> a new sequence's row processor (model/grammar: compiled once per distinct constraint, a
+    bounded cache; the per-row matcher is new each call). Called by Engine.submit on the caller's thread, so a
+    slow compile never holds up the engine loop. Raises GrammarError for a constraint it cannot compile."""
+
+    def processor(self, constraint: Constraint) -> RowProcessor: ...
+
+
 class RequestError(Exception):
     """The one error type the server answers with: JSON {"error": message, "error_type"} and `status`.
     Subclasses set their status and error_type as class attributes; an instance may override both."""
@@ -341,6 +356,16 @@ class InputTooLong(EngineError):
 class EngineNotReady(EngineError):
     status = 503
     error_type = "not_ready"
+
+
+class GrammarError(EngineError):
+    """A constraint the grammar engine refuses: 400 for an invalid schema / regex / tool list or one over the
+    size limits, 422 (status=422, error_type "unsupported_grammar") for a valid one using a feature the engine
+    cannot compile or too complex to compile within the limits. The message names the problem and quotes the
+    grammar engine's own."""
+
+    status = 400
+    error_type = "invalid_grammar"
 
 
 # ---- the engine's seams (typed; tests implement them with fakes) ---------------------------------------
@@ -390,7 +415,8 @@ class Runner(Protocol):
 
     def warmup(self) -> None: ...
     def bind_thread(self) -> None: ...  # make the runner's device the calling thread's current one (the loop's)
-    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int]) -> None: ...
+    def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int],
+             processor: LogitsProcessor | None = None) -> None: ...
     def launch(self, batch: StepBatch) -> object: ...  # queue the step (forward + sampling) on the device
     def collect(self, pending: object) -> StepOutput: ...  # wait for it: the step's one device-to-host sync
     def after_failure(self, exc: Exception) -> None: ...  # e.g. release cached device memory after an OOM

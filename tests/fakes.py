@@ -86,9 +86,10 @@ class FakeRunner:
     def bind_thread(self):
         self.bound_threads = [*getattr(self, "bound_threads", []), threading.current_thread().name]
 
-    def open(self, slot, params, seed, context_ids):
+    def open(self, slot, params, seed, context_ids, processor=None):
         assert self.allocator.is_allocated(slot)
         self.opened[slot] = params
+        self.processors = {**getattr(self, "processors", {}), slot: processor}
 
     def after_failure(self, exc):
         self.failures = getattr(self, "failures", 0) + 1

@@ -29,6 +29,8 @@ from model.types import (
     FailureKind,
     FinishReason,
     GenerationRequest,
+    GrammarCompiler,
+    GrammarError,
     Runner,
     Tokenizer,
 )
@@ -39,13 +41,19 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, model_dir: Path, config: EngineConfig, model_name: str, *,
                  runner_factory: Callable[[Path, EngineConfig], Runner] | None = None,
-                 tokenizer_factory: Callable[[Path], Tokenizer] | None = None) -> None:
+                 tokenizer_factory: Callable[[Path], Tokenizer] | None = None,
+                 grammar_factory: Callable[[Tokenizer, int], GrammarCompiler] | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.config = config
         self.model_name = model_name
         self._runner_factory = runner_factory
         self._tokenizer_factory = tokenizer_factory
+        self._grammar_factory = grammar_factory
         self.runner: Runner | None = None
+        # Constrained decoding (model/grammar); None: refused (a fake tokenizer without a grammar factory, or its
+        # build failed: grammar_error says why).
+        self.grammars: GrammarCompiler | None = None
+        self.grammar_error = "this engine has no grammar compiler"
         self.tokenizer: Tokenizer | None = None
         self.scheduler: Scheduler | None = None
         self.prefix: prefix_cache.PrefixCache | None = None
@@ -76,6 +84,7 @@ class Engine:
             self.tokenizer = (self._tokenizer_factory or HFTokenizer.from_dir)(self.model_dir)
             self.runner = (self._runner_factory or ModelRunner)(self.model_dir, self.config)
             self.runner.warmup()
+            self._load_grammars()
             with self._cv:
                 if self._shut:  # shutdown() came while loading: never become ready
                     log.info("engine: shut down during load")
@@ -94,6 +103,20 @@ class Engine:
         except Exception as e:  # the server reports this on /ping (503) and in its log
             self.error = f"model load failed: {type(e).__name__}: {e}"
             log.exception("engine: %s", self.error)
+
+    def _load_grammars(self) -> None:
+        """The grammar compiler over this tokenizer: the factory's, or model/grammar's for the real tokenizer.
+        A failure here only disables constrained requests (422), never the engine."""
+        factory = self._grammar_factory
+        if factory is None and self._tokenizer_factory is None:
+            from model.grammar.compiler import for_tokenizer as factory
+        if factory is None:
+            return
+        try:
+            self.grammars = factory(self.tokenizer, self.runner.vocab_size)
+        except Exception as e:
+            self.grammar_error = f"the grammar compiler failed to load: {type(e).__name__}: {e}"
+            log.exception("engine: %s", self.grammar_error)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until loaded (True) or failed / timed out (False)."""
@@ -130,7 +153,14 @@ class Engine:
         if not self.ready:
             raise EngineNotReady(self.error or ("shutting down" if self._shut else "the model is still loading"))
         seq = checked(request, self.config, self.runner.allocator.max_tokens_per_seq, self.runner.vocab_size)
+        processor = None
+        if request.constraint is not None:  # compiled here, on the caller's thread: never a step's delay
+            if self.grammars is None:
+                raise GrammarError(f"constrained decoding is unavailable: {self.grammar_error}", status=422,
+                                   error_type="unsupported_grammar")
+            processor = self.grammars.processor(request.constraint)  # raises GrammarError
         seq.ctx = SeqOutput(request, self.tokenizer.detokenizer(), lambda: self._cancel(seq))
+        seq.ctx.processor = processor
         with self._cv:
             if not self._accepting:
                 raise EngineNotReady("shutting down")
@@ -224,7 +254,7 @@ class Engine:
         for seq, c in zip(seqs, batch.chunks, strict=True):
             # a new sequence in its slot: its sampling state (a resumed one starts with a CONTINUE chunk)
             if not seq.ctx.opened:
-                self.runner.open(c.slot, seq.request.params, seq.ctx.seed, seq.prompt_ids)
+                self.runner.open(c.slot, seq.request.params, seq.ctx.seed, seq.prompt_ids, seq.ctx.processor)
                 seq.ctx.opened = True
         t0 = time.perf_counter()
         pending = self.runner.launch(batch)
@@ -271,6 +301,9 @@ class Engine:
 
     def _retire(self, seq: Sequence, reason: FinishReason) -> None:
         seq.ctx.ended = True
+        if seq.ctx.processor is not None:  # its grammar matcher is freed with the sequence, however it ended
+            seq.ctx.processor.close()
+            seq.ctx.processor = None
         with self._cv:
             self._finished[reason.value] += 1
             self.scheduler.end(seq, reason)  # a clean end is snapshotted first (model/engine/prefix_hooks.py)

@@ -12,6 +12,7 @@ from model.types import (
     FailureKind,
     FinishReason,
     GenerationRequest,
+    RowProcessor,
     TokenEvent,
     Tokenizer,
     TopToken,
@@ -123,6 +124,7 @@ class SeqOutput:
         self.stops = StopBuffer(request.params.stop)
         self.ended = False  # the sequence's last event is out
         self.opened = False  # runner.open() done for its slot (before its first chunk)
+        self.processor: RowProcessor | None = None  # its grammar's matcher (Engine.submit), closed when it ends
 
     def event(self, tok: int, logprob: float, top: list[tuple[int, float]], reason: FinishReason | None,
               tokenizer: Tokenizer) -> TokenEvent:
