@@ -40,7 +40,7 @@ def _check_schema(s: Any, where: str, depth: int = 0) -> None:
     t = s.get("type")
     if t is not None:
         types = t if isinstance(t, list) else [t]
-        bad = [x for x in types if x not in JSON_TYPES]
+        bad = [x for x in types if not isinstance(x, str) or x not in JSON_TYPES]
         if bad or not types:
             raise invalid(f"{where}.type must be one of {', '.join(sorted(JSON_TYPES))} (or a list of them), "
                           f"got {json.dumps(t)[:60]}")

@@ -5,6 +5,8 @@ response_format, TGI parameters.grammar; and each bad input's 422 naming the pro
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.types import Constraint, ToolSpec
 from serve.kinds import parse_request
@@ -84,6 +86,7 @@ def test_tool_choice_modes():
      "response_format.json_schema.schema.type must be one of"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {
         "type": "object", "properties": {"a": {"type": "strin"}}}}}}, "schema.properties.a.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": [{"a": 1}]}}}}, "schema.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"required": "a"}}}}, "required"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"anyOf": []}}}}, "anyOf"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"maxItems": -1}}}}, "maxItems"),
@@ -173,3 +176,29 @@ def test_history_call_arguments_of_another_type_are_422():
     msgs = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": 5}}]}]
     assert "messages[1].tool_calls[0].function.arguments" in refused({"messages": msgs}, "chat")
+
+
+# ---- any JSON in these fields: a Constraint or a 422, never another exception ----
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=6),
+                     st.sampled_from(["json", "regex", "json_schema", "json_object", "text", "function", "object",
+                                      "string", "required", "auto", "none", "get_weather"]))
+_keys = st.sampled_from(["type", "value", "schema", "json_schema", "name", "function", "properties", "items",
+                         "required", "anyOf", "enum", "parameters", "maxItems", "$ref", "strict", "x"])
+_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=4),
+                     max_leaves=16)
+
+
+@settings(max_examples=400, deadline=None)
+@given(fmt=_json, tools=_json, choice=_json, parallel=_json, grammar=_json)
+def test_any_json_in_the_structured_fields_is_a_constraint_or_a_422(fmt, tools, choice, parallel, grammar):
+    for obj, kind in (({"messages": MSGS, "response_format": fmt, "tools": tools, "tool_choice": choice,
+                        "parallel_tool_calls": parallel}, "chat"),
+                      ({"prompt": "p", "response_format": fmt}, "completion"),
+                      ({"inputs": "p", "parameters": {"grammar": grammar}}, None)):
+        try:
+            req = parse_request(obj, LIMITS, kind)
+        except ProtocolError as e:
+            assert e.status == 422 and e.message
+            continue
+        assert req.constraint is None or isinstance(req.constraint, Constraint)

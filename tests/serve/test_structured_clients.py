@@ -181,7 +181,8 @@ def test_openai_parse_with_pydantic_function_tools(oai):
 
     done = oai.chat.completions.parse(model="demo", messages=MSGS, max_tokens=400, temperature=1.0, seed=11,
                                       tools=[openai.pydantic_function_tool(GetWeather),
-                                             openai.pydantic_function_tool(GetTime)], tool_choice="required")
+                                             openai.pydantic_function_tool(GetTime)], tool_choice="required",
+                                      parallel_tool_calls=False)
     calls = done.choices[0].message.tool_calls
     assert calls and all(isinstance(c.function.parsed_arguments, (GetWeather, GetTime)) for c in calls)
 
