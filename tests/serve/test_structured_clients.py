@@ -13,6 +13,7 @@ parsed and validated (pydantic, jsonschema, a full regex match).
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from typing import Literal
@@ -242,9 +243,17 @@ def runtime_for(url: str):
     event-stream messages; a container error as ModelError with its original status and message)."""
     from botocore.awsrequest import AWSResponse
 
-    from tests.sdk_helpers import _Raw, client, encode_event
+    from tests.sdk_helpers import client, encode_event
 
     rt = client("sagemaker-runtime")
+
+    class _Raw(io.BytesIO):  # what botocore reads a response from: read() (a body) or stream() (an event stream)
+        def __init__(self, parts: list[bytes]) -> None:
+            super().__init__(b"".join(parts))
+            self.parts = parts
+
+        def stream(self, **kwargs):
+            yield from self.parts
 
     def send(request, **kwargs):
         stream = request.url.endswith("/invocations-response-stream")
