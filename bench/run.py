@@ -22,6 +22,9 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
               sites at the full-size micro's shapes: shared memory, registers, spills per kernel per architecture,
               over-limit configs, variants compiled after warmup (bench/compile_report.py; with triton 3.6.0 too
               when COMPILE_TRITON36=1)
+  grammar     constrained decoding (issue 19): tokens/s at 32 streams, every request a forced call of 5 tools vs
+              free, alternated (target >= 0.9x); host ms per step on masks at 64 rows (demo and Granite-size
+              vocabulary); mask apply ops per step (target 1); 5-tool compile first / cached (bench/grammar_bench.py)
   decode_device_work  kernel launches per decode step of the full-size micro pattern (before / after, target
               <= 450) and decode-attention KV bytes per step vs ideal at 64 x 16K (target <= 1.25x),
               counted on CPU (bench/launches.py; ~10 s)
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-batch", action="store_true")
     ap.add_argument("--skip-multiturn", action="store_true")
     ap.add_argument("--skip-mid", action="store_true")
+    ap.add_argument("--skip-grammar", action="store_true")
     a = ap.parse_args(argv)
     import torch
 
@@ -211,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.multiturn import run_multiturn
 
             report["multiturn"] = run_multiturn(ckpt)
+        if not a.skip_grammar:
+            print("grammar: constrained vs free at 32 streams, masks at 64 rows ...", flush=True)
+            from bench import grammar_bench
+
+            report["grammar"] = grammar_bench.report(ckpt)
         if not a.skip_mid:
             print("mid checkpoint through HTTP (~5 min) ...", flush=True)
             from bench.mid import MID, run_mid
@@ -254,6 +263,12 @@ def print_table(r: dict) -> None:
         print(f"batch: {json.dumps(r['batch'])}")
     if "multiturn" in r:
         print(f"multiturn: {json.dumps({k: v for k, v in r['multiturn'].items() if not isinstance(v, dict)})}")
+    if "grammar" in r:
+        g, t = r["grammar"], r["grammar"]["throughput"]
+        print(f"grammar: 32 streams constrained {t['constrained_tok_s']} vs free {t['free_tok_s']} tok/s = "
+              f"{t['ratio']}x (target >= 0.9); masks at 64 rows: "
+              + ", ".join(f"{k} {v['mask_ms_per_step_mean']} ms/step" for k, v in g["mask_host"].items()
+                          if isinstance(v, dict)))
     if "mid" in r:
         m = r["mid"]
         for k in ("1", "8", "32_token_bounded", "32_time_bounded"):

@@ -288,14 +288,19 @@ class StepOutput:
 class LogitsProcessor(Protocol):
     """A per-row constraint on the next token (where a grammar's mask goes), bound to a slot with the runner's
     open(..., processor=). Host-side only: the sampler (model/runtime/sampling.py) owns the mask buffers and applies
-    the step's masks on the device batched over the rows (one op when every row has one), before penalties,
-    temperature, top-k/p and logprobs.
+    the step's masks on the device batched over the rows (one op per step, the rows without a processor all
+    True), before penalties, temperature, top-k/p and logprobs.
 
     fill runs once per step that samples the row, after the step's forward is launched and before its
     sampling (on CUDA: on the host while the device runs the forward). `allowed` is the row's (V,) bool host
     tensor, all True on entry: set False every token the row may not pick (at least one must stay True).
     `chunk` is what the step feeds the row: a DECODE chunk's one token is the token sampled for this row last
-    step (a grammar advances on it here); the first fill sees the prompt's last prefill chunk."""
+    step (a grammar advances on it here); the first fill sees the prompt's last prefill chunk.
+
+    Optional: a class may define `fill_rows(processors, allowed, rows, chunks)` (a classmethod), which the
+    sampler then calls once per step for all its instances in the step instead of their fill(): `allowed` is
+    the step's (B, V) host mask, rows[i] the batch row of processors[i] and chunks[i] its chunk (model/grammar
+    computes its rows' masks in parallel there)."""
 
     def fill(self, allowed: torch.Tensor, chunk: SeqChunk) -> None: ...
 

@@ -14,12 +14,30 @@ forces end-of-text rather than fail the whole step; the error is kept in `error`
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
+import torch
 
 from model.types import ChunkKind, SeqChunk
 
 log = logging.getLogger(__name__)
+
+
+# llguidance's LLExecutor (a thread pool computing many rows' masks at once), made on first use, and only where
+# there are cores for it: on the 2-core VM, under load, it was slower than one row after another
+# (bench/results/grammar-cpu.json), the GPU hosts have 16 or more.
+PARALLEL_MIN_CPUS = 4
+_EXECUTOR: list = []
+
+
+def executor():
+    """The shared LLExecutor, or None where one thread is as good (fewer than PARALLEL_MIN_CPUS cores)."""
+    if not _EXECUTOR:
+        import llguidance
+
+        _EXECUTOR.append(llguidance.LLExecutor() if len(os.sched_getaffinity(0)) >= PARALLEL_MIN_CPUS else None)
+    return _EXECUTOR[0]
 
 
 class GrammarRow:
@@ -47,26 +65,52 @@ class GrammarRow:
             m.consume_token(token)
             self.tokens += 1
 
-    def fill_words(self) -> bool:
-        """The next token's packed mask into self._words; False when only end-of-text may follow."""
+    def _step(self, chunk: SeqChunk) -> bool:
+        """Advance on the chunk (a DECODE chunk after the first fill); True when a mask is to be computed,
+        False when only end-of-text may follow (complete, or the matcher failed)."""
+        if chunk.kind == ChunkKind.DECODE and self._started:
+            self.advance(chunk.token_ids[0])
+        self._started = True
         m = self._m
-        if m.is_error() or m.is_stopped():
-            return False
-        m.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-        return not m.is_error()
+        return not (m.is_error() or m.is_stopped())
+
+    def _end_only(self, allowed) -> None:
+        if self._m.is_error() and self.error is None:
+            self.error = self._m.get_error()[:300]
+            log.warning("grammar: matcher error after %d tokens, ending the sequence: %s", self.tokens, self.error)
+        allowed.fill_(False)
+        allowed[self.eos] = True
 
     def fill(self, allowed, chunk: SeqChunk) -> None:
         if self._m is None:  # closed: the sequence is over (a late fill leaves the row free)
             return
-        if chunk.kind == ChunkKind.DECODE and self._started:
-            self.advance(chunk.token_ids[0])
-        self._started = True
-        row = allowed.numpy()
-        if self.fill_words():
-            row[:] = np.unpackbits(self._words.view(np.uint8), count=self.vocab, bitorder="little").view(np.bool_)
+        if self._step(chunk):
+            self._m.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+            if not self._m.is_error():  # (host to host copies only: no read back from a device, no sync)
+                bits = np.unpackbits(self._words.view(np.uint8), count=self.vocab, bitorder="little")
+                allowed.copy_(torch.from_numpy(bits).view(torch.bool))
+                return
+        self._end_only(allowed)
+
+    @classmethod
+    def fill_rows(cls, rows: list[GrammarRow], allowed, idx: list[int], chunks: list[SeqChunk]) -> None:
+        """The step's grammar rows at once (model/types.py LogitsProcessor): each advances, then every mask is
+        computed by llguidance's thread pool into one packed buffer, unpacked in one numpy call (one row after
+        another where there is no pool)."""
+        pool = executor()
+        if pool is None:
+            for r, j, c in zip(rows, idx, chunks, strict=True):
+                r.fill(allowed[j], c)
             return
-        if self._m.is_error() and self.error is None:
-            self.error = self._m.get_error()[:300]
-            log.warning("grammar: matcher error after %d tokens, ending the sequence: %s", self.tokens, self.error)
-        row[:] = False
-        row[self.eos] = True
+        live = [i for i, r in enumerate(rows) if r._m is not None]
+        todo = [i for i in live if rows[i]._step(chunks[i])]
+        computed = set(todo)
+        if todo:
+            words = np.zeros((len(todo), rows[0]._words.size), dtype=np.int32)
+            pool.unsafe_compute_mask_ptr([(rows[i]._m, n) for n, i in enumerate(todo)], words.ctypes.data,
+                                               words.shape[1] * 4, len(todo))
+            bits = np.unpackbits(words.view(np.uint8), axis=1, count=rows[0].vocab, bitorder="little")
+            allowed[torch.tensor([idx[i] for i in todo])] = torch.from_numpy(bits).view(torch.bool)
+        for i in live:
+            if i not in computed or rows[i]._m.is_error():
+                rows[i]._end_only(allowed[idx[i]])

@@ -40,9 +40,43 @@ def _schema(text: str, what: str) -> dict:
     return schema
 
 
+# Calendar-exact patterns for the date formats (llguidance's accept Feb 29 of any year, and day 31 of every month
+# is a common slip): years 0001-9999, month lengths, leap years (every 4th, centuries only every 400th).
+_YEAR = r"(000[1-9]|00[1-9]\d|0[1-9]\d\d|[1-9]\d{3})"
+_LEAP = r"(\d\d(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+DATE = (rf"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12]\d|3[01])|(0[469]|11)-(0[1-9]|[12]\d|30)|02-(0[1-9]|1\d|2[0-8]))"
+        rf"|{_LEAP}-02-29)")
+DATE_TIME = DATE + r"T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
+FORMATS = {"date": DATE, "date-time": DATE_TIME}
+
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf",
+              "$ref", "if", "dependentSchemas")
+
+
+def closed(schema):
+    """The schema with `additionalProperties: false` on every object that lists `properties` and says nothing
+    about others (OpenAI's strict mode, xgrammar's default): outputs still validate against the original, but
+    a model never invents keys the schema did not ask for (unbounded output). Left open: allOf's branches and
+    an object combined with other subschemas (closing one part would forbid the others' properties). Also the
+    date formats as calendar-exact patterns (FORMATS)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k == "allOf" else closed(v)) if isinstance(v, dict | list) else v for k, v in schema.items()}
+    if "allOf" in schema:
+        out["allOf"] = [{**b, **{k: closed(v) for k, v in b.items() if k != "additionalProperties"}}
+                        if isinstance(b, dict) else b for b in schema["allOf"]]
+    if isinstance(schema.get("properties"), dict) and not any(k in schema for k in _OPEN_KEYS):
+        out["additionalProperties"] = False
+    if schema.get("format") in FORMATS and "pattern" not in schema:
+        out["pattern"] = f"^{FORMATS[out.pop('format')]}$"
+    return out
+
+
 def _with_options(schema: dict) -> dict:
-    """The schema with our whitespace options (the request's own x-guidance, if any, is replaced)."""
-    return {**schema, "x-guidance": dict(JSON_OPTIONS)}
+    """The schema closed (closed()) with our whitespace options (the request's own x-guidance is replaced)."""
+    return {**closed(schema), "x-guidance": dict(JSON_OPTIONS)}
 
 
 def tool_call_schema(constraint: Constraint) -> dict:

@@ -82,48 +82,41 @@ def apply_typical(x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RowMask:
-    """A step's logits-processor masks on the device (Sampler.fill): allowed (k, V) bool for the batch rows
-    `rows` ((k,) long, ascending), or for every row in order when rows is None."""
+    """A step's logits-processor masks on the device (Sampler.fill): allowed (B, V) bool, one row per batch row
+    (all True for the rows without a processor), so applying it is one op whatever the mix of rows."""
 
     allowed: torch.Tensor
-    rows: torch.Tensor | None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, V) float32 logits -> a new tensor, the disallowed tokens of the masked rows at -inf."""
-        if self.rows is None:  # every row has a processor (a batch of grammar requests): one op
-            return torch.where(self.allowed, x, NEG_INF)
-        return x.index_put((self.rows,), torch.where(self.allowed, x[self.rows], NEG_INF))
+        """(B, V) float32 logits -> a new tensor, the disallowed tokens at -inf (the free rows unchanged)."""
+        return torch.where(self.allowed, x, NEG_INF)
 
 
 class _MaskBuffers:
-    """Sampler.fill's preallocated buffers: allowed (slots, V) bool and the masked rows' batch indices
-    (slots,) long, on the host (pinned on CUDA) and on the device (the same tensors on a CPU device)."""
+    """Sampler.fill's preallocated allowed (slots, V) bool, on the host (pinned on CUDA) and on the device (the
+    same tensor on a CPU device)."""
 
     def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
-        pin = device.type == "cuda"
-        self.allowed = torch.empty(slots, vocab, dtype=torch.bool, pin_memory=pin)
-        self.rows = torch.empty(slots, dtype=torch.long, pin_memory=pin)
+        self.allowed = torch.empty(slots, vocab, dtype=torch.bool, pin_memory=device.type == "cuda")
         self.copy = device.type != "cpu"
         self.allowed_dev = torch.empty_like(self.allowed, device=device) if self.copy else self.allowed
-        self.rows_dev = torch.empty_like(self.rows, device=device) if self.copy else self.rows
 
-    def fill(self, rows: list[int], chunks: Sequence[SeqChunk], processors: dict[int, LogitsProcessor],
-             every: bool) -> RowMask:
-        k = len(rows)
-        allowed = self.allowed[:k]
+    def fill(self, rows: list[int], chunks: Sequence[SeqChunk], processors: dict[int, LogitsProcessor]) -> RowMask:
+        allowed = self.allowed[:len(chunks)]
         allowed.fill_(True)
-        for i, j in enumerate(rows):
-            processors[chunks[j].slot].fill(allowed[i], chunks[j])
-        out = self.allowed_dev[:k]
+        batched: dict[type, list[int]] = {}  # processors that fill many rows at once (fill_rows), by type
+        for j in rows:
+            p = processors[chunks[j].slot]
+            if hasattr(type(p), "fill_rows"):
+                batched.setdefault(type(p), []).append(j)
+            else:
+                p.fill(allowed[j], chunks[j])
+        for kind, js in batched.items():
+            kind.fill_rows([processors[chunks[j].slot] for j in js], allowed, js, [chunks[j] for j in js])
+        out = self.allowed_dev[:len(chunks)]
         if self.copy:
             out.copy_(allowed, non_blocking=True)
-        if every:  # the rows are the batch, in order: no index
-            return RowMask(out, None)
-        self.rows[:k] = torch.tensor(rows, dtype=torch.long)
-        idx = self.rows_dev[:k]
-        if self.copy:
-            idx.copy_(self.rows[:k], non_blocking=True)
-        return RowMask(out, idx)
+        return RowMask(out)
 
 
 # ---- the sampler ----------------------------------------------------------------------------------
@@ -181,9 +174,10 @@ class Sampler:
     def fill(self, chunks: Sequence[SeqChunk]) -> RowMask | None:
         """The host half of the logits processors, between the step's forward launch and its sampling:
         chunks are the step's rows (its chunks with want_logits, in order). Each row with a processor fills
-        its row of a preallocated host mask; the mask and the rows' indices go to the device without
-        blocking (pinned buffers on CUDA: a plain torch.tensor(..., device=) copy would wait for the stream,
-        that is for the forward). One step in flight: the runner's collect() syncs past these copies before
+        its row of a preallocated host mask (the other rows stay all True: one apply op for the whole batch; a
+        processor type with a `fill_rows` classmethod fills all its rows in one call, e.g. a grammar's
+        parallel mask computation); the mask goes to the device without blocking (a pinned buffer on CUDA: a
+        plain torch.tensor(..., device=) copy would wait for the stream, that is for the forward). One step in flight: the runner's collect() syncs past these copies before
         the next fill reuses the buffers. None, with no work at all, when no row has a processor."""
         if not self.processors:
             return None
@@ -192,7 +186,7 @@ class Sampler:
             return None
         if self._masks is None:
             self._masks = _MaskBuffers(len(self.params), self.vocab, self.device)
-        return self._masks.fill(rows, chunks, self.processors, every=len(rows) == len(chunks))
+        return self._masks.fill(rows, chunks, self.processors)
 
     def process(self, logits: torch.Tensor, slots: Sequence[int],
                 mask: RowMask | None = None) -> tuple[torch.Tensor, list[int]]:

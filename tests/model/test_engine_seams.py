@@ -104,6 +104,11 @@ def test_the_real_runner_and_tokenizer_implement_their_seams(tiny_ckpt):
     tok = RealTokenizer.from_dir(tiny_ckpt)
     assert drift(Runner, runner) + drift(Tokenizer, tok) + drift(Detokenizer, tok.detokenizer()) == []
     assert drift(Allocator, SlotAllocator(2, 8, 4)) == []
+    from model.grammar.compiler import for_tokenizer
+    from model.types import Constraint, GrammarCompiler, RowProcessor
+
+    grammars = for_tokenizer(tok, runner.vocab_size)
+    assert drift(GrammarCompiler, grammars) + drift(RowProcessor, grammars.processor(Constraint("json", ""))) == []
 
 
 def test_the_fakes_implement_the_same_seams():
