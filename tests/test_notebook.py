@@ -90,7 +90,7 @@ def test_tokens_were_streamed_as_they_came(executed):
 
 
 def test_structured_output_cell_answers_valid_json_a_tool_call_and_a_regex_match(executed):
-    text = text_of(cell_with(executed, "tool_choice=\"required\""))
+    text = text_of(cell_with(executed, "response_format"))
     trip = re.search(r"json_schema: (\{.*\}) \| finish_reason: stop", text)
     assert trip, text
     city, days = re.fullmatch(r"\{'city': '(\w+)', 'days': (\d+)\}", trip.group(1)).groups()
