@@ -40,19 +40,23 @@ def prompt_ids(rng: random.Random) -> tuple[int, ...]:
     return tuple(rng.randrange(9, 4000) for _ in range(rng.randint(16, 48)))
 
 
-def stream_round(eng, constrained: bool, seconds: float, max_new: int, seed: int) -> dict:
-    """32 clients for `seconds`: generated tokens of the requests finished / the time to the last one's end."""
+def stream_round(eng, constrained: bool, seconds: float, max_new: int | list[int], seed: int) -> dict:
+    """32 clients for `seconds`: generated tokens of the requests finished / the time to the last one's end.
+    Free requests are given their lengths (a list: each request draws one, end-of-text ignored) so that both kinds
+    have the same prompt / output mix."""
     from model.types import GenerationRequest, SamplingParams
 
     c = tools_constraint() if constrained else None
-    lock, tokens, lengths = threading.Lock(), [0], []
+    lock, tokens, lengths = threading.Lock(), [0], []  # (lengths: of the finished requests)
     t0 = time.perf_counter()
     end = [t0]
 
     def client(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
         while time.perf_counter() - t0 < seconds:
-            p = SamplingParams(max_new_tokens=max_new, do_sample=True, seed=rng.randrange(1 << 30))
+            n = rng.choice(max_new) if isinstance(max_new, list) else max_new
+            p = SamplingParams(max_new_tokens=n, do_sample=True, seed=rng.randrange(1 << 30),
+                               ignore_eos=isinstance(max_new, list))
             out = eng.submit(GenerationRequest(prompt_ids(rng), p, constraint=c)).result()
             with lock:
                 tokens[0] += out.generated_tokens
@@ -64,7 +68,8 @@ def stream_round(eng, constrained: bool, seconds: float, max_new: int, seed: int
         t.start()
     for t in threads:
         t.join()
-    return dict(tok_s=tokens[0] / (end[0] - t0), requests=len(lengths), mean_tokens=statistics.mean(lengths))
+    return dict(tok_s=tokens[0] / (end[0] - t0), requests=len(lengths), mean_tokens=statistics.mean(lengths),
+                lengths=lengths)
 
 
 def throughput(ckpt: Path, seconds: float, rounds: int) -> dict:
@@ -78,12 +83,14 @@ def throughput(ckpt: Path, seconds: float, rounds: int) -> dict:
     eng.start()
     assert eng.wait_ready(300), eng.error
     try:
-        warm = stream_round(eng, True, min(5.0, seconds), 400, seed=0)  # also: the constrained outputs' length
-        max_new = max(8, round(warm["mean_tokens"]))
-        out: dict = {"free": [], "constrained": [], "free_max_new_tokens": max_new}
+        warm = stream_round(eng, True, min(8.0, seconds), 400, seed=0)  # also: the constrained outputs' lengths
+        max_new = warm.pop("lengths")
+        out: dict = {"free": [], "constrained": [], "free_lengths_from": f"{len(max_new)} constrained outputs"}
         for r in range(rounds):
-            out["free"].append(stream_round(eng, False, seconds, max_new, seed=2 * r + 1))
-            out["constrained"].append(stream_round(eng, True, seconds, 400, seed=2 * r + 2))
+            for kind, n in (("free", max_new), ("constrained", 400)):
+                res = stream_round(eng, kind == "constrained", seconds, n, seed=2 * r + (kind == "free"))
+                res.pop("lengths")
+                out[kind].append(res)
         free = statistics.mean(x["tok_s"] for x in out["free"])
         con = statistics.mean(x["tok_s"] for x in out["constrained"])
         out.update(free_tok_s=round(free, 2), constrained_tok_s=round(con, 2), ratio=round(con / free, 3),

@@ -299,8 +299,9 @@ class LogitsProcessor(Protocol):
 
     Optional: a class may define `fill_rows(processors, allowed, rows, chunks)` (a classmethod), which the
     sampler then calls once per step for all its instances in the step instead of their fill(): `allowed` is
-    the step's (B, V) host mask, rows[i] the batch row of processors[i] and chunks[i] its chunk (model/grammar
-    computes its rows' masks in parallel there)."""
+    a numpy view of the step's host mask (all True on entry; rows beyond the step's are not its), rows[i] the
+    batch row of processors[i] and chunks[i] its chunk (model/grammar computes its rows' masks in parallel
+    there; numpy: no torch intra-op pool to wake for host work)."""
 
     def fill(self, allowed: torch.Tensor, chunk: SeqChunk) -> None: ...
 

@@ -7,6 +7,10 @@ hooks hang off it); the runner turns a step into tokens; the engine makes text a
 strings included: model/engine/handle.py SeqOutput). Finished, cancelled and failed sequences leave the scheduler
 (and free their slot) at once. An exception inside a step (CUDA OOM included) fails only that step's
 sequences; the loop keeps serving.
+
+A constrained request (GenerationRequest.constraint) is compiled in submit(), on the caller's thread, by the
+GrammarCompiler seam (model/grammar; a GrammarError refuses it there); its row processor goes to the runner with the
+slot (runner.open) and is closed when the sequence ends, however it ends (_retire).
 """
 
 from __future__ import annotations

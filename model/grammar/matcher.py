@@ -75,42 +75,49 @@ class GrammarRow:
         return not (m.is_error() or m.is_stopped())
 
     def _end_only(self, allowed) -> None:
+        """Only end-of-text allowed (a torch row or its numpy view)."""
         if self._m.is_error() and self.error is None:
             self.error = self._m.get_error()[:300]
             log.warning("grammar: matcher error after %d tokens, ending the sequence: %s", self.tokens, self.error)
-        allowed.fill_(False)
+        allowed[:] = False
         allowed[self.eos] = True
+
+    def _bits(self) -> np.ndarray | None:
+        """The next token's mask as (V,) bool, computed from the packed words; None when only end-of-text."""
+        self._m.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        if self._m.is_error():
+            return None
+        return np.unpackbits(self._words.view(np.uint8), count=self.vocab, bitorder="little").view(np.bool_)
 
     def fill(self, allowed, chunk: SeqChunk) -> None:
         if self._m is None:  # closed: the sequence is over (a late fill leaves the row free)
             return
-        if self._step(chunk):
-            self._m.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-            if not self._m.is_error():  # (host to host copies only: no read back from a device, no sync)
-                bits = np.unpackbits(self._words.view(np.uint8), count=self.vocab, bitorder="little")
-                allowed.copy_(torch.from_numpy(bits).view(torch.bool))
-                return
-        self._end_only(allowed)
+        bits = self._bits() if self._step(chunk) else None
+        if bits is None:
+            self._end_only(allowed)
+        else:  # (a host to host copy: no read back from a device, no sync)
+            allowed.copy_(torch.from_numpy(bits))
 
     @classmethod
-    def fill_rows(cls, rows: list[GrammarRow], allowed, idx: list[int], chunks: list[SeqChunk]) -> None:
-        """The step's grammar rows at once (model/types.py LogitsProcessor): each advances, then every mask is
-        computed by llguidance's thread pool into one packed buffer, unpacked in one numpy call (one row after
-        another where there is no pool)."""
-        pool = executor()
-        if pool is None:
-            for r, j, c in zip(rows, idx, chunks, strict=True):
-                r.fill(allowed[j], c)
-            return
+    def fill_rows(cls, rows: list[GrammarRow], allowed: np.ndarray, idx: list[int], chunks: list[SeqChunk]) -> None:
+        """The step's grammar rows at once (model/types.py LogitsProcessor), into the numpy view of the step's
+        host mask: each advances, then the masks are computed by llguidance's thread pool into one packed
+        buffer, unpacked in one numpy call (one row after another where there is no pool)."""
         live = [i for i, r in enumerate(rows) if r._m is not None]
         todo = [i for i in live if rows[i]._step(chunks[i])]
-        computed = set(todo)
-        if todo:
+        pool = executor()
+        if pool is None:
+            for i in todo:
+                bits = rows[i]._bits()
+                if bits is not None:
+                    allowed[idx[i]] = bits
+        elif todo:
             words = np.zeros((len(todo), rows[0]._words.size), dtype=np.int32)
             pool.unsafe_compute_mask_ptr([(rows[i]._m, n) for n, i in enumerate(todo)], words.ctypes.data,
-                                               words.shape[1] * 4, len(todo))
+                                         words.shape[1] * 4, len(todo))
             bits = np.unpackbits(words.view(np.uint8), axis=1, count=rows[0].vocab, bitorder="little")
-            allowed[torch.tensor([idx[i] for i in todo])] = torch.from_numpy(bits).view(torch.bool)
+            allowed[[idx[i] for i in todo]] = bits.view(np.bool_)
+        computed = set(todo)
         for i in live:
             if i not in computed or rows[i]._m.is_error():
                 rows[i]._end_only(allowed[idx[i]])
