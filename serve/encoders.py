@@ -105,6 +105,7 @@ def tgi_event(index: int, ev: TokenEvent, final: tuple[str, Completion] | None, 
 # ---- OpenAI ----
 
 def openai_finish(reason: FinishReason, has_calls: bool = False) -> str:
+    """has_calls: the answer holds tool calls, the last one whole (a cut call ends "length" / "stop")."""
     if has_calls:
         return "tool_calls"
     return "length" if reason == FinishReason.LENGTH else "stop"
@@ -138,17 +139,18 @@ def chat_logprobs(texts, logprobs, tops) -> dict:
                         for t, lp, top in zip(texts, logprobs, tops, strict=True)]}
 
 
-def chat_message(text: str, tools_given: bool) -> tuple[dict, bool]:
-    """-> (assistant message, whether it holds tool calls). Tool calls are parsed only when tools were given."""
-    content, calls = parse_tool_calls(text) if tools_given else (text, [])
+def chat_message(text: str, parse_calls: bool) -> tuple[dict, bool]:
+    """-> (assistant message, whether it holds tool calls, all whole). Tool calls are parsed only when the
+    request may call tools (tools given, tool_choice not "none")."""
+    content, calls, complete = parse_tool_calls(text) if parse_calls else (text, [], True)
     msg: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None}
     if calls:
         msg["tool_calls"] = calls
-    return msg, bool(calls)
+    return msg, bool(calls) and complete
 
 
-def chat_completion(rid: str, model: str, created: int, c: Completion, tools_given: bool, logprobs: bool) -> dict:
-    msg, has_calls = chat_message(c.text, tools_given)
+def chat_completion(rid: str, model: str, created: int, c: Completion, parse_calls: bool, logprobs: bool) -> dict:
+    msg, has_calls = chat_message(c.text, parse_calls)
     choice: dict[str, Any] = {"index": 0, "message": msg, "logprobs": None,
                               "finish_reason": openai_finish(c.finish_reason, has_calls)}
     if logprobs:

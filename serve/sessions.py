@@ -18,6 +18,7 @@ expired id is an error naming the id, never a silent fresh start.
 from __future__ import annotations
 
 import contextvars
+import json
 import re
 import secrets
 import threading
@@ -29,6 +30,7 @@ from typing import Any
 
 from model.types import RequestError
 from serve.engine_client import EngineClient, RequestHandle
+from serve.protocol.toolcalls import parse_tool_calls
 
 SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
 NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
@@ -192,8 +194,10 @@ class Turn:
 
     def chat_messages(self, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
         old = self.session.messages
-        # a client that sends the whole history again (OpenAI style) is not appended twice
-        self.messages = list(new) if new[:len(old)] == old and len(new) > len(old) else old + list(new)
+        # a client that sends the whole history again (OpenAI style) is not appended twice: the session's own
+        # answers (the generated text) equal the client's copies of them (parsed tool_calls) by what they say
+        resent = len(new) > len(old) and all(_said(a) == _said(b) for a, b in zip(old, new, strict=False))
+        self.messages = list(new) if resent else old + list(new)
         return self.messages
 
     def continue_ids(self, new: tuple[int, ...]) -> tuple[int, ...]:
@@ -221,6 +225,26 @@ class Turn:
                 if self.messages is not None:
                     messages = [*self.messages, {"role": "assistant", "content": c.text}]
         self.table.release(self.session, ids, messages)
+
+
+def _said(msg: dict[str, Any]) -> tuple:
+    """What a message says, whichever way it is written: an assistant's tool calls as (name, arguments object)
+    from its `tool_calls` (arguments an object or JSON text) or from `<tool_call>` markup in its content."""
+    if msg.get("role") != "assistant":
+        return tuple(sorted((k, repr(v)) for k, v in msg.items()))
+    content = msg.get("content") or ""
+    content, parsed, _ = parse_tool_calls(content) if isinstance(content, str) else (repr(content), [], True)
+    calls = []
+    for call in [*(msg.get("tool_calls") or []), *parsed]:
+        fn = call.get("function", call) if isinstance(call, dict) else {}
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                pass
+        calls.append((fn.get("name"), json.dumps(args, sort_keys=True)))
+    return "assistant", content.strip(), tuple(calls)
 
 
 def current_turn() -> Turn | None:

@@ -89,6 +89,18 @@ def test_tokens_were_streamed_as_they_came(executed):
     assert sum(o.output_type == "stream" for o in cell.outputs) > 3
 
 
+def test_structured_output_cell_answers_valid_json_a_tool_call_and_a_regex_match(executed):
+    text = text_of(cell_with(executed, "response_format"))
+    trip = re.search(r"json_schema: (\{.*\}) \| finish_reason: stop", text)
+    assert trip, text
+    city, days = re.fullmatch(r"\{'city': '(\w+)', 'days': (\d+)\}", trip.group(1)).groups()
+    assert city in ("Paris", "Lima", "Tokyo") and 1 <= int(days) <= 14
+    call = re.search(r"tool call: get_weather \{'city': '(\w+)', 'unit': '(\w+)'\} \| finish_reason: tool_calls",
+                     text)
+    assert call and call.group(1) in ("Paris", "Lima", "Tokyo") and call.group(2) in ("celsius", "fahrenheit"), text
+    assert re.search(r"regex: '(yes|no), [0-9]{1,2}%'", text), text
+
+
 def test_jsonlines_and_batch_line_counts(executed):
     assert "jsonlines: 5 records -> 5 lines, 1 error line(s)" in text_of(cell_with(executed, "invoke_jsonlines"))
     batch = text_of(cell_with(executed, "run_local_batch"))

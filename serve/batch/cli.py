@@ -88,7 +88,8 @@ def sampling_values(defaults: dict) -> dict:
         values, _ = tgi_params(defaults, Limits())
     except ProtocolError as e:
         raise SystemExit(f"bad default parameters: {e.message}") from None
-    per_record = sorted(k for k in ("details", "return_full_text", "truncate") if defaults.get(k) is not None)
+    per_record = sorted(k for k in ("details", "return_full_text", "truncate", "grammar")
+                        if defaults.get(k) is not None)
     if per_record:
         raise SystemExit(f"{', '.join(per_record)} cannot be a job default; set it in each record's parameters")
     return {k: v for k, v in values.items() if v is not None}

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from model.types import Completion, SamplingParams, TokenEvent
+from model.types import Completion, Constraint, SamplingParams, TokenEvent
 from serve.engine_client import RequestHandle
 from serve.prompts import Ctx
 from serve.protocol import Limits
@@ -25,6 +25,8 @@ class Request(Protocol):
     def params(self) -> SamplingParams: ...  # one SamplingParams for every sequence of the request
     @property
     def stream(self) -> bool: ...  # answer with SSE (one sequence)
+    @property
+    def constraint(self) -> Constraint | None: ...  # every sequence's output matches it (None: free text)
 
 
 R = TypeVar("R", bound=Request)

@@ -3,7 +3,8 @@
     fields.py     body decoding, typed field access, Limits, ProtocolError (what every shape shares)
     tgi.py        Hugging Face TGI `{"inputs", "parameters", "stream"}`
     openai.py     OpenAI chat completions `{"messages", ...}` and completions `{"prompt", ...}`
-    toolcalls.py  Granite `<tool_call>` output -> OpenAI `tool_calls` (what the chat shape returns)
+    constraints.py  response_format / tool_choice / TGI grammar -> model/types.py Constraint (structured output)
+    toolcalls.py  Granite `<tool_call>` output -> OpenAI `tool_calls`, incrementally (what the chat shape returns)
 
 The table of request kinds, which picks a shape's parser for a body, is serve/kinds.
 """

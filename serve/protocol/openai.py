@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from model.types import SamplingParams
+from model.types import Constraint, SamplingParams
+from serve.protocol.constraints import declared_tools, response_format, tool_constraint
 from serve.protocol.fields import MAX_TOP_N, Fields, Limits, invalid, max_new, sampling_params
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -18,20 +19,22 @@ COMMON = frozenset({
 })
 CHAT = COMMON | {"messages", "tools", "tool_choice", "documents", "max_completion_tokens", "logprobs",
                  "top_logprobs", "response_format", "parallel_tool_calls"}
-COMPLETION = COMMON | {"prompt", "echo", "logprobs", "suffix", "best_of"}
+COMPLETION = COMMON | {"prompt", "echo", "logprobs", "suffix", "best_of", "response_format"}
 
 
 @dataclass(frozen=True)
 class ChatRequest:
     messages: tuple[dict, ...]
     params: SamplingParams
-    tools: tuple[dict, ...] | None = None
+    tools: tuple[dict, ...] | None = None  # listed by the chat template (also under tool_choice "none")
     documents: tuple[dict, ...] | None = None
     stream: bool = False
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
     model: str | None = None
+    constraint: Constraint | None = None  # response_format json, or the tool_choice's tool_calls
+    calls: bool = False  # the answer may hold tool calls: parse them (tools given, tool_choice not "none")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class CompletionRequest:
     echo: bool = False
     logprobs: int | None = None  # completions API: number of alternatives, None = no logprobs
     model: str | None = None
+    constraint: Constraint | None = None  # response_format json
 
 
 def _common(f: Fields, limits: Limits, max_keys: tuple[str, ...]) -> dict[str, Any]:
@@ -89,6 +93,24 @@ def _content(msg: dict, where: str) -> str | None:
     return "".join(texts)
 
 
+def _arguments(args: Any, where: str) -> Any:
+    """A history call's arguments as the template renders them: an object (OpenAI clients send it JSON-encoded:
+    decoded once, never twice); a string that is not JSON stays a JSON string, so the rendered call stays JSON."""
+    if args is None:
+        return {}
+    if isinstance(args, str):
+        if not args.strip():
+            return {}
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return json.dumps(args, ensure_ascii=False)  # the template writes a string as is: quote it
+        return json.dumps(args, ensure_ascii=False) if isinstance(args, str) else args
+    if not isinstance(args, (dict, list)):
+        raise invalid(f"{where}.function.arguments must be a JSON object or a JSON-encoded string")
+    return args
+
+
 def _tool_calls(calls: Any, where: str) -> list[dict]:
     if not isinstance(calls, list):
         raise invalid(f"{where}.tool_calls must be a list")
@@ -97,13 +119,8 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise invalid(f"{where}.tool_calls[{j}].function.name must be a string")
-        args = fn.get("arguments", {})
-        if isinstance(args, str):  # OpenAI clients send arguments JSON-encoded; templates want an object
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                pass
-        out.append({**call, "type": "function", "function": {"name": fn["name"], "arguments": args}})
+        out.append({**call, "type": "function",
+                    "function": {"name": fn["name"], "arguments": _arguments(fn.get("arguments"), f"{where}.tool_calls[{j}]")}})
     return out
 
 
@@ -130,21 +147,6 @@ def _messages(raw: Any) -> tuple[dict, ...]:
     return tuple(out)
 
 
-def _tools(raw: Any, choice: Any) -> tuple[dict, ...] | None:
-    if choice not in (None, "auto", "none"):
-        raise invalid("tool_choice must be 'auto' or 'none' (forcing a tool call is not implemented)")
-    if raw is None or choice == "none":
-        return None
-    if not isinstance(raw, list):
-        raise invalid("tools must be a list")
-    for i, tool in enumerate(raw):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict) \
-                or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise invalid(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": str, ...}}}}")
-    return tuple(raw) or None
-
-
 def _documents(raw: Any) -> tuple[dict, ...] | None:
     if raw is None:
         return None
@@ -162,10 +164,12 @@ def _documents(raw: Any) -> tuple[dict, ...] | None:
 
 def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
     f = Fields(obj, "", CHAT)
-    fmt = f.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise invalid("response_format: only {\"type\": \"text\"} is supported (JSON mode is not implemented)")
-    f.bool("parallel_tool_calls")
+    fmt = response_format(f.get("response_format"))
+    tools = declared_tools(f.get("tools"))
+    calls_constraint, calls = tool_constraint(tools, f.get("tool_choice"), f.bool("parallel_tool_calls"))
+    if fmt is not None and calls:
+        raise invalid("response_format json_object / json_schema and tools can not both shape one answer: send "
+                      "tool_choice \"none\" for a JSON answer, or drop response_format to call tools")
     values = _common(f, limits, ("max_completion_tokens", "max_tokens"))
     logprobs = bool(f.bool("logprobs"))
     top = f.int("top_logprobs", 0, MAX_TOP_N) or 0
@@ -175,8 +179,9 @@ def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
     stream, include_usage = _stream(f)
     return ChatRequest(
         messages=_messages(obj.get("messages")), params=sampling_params(limits, values),
-        tools=_tools(obj.get("tools"), obj.get("tool_choice")), documents=_documents(obj.get("documents")),
+        tools=tools or None, documents=_documents(obj.get("documents")),
         stream=stream, include_usage=include_usage, logprobs=logprobs, top_logprobs=top, model=obj.get("model"),
+        constraint=fmt or calls_constraint, calls=calls,
     )
 
 
@@ -197,6 +202,7 @@ def parse_completion(obj: Any, limits: Limits) -> CompletionRequest:
     return CompletionRequest(
         prompts=tuple(prompts), params=sampling_params(limits, values), stream=stream,
         include_usage=include_usage, echo=bool(f.bool("echo")), logprobs=logprobs, model=obj.get("model"),
+        constraint=response_format(f.get("response_format")),
     )
 
 

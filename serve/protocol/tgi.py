@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from model.types import SamplingParams
+from model.types import Constraint, SamplingParams
+from serve.protocol.constraints import tgi_grammar
 from serve.protocol.fields import MAX_TOP_N, Fields, Limits, ProtocolError, invalid, max_new, sampling_params
 
 TGI_TOP = frozenset({"inputs", "parameters", "stream"})
@@ -28,15 +29,16 @@ class TextRequest:
     details: bool = False
     return_full_text: bool = False
     truncate: int | None = None  # keep only the last `truncate` prompt tokens
+    constraint: Constraint | None = None  # parameters.grammar: every input's output matches it
 
 
 def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]]:
-    """TGI "parameters" -> (SamplingParams fields, response options). Also used for batch defaults."""
+    """TGI "parameters" -> (SamplingParams fields, response options and the grammar's constraint). Also used for
+    batch defaults."""
     f = Fields({} if raw is None else raw, "parameters", TGI_PARAMS)
     f.null_or("best_of", (1,), "only best_of=1 is implemented")
     f.null_or("watermark", (False,), "watermarking is not implemented")
     f.null_or("decoder_input_details", (False,), "prompt token logprobs are not computed")
-    f.null_or("grammar", (), "grammar-constrained decoding is not implemented")
     f.null_or("adapter_id", (), "adapters are not supported")
     v: dict[str, Any] = {
         **max_new(f, ("max_new_tokens",), limits),
@@ -60,7 +62,7 @@ def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]
     if details:
         v["logprobs"] = True
     opts = {"details": details, "return_full_text": bool(f.bool("return_full_text")),
-            "truncate": f.int("truncate", 1, 10_000_000)}
+            "truncate": f.int("truncate", 1, 10_000_000), "constraint": tgi_grammar(f.get("grammar"))}
     return v, opts
 
 

@@ -2,7 +2,7 @@ import json
 
 from model.types import Completion, FinishReason, TokenEvent, TopToken
 from serve import encoders as enc
-from serve.protocol.toolcalls import ToolCallHoldback
+from serve.protocol.toolcalls import ToolCallParser
 
 
 def completion(text="hello", reason=FinishReason.LENGTH, n=2, prompt_tokens=3, tops=()):
@@ -50,7 +50,7 @@ def test_tgi_event_shape():
 
 def test_chat_completion_parses_tool_calls_only_when_tools_were_given():
     c = completion("Let me check. " + CALL, reason=FinishReason.EOS)
-    out = enc.chat_completion("id1", "m", 1, c, tools_given=True, logprobs=False)
+    out = enc.chat_completion("id1", "m", 1, c, parse_calls=True, logprobs=False)
     choice = out["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     call = choice["message"]["tool_calls"][0]
@@ -58,25 +58,24 @@ def test_chat_completion_parses_tool_calls_only_when_tools_were_given():
     assert choice["message"]["content"] == "Let me check."
     assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
                             "prompt_tokens_details": {"cached_tokens": 0}}
-    plain = enc.chat_completion("id1", "m", 1, c, tools_given=False, logprobs=True)["choices"][0]
+    plain = enc.chat_completion("id1", "m", 1, c, parse_calls=False, logprobs=True)["choices"][0]
     assert plain["finish_reason"] == "stop" and "tool_calls" not in plain["message"]
     assert len(plain["logprobs"]["content"]) == 2
 
 
-def test_holdback_never_streams_tool_call_markup():
-    hold = ToolCallHoldback()
+def test_parser_never_streams_tool_call_markup():
+    p = ToolCallParser()
     pieces = ["Sure", " <tool", "_ca", "ll>\n{\"name\": \"f\", ", "\"arguments\": {}}\n</tool_call>"]
-    streamed = "".join(hold.push(p) for p in pieces)
-    assert streamed == "Sure "
-    content, calls = hold.finish()
-    assert calls[0]["function"]["name"] == "f" and content == ""
+    deltas = [d for piece in pieces for d in p.push(piece)] + p.finish()
+    assert "".join(d.get("content", "") for d in deltas) == "Sure"
+    assert p.calls[0]["function"] == {"name": "f", "arguments": "{}"} and p.content == "Sure" and p.complete
 
 
-def test_holdback_releases_lookalikes():
-    hold = ToolCallHoldback()
-    assert hold.push("a <to") == "a "
-    assert hold.push("y>") == "<toy>"
-    assert hold.finish() == ("", [])
+def test_parser_releases_lookalikes():
+    p = ToolCallParser()
+    assert p.push("a <to") == [{"content": "a"}]
+    assert p.push("y>") == [{"content": " <toy>"}]
+    assert p.finish() == [] and p.calls == []
 
 
 def test_completion_choice_offsets_and_echo():

@@ -60,15 +60,16 @@ TOOLS = ({"type": "function", "function": {"name": "get_weather"}},)
 def test_chat_stream_turns_tool_call_markup_into_tool_calls():
     h = ScriptedHandle(events("Checking", " <tool_", "call>\n{\"name\": \"get_weather\", ",
                               "\"arguments\": {\"city\": \"Oslo\"}}\n", "</tool_call>"))
-    out = chunks(generate._guarded(CTX, h, generate.stream_body(CTX, chat(TOOLS, include_usage=True), h)))
+    out = chunks(generate._guarded(CTX, h, generate.stream_body(CTX, chat(TOOLS, calls=True, include_usage=True), h)))
     assert out[-1] == "[DONE]"
     objs = [json.loads(x) for x in out[:-1]]
     content = "".join(o["choices"][0]["delta"].get("content", "") for o in objs if o["choices"])
-    assert content == "Checking " and "<tool" not in content
+    assert content == "Checking" and "<tool" not in content  # whitespace next to a call is not content
     calls = [o["choices"][0]["delta"]["tool_calls"] for o in objs if o["choices"] and "tool_calls" in
              o["choices"][0]["delta"]]
     assert calls[0][0]["index"] == 0 and calls[0][0]["function"]["name"] == "get_weather"
-    assert json.loads(calls[0][0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert all(len(c) == 1 and c[0]["index"] == 0 for c in calls) and calls[0][0]["id"].startswith("call_")
+    assert json.loads("".join(c[0]["function"]["arguments"] for c in calls)) == {"city": "Oslo"}
     assert objs[-2]["choices"][0]["finish_reason"] == "tool_calls"
     assert objs[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10,
                                  "prompt_tokens_details": {"cached_tokens": 2}}

@@ -66,6 +66,7 @@ class ShoutRequest:
     text: str
     params: SamplingParams
     stream: bool = False
+    constraint: None = None  # free text (a kind may constrain its outputs: serve/kinds/kind.py Request)
 
 
 def _parse(obj, limits):

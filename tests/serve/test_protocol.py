@@ -190,7 +190,7 @@ def test_chat_defaults_sample_like_openai():
     assert req.params.max_new_tokens == 4
     req = parse({"messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "function", "function": {"name": "f"}}], "tool_choice": "none"})
-    assert req.tools is None
+    assert req.tools[0]["function"]["name"] == "f" and not req.calls and req.constraint is None  # listed, not called
 
 
 @pytest.mark.parametrize(
@@ -206,8 +206,8 @@ def test_chat_defaults_sample_like_openai():
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n="),
         ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
-        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-         "response_format"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+         "response_format.type"),
         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0]"),
         ({"messages": [{"role": "user", "content": "x"}], "tools": "f"}, "tools"),

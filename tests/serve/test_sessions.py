@@ -115,3 +115,22 @@ def test_number_of_sessions_is_bounded():
 
 def test_expires_text_is_utc_iso():
     assert ss.expires_text(0) == "1970-01-01T00:00:00Z"
+
+
+def test_a_resent_history_with_tool_calls_is_not_appended_twice():
+    """The session keeps its answer as generated (`<tool_call>` markup); an OpenAI client sends it back as
+    tool_calls with JSON-encoded arguments: the same message, so the history is taken once."""
+    t, _, _ = _table()
+    s = t.open()
+    user = {"role": "user", "content": "weather?"}
+    s.messages = [user, {"role": "assistant", "content":
+                         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "n": 1}}\n</tool_call>'}]
+    turn = ss.Turn(s, t, engine=None)
+    echoed = {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"n": 1, "city": "Paris"}'}}]}
+    tool = {"role": "tool", "content": "20 C", "tool_call_id": "call_1"}
+    assert turn.chat_messages([user, echoed, tool]) == [user, echoed, tool]
+    # other arguments are another message: the new ones are a continuation
+    other = {**echoed, "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Lima", "n": 1}}}]}
+    assert turn.chat_messages([user, other, tool]) == [*s.messages, user, other, tool]
+    assert turn.chat_messages([tool]) == [*s.messages, tool]  # only the new turn: appended

@@ -151,8 +151,8 @@ def test_tool_calls_and_responses_round_trip(tok):
     ]
     turns = _turns(tok.render_chat(msgs, tools=TOOLS))
     assert [r for r, _ in turns] == ["system", "user", "assistant", "user", "assistant"]
-    content, calls = parse_tool_calls(turns[2][1])
-    assert content == ""
+    content, calls, complete = parse_tool_calls(turns[2][1])
+    assert content == "" and complete
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
         ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Lima"})]
     responses = turns[3][1]
@@ -161,45 +161,4 @@ def test_tool_calls_and_responses_round_trip(tok):
     assert blocks[0] == "20 C" and json.loads(blocks[1]) == {"temp_c": 25}
 
 
-# --- tool-call parsing ---------------------------------------------------------------------------
-
-def _names_args(calls):
-    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
-
-
-def test_parse_single_and_multiple_calls():
-    text = ('Let me check.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
-            '<tool_call>\n{"name": "b", "arguments": {"y": "é"}}\n</tool_call>')
-    content, calls = parse_tool_calls(text)
-    assert content == "Let me check."
-    assert _names_args(calls) == [("a", {"x": 1}), ("b", {"y": "é"})]
-    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
-    assert len({c["id"] for c in calls}) == 2
-
-
-def test_parse_string_arguments_list_form_and_unterminated():
-    _, calls = parse_tool_calls('<tool_call>{"name": "a", "arguments": "{\\"x\\": [1, 2]}"}</tool_call>')
-    assert _names_args(calls) == [("a", {"x": [1, 2]})]
-    _, calls = parse_tool_calls('<tool_call>[{"name": "a", "arguments": {}}, {"name": "b"}]</tool_call>')
-    assert _names_args(calls) == [("a", {}), ("b", {})]
-    content, calls = parse_tool_calls('ok <tool_call>\n{"name": "a", "arguments": {"q": 2}}')
-    assert content == "ok" and _names_args(calls) == [("a", {"q": 2})]
-
-
-@pytest.mark.parametrize("text", [
-    "no calls at all",
-    "<tool_call>{not json}</tool_call>",
-    '<tool_call>{"arguments": {}}</tool_call>',
-    '<tool_call>{"name": "a", "arguments": "not json"}</tool_call>',
-    '<tool_call>{"name": "a", "arguments": [1]}</tool_call>',
-    '<tool_call>\n{"name": "a", "argum',
-])
-def test_malformed_calls_stay_in_the_content(text):
-    assert parse_tool_calls(text) == (text, [])
-
-
-def test_a_broken_block_does_not_swallow_the_next():
-    text = '<tool_call>{broken <tool_call>{"name": "ok", "arguments": {}}</tool_call>'
-    content, calls = parse_tool_calls(text)
-    assert _names_args(calls) == [("ok", {})]
-    assert content == "<tool_call>{broken"
+# tool-call parsing itself: tests/serve/test_toolcalls.py
