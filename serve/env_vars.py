@@ -197,6 +197,12 @@ VARS: tuple[Var, ...] = (
             _float(0.0, 1.0)),
     _engine("SNAPSHOT_HOST_BYTES",
             "Bytes of host memory (pinned on CUDA) for snapshots moved off the device; 0 = none.", _int(0)),
+    _engine("SNAPSHOT_BOUNDARY_TOKENS",
+            "A chat prompt whose system part (system prompt + tools + documents) has at least this many tokens gets a "
+            "snapshot where that part ends, so other requests with the same system part resume there.", _int(1)),
+    _engine("SNAPSHOT_INTERVAL_TOKENS",
+            "Raw prompts (TGI inputs, completions): a snapshot every this many tokens once the same prefix is seen a "
+            "second time; 0 = off.", _int(0)),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
     Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
     Var("PROMETHEUS_MULTIPROC_DIR", None,

@@ -126,8 +126,9 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
     turn = current_turn()
     try:
         for ids in prompts:
-            request = GenerationRequest(ids, params, uuid.uuid4().hex,
-                                        session_id=turn.session.id if turn is not None else None)
+            request = GenerationRequest(tuple(ids), params, uuid.uuid4().hex,
+                                        session_id=turn.session.id if turn is not None else None,
+                                        snapshot_at=getattr(ids, "snapshot_at", None))  # serve/prompts.py PromptIds
             while True:
                 try:
                     handle = ctx.engine.submit(request)
