@@ -77,36 +77,29 @@ def chat_prompt(ctx: Ctx, req: ChatRequest) -> tuple[int, ...]:
 
 def system_boundary(tokenizer: PromptTokenizer, messages, tools, documents, text: str, ids) -> int:
     """Tokens of `ids` (the rendered conversation `text`) that its system part (leading system messages, tools,
-    documents) renders to, whatever follows it: the prompt of every request with the same system part starts
-    with exactly these ids, so a snapshot there serves them all. 0 when there is none to find.
+    documents) and the opening of the next turn render to, whatever that turn says: the prompt of every request
+    with the same system part starts with exactly these ids, so a snapshot there serves them all. 0: none found.
 
-    The template renders the system part alone (with the generation prompt it always adds); where that text and
-    the whole text part is the system part (plus, often, the next turn's opening marker, which every request
-    has too). That text is tokenized on its own and only the ids it agrees on with the whole prompt count: a
-    token that merges across the join is left out, so the boundary is where both tokenizations agree."""
+    The template renders the system part and the first other message with its content swapped for another;
+    where that text and the whole text part is the boundary in characters. That text is tokenized on its own and
+    only the ids on which both tokenizations agree count (a token that merges across the join is left out)."""
     k = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
     if k == len(messages):
         return 0  # nothing follows the system part
+    first = messages[k]
+    other = {**first, "content": "" if first.get("content") else "."}
     try:
-        alone = tokenizer.render_chat(messages[:k], tools=tools, documents=documents)
-    except Exception:  # e.g. a template that needs a user turn: no boundary, the prompt runs as before
+        alt = tokenizer.render_chat([*messages[:k], other], tools=tools, documents=documents)
+    except Exception:  # a template that refuses the swapped turn: no boundary, the prompt runs as before
         return 0
-    n = 0
-    for a, b in zip(alone, text, strict=False):
-        if a != b:
-            break
-        n += 1
+    n = next((i for i, (a, b) in enumerate(zip(alt, text, strict=False)) if a != b), min(len(alt), len(text)))
     try:
         part = tokenizer.encode(text[:n])
     except Exception:
         return 0
-    j = 0
-    for a, b in zip(part, ids, strict=False):
-        if a != b:
-            break
-        j += 1
-    # the last agreed token may still merge with what follows in another prompt unless both tokenizations
-    # end on it: keep it only when the whole part agreed
+    j = next((i for i, (a, b) in enumerate(zip(part, ids, strict=False)) if a != b), min(len(part), len(ids)))
+    # the last agreed token may still merge with what follows in another prompt unless both tokenizations end
+    # on it: kept only when the whole part agreed
     return j if j == len(part) else max(j - 1, 0)
 
 
