@@ -3,7 +3,7 @@ hanging up, chat requests sharing a long system prompt, one-off TGI prompts and 
 each wave (server idle): the workers' RSS and the bytes the prefix cache reports (device + host tiers + index),
 from /metrics; RSS net of those bytes should stay flat after the first wave.
 
-    python bench/soak.py [--waves 4] [--streams 64] [--out bench/results/soak-cpu.json]
+    python bench/soak.py [--waves 4] [--streams 32] [--out bench/results/soak-cpu.json]
 
 Scaled down from the issue's 4 x 256 streams to what a loaded 2-core VM runs in minutes (say so when citing).
 """
@@ -35,7 +35,7 @@ def _words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-SYSTEM = _words(random.Random(3), 250)
+SYSTEM = _words(random.Random(3), 150)
 
 
 def _stream(url: str, path: str, body: dict, hang_up: bool, headers: dict | None = None) -> None:
@@ -52,18 +52,18 @@ def client(url: str, wave: int, k: int) -> None:
     hang_up = k % 3 == 0
     kind = k % 4
     if kind == 0:  # one-off raw prompt
-        _stream(url, "/invocations", {"inputs": _words(rng, rng.randint(80, 300)),
-                                      "parameters": {"max_new_tokens": 24}}, hang_up)
+        _stream(url, "/invocations", {"inputs": _words(rng, rng.randint(40, 150)),
+                                      "parameters": {"max_new_tokens": 16}}, hang_up)
     elif kind in (1, 2):  # a chat user of the shared system prompt
-        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _words(rng, 30)}]
-        _stream(url, "/v1/chat/completions", {"messages": msgs, "max_tokens": 24, "temperature": 0}, hang_up)
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _words(rng, 20)}]
+        _stream(url, "/v1/chat/completions", {"messages": msgs, "max_tokens": 16, "temperature": 0}, hang_up)
     else:  # a short session: two turns, then closed
         r = requests.post(url + "/invocations", json={"requestType": "NEW_SESSION"}, headers={SID: "NEW_SESSION"},
                           timeout=600)
         r.raise_for_status()
         sid = r.headers["X-Amzn-SageMaker-New-Session-Id"].split(";")[0]
         for turn in range(2):
-            msgs = [{"role": "user", "content": _words(rng, 40)}]
+            msgs = [{"role": "user", "content": _words(rng, 25)}]
             _stream(url, "/invocations", {"messages": msgs, "max_tokens": 16, "temperature": 0},
                     hang_up and turn == 1, {SID: sid})
         requests.post(url + "/invocations", json={"requestType": "CLOSE"}, headers={SID: sid}, timeout=600)
@@ -101,7 +101,7 @@ def wait_idle(server: Server, timeout: float = 300) -> dict:
             return m
 
 
-def run_soak(ckpt: Path, waves: int = 4, streams: int = 64, env: dict | None = None) -> dict:
+def run_soak(ckpt: Path, waves: int = 4, streams: int = 32, env: dict | None = None) -> dict:
     server = Server(ckpt, slots=32, env={"MAX_INPUT_TOKENS": "2048", "MAX_TOTAL_TOKENS": "4096",
                                          "MAX_QUEUED_REQUESTS": str(2 * streams), "SESSION_MAX": str(streams),
                                          **(env or {})})
@@ -136,7 +136,7 @@ def run_soak(ckpt: Path, waves: int = 4, streams: int = 64, env: dict | None = N
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--waves", type=int, default=4)
-    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--streams", type=int, default=32)
     p.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak-cpu.json"))
     a = p.parse_args(argv)

@@ -37,7 +37,7 @@ GAUGES = {"queue_depth": "waiting", "running_sequences": "running", "free_slots"
 ENGINE_COUNTERS = ("prompt_tokens_total", "generated_tokens_total", "requests_total", "step_errors_total")
 # engine.stats()["prefix_cache"] (model/engine/prefix_cache.py): counters, gauges, and bytes per tier
 PREFIX_COUNTERS = ("hits", "hits_host", "misses", "evictions", "demotions", "tokens_reused", "snapshots_taken",
-                   "snapshots_boundary")
+                   "snapshots_boundary", "evictions_unused")
 PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "kv_blocks_held", "sessions", "index_nodes")
 PREFIX_TIERS = ("device", "host", "index")  # bytes_<tier>; index: the snapshots' keys in host memory (an estimate)
 

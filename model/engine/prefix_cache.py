@@ -61,6 +61,7 @@ class Snapshot:
     nbytes: int = 0  # host tier: buffer bytes
     pins: set[str] = field(default_factory=set)
     namespace: str = DEFAULT_NAMESPACE  # shared only within it
+    hits: int = 0  # resumes from it (evicted at 0: the memory it took served no one)
 
 
 class PrefixCache:
@@ -78,7 +79,7 @@ class PrefixCache:
         self._seen: OrderedDict[int, None] = OrderedDict()  # seen_before's prefix hashes, least recent first
         self._index_tokens = 0  # ids of the cached snapshots (their keys)
         self.counters = dict(hits=0, hits_host=0, misses=0, evictions=0, demotions=0, snapshots_taken=0,
-                             snapshots_boundary=0, tokens_reused=0)
+                             snapshots_boundary=0, tokens_reused=0, evictions_unused=0)
 
     # ---- accounting ----------------------------------------------------------------------------
     @property
@@ -151,6 +152,7 @@ class PrefixCache:
             self._drop(hit, evicted=True)
             return self.admit(prompt_ids, reserve_tokens, namespace)
         self.lru.move_to_end(id(hit))
+        hit.hits += 1
         self.counters["hits"] += 1
         self.counters["hits_host"] += hit.tier == HOST
         self.counters["tokens_reused"] += n
@@ -255,6 +257,7 @@ class PrefixCache:
         snap.data = None
         if evicted:
             self.counters["evictions"] += 1
+            self.counters["evictions_unused"] += not snap.hits
 
     def clear(self) -> int:
         """Drop every unpinned snapshot (not counted as evictions); returns how many."""

@@ -18,10 +18,10 @@ from model.types import EngineConfig, GenerationRequest, SamplingParams
 from tests.fakes import BS, ListCopier
 
 
-def make(slots=2, blocks=64, chunk=64, **cfg):
+def make(slots=2, blocks=64, chunk=64, device=10**9, host=10**9, **cfg):
     alloc = SlotAllocator(slots, blocks, BS)
     cop = ListCopier(slots, blocks)
-    cache = PrefixCache(alloc, cop, 10**9, 10**9)
+    cache = PrefixCache(alloc, cop, device, host)
     config = EngineConfig(max_concurrent_seqs=slots, max_step_tokens=256, prefill_chunk_tokens=chunk,
                           max_input_tokens=400, max_total_tokens=500, **cfg)
     return Scheduler(config, alloc, cache, eos_token_id=0), cop, cache, config
@@ -106,6 +106,19 @@ def test_the_index_is_freed_with_its_snapshots():
     cache.clear()
     st = cache.stats()
     assert st["bytes_index"] == 0 and st["index_nodes"] == 0 and not cache.trie.root.children
+
+
+def test_evictions_of_snapshots_that_served_no_one_are_counted():
+    # host tier only, room for ~3 snapshots of ~40 tokens: one-off prompts push each other out unused, while the
+    # shared system part, hit by every request, stays (LRU: a hit makes it the most recent)
+    sched, cop, cache, cfg = make(device=0, host=3 * (100 + 45 * 40 // BS), snapshot_boundary_tokens=16)
+    system = rand(20, 20)
+    for i in range(8):
+        s, _ = serve(sched, cop, cfg, system + rand(20, 30 + i), snapshot_at=(20,), max_new=1)
+        assert s.cached_tokens == (20 if i else 0)
+    c = cache.counters
+    assert c["evictions"] > 0 and c["evictions_unused"] == c["evictions"]  # only the one-off prompts' went
+    assert cache.trie.get(tuple(system)).hits == 7
 
 
 def test_radix_trie_matches_a_dict_under_random_puts_and_removes():
