@@ -140,6 +140,11 @@ VARS: tuple[Var, ...] = (
     Var("SESSION_MAX", 64,
         "Open sessions per worker; each holds its conversation's state pinned (~37 MiB of Mamba state + "
         "8 KiB of KV per token for the full-size model); more get 429 until one closes or expires.", _int(1)),
+    Var("MEMORY_ARENAS", 2,
+        "At most this many glibc malloc arenas per worker (M_ARENA_MAX; 0 = glibc's default, 8 x cores): fewer "
+        "arenas hold less freed memory that no cache accounts for (serve/memory.py).", _int(0)),
+    Var("MEMORY_TRIM", True,
+        "Give free malloc pages back to the OS (malloc_trim) each time a worker's engine goes idle after work.", _bool),
     Var("SAGEMAKER_BATCH", False, "Set by batch transform (true/True): payload limit defaults to 100 MiB.", _bool),
     Var("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD",
         "BatchStrategy reported by /execution-parameters.", _choice("SINGLE_RECORD", "MULTI_RECORD", upper=True)),
