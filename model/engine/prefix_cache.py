@@ -47,8 +47,9 @@ DEVICE, HOST = "device", "host"
 DEFAULT_NAMESPACE = ""  # the key space of requests on the base weights (no adapter)
 SEEN_MAX = 8192  # prefix hashes remembered for seen_before (8 bytes of key each, LRU)
 # Host bytes of the index per token of a cached snapshot, an upper bound: its `ids` tuple (an 8-byte reference and
-# a 32-byte int object each) + the radix trie's 4-byte edge ids (model/engine/token_trie.py); reported, not budgeted.
-INDEX_BYTES_PER_TOKEN = 44
+# a 32-byte int object each) + the radix trie's 4-byte edge ids and its nodes (model/engine/token_trie.py); reported,
+# not budgeted.
+INDEX_BYTES_PER_TOKEN = 48
 log = logging.getLogger(__name__)
 
 

@@ -144,3 +144,34 @@ def test_radix_trie_matches_a_dict_under_random_puts_and_removes():
     assert not trie.root.children and trie.nodes == 0 and trie.edge_tokens == 0
     with pytest.raises(KeyError):
         trie.remove((1, 2))
+
+
+def test_the_index_costs_a_few_bytes_a_token_and_its_estimate_bounds_it():
+    # a node per token (a dict + an object each) cost ~230 bytes a token: RSS that no tier accounted for
+    import tracemalloc
+
+    rng = random.Random(1)
+    keys = [tuple(rng.randrange(300, 50_000) for _ in range(400)) for _ in range(100)]
+    snaps = [Snapshot(k, DEVICE, None) for k in keys]
+    tokens = sum(map(len, keys))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        trie = TokenTrie()
+        for s in snaps:
+            trie.put(s)
+        index = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert index / tokens < 8, index / tokens  # packed edges: 4 bytes a token + a few nodes
+    # the reported estimate covers the keys themselves too (the ids tuples and their int objects)
+    from model.engine.prefix_cache import INDEX_BYTES_PER_TOKEN
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fresh = [tuple(rng.randrange(300, 50_000) for _ in range(400)) for _ in range(100)]
+        keys_bytes = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert keys_bytes + index <= INDEX_BYTES_PER_TOKEN * tokens and len(fresh) == 100
