@@ -78,6 +78,9 @@ class Metrics:
                                        multiprocess_mode="livesum") for k in PREFIX_GAUGES}
         self.prefix_bytes = Gauge(f"{p}prefix_cache_bytes", "Bytes of state snapshots, by tier (index: their keys).",
                                   ["tier"], registry=r, multiprocess_mode="livesum")
+        self.prefix_pool_kv = Gauge(f"{p}prefix_cache_device_kv_bytes", "Of the device tier's bytes: the KV blocks "
+                                    "snapshots hold in the preallocated pool (no memory of their own).", registry=r,
+                                    multiprocess_mode="livesum")
         self.rss = Gauge(f"{p}resident_memory_bytes", "Resident memory of the workers (RSS, /proc/self/statm).",
                          registry=r, multiprocess_mode="livesum")
         self.sessions_open = Gauge(f"{p}sessions_open", "Open SageMaker stateful sessions.", registry=r,
@@ -115,6 +118,7 @@ class Metrics:
                 self.prefix_gauges[k].set(pc.get(k, 0))
             for tier in PREFIX_TIERS:
                 self.prefix_bytes.labels(tier=tier).set(pc.get(f"bytes_{tier}", 0))
+            self.prefix_pool_kv.set(pc.get("bytes_device_kv", 0))
             self.rss.set(resident_bytes())
             counts.update({f"finished:{r}": n for r, n in (s.get("finished_total") or {}).items()})
             for key, value in counts.items():

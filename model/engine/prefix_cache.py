@@ -97,6 +97,7 @@ class PrefixCache:
                     bytes_device=self.device_used, bytes_host=self._host_used,
                     budget_device_bytes=self.device_budget, budget_host_bytes=self.host_budget,
                     kv_blocks_held=len(self._dev_blocks), sessions=len(self._sessions),
+                    bytes_device_kv=len(self._dev_blocks) * self.copier.kv_block_bytes,  # of bytes_device: in the pool
                     bytes_index=self._index_tokens * INDEX_BYTES_PER_TOKEN,
                     index_nodes=sum(t.nodes for t in self._tries.values()))
 
