@@ -6,7 +6,8 @@ in the same run.
 
 Two servers on the same checkpoint (PREFIX_CACHE=false / true), each warmed with one request that shares the
 system part (so "on" measures the steady state: the system part was seen before). Then rounds, alternating
-off / on: every user sends its own question at once (all `users` requests in flight), new questions each round.
+off / on: every user sends its own question at once (all `users` requests in flight), new questions each round;
+then `alone` users one at a time (each request alone on the server: its own prefill's latency).
 Reported per mode: client TTFT p50 / p90, prompt tokens, tokens resumed from snapshots (usage cached_tokens),
 prefill tokens computed (prompt - cached); ratios on / off. Greedy answers must be identical.
 """
@@ -70,13 +71,18 @@ def ask(url: str, system: str, tools: list[dict], q: str, max_new: int) -> dict:
     return {"ttft": ttft if ttft is not None else time.perf_counter() - t0, "text": "".join(text), "usage": usage}
 
 
-def run_round(url: str, system: str, tools: list[dict], users: int, rnd: int, q_words: int, max_new: int) -> dict:
+def run_round(url: str, system: str, tools: list[dict], users: int, rnd: int, q_words: int, max_new: int,
+              one_at_a_time: bool = False) -> dict:
     res: dict[int, dict] = {}
 
     def one(u: int) -> None:
         res[u] = ask(url, system, tools, question(u, rnd, q_words), max_new)
 
     t0 = time.perf_counter()
+    if one_at_a_time:  # each user alone on the server: TTFT is one request's prefill, nothing queued before it
+        for u in range(users):
+            one(u)
+        return {"wall_s": time.perf_counter() - t0, "results": [res[u] for u in range(users)]}
     threads = [threading.Thread(target=one, args=(u,)) for u in range(users)]
     for t in threads:
         t.start()
@@ -99,7 +105,7 @@ def summary(rounds: list[dict]) -> dict:
 
 
 def run_shared_prompt(ckpt: Path, users: int = 32, system_words: int = 400, q_words: int = 42, rounds: int = 2,
-                      max_new: int = 8) -> dict:
+                      max_new: int = 8, alone: int = 4) -> dict:
     system, tools = system_and_tools(system_words)
     env = {"MAX_INPUT_TOKENS": "6000", "MAX_TOTAL_TOKENS": "6144", "MAX_QUEUED_REQUESTS": str(4 * users),
            "MAX_STEP_TOKENS": "2048"}
@@ -112,6 +118,10 @@ def run_shared_prompt(ckpt: Path, users: int = 32, system_words: int = 400, q_wo
             for mode in ("off", "on"):  # alternated, the same questions in both
                 print(f"shared prompt: round {rnd + 1} reuse {mode} ...", flush=True)
                 per[mode].append(run_round(servers[mode].url, system, tools, users, rnd, q_words, max_new))
+        single: dict[str, dict] = {}
+        for mode in ("off", "on"):
+            print(f"shared prompt: {alone} users one at a time, reuse {mode} ...", flush=True)
+            single[mode] = run_round(servers[mode].url, system, tools, alone, rounds, q_words, max_new, True)
     finally:
         for s in servers.values():
             s.stop()
@@ -120,7 +130,13 @@ def run_shared_prompt(ckpt: Path, users: int = 32, system_words: int = 400, q_wo
     off, on = summary(per["off"]), summary(per["on"])
     if warm["on"]["usage"]["prompt_tokens"] != warm["off"]["usage"]["prompt_tokens"]:
         raise RuntimeError("the two servers rendered the same request to different prompts")
+    alone_off, alone_on = summary([single["off"]]), summary([single["on"]])
+    same = same and all(a["text"] == b["text"] for a, b in zip(single["off"]["results"], single["on"]["results"],
+                                                              strict=True))
     return {"users": users, "rounds": rounds, "max_new_tokens": max_new,
+            "one_at_a_time": {"users": alone, "reuse_off": alone_off, "reuse_on": alone_on,
+                              "ttft_p50_ratio_on_over_off": round(alone_on["ttft_p50_ms"] / max(alone_off["ttft_p50_ms"],
+                                                                                                1e-9), 3)},
             "system_plus_tools_tokens": round(on["cached_tokens"] / max(on["requests"], 1), 1),
             "reuse_off": off, "reuse_on": on, "answers_identical": same,
             "ttft_p50_ratio_on_over_off": round(on["ttft_p50_ms"] / max(off["ttft_p50_ms"], 1e-9), 3),
@@ -136,13 +152,15 @@ def main(argv=None) -> int:
     p.add_argument("--question-words", type=int, default=42)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--alone", type=int, default=4, help="users sent one at a time after the concurrent rounds")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "shared-prompt-cpu.json"))
     a = p.parse_args(argv)
     from model.checkpoint.demo import build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(Path(tmp) / "demo", preset="demo")
-        report = run_shared_prompt(ckpt, a.users, a.system_words, a.question_words, a.rounds, a.max_new_tokens)
+        report = run_shared_prompt(ckpt, a.users, a.system_words, a.question_words, a.rounds, a.max_new_tokens,
+                                   a.alone)
     report["machine"] = "2-core Intel Xeon VM, torch CPU, shared with other jobs (loaded)"
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=1))
