@@ -53,7 +53,7 @@ def ask(url: str, system: str, tools: list[dict], q: str, max_new: int) -> dict:
             "max_tokens": max_new, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, text, usage = None, [], None
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=1200) as r:
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=3600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
