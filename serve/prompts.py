@@ -81,7 +81,7 @@ def system_boundary(tokenizer: PromptTokenizer, messages, tools, documents, text
     with the same system part starts with exactly these ids, so a snapshot there serves them all. 0: none found.
 
     The template renders the system part and the first other message with its content swapped for another;
-    where that text and the whole text part is the boundary in characters. That text is tokenized on its own and
+    where that text and the whole text part ways is the boundary in characters. That text is tokenized on its own and
     only the ids on which both tokenizations agree count (a token that merges across the join is left out)."""
     k = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
     if k == len(messages):
