@@ -176,7 +176,7 @@ class Scheduler:
             if not seq.is_prefilling:
                 continue
             n = min(seq.prompt_len - seq.num_computed, self.config.prefill_chunk_tokens, budget)
-            stop = seq.next_boundary()  # [prefix cache] a chunk ends exactly at a snapshot boundary
+            stop = seq.next_boundary() if self.prefix is not None else None  # [prefix cache] ends at a boundary
             if stop is not None:
                 n = min(n, stop - seq.num_computed)
             end = seq.num_computed + n
