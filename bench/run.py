@@ -13,6 +13,9 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
   batch       batch entrypoint over 256 records vs the same records one at a time (bench/batch_bench.py)
   multiturn   8 conversations x 8 turns, prefix reuse on vs off: TTFT per turn, prefill tokens computed,
               tokens/s, identical outputs (bench/multiturn.py)
+  shared_prompt  32 chat users sharing a ~2K-token system prompt + tools, distinct ~100-token questions, through
+              the server, reuse of the snapshot at the system part's end off vs on, alternated: TTFT p50 ratio,
+              prefill tokens computed (bench/shared_prompt.py)
   mid         the mid checkpoint (hidden 1024, 12 layers) through HTTP: 1, 8, 32 streams; at 32 the prefill
               time bound off vs on (bench/mid.py; ~5 min)
   host_work   host ms per runner step with the network's compute stubbed out (decode 1 x 2K, 64 x 2K,
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-requests", type=int, default=6)
     ap.add_argument("--skip-batch", action="store_true")
     ap.add_argument("--skip-multiturn", action="store_true")
+    ap.add_argument("--skip-shared-prompt", action="store_true")
     ap.add_argument("--skip-mid", action="store_true")
     ap.add_argument("--skip-grammar", action="store_true")
     a = ap.parse_args(argv)
@@ -220,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench import grammar_bench
 
             report["grammar"] = grammar_bench.report(ckpt)
+        if not a.skip_shared_prompt:
+            print("shared system prompt (reuse off / on, ~6 min on 2 cores) ...", flush=True)
+            from bench.shared_prompt import run_shared_prompt
+
+            report["shared_prompt"] = run_shared_prompt(ckpt, users=32, rounds=1)
         if not a.skip_mid:
             print("mid checkpoint through HTTP (~5 min) ...", flush=True)
             from bench.mid import MID, run_mid
@@ -269,6 +278,8 @@ def print_table(r: dict) -> None:
               f"{t['ratio']}x (target >= 0.9); masks at 64 rows: "
               + ", ".join(f"{k} {v['mask_ms_per_step_mean']} ms/step" for k, v in g["mask_host"].items()
                           if isinstance(v, dict)))
+    if "shared_prompt" in r:
+        print(f"shared_prompt: {json.dumps({k: v for k, v in r['shared_prompt'].items() if not isinstance(v, dict)})}")
     if "mid" in r:
         m = r["mid"]
         for k in ("1", "8", "32_token_bounded", "32_time_bounded"):

@@ -122,6 +122,10 @@ class GenerationRequest:
     session_id: str | None = None
     # The output must match this (grammar-constrained decoding); None: free text.
     constraint: Constraint | None = None
+    # Prompt positions whose state is worth a snapshot of its own (structural boundaries: where a chat prompt's
+    # system part, tools and documents end; serve/prompts.py); the scheduler ends a prefill chunk there. None:
+    # the engine's interval policy for raw prompts (EngineConfig.snapshot_interval_tokens); (): none.
+    snapshot_at: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,10 @@ class EngineConfig:
     prefix_cache: bool = True  # resume prompts from state snapshots (model/engine/prefix_cache.py)
     snapshot_device_share: float = 0.25  # device tier: this share of the state pool's bytes (KV + slots)
     snapshot_host_bytes: int = 2 << 30  # host tier (pinned on CUDA) in bytes; 0 = no host tier
+    # a structural boundary (GenerationRequest.snapshot_at) this far into the prompt or further gets a snapshot
+    snapshot_boundary_tokens: int = 256
+    # raw prompts (snapshot_at None): a snapshot every this many tokens, once that prefix was seen before; 0 = off
+    snapshot_interval_tokens: int = 1024
 
     def __post_init__(self) -> None:
         for name in (
@@ -229,6 +237,9 @@ class EngineConfig:
             raise ValueError(f"snapshot_device_share must be in [0, 1], got {self.snapshot_device_share}")
         if self.snapshot_host_bytes < 0:
             raise ValueError(f"snapshot_host_bytes must be >= 0, got {self.snapshot_host_bytes}")
+        for name in ("snapshot_boundary_tokens", "snapshot_interval_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 class ChunkKind(str, Enum):

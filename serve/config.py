@@ -49,6 +49,8 @@ class ServerConfig:
     metrics_dir: str | None = None  # prometheus-client multiprocess directory (gunicorn); None: one process
     session_ttl_s: float = 1200.0  # SageMaker stateful sessions: idle time before a session expires
     session_max: int = 64  # open sessions per worker (each pins a ~37 MiB state snapshot + its KV)
+    memory_arenas: int = 2  # glibc M_ARENA_MAX per worker; 0 = glibc's default (serve/memory.py)
+    memory_trim: bool = True  # malloc_trim when the engine goes idle after work
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -198,6 +200,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             metrics_dir=v["PROMETHEUS_MULTIPROC_DIR"],
             session_ttl_s=float(v["SESSION_TTL"]),
             session_max=v["SESSION_MAX"],
+            memory_arenas=v["MEMORY_ARENAS"],
+            memory_trim=v["MEMORY_TRIM"],
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -140,6 +140,11 @@ VARS: tuple[Var, ...] = (
     Var("SESSION_MAX", 64,
         "Open sessions per worker; each holds its conversation's state pinned (~37 MiB of Mamba state + "
         "8 KiB of KV per token for the full-size model); more get 429 until one closes or expires.", _int(1)),
+    Var("MEMORY_ARENAS", 2,
+        "At most this many glibc malloc arenas per worker (M_ARENA_MAX; 0 = glibc's default, 8 x cores): fewer "
+        "arenas hold less freed memory that no cache accounts for (serve/memory.py).", _int(0)),
+    Var("MEMORY_TRIM", True,
+        "Give free malloc pages back to the OS (malloc_trim) each time a worker's engine goes idle after work.", _bool),
     Var("SAGEMAKER_BATCH", False, "Set by batch transform (true/True): payload limit defaults to 100 MiB.", _bool),
     Var("SAGEMAKER_BATCH_STRATEGY", "MULTI_RECORD",
         "BatchStrategy reported by /execution-parameters.", _choice("SINGLE_RECORD", "MULTI_RECORD", upper=True)),
@@ -197,6 +202,12 @@ VARS: tuple[Var, ...] = (
             _float(0.0, 1.0)),
     _engine("SNAPSHOT_HOST_BYTES",
             "Bytes of host memory (pinned on CUDA) for snapshots moved off the device; 0 = none.", _int(0)),
+    _engine("SNAPSHOT_BOUNDARY_TOKENS",
+            "A chat prompt whose system part (system prompt + tools + documents) has at least this many tokens gets a "
+            "snapshot where that part ends, so other requests with the same system part resume there.", _int(1)),
+    _engine("SNAPSHOT_INTERVAL_TOKENS",
+            "Raw prompts (TGI inputs, completions): a snapshot every this many tokens once the same prefix is seen a "
+            "second time; 0 = off.", _int(0)),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
     Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
     Var("PROMETHEUS_MULTIPROC_DIR", None,

@@ -128,8 +128,9 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
     turn = current_turn()
     try:
         for ids in prompts:
-            request = GenerationRequest(ids, params, uuid.uuid4().hex,
+            request = GenerationRequest(tuple(ids), params, uuid.uuid4().hex,
                                         session_id=turn.session.id if turn is not None else None,
+                                        snapshot_at=getattr(ids, "snapshot_at", None),  # serve/prompts.py PromptIds
                                         constraint=constraint)
             while True:
                 try:

@@ -15,7 +15,7 @@ import signal
 import tempfile
 import threading
 
-from serve import affinity
+from serve import affinity, memory
 from serve.config import gunicorn_settings, load_config, pin_gpu
 
 _cfg = load_config()
@@ -45,7 +45,8 @@ def pre_fork(server, worker):
 
 
 def post_fork(server, worker):
-    # Worker, before the app (and torch) is imported: see only this worker's GPU.
+    # Worker, before the app (and torch) is imported: see only this worker's GPU; its malloc arenas bounded.
+    memory.limit_arenas(_cfg.server.memory_arenas)
     index = worker.worker_index
     if _GPUS:
         gpu = _GPUS[index % len(_GPUS)]

@@ -12,6 +12,7 @@ engine.stats(): each worker copies them into its metrics every SYNC_S seconds an
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
@@ -35,8 +36,19 @@ GAUGES = {"queue_depth": "waiting", "running_sequences": "running", "free_slots"
           "total_slots": "total_slots"}  # metric -> engine.stats() key
 ENGINE_COUNTERS = ("prompt_tokens_total", "generated_tokens_total", "requests_total", "step_errors_total")
 # engine.stats()["prefix_cache"] (model/engine/prefix_cache.py): counters, gauges, and bytes per tier
-PREFIX_COUNTERS = ("hits", "hits_host", "misses", "evictions", "demotions", "tokens_reused", "snapshots_taken")
-PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "kv_blocks_held", "sessions")
+PREFIX_COUNTERS = ("hits", "hits_host", "misses", "evictions", "demotions", "tokens_reused", "snapshots_taken",
+                   "snapshots_boundary", "evictions_unused")
+PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "kv_blocks_held", "sessions", "index_nodes")
+PREFIX_TIERS = ("device", "host", "index")  # bytes_<tier>; index: the snapshots' keys in host memory (an estimate)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc/self/statm); 0 where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Metrics:
@@ -64,8 +76,13 @@ class Metrics:
                        for k in PREFIX_COUNTERS}
         self.prefix_gauges = {k: Gauge(f"{p}prefix_cache_{k}", f"Prefix cache {k}.", registry=r,
                                        multiprocess_mode="livesum") for k in PREFIX_GAUGES}
-        self.prefix_bytes = Gauge(f"{p}prefix_cache_bytes", "Bytes of state snapshots, by tier.", ["tier"],
-                                  registry=r, multiprocess_mode="livesum")
+        self.prefix_bytes = Gauge(f"{p}prefix_cache_bytes", "Bytes of state snapshots, by tier (index: their keys).",
+                                  ["tier"], registry=r, multiprocess_mode="livesum")
+        self.prefix_pool_kv = Gauge(f"{p}prefix_cache_device_kv_bytes", "Of the device tier's bytes: the KV blocks "
+                                    "snapshots hold in the preallocated pool (no memory of their own).", registry=r,
+                                    multiprocess_mode="livesum")
+        self.rss = Gauge(f"{p}resident_memory_bytes", "Resident memory of the workers (RSS, /proc/self/statm).",
+                         registry=r, multiprocess_mode="livesum")
         self.sessions_open = Gauge(f"{p}sessions_open", "Open SageMaker stateful sessions.", registry=r,
                                    multiprocess_mode="livesum")
         self.session_forwards = Counter(f"{p}session_forwards", "Session requests forwarded to the worker that "
@@ -99,8 +116,10 @@ class Metrics:
             counts.update({f"prefix:{k}": pc[k] for k in PREFIX_COUNTERS if k in pc})
             for k in PREFIX_GAUGES:
                 self.prefix_gauges[k].set(pc.get(k, 0))
-            for tier in ("device", "host"):
+            for tier in PREFIX_TIERS:
                 self.prefix_bytes.labels(tier=tier).set(pc.get(f"bytes_{tier}", 0))
+            self.prefix_pool_kv.set(pc.get("bytes_device_kv", 0))
+            self.rss.set(resident_bytes())
             counts.update({f"finished:{r}": n for r, n in (s.get("finished_total") or {}).items()})
             for key, value in counts.items():
                 # labels() shows a reason from the start (at 0), so a scrape always finds every reason

@@ -17,6 +17,7 @@ from serve import affinity
 from serve.config import Config
 from serve.engine_client import EngineClient
 from serve.handler import Service, load_user_module
+from serve.memory import Trimmer
 from serve.metrics import Metrics
 from serve.protocol import Limits
 from serve.sessions import Session, SessionTable
@@ -41,6 +42,7 @@ class ServerState:
         self.sessions = SessionTable(me.index if me is not None else 0, s.session_ttl_s, s.session_max,
                                      on_end=self._session_ended, on_change=self.metrics.sessions_open.set)
         self.link: affinity.WorkerLink | None = None  # set by create_app with 2+ workers
+        self.trimmer: Trimmer | None = None  # serve/memory.py, once the engine is loaded
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._load, name="server-load", daemon=True)
 
@@ -75,6 +77,9 @@ class ServerState:
             self.service = service
             self.ready = True
             self.metrics.start_sync(engine.stats)
+            if self.config.server.memory_trim:
+                self.trimmer = Trimmer(engine.stats)
+                self.trimmer.start()
             log.info("server ready: model %s", self.model_name)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"[:500]
@@ -99,6 +104,8 @@ class ServerState:
         self.ready = False
         self._stopping.set()
         self.metrics.stop()
+        if self.trimmer is not None:
+            self.trimmer.stop()
         if self.link is not None:
             self.link.stop()
         if self.engine is not None:

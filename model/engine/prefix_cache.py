@@ -22,6 +22,11 @@ Namespaces: a snapshot is only ever resumed by a sequence of its own namespace (
 requests all have DEFAULT_NAMESPACE; a LoRA adapter's id goes there, since state computed under other weights is
 not the same state for the same ids.
 
+Boundaries: besides a prompt's end, a snapshot is taken where a chat prompt's system part ends (structural) and,
+for raw prompts, every EngineConfig.snapshot_interval_tokens once that prefix comes a second time (seen_before: a
+bounded set of prefix hashes), so prompts seen once leave no snapshots but their own (model/engine/sequence.py
+snapshot_points; the scheduler ends a prefill chunk there, the prefix hooks take it).
+
 Matching: the longest snapshot whose ids are a *strict* prefix of the prompt (n <= len(prompt) - 1): the
 resumed sequence must feed >= 1 token, because sampling needs the logits of the prompt's last token and
 a snapshot's state already contains its last token (it cannot be fed twice).
@@ -40,6 +45,11 @@ from model.types import Copier, EngineConfig, Runner
 
 DEVICE, HOST = "device", "host"
 DEFAULT_NAMESPACE = ""  # the key space of requests on the base weights (no adapter)
+SEEN_MAX = 8192  # prefix hashes remembered for seen_before (8 bytes of key each, LRU)
+# Host bytes of the index per token of a cached snapshot, an upper bound: its `ids` tuple (an 8-byte reference and
+# a 32-byte int object each) + the radix trie's 4-byte edge ids and its nodes (model/engine/token_trie.py); reported,
+# not budgeted.
+INDEX_BYTES_PER_TOKEN = 48
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +62,7 @@ class Snapshot:
     nbytes: int = 0  # host tier: buffer bytes
     pins: set[str] = field(default_factory=set)
     namespace: str = DEFAULT_NAMESPACE  # shared only within it
+    hits: int = 0  # resumes from it (evicted at 0: the memory it took served no one)
 
 
 class PrefixCache:
@@ -66,8 +77,10 @@ class PrefixCache:
         self._host_used = 0
         self._dev_count = 0  # snapshots in the device tier
         self._sessions: dict[str, tuple[Snapshot, tuple[int, ...]]] = {}  # id -> (pinned snap, conversation)
+        self._seen: OrderedDict[int, None] = OrderedDict()  # seen_before's prefix hashes, least recent first
+        self._index_tokens = 0  # ids of the cached snapshots (their keys)
         self.counters = dict(hits=0, hits_host=0, misses=0, evictions=0, demotions=0, snapshots_taken=0,
-                             tokens_reused=0)
+                             snapshots_boundary=0, tokens_reused=0, evictions_unused=0)
 
     # ---- accounting ----------------------------------------------------------------------------
     @property
@@ -83,7 +96,25 @@ class PrefixCache:
         return dict(self.counters, snapshots_device=tiers.count(DEVICE), snapshots_host=tiers.count(HOST),
                     bytes_device=self.device_used, bytes_host=self._host_used,
                     budget_device_bytes=self.device_budget, budget_host_bytes=self.host_budget,
-                    kv_blocks_held=len(self._dev_blocks), sessions=len(self._sessions))
+                    kv_blocks_held=len(self._dev_blocks), sessions=len(self._sessions),
+                    bytes_device_kv=len(self._dev_blocks) * self.copier.kv_block_bytes,  # of bytes_device: in the pool
+                    bytes_index=self._index_tokens * INDEX_BYTES_PER_TOKEN,
+                    index_nodes=sum(t.nodes for t in self._tries.values()))
+
+    def seen_before(self, ids, points, namespace: str = DEFAULT_NAMESPACE) -> list[int]:
+        """Those of `points` (prompt positions) whose prefix ids[:p] was asked about before; the others are
+        remembered (SEEN_MAX hashes, LRU). An interval snapshot is taken the second time a prefix comes."""
+        out = []
+        for p in sorted(points):
+            key = hash((namespace, tuple(ids[:p])))
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                out.append(p)
+            else:
+                self._seen[key] = None
+                if len(self._seen) > SEEN_MAX:
+                    self._seen.popitem(last=False)
+        return out
 
     # ---- admission (the scheduler's hook) ---------------------------------------------------------
     def admit(self, prompt_ids, reserve_tokens: int, namespace: str = DEFAULT_NAMESPACE) -> tuple[int, int] | None:
@@ -123,6 +154,7 @@ class PrefixCache:
             self._drop(hit, evicted=True)
             return self.admit(prompt_ids, reserve_tokens, namespace)
         self.lru.move_to_end(id(hit))
+        hit.hits += 1
         self.counters["hits"] += 1
         self.counters["hits_host"] += hit.tier == HOST
         self.counters["tokens_reused"] += n
@@ -130,11 +162,11 @@ class PrefixCache:
 
     # ---- taking snapshots (the engine's hooks) ------------------------------------------------------
     def take(self, slot: int, ids, session: str | None = None, conversation=None,
-             supersedes=None, namespace: str = DEFAULT_NAMESPACE) -> Snapshot | None:
+             supersedes=None, namespace: str = DEFAULT_NAMESPACE, boundary: bool = False) -> Snapshot | None:
         """Snapshot the slot's state after exactly `ids` (its first len(ids) KV positions). With `session`,
         pin it for that session (replacing the session's previous pin) and remember `conversation`.
         `supersedes`: the ids of this sequence's earlier (prompt-end) snapshot, which the new one extends:
-        it becomes the least recently used, first to leave the device."""
+        it becomes the least recently used, first to leave the device. `boundary`: taken mid-prompt (counted)."""
         ids = tuple(ids)
         if not ids:
             return None
@@ -152,7 +184,9 @@ class PrefixCache:
             trie.put(snap)
             self.lru[id(snap)] = snap
             self._dev_count += 1
+            self._index_tokens += len(ids)
             self.counters["snapshots_taken"] += 1
+            self.counters["snapshots_boundary"] += boundary
         self.lru.move_to_end(id(snap))
         if session is not None:
             self.pin_session(session, snap, tuple(conversation) if conversation is not None else ids)
@@ -218,12 +252,14 @@ class PrefixCache:
             self._host_used -= snap.nbytes
         trie = self._tries[snap.namespace]
         trie.remove(snap.ids)
+        self._index_tokens -= len(snap.ids)
         if snap.namespace != DEFAULT_NAMESPACE and not trie.root.children:
             del self._tries[snap.namespace]  # its last snapshot
         del self.lru[id(snap)]
         snap.data = None
         if evicted:
             self.counters["evictions"] += 1
+            self.counters["evictions_unused"] += not snap.hits
 
     def clear(self) -> int:
         """Drop every unpinned snapshot (not counted as evictions); returns how many."""

@@ -3,7 +3,9 @@ calls at a sequence's moments) and the session API over its pins (PrefixSessions
 
 A snapshot holds exactly the tokens folded into the slot's state, so it is taken after the step that fed
 them and before the slot is freed:
-  prefilled  the prompt was just fully fed: snapshot the prompt (a later prompt that extends it resumes there).
+  prefilled  the prompt was just fully fed: snapshot the prompt (a later prompt that extends it resumes there);
+             or a prefill chunk just ended at one of its boundaries (a chat prompt's system part, an interval):
+             snapshot the prompt up to there (a later prompt sharing that part resumes there).
   finished   a clean end (EOS, stop, length) with the slot still held: snapshot prompt + output (all but the
              last token, which never went through the network), then the slot may be freed. On an asynchronous
              device a stop string is found while the sequence's next step already runs (launched): that step
@@ -38,12 +40,17 @@ class PrefixHooks:
             self._inflight = {id(s) for s in seqs}
 
     def prefilled(self, seqs: list[Sequence]) -> None:
-        """After a step's postprocess: snapshot each prompt that was just fully prefilled."""
+        """After a step's postprocess: snapshot each prompt that was just fully prefilled, or prefilled up to one
+        of its boundaries (Sequence.boundaries: the end of a chat prompt's system part, an interval)."""
         if self.cache is None:
             return
         for s in seqs:
-            if s.num_computed == s.prompt_len and not s.cancelled and s.slot is not None:
+            if s.cancelled or s.slot is None:
+                continue
+            if s.num_computed == s.prompt_len:
                 self._take(s, final=False)
+            elif s.num_computed in s.boundaries:  # a prefill chunk ended at a snapshot boundary (the scheduler)
+                self._take(s, final=False, boundary=True)
 
     def finished(self, seq: Sequence, reason: FinishReason) -> bool:
         """A sequence ended: True when its slot may be freed now (after the snapshot of a clean end), False when
@@ -65,14 +72,14 @@ class PrefixHooks:
                 self._take(seq, final=True, ahead=seq.scheduled_tokens)
         return late
 
-    def _take(self, seq: Sequence, final: bool, ahead: int = 0) -> None:
+    def _take(self, seq: Sequence, final: bool, ahead: int = 0, boundary: bool = False) -> None:
         # The state holds num_computed tokens: the prompt (final=False, right after its last prefill chunk) or
         # prompt + all output but the last token; `ahead` more once a collected step fed them (settled).
         try:
             ids = seq.ids
             sid = seq.request.session_id if final else None
             self.cache.take(seq.slot, ids[: seq.num_computed + ahead], sid, ids,
-                            supersedes=seq.prompt_ids if final else None, namespace=seq.namespace)
+                            supersedes=seq.prompt_ids if final else None, namespace=seq.namespace, boundary=boundary)
         except Exception:  # a snapshot is an optimisation: never fail the request for it
             log.exception("prefix cache: snapshot of sequence %d failed", seq.seq_id)
 

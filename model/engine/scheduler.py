@@ -7,7 +7,9 @@ Each step:
   3. give every running decoding sequence its one token (least recently served first),
   4. fill the rest of `max_step_tokens` with prefill chunks of at most `prefill_chunk_tokens`,
      oldest sequence first, so a long prompt is spread over many steps while the decodes of
-     the others keep flowing every step. With EngineConfig.prefill_time_share > 0 (off by default), while
+     the others keep flowing every step; a chunk ends exactly at the sequence's next snapshot boundary
+     (Sequence.boundaries: where a chat prompt's system part ends, or an interval of a raw prompt whose prefix
+     was seen before), where the prefix hooks save its state. With EngineConfig.prefill_time_share > 0 (off by default), while
      sequences are decoding the prefill tokens of a step are also bounded by time (StepCost: recent
      measured step times, fed back by the engine), so a step with prefill takes at most about
      (1 + share) x a decode-only step. With nothing decoding, prefill takes the whole token budget.
@@ -130,6 +132,9 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 seq.slot, seq.num_computed = got
+                if seq.interval_points:  # those of its raw prompt's interval points whose prefix was seen before
+                    seen = self.prefix.seen_before(seq.prompt_ids, seq.interval_points, seq.namespace)
+                    seq.boundaries = tuple(sorted({*seq.boundaries, *seen}))
                 seq.cached_tokens = seq.num_computed
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
@@ -171,6 +176,9 @@ class Scheduler:
             if not seq.is_prefilling:
                 continue
             n = min(seq.prompt_len - seq.num_computed, self.config.prefill_chunk_tokens, budget)
+            stop = seq.next_boundary() if self.prefix is not None else None  # [prefix cache] ends at a boundary
+            if stop is not None:
+                n = min(n, stop - seq.num_computed)
             end = seq.num_computed + n
             ids = tuple(seq.prompt_ids[seq.num_computed : end])
             # A sequence's first chunk starts from a zeroed state; later ones continue from the slot's.
@@ -209,7 +217,7 @@ class Scheduler:
             if tok is not None:
                 seq.output_ids.append(tok)
         sampled = [s for s, tok in zip(seqs, new_tokens, strict=True) if tok is not None]
-        self.hooks.prefilled(sampled)
+        self.hooks.prefilled(seqs)
         for seq in sampled:
             if seq.status == SeqStatus.RUNNING:  # not one that ended while its step ran
                 seq.finish_reason = finish_rule(seq, self.eos_token_id, self.config.max_total_tokens)

@@ -22,7 +22,8 @@ _ids = itertools.count()
 
 class Sequence:
     def __init__(self, request: GenerationRequest, max_new_tokens: int | None = None,
-                 namespace: str = DEFAULT_NAMESPACE) -> None:
+                 namespace: str = DEFAULT_NAMESPACE, boundaries: tuple[int, ...] = (),
+                 interval_points: frozenset[int] = frozenset()) -> None:
         self.seq_id = next(_ids)
         self.request = request
         self.prompt_ids: list[int] = list(request.prompt_ids)
@@ -32,6 +33,10 @@ class Sequence:
         # The prefix cache's key space (model/engine/prefix_cache.py): snapshots are resumed only within it. Every request
         # has the default today; a LoRA adapter's id goes here (state under other weights is other state).
         self.namespace = namespace
+        # Prompt positions a prefill chunk ends at, so the state there can be snapshotted (sorted, 0 < p < prompt_len;
+        # snapshot_points below); at admission the scheduler adds those interval_points whose prefix was seen before.
+        self.boundaries = boundaries
+        self.interval_points = interval_points
         self.slot: int | None = None
         self.num_computed = 0  # tokens already folded into the slot's state (= KV length)
         self.status = SeqStatus.WAITING
@@ -63,6 +68,10 @@ class Sequence:
     def is_prefilling(self) -> bool:
         return self.num_computed < self.prompt_len
 
+    def next_boundary(self) -> int | None:
+        """The first snapshot boundary past the tokens already computed (None: none left)."""
+        return next((p for p in self.boundaries if p > self.num_computed), None)
+
     def __repr__(self) -> str:
         return (
             f"Sequence(id={self.seq_id}, slot={self.slot}, status={self.status.value}, "
@@ -87,4 +96,19 @@ def checked(request: GenerationRequest, config: EngineConfig, max_tokens_per_seq
         raise InvalidRequest(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
     if min(ids) < 0 or max(ids) >= vocab_size:
         raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size})")
-    return Sequence(request, max_new_tokens=min(p.max_new_tokens, budget - n))
+    return Sequence(request, max_new_tokens=min(p.max_new_tokens, budget - n), **snapshot_points(request, config))
+
+
+def snapshot_points(request: GenerationRequest, config: EngineConfig) -> dict:
+    """Where the prefill of this prompt stops for a snapshot, besides its end: the request's structural boundaries
+    (GenerationRequest.snapshot_at) at least config.snapshot_boundary_tokens in; for a raw prompt (snapshot_at None)
+    candidates every config.snapshot_interval_tokens (interval_points: kept at admission only for a prefix seen
+    before, PrefixCache.seen_before, so one-off prompts leave no snapshots but their own)."""
+    n = len(request.prompt_ids)
+    if not config.prefix_cache:
+        return {}
+    if request.snapshot_at is not None:
+        points = {p for p in request.snapshot_at if config.snapshot_boundary_tokens <= p < n and p > 0}
+        return dict(boundaries=tuple(sorted(points)))
+    step = config.snapshot_interval_tokens
+    return dict(interval_points=frozenset(range(step, n, step))) if step > 0 else {}
