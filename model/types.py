@@ -202,6 +202,10 @@ class EngineConfig:
     prefix_cache: bool = True  # resume prompts from state snapshots (model/engine/prefix_cache.py)
     snapshot_device_share: float = 0.25  # device tier: this share of the state pool's bytes (KV + slots)
     snapshot_host_bytes: int = 2 << 30  # host tier (pinned on CUDA) in bytes; 0 = no host tier
+    # disk tier (model/runtime/disk_tier.py): files under this directory within this many bytes; 0 = none (the
+    # engine's default; the server's is on: serve/env_vars.py)
+    snapshot_disk_dir: str = ""
+    snapshot_disk_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -229,6 +233,8 @@ class EngineConfig:
             raise ValueError(f"snapshot_device_share must be in [0, 1], got {self.snapshot_device_share}")
         if self.snapshot_host_bytes < 0:
             raise ValueError(f"snapshot_host_bytes must be >= 0, got {self.snapshot_host_bytes}")
+        if self.snapshot_disk_bytes < 0:
+            raise ValueError(f"snapshot_disk_bytes must be >= 0, got {self.snapshot_disk_bytes}")
 
 
 class ChunkKind(str, Enum):
@@ -368,12 +374,35 @@ class Copier(Protocol):
 
     state_bytes: int  # one snapshot's Mamba state (conv + SSM, all layers)
     kv_block_bytes: int  # one KV block, all attention layers, K and V
+    layout: str  # dtypes and shapes of a host buffer's parts: part of a disk file's identity
 
     def save(self, slot: int) -> object: ...  # the slot's Mamba state, copied on the device
     def to_host(self, saved: object, blocks: list[int], n_tokens: int) -> object: ...  # one host buffer
     def host_bytes(self, n_tokens: int) -> int: ...
     def restore_device(self, saved: object, slot: int, src: list[int], dst: list[int], n_tokens: int) -> None: ...
     def restore_host(self, packed: object, slot: int, dst: list[int], n_tokens: int) -> None: ...
+    # the disk tier's side: a host buffer as host_bytes(n) bytes (may wait for its device copy: called off the
+    # engine loop, by the disk tier's writer) and back
+    def to_bytes(self, packed: object) -> memoryview: ...
+    def from_bytes(self, data: memoryview, n_tokens: int) -> object: ...
+
+
+class SnapshotStore(Protocol):
+    """The prefix cache's disk tier (model/runtime/disk_tier.py DiskTier): snapshot files and session pins, checked
+    on read. The cache decides what goes there and accounts the bytes (file_size) before each write."""
+
+    budget: int  # bytes of files
+
+    def file_size(self, namespace: str, ids: Sequence[int], payload_len: int) -> int: ...
+    def write(self, namespace: str, ids: Sequence[int], packed: object, payload_len: int) -> str | None: ...
+    def read(self, key: str, namespace: str, ids: Sequence[int]) -> memoryview | None: ...  # None: gone/discarded
+    def delete(self, key: str) -> None: ...
+    def write_pin(self, session: str, key: str, conversation: Sequence[int]) -> None: ...
+    def delete_pin(self, session: str) -> None: ...
+    def wait_pin(self, session: str, timeout: float) -> bool: ...
+    def flush(self, timeout: float) -> bool: ...  # every queued write done
+    def scan(self) -> tuple[list, dict]: ...  # (valid files, oldest first; {session: (key, conversation)})
+    def stats(self) -> dict: ...
 
 
 class Runner(Protocol):

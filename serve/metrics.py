@@ -35,8 +35,13 @@ GAUGES = {"queue_depth": "waiting", "running_sequences": "running", "free_slots"
           "total_slots": "total_slots"}  # metric -> engine.stats() key
 ENGINE_COUNTERS = ("prompt_tokens_total", "generated_tokens_total", "requests_total", "step_errors_total")
 # engine.stats()["prefix_cache"] (model/engine/prefix_cache.py): counters, gauges, and bytes per tier
-PREFIX_COUNTERS = ("hits", "hits_host", "misses", "evictions", "demotions", "tokens_reused", "snapshots_taken")
-PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "kv_blocks_held", "sessions")
+PREFIX_COUNTERS = ("hits", "hits_host", "misses", "evictions", "demotions", "tokens_reused", "snapshots_taken",
+                   "hits_disk", "spills", "sessions_not_persisted", "disk_writes", "disk_write_errors",
+                   "disk_writes_refused", "disk_reads", "disk_bytes_written", "disk_bytes_read", "disk_write_seconds",
+                   "disk_read_seconds", "disk_discarded", "disk_discarded_truncated", "disk_discarded_corrupt",
+                   "disk_discarded_foreign")  # disk_*: model/runtime/disk_tier.py
+PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "snapshots_disk", "kv_blocks_held", "sessions")
+TIERS = ("device", "host", "disk")
 
 
 class Metrics:
@@ -99,7 +104,7 @@ class Metrics:
             counts.update({f"prefix:{k}": pc[k] for k in PREFIX_COUNTERS if k in pc})
             for k in PREFIX_GAUGES:
                 self.prefix_gauges[k].set(pc.get(k, 0))
-            for tier in ("device", "host"):
+            for tier in TIERS:
                 self.prefix_bytes.labels(tier=tier).set(pc.get(f"bytes_{tier}", 0))
             counts.update({f"finished:{r}": n for r, n in (s.get("finished_total") or {}).items()})
             for key, value in counts.items():

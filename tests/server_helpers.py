@@ -30,6 +30,8 @@ class ServerProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MAX_", "MODEL_"))}
         full_env.update(env)
         full_env.setdefault("DEVICE", "cpu")
+        if "SNAPSHOT_DISK_DIR" not in env:  # its own disk tier (a restart of this server finds it again)
+            full_env["SNAPSHOT_DISK_DIR"] = str(log_path.parent / f"snapshots-{self.port}")
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
