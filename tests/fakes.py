@@ -286,6 +286,7 @@ def check_pools_and_shut_down(engines: list[Engine]) -> None:
             pc = stats.get("prefix_cache")
             if pc is not None:
                 assert pc["bytes_device"] == 0 and pc["bytes_host"] == 0 and pc["kv_blocks_held"] == 0
+                assert pc["bytes_disk"] == 0, "snapshot files left (a session not released?)"
     finally:
         for eng in engines:
             eng.shutdown(5)

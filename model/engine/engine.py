@@ -117,7 +117,7 @@ class Engine:
             self._cv.notify_all()
         if self._loop_thread is not None:
             self._loop_thread.join(max(1.0, deadline - time.monotonic()))
-        self.sessions.flush(max(1.0, deadline - time.monotonic()))  # queued disk-tier writes (sessions)
+        self.sessions.close(max(1.0, deadline - time.monotonic()))  # queued disk-tier writes (sessions)
         if self.scheduler is not None:
             with self._cv:
                 left = self.scheduler.abort_all()

@@ -183,6 +183,8 @@ class PrefixCache:
         self.lru.move_to_end(id(snap))
         if session is not None:
             self.pin_session(session, snap, tuple(conversation) if conversation is not None else ids)
+            if older is not None and older.disk is None and self.store is not None and id(older) in self.lru:
+                self._spill_copy(older)  # a chat turn re-renders the answer: the next resumes at this prompt's end
         self._fit()
         return snap if id(snap) in self.lru else None
 

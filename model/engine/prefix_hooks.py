@@ -97,10 +97,15 @@ class PrefixSessions:
             log.warning("session %s: its state is not on disk yet after %.0f s", session_id, PERSIST_WAIT_S)
         return conv
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until the disk tier's queued writes are done (a graceful shutdown keeps its sessions)."""
+    def close(self, timeout: float) -> bool:
+        """At shutdown: wait until the disk tier's queued writes are done (a graceful shutdown keeps its sessions),
+        then stop its writer. False when writes were still queued at the deadline."""
         store = self.cache.store if self.cache is not None else None
-        return store is None or store.flush(timeout)
+        if store is None:
+            return True
+        done = store.flush(timeout)
+        store.close()
+        return done
 
     def release(self, session_id: str) -> bool:
         """Unpin the session's snapshot (it stays cached, evictable). False for an unknown session."""

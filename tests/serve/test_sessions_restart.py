@@ -1,0 +1,109 @@
+"""Sessions outlive their worker, through real gunicorn: `kill -9` the worker in the middle of a 5-turn session,
+gunicorn starts a new one (same index, same disk tier folder), and the next turns, each sending only its new
+message, answer exactly what an uninterrupted session answered, resumed from the state saved on disk (cached
+tokens, no memory survived the kill). A session closed before the kill stays closed, an expired one stays
+expired, and the snapshot files stay within SNAPSHOT_DISK_BYTES."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.server_helpers import ServerProcess
+
+pytestmark = pytest.mark.slow  # a server start and a worker restart: ~30-90 s on 2 cores
+SID = "X-Amzn-SageMaker-Session-Id"
+TTL = 60  # longer than a worker restart takes here (~10-30 s), short enough for one session to expire
+DISK_BYTES = 48 << 20
+
+
+def _workers(master: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
+
+
+def _metric(srv, name: str) -> float:
+    for line in requests.get(srv.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _post(srv, body, sid):
+    return requests.post(srv.url + "/invocations", json=body, headers={SID: sid, "Connection": "close"}, timeout=120)
+
+
+def _open(srv) -> str:
+    r = _post(srv, {"requestType": "NEW_SESSION"}, "NEW_SESSION")
+    assert r.status_code == 200, r.text
+    return r.headers["X-Amzn-SageMaker-New-Session-Id"].split(";")[0]
+
+
+def _turn(srv, sid, k):
+    r = _post(srv, {"messages": [{"role": "user", "content": f"turn {k}: and then what happened?"}],
+                    "max_tokens": 6, "temperature": 0}, sid)
+    assert r.status_code == 200, (r.status_code, r.text)
+    body = r.json()
+    return (body["choices"][0]["message"]["content"], body["usage"]["prompt_tokens"],
+            body["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0))
+
+
+def test_sessions_survive_a_killed_worker(tiny_ckpt, tmp_path):
+    folder = tmp_path / "snapshots"
+    env = {"MODEL_DIR": str(tiny_ckpt), "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "MAX_CONCURRENT_SEQS": "4",
+           "MAX_TOTAL_TOKENS": "2048", "SESSION_TTL": str(TTL), "SNAPSHOT_DISK_DIR": str(folder),
+           "SNAPSHOT_DISK_BYTES": str(DISK_BYTES), "SNAPSHOT_HOST_BYTES": "0"}  # host overflow goes to disk too
+    srv = ServerProcess(env, tmp_path / "server.log")
+    try:
+        srv.wait_ready(240)
+        idle = _open(srv)  # left idle: expires before the kill
+        t_idle = time.monotonic()
+        closed = _open(srv)
+        assert _turn(srv, closed, 0)[0] is not None
+        assert _post(srv, {"requestType": "CLOSE"}, closed).status_code == 200
+        ref_sid = _open(srv)
+        reference = [_turn(srv, ref_sid, k) for k in range(5)]  # the uninterrupted run
+        time.sleep(max(0.0, t_idle + TTL + 1 - time.monotonic()))
+        r = _post(srv, {"inputs": "hello"}, idle)
+        assert r.status_code == 410 and "expired" in r.json()["error"], r.text
+        assert _turn(srv, ref_sid, 5)[2] > 0  # keeps the reference session from expiring meanwhile
+        sid = _open(srv)
+        got = [_turn(srv, sid, k) for k in range(2)]
+
+        (old,) = _workers(srv.proc.pid)
+        os.kill(old, signal.SIGKILL)  # mid-session: turns 0-1 done, 2-4 to come
+        t_kill = time.monotonic()
+        deadline = time.monotonic() + 240
+        while True:
+            assert time.monotonic() < deadline, srv.log()
+            new = _workers(srv.proc.pid) - {old}
+            if new:
+                try:
+                    if requests.get(srv.url + "/ping", timeout=5).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+            time.sleep(0.5)
+        assert time.monotonic() - t_kill < TTL - 5, "the restart took longer than the sessions' TTL"
+
+        got += [_turn(srv, sid, k) for k in range(2, 5)]
+        assert [g[:2] for g in got] == [r[:2] for r in reference], (got, reference)  # same answers, same prompts
+        assert got[2][2] > 0, ("the first turn after the restart resumed from the saved state", got, reference)
+        assert _metric(srv, "granite_prefix_cache_hits_disk_total") >= 1
+        r = _post(srv, {"messages": [{"role": "user", "content": "still there?"}]}, closed)
+        assert r.status_code == 410 and "closed" in r.json()["error"], r.text
+        r = _post(srv, {"messages": [{"role": "user", "content": "still there?"}]}, idle)
+        assert r.status_code == 410 and "expired" in r.json()["error"], r.text
+        assert _turn(srv, ref_sid, 6)[2] > 0  # the other session lives on too
+        for s in (sid, ref_sid):
+            assert _post(srv, {"requestType": "CLOSE"}, s).status_code == 200
+        on_disk = sum(f.stat().st_size for f in folder.rglob("*.snap"))
+        assert 0 < on_disk <= DISK_BYTES
+        assert not list(folder.rglob("pins/*.json"))  # every session closed: no pin left
+        assert _metric(srv, "granite_prefix_cache_bytes{tier=\"disk\"}") <= DISK_BYTES
+    finally:
+        srv.stop()
