@@ -41,11 +41,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.engine.prefix_disk import DEVICE, DISK, HOST, DiskTierPolicy
 from model.engine.token_trie import TokenTrie
 from model.runtime.blocks import SlotAllocator, blocks_needed
 from model.types import Copier, EngineConfig, Runner, SnapshotStore
 
-DEVICE, HOST, DISK = "device", "host", "disk"
 DEFAULT_NAMESPACE = ""  # the key space of requests on the base weights (no adapter)
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Snapshot:
     disk_bytes: int = 0
 
 
-class PrefixCache:
+class PrefixCache(DiskTierPolicy):
     def __init__(self, allocator: SlotAllocator, copier: Copier, device_bytes: int, host_bytes: int,
                  store: SnapshotStore | None = None) -> None:
         self.allocator, self.copier, self.store = allocator, copier, store
@@ -239,59 +239,7 @@ class PrefixCache:
         self.allocator.release(snap.blocks)
         snap.blocks = ()
 
-    # ---- the disk tier ----------------------------------------------------------------------------
-    def _spill(self, snap: Snapshot) -> None:
-        """Out of memory (device or host) to the disk tier; dropped when there is none or it cannot take it."""
-        if snap.disk is None:
-            try:
-                packed = snap.data if snap.tier == HOST else self.copier.to_host(snap.data, list(snap.blocks),
-                                                                                 len(snap.ids))
-            except Exception:
-                log.exception("prefix cache: staging a snapshot of %d tokens for disk failed", len(snap.ids))
-                packed = None
-            if packed is None or not self._to_disk(snap, packed):
-                self._drop(snap, evicted=True)
-                return
-        self._leave_memory(snap)
-        snap.tier, snap.data = DISK, None
-        self.counters["spills"] += 1
-
-    def _leave_memory(self, snap: Snapshot) -> None:
-        if snap.tier == DEVICE:
-            self._release_blocks(snap)
-            self._dev_count -= 1
-        elif snap.tier == HOST:
-            self._host_used -= snap.nbytes
-            snap.nbytes = 0
-
-    def _to_disk(self, snap: Snapshot, packed) -> bool:
-        """Queue the snapshot's file within the disk budget (older unpinned files deleted for room)."""
-        if self.store is None:
-            return False
-        n = len(snap.ids)
-        size = self.store.file_size(snap.namespace, snap.ids, self.copier.host_bytes(n))
-        if size > self.disk_budget:
-            return False
-        while self._disk_used + size > self.disk_budget:
-            victim = next((s for s in self.lru.values() if s.disk and not s.pins and s is not snap), None)
-            if victim is None:
-                return False
-            self._forget_file(victim)
-            if victim.tier == DISK:
-                self._drop(victim, evicted=True)
-        key = self.store.write(snap.namespace, snap.ids, packed, self.copier.host_bytes(n))
-        if key is None:
-            return False
-        snap.disk, snap.disk_bytes = key, size
-        self._disk_used += size
-        return True
-
-    def _forget_file(self, snap: Snapshot) -> None:
-        if snap.disk is not None:
-            self.store.delete(snap.disk)
-            self._disk_used -= snap.disk_bytes
-            snap.disk, snap.disk_bytes = None, 0
-
+    # ---- the disk tier (the rest of its policy: model/engine/prefix_disk.py) ---------------------------
     def load_disk(self) -> int:
         """At start: index the disk tier's files of this model (least recently written first) and re-pin the
         sessions found there; returns how many snapshots."""
@@ -346,25 +294,7 @@ class PrefixCache:
         if old is not None and old[0] is not snap:
             old[0].pins.discard(session)
         if persist and self.store is not None:  # write-through: the session outlives this worker
-            if snap.disk is None and (snap.tier == DISK or not self._spill_copy(snap)):
-                self.counters["sessions_not_persisted"] += 1
-                self.store.delete_pin(session)
-                return
-            self.store.write_pin(session, snap.disk, conversation)
-
-    def _spill_copy(self, snap: Snapshot) -> bool:
-        """A disk copy of a snapshot that stays in memory."""
-        try:
-            packed = snap.data if snap.tier == HOST else self.copier.to_host(snap.data, list(snap.blocks),
-                                                                             len(snap.ids))
-        except Exception:
-            log.exception("prefix cache: staging a session snapshot for disk failed")
-            return False
-        return self._to_disk(snap, packed)
-
-    def wait_persisted(self, session: str, timeout: float) -> bool:
-        """Wait (without the engine's lock) until the session's pin and snapshot are on disk."""
-        return self.store is None or self.store.wait_pin(session, timeout)
+            self._persist_pin(session, snap, conversation)
 
     def release_session(self, session: str) -> bool:
         """Unpin the session's snapshot (it stays cached, evictable); False for an unknown session."""
