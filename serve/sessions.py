@@ -127,6 +127,11 @@ class SessionTable:
             self._store.save({"id": s.id, "expires_at": s.expires_at, "ids": list(s.ids), "messages": s.messages,
                               "turns": s.turns})
 
+    @property
+    def durable(self) -> bool:
+        """Sessions outlive this worker (kept on disk)."""
+        return self._store is not None
+
     def ended_ids(self) -> list[str]:
         """Ids of the sessions known to have ended (closed or expired), the newest last."""
         with self._lock:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from model.runtime.blocks import SlotAllocator
-from model.types import Allocator, Copier, Detokenizer, EngineConfig, Runner, Tokenizer
+from model.types import Allocator, Copier, Detokenizer, EngineConfig, Runner, SnapshotStore, Tokenizer
 from tests import fakes
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -104,6 +104,14 @@ def test_the_real_runner_and_tokenizer_implement_their_seams(tiny_ckpt):
     tok = RealTokenizer.from_dir(tiny_ckpt)
     assert drift(Runner, runner) + drift(Tokenizer, tok) + drift(Detokenizer, tok.detokenizer()) == []
     assert drift(Allocator, SlotAllocator(2, 8, 4)) == []
+
+
+def test_the_disk_tier_implements_its_seam(tmp_path):
+    from model.runtime.disk_tier import DiskTier
+
+    tier = DiskTier(tmp_path, "identity", 1 << 20, bytes)
+    assert drift(SnapshotStore, tier) == []
+    tier.close()
 
 
 def test_the_fakes_implement_the_same_seams():
