@@ -21,9 +21,10 @@ sequence needs KV blocks that snapshots hold, they move to the host tier (or are
 
 Sessions: a snapshot pinned for a session (pin_session) is never dropped while pinned; it may still move
 to the host tier (which may then exceed its budget: the server bounds sessions in number). With a disk tier it is
-also written through to disk with the session's pin (its conversation), so a restarted engine on the same
-directory finds the session again (load_disk); pinned files are never evicted, they count in the disk budget
-(a pin that does not fit is not persisted, counted `sessions_not_persisted`). Releasing the session deletes them.
+written through to disk with the session's pin (its conversation), so a restarted engine on the same directory
+finds the session again (load_disk), and having a file it leaves memory like any other snapshot (no budget
+exceeded). Pinned files are never evicted and count in the disk budget (a pin that does not fit is not persisted,
+counted `sessions_not_persisted`). Releasing the session deletes them.
 
 Namespaces: a snapshot is only ever resumed by a sequence of its own namespace (each has its own trie). Today's
 requests all have DEFAULT_NAMESPACE; a LoRA adapter's id goes there, since state computed under other weights is
@@ -202,7 +203,9 @@ class PrefixCache(DiskTierPolicy):
             self._spill(victim)
 
     def _host_victim(self, protect: Snapshot | None = None) -> Snapshot | None:
-        return next((s for s in self.lru.values() if s.tier == HOST and not s.pins and s is not protect), None)
+        # a pinned snapshot may leave memory once it has a file (a session's, written through)
+        return next((s for s in self.lru.values()
+                     if s.tier == HOST and (not s.pins or s.disk) and s is not protect), None)
 
     def _demote(self, snap: Snapshot, protect: Snapshot | None = None) -> None:
         """Device -> host (one packed buffer), or dropped when the host tier cannot take it. `protect`: a
@@ -214,7 +217,7 @@ class PrefixCache(DiskTierPolicy):
             if victim is None:
                 break
             self._spill(victim)
-        if self._host_used + size > self.host_budget and not snap.pins:
+        if self._host_used + size > self.host_budget and (not snap.pins or snap.disk):
             self._spill(snap)
             return
         try:

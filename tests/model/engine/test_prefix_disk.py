@@ -166,3 +166,33 @@ def test_no_disk_tier_means_host_overflow_is_dropped(tmp_path):
     st = cache.stats()
     assert st["spills"] == 0 and st["snapshots_disk"] == 0 and st["evictions"] > 0
     assert {s.tier for s in cache.lru.values()} == {HOST}
+
+
+def test_pinned_sessions_with_a_file_leave_memory_within_the_host_budget(tmp_path):
+    alloc, cop, cache = make(tmp_path, disk=100_000, host=300, device=0)
+    convs = {f"s{i}": prompt(50 + i, 9) for i in range(5)}
+    for sid, p in convs.items():
+        run(alloc, cop, cache, p, new=[3, 4], session=sid)
+    st = cache.stats()
+    assert st["bytes_host"] <= 300 and st["sessions"] == 5 and st["sessions_not_persisted"] == 0
+    assert sum(s.tier == DISK for s, _ in cache._sessions.values()) >= 4  # pinned, on disk, not in memory
+    for sid, p in convs.items():  # each session resumes from its own state (run checks the values)
+        assert run(alloc, cop, cache, [*p, 3, 4, 9], new=[1], session=sid) == len(p) + 1
+    for sid in convs:
+        assert cache.release_session(sid)
+    cache.clear()
+    cache.store.flush()
+    assert files(tmp_path) == {} and not list((tmp_path / "pins").iterdir())
+
+
+def test_a_pin_that_does_not_fit_is_not_persisted_and_counted(tmp_path):
+    alloc, cop, cache = make(tmp_path, disk=500, host=10_000, device=10_000)  # one pinned file (~340 bytes)
+    run(alloc, cop, cache, prompt(1, 9), new=[3, 4], session="a")
+    run(alloc, cop, cache, prompt(2, 9), new=[3, 4], session="b")
+    st = cache.stats()
+    assert st["sessions_not_persisted"] == 1 and st["bytes_disk"] <= 500
+    cache.store.flush()
+    assert sorted(p.name for p in (tmp_path / "pins").iterdir()) == ["a.json"]
+    assert sum(files(tmp_path).values()) <= 500
+    for sid in ("a", "b"):
+        cache.release_session(sid)
