@@ -249,11 +249,16 @@ class PrefixCache(DiskTierPolicy):
         if self.store is None:
             return 0
         entries, pins = self.store.scan()
+        pinned, room, keep = {key for key, _ in pins.values()}, self.disk_budget, set()
+        for e in sorted(entries, key=lambda e: (e.key not in pinned, -e.mtime)):  # pinned, then the newest
+            if e.size <= room:
+                room -= e.size
+                keep.add(e.key)
         for e in entries:
-            trie = self._tries.setdefault(e.namespace, TokenTrie())
-            if trie.get(e.ids) is not None or self._disk_used + e.size > self.disk_budget:
-                self.store.delete(e.key)  # over a (lowered) budget: the oldest stay
+            if e.key not in keep:
+                self.store.delete(e.key)  # over a (lowered) budget
                 continue
+            trie = self._tries.setdefault(e.namespace, TokenTrie())
             snap = Snapshot(e.ids, DISK, None, namespace=e.namespace, disk=e.key, disk_bytes=e.size)
             trie.put(snap)
             self.lru[id(snap)] = snap
@@ -264,7 +269,7 @@ class PrefixCache(DiskTierPolicy):
                 self.pin_session(session, by_key[key], conversation, persist=False)
             else:
                 self.store.delete_pin(session)
-        return len(entries)
+        return len(self.lru)
 
     def _drop(self, snap: Snapshot, evicted: bool) -> None:
         self._forget_file(snap)

@@ -218,8 +218,9 @@ class DiskTier:
         The view is valid until the next read (one reader: the engine loop, which restores it at once)."""
         with self._cv:
             job = self._pending.get(key)
-        if job is not None and job.packed is not None:
-            return self._to_bytes(job.packed)  # still queued: its bytes are in memory
+            packed = job.packed if job is not None else None
+        if packed is not None:
+            return self._to_bytes(packed)  # still queued: its bytes are in memory
         path = self._path(key)
         t0 = time.perf_counter()
         try:

@@ -2,7 +2,8 @@
 gunicorn starts a new one (same index, same disk tier folder), and the next turns, each sending only its new
 message, answer exactly what an uninterrupted session answered, resumed from the state saved on disk (cached
 tokens, no memory survived the kill). A session closed before the kill stays closed, an expired one stays
-expired, and the snapshot files stay within SNAPSHOT_DISK_BYTES."""
+expired. Then a truncated and a bit-flipped snapshot file are discarded (counted in /metrics) and the request
+falls back to a full prefill with Hugging Face's greedy tokens; the files stay within SNAPSHOT_DISK_BYTES."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def test_sessions_survive_a_killed_worker(tiny_ckpt, tmp_path):
     folder = tmp_path / "snapshots"
     env = {"MODEL_DIR": str(tiny_ckpt), "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "MAX_CONCURRENT_SEQS": "4",
            "MAX_TOTAL_TOKENS": "2048", "SESSION_TTL": str(TTL), "SNAPSHOT_DISK_DIR": str(folder),
-           "SNAPSHOT_DISK_BYTES": str(DISK_BYTES), "SNAPSHOT_HOST_BYTES": "0"}  # host overflow goes to disk too
+           "SNAPSHOT_DISK_BYTES": str(DISK_BYTES), "SNAPSHOT_HOST_BYTES": "0",
+           "SNAPSHOT_DEVICE_SHARE": "0"}  # nothing kept in memory: every snapshot goes to disk, every resume reads one
     srv = ServerProcess(env, tmp_path / "server.log")
     try:
         srv.wait_ready(240)
@@ -101,9 +103,51 @@ def test_sessions_survive_a_killed_worker(tiny_ckpt, tmp_path):
         assert _turn(srv, ref_sid, 6)[2] > 0  # the other session lives on too
         for s in (sid, ref_sid):
             assert _post(srv, {"requestType": "CLOSE"}, s).status_code == 200
+        _damaged_files_fall_back(srv, tiny_ckpt, folder)
         on_disk = sum(f.stat().st_size for f in folder.rglob("*.snap"))
         assert 0 < on_disk <= DISK_BYTES
         assert not list(folder.rglob("pins/*.json"))  # every session closed: no pin left
         assert _metric(srv, "granite_prefix_cache_bytes{tier=\"disk\"}") <= DISK_BYTES
     finally:
         srv.stop()
+
+
+def _tgi(srv, text):
+    r = srv.post("/invocations", {"inputs": text, "parameters": {"max_new_tokens": 5, "details": True}})
+    assert r.status_code == 200, r.text
+    d = r.json()[0]["details"]
+    return [t["id"] for t in d["tokens"]], d["cached_tokens"]
+
+
+def _damaged_files_fall_back(srv, ckpt, folder: Path):
+    import torch
+    from transformers import GraniteMoeHybridForCausalLM
+
+    from model.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(ckpt)
+    hf = GraniteMoeHybridForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    for kind in ("truncated", "corrupt"):
+        text = f"the disk tier keeps {kind} state. " + "A long enough prompt. " * 6
+        t0 = time.time()
+        _tgi(srv, text)  # leaves its prompt's and its end's snapshots on disk
+        deadline = time.monotonic() + 60
+        while len(new := [f for f in folder.rglob("*.snap") if f.stat().st_mtime >= t0 - 1]) < 2:
+            assert time.monotonic() < deadline, "the snapshots never reached the disk"
+            time.sleep(0.2)
+        before = _metric(srv, f"granite_prefix_cache_disk_discarded_{kind}_total")
+        for f in new:  # files appear whole (renamed): damage each the same way
+            data = f.read_bytes()
+            f.write_bytes(data[: len(data) // 2] if kind == "truncated" else
+                          data[:-40] + bytes([data[-40] ^ 1]) + data[-39:])
+        prompt = text + " And more."
+        ids, cached = _tgi(srv, prompt)
+        assert cached == 0  # nothing resumed from a damaged file: a full prefill
+        pids = tok.encode(prompt)
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([pids]), do_sample=False, max_new_tokens=5, min_new_tokens=5)
+        assert ids == want[0, len(pids):].tolist()
+        deadline = time.monotonic() + 10  # /metrics follows the engine's counters every second
+        while _metric(srv, f"granite_prefix_cache_disk_discarded_{kind}_total") < before + 1:
+            assert time.monotonic() < deadline, f"no {kind} file counted"
+            time.sleep(0.3)

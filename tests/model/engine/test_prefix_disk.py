@@ -196,3 +196,16 @@ def test_a_pin_that_does_not_fit_is_not_persisted_and_counted(tmp_path):
     assert sum(files(tmp_path).values()) <= 500
     for sid in ("a", "b"):
         cache.release_session(sid)
+
+
+def test_a_restart_with_a_lower_budget_keeps_the_pinned_files_first(tmp_path):
+    alloc, cop, cache = make(tmp_path, disk=100_000)
+    run(alloc, cop, cache, prompt(1, 9), new=[3, 4], session="a")
+    for i in range(8):
+        run(alloc, cop, cache, prompt(10 + i, 12), new=[1, 2])
+    cache.store.flush()
+    pinned = cache._sessions["a"][0].disk
+    _, _, small = make(tmp_path, disk=1_000)  # restarted with a lower budget
+    assert small.stats()["bytes_disk"] <= 1_000 and sum(files(tmp_path).values()) <= 1_000
+    assert small._sessions["a"][0].disk == pinned and (tmp_path / f"{pinned}.snap").exists()
+    assert len(small.lru) > 1  # the newest unpinned ones fill the rest
