@@ -16,8 +16,9 @@ Tiers (the tensor side, `Copier` in model/types.py, lives in model/runtime/snaps
 Budgets: device bytes = state copies + the distinct KV blocks device snapshots hold; host bytes = buffers; disk
 bytes = files, accounted before they are written. Over the device budget the least recently used snapshot moves
 to the host tier; over the host budget the least recently used one spills to disk; over the disk budget the least
-recently used file is deleted (an eviction). Without a disk tier, host overflow is evicted. Admission never waits for a snapshot: when a new
-sequence needs KV blocks that snapshots hold, they move to the host tier (or are dropped) first.
+recently used file is deleted (an eviction). Without a disk tier, host overflow is evicted. Admission never waits
+for a snapshot: when a new sequence needs KV blocks that snapshots hold, they move to the host tier (or are
+dropped) first.
 
 Sessions: a snapshot pinned for a session (pin_session) is never dropped while pinned; it may still move
 to the host tier (which may then exceed its budget: the server bounds sessions in number). With a disk tier it is
@@ -140,7 +141,6 @@ class PrefixCache(DiskTierPolicy):
                 data = self.store.read(hit.disk, hit.namespace, hit.ids)
                 if data is None:  # missing, or discarded by its checks (counted there): forget it
                     self.allocator.free(slot)
-                    hit.disk = None
                     self._drop(hit, evicted=False)
                     return self.admit(prompt_ids, reserve_tokens, namespace)
                 self.copier.restore_host(self.copier.from_bytes(data, n), slot, table, n)

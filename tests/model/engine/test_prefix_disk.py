@@ -111,6 +111,8 @@ def test_a_damaged_file_is_discarded_counted_and_the_prompt_falls_back(tmp_path,
         damage(f)
     assert run(alloc, cop, cache, p + [1, 2, 9, 4, 4]) == 0
     assert cache.stats()[f"disk_discarded_{why}"] >= 3
+    cache.store.flush()
+    assert sum(files(tmp_path).values()) == cache.stats()["bytes_disk"]  # discarded files left the accounting
 
 
 def test_a_foreign_file_is_never_loaded(tmp_path):
