@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -45,6 +46,7 @@ DIGEST = 32
 VERSION = 1
 MAX_PENDING_BYTES = 512 << 20
 _SUFFIX = ".snap"
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,199}$")
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,9 @@ class DiskTier:
         return self.dir / (key + _SUFFIX)
 
     def _pin_path(self, session: str) -> Path:
-        return self.dir / "pins" / (session + ".json")
+        # the session id as the name when it is a safe one (the server's are), else its digest (never a path)
+        name = session if _SAFE.match(session) else "h-" + hashlib.blake2b(session.encode(), digest_size=16).hexdigest()
+        return self.dir / "pins" / (name + ".json")
 
     # ---- writes (queued) --------------------------------------------------------------------------
     def write(self, namespace: str, ids, packed: object, payload_len: int) -> str | None:
@@ -122,7 +126,8 @@ class DiskTier:
         return key
 
     def write_pin(self, session: str, key: str, conversation) -> None:
-        text = json.dumps({"identity": self.identity, "key": key, "conversation": list(conversation)}).encode()
+        text = json.dumps({"identity": self.identity, "session": session, "key": key,
+                           "conversation": list(conversation)}).encode()
         with self._cv:
             self._enqueue(_Job("pin:" + session, self._pin_path(session), text))
 
@@ -311,7 +316,9 @@ class DiskTier:
                 obj = json.loads(path.read_bytes())
                 if obj["identity"] != self.identity:
                     raise ValueError("foreign")
-                pins[path.name[:-5]] = (str(obj["key"]), tuple(int(t) for t in obj["conversation"]))
+                if self._pin_path(obj["session"]) != path:
+                    raise ValueError("misnamed")
+                pins[obj["session"]] = (str(obj["key"]), tuple(int(t) for t in obj["conversation"]))
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)
         return entries, pins

@@ -211,3 +211,14 @@ def test_a_restart_with_a_lower_budget_keeps_the_pinned_files_first(tmp_path):
     assert small.stats()["bytes_disk"] <= 1_000 and sum(files(tmp_path).values()) <= 1_000
     assert small._sessions["a"][0].disk == pinned and (tmp_path / f"{pinned}.snap").exists()
     assert len(small.lru) > 1  # the newest unpinned ones fill the rest
+
+
+def test_any_session_id_makes_a_safe_pin_file(tmp_path):
+    alloc, cop, cache = make(tmp_path / "tier", host=10_000, device=10_000)
+    odd = "../../escape/ me"
+    run(alloc, cop, cache, prompt(3, 9), new=[3, 4], session=odd)
+    cache.store.flush()
+    assert not (tmp_path / "escape").exists() and len(list((tmp_path / "tier" / "pins").iterdir())) == 1
+    _, _, again = make(tmp_path / "tier")
+    assert again.conversation(odd) == (*prompt(3, 9), 3, 4)
+    assert again.release_session(odd) and not list((tmp_path / "tier" / "pins").iterdir())
