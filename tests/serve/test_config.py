@@ -233,3 +233,13 @@ def test_one_default_for_new_tokens():
     default = SamplingParams().max_new_tokens
     assert ServerConfig().default_max_new_tokens == Limits().default_max_new_tokens == default
     assert {r["name"]: r["default"] for r in describe()}["MAX_NEW_TOKENS"] == str(default)
+
+
+def test_each_worker_has_its_own_disk_tier_folder():
+    from serve.config import with_worker_dir
+
+    cfg = load_config({"SNAPSHOT_DISK_DIR": "/data/snaps", "SNAPSHOT_DISK_BYTES": "1000"})
+    assert with_worker_dir(cfg, 3).engine.snapshot_disk_dir == "/data/snaps/w3"
+    assert with_worker_dir(cfg, 3).engine.snapshot_disk_bytes == 1000
+    with pytest.raises(ConfigError, match="SNAPSHOT_DISK_BYTES"):
+        load_config({"SNAPSHOT_DISK_BYTES": "-1"})

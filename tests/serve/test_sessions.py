@@ -170,3 +170,16 @@ def test_the_limit_holds_across_a_restart_and_other_workers_sessions_stay_out(tm
     with pytest.raises(ss.SessionError) as e:
         t2.open()
     assert e.value.status == 429
+
+
+def test_without_the_disk_tier_the_table_stays_in_memory(tmp_path):
+    from serve.config import load_config
+    from serve.server_state import ServerState
+
+    on = ServerState(load_config({"SNAPSHOT_DISK_DIR": str(tmp_path)}))
+    assert on.sessions.durable and (tmp_path / "w0" / "sessions").is_dir()
+    assert on.config.engine.snapshot_disk_dir == str(tmp_path / "w0")
+    off = ServerState(load_config({"SNAPSHOT_DISK_DIR": str(tmp_path / "off"), "SNAPSHOT_DISK_BYTES": "0"}))
+    assert not off.sessions.durable and not (tmp_path / "off").exists()
+    s = off.sessions.open()
+    assert off.sessions.acquire(s.id) is s
