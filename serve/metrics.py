@@ -40,7 +40,8 @@ PREFIX_COUNTERS = ("hits", "hits_host", "misses", "evictions", "demotions", "tok
                    "disk_writes_refused", "disk_reads", "disk_bytes_written", "disk_bytes_read", "disk_write_seconds",
                    "disk_read_seconds", "disk_discarded", "disk_discarded_truncated", "disk_discarded_corrupt",
                    "disk_discarded_foreign")  # disk_*: model/runtime/disk_tier.py
-PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "snapshots_disk", "kv_blocks_held", "sessions")
+PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "snapshots_disk", "kv_blocks_held", "sessions",
+                 "disk_pending_bytes", "disk_read_buffer_bytes")
 TIERS = ("device", "host", "disk")
 
 

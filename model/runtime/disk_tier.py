@@ -326,8 +326,9 @@ class DiskTier:
     def stats(self) -> dict:
         out = dict(self.counters)
         out["disk_discarded"] = sum(v for k, v in self.counters.items() if k.startswith("disk_discarded_"))
-        with self._cv:
+        with self._cv:  # host memory the tier holds outside the cache's tiers: queued writes, the read buffer
             out["disk_pending_bytes"] = self._pending_bytes
+        out["disk_read_buffer_bytes"] = len(self._rbuf)
         return out
 
 
