@@ -35,7 +35,7 @@ def checkpoint_identity(path: Path, signature_file: str = "model.sig") -> str:
             raw = fh.read(8)
             n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
             h.update(raw + fh.read(min(n, _HEADER_MAX)))
-            for i in range(SAMPLES):
-                fh.seek(st.st_size * i // SAMPLES)
+            for i in range(SAMPLES):  # evenly spread, the first at the start and the last at the end
+                fh.seek(max(0, st.st_size - SAMPLE_BYTES) * i // (SAMPLES - 1))
                 h.update(fh.read(SAMPLE_BYTES))
     return h.hexdigest()
