@@ -3,7 +3,8 @@ gunicorn starts a new one (same index, same disk tier folder), and the next turn
 message, answer exactly what an uninterrupted session answered, resumed from the state saved on disk (cached
 tokens, no memory survived the kill). A session closed before the kill stays closed, an expired one stays
 expired. Then a truncated and a bit-flipped snapshot file are discarded (counted in /metrics) and the request
-falls back to a full prefill with Hugging Face's greedy tokens; the files stay within SNAPSHOT_DISK_BYTES."""
+falls back to a full prefill with Hugging Face's greedy tokens; the files stay within SNAPSHOT_DISK_BYTES. With two
+workers, the other answers a dead worker's sessions 503 (retry) until its successor has loaded them."""
 
 from __future__ import annotations
 
@@ -151,3 +152,50 @@ def _damaged_files_fall_back(srv, ckpt, folder: Path):
         while _metric(srv, f"granite_prefix_cache_disk_discarded_{kind}_total") < before + 1:
             assert time.monotonic() < deadline, f"no {kind} file counted"
             time.sleep(0.3)
+
+
+def _pid_of_worker(master: int, index: int) -> int:
+    """The pid of the worker listening on `worker-<index>.sock` (serve/affinity.py)."""
+    inodes = {line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+              if line.endswith(f"worker-{index}.sock")}
+    for pid in _workers(master):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return pid
+    raise AssertionError(f"no worker listens on worker-{index}.sock")
+
+
+def test_a_killed_worker_of_two_keeps_its_sessions(tiny_ckpt, tmp_path):
+    env = {"MODEL_DIR": str(tiny_ckpt), "SAGEMAKER_MODEL_SERVER_WORKERS": "2", "MAX_CONCURRENT_SEQS": "4",
+           "MAX_TOTAL_TOKENS": "2048", "SESSION_TTL": "300", "SNAPSHOT_DISK_DIR": str(tmp_path / "snapshots")}
+    srv = ServerProcess(env, tmp_path / "server.log")
+
+    try:
+        srv.wait_ready(240)
+        deadline = time.monotonic() + 240
+        while _metric(srv, "granite_ready") != 1.0 or _metric(srv, "granite_total_slots") != 8.0:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.5)
+        sid = next(s for s in (_open(srv) for _ in range(32)) if s.startswith("w1-"))
+        before = [_turn(srv, sid, k) for k in range(2)]
+        os.kill(_pid_of_worker(srv.proc.pid, 1), signal.SIGKILL)
+        r = _post(srv, {"messages": [{"role": "user", "content": "are you there?"}]}, sid)
+        assert r.status_code == 503, r.text  # worker 0 cannot reach it (or the new one is loading): retry, not 404
+        deadline = time.monotonic() + 240
+        while True:  # what a client does with a 503: retry (nothing of the session changes meanwhile)
+            r = _post(srv, {"messages": [{"role": "user", "content": "turn 2: and then what happened?"}],
+                            "max_tokens": 6, "temperature": 0}, sid)
+            if r.status_code != 503:
+                break
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(1)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]  # the conversation and its state, found again by the new worker 1
+        assert usage["prompt_tokens"] > before[-1][1] and usage["prompt_tokens_details"]["cached_tokens"] > 0
+        assert _post(srv, {"requestType": "CLOSE"}, sid).status_code == 200
+    finally:
+        srv.stop()
