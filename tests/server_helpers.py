@@ -48,7 +48,7 @@ class ServerProcess:
             assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{self.log()}"
             try:
                 r = requests.get(self.url + "/ping", timeout=2)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a loaded machine: workers importing torch
                 time.sleep(0.1)
                 continue
             if r.status_code == 200:
