@@ -88,7 +88,7 @@ def test_sessions_survive_a_killed_worker(tiny_ckpt, tmp_path):
                 try:
                     if requests.get(srv.url + "/ping", timeout=5).status_code == 200:
                         break
-                except requests.ConnectionError:
+                except (requests.ConnectionError, requests.Timeout):
                     pass
             time.sleep(0.5)
         assert time.monotonic() - t_kill < TTL - 5, "the restart took longer than the sessions' TTL"
