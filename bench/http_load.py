@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,8 +44,10 @@ def free_port() -> int:
 class Server:
     def __init__(self, ckpt: Path, slots: int, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        # a fresh disk tier folder: snapshots (and sessions) of an earlier run must not be found by this one
+        self._snapshots = tempfile.mkdtemp(prefix="granite-bench-snapshots-")
         env = {**os.environ, "MODEL_DIR": str(ckpt), "MAX_CONCURRENT_SEQS": str(slots),
-               "DTYPE": "float32", "LOG_LEVEL": "WARNING", **(env or {})}
+               "DTYPE": "float32", "LOG_LEVEL": "WARNING", "SNAPSHOT_DISK_DIR": self._snapshots, **(env or {})}
         env.pop("MODEL_ID", None)
         env.pop("HF_MODEL_ID", None)
         self.proc = subprocess.Popen([sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1",
@@ -68,6 +72,7 @@ class Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        shutil.rmtree(self._snapshots, ignore_errors=True)
 
 
 def stream_one(url: str, text: str, max_new: int) -> dict:

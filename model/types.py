@@ -210,6 +210,10 @@ class EngineConfig:
     snapshot_boundary_tokens: int = 256
     # raw prompts (snapshot_at None): a snapshot every this many tokens, once that prefix was seen before; 0 = off
     snapshot_interval_tokens: int = 1024
+    # disk tier (model/runtime/disk_tier.py): files under this directory within this many bytes; 0 = none (the
+    # engine's default; the server's is on: serve/env_vars.py)
+    snapshot_disk_dir: str = ""
+    snapshot_disk_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -240,6 +244,8 @@ class EngineConfig:
         for name in ("snapshot_boundary_tokens", "snapshot_interval_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.snapshot_disk_bytes < 0:
+            raise ValueError(f"snapshot_disk_bytes must be >= 0, got {self.snapshot_disk_bytes}")
 
 
 class ChunkKind(str, Enum):
@@ -410,12 +416,36 @@ class Copier(Protocol):
 
     state_bytes: int  # one snapshot's Mamba state (conv + SSM, all layers)
     kv_block_bytes: int  # one KV block, all attention layers, K and V
+    layout: str  # dtypes and shapes of a host buffer's parts: part of a disk file's identity
 
     def save(self, slot: int) -> object: ...  # the slot's Mamba state, copied on the device
     def to_host(self, saved: object, blocks: list[int], n_tokens: int) -> object: ...  # one host buffer
     def host_bytes(self, n_tokens: int) -> int: ...
     def restore_device(self, saved: object, slot: int, src: list[int], dst: list[int], n_tokens: int) -> None: ...
     def restore_host(self, packed: object, slot: int, dst: list[int], n_tokens: int) -> None: ...
+    # the disk tier's side: a host buffer as host_bytes(n) bytes (may wait for its device copy: called off the
+    # engine loop, by the disk tier's writer) and back
+    def to_bytes(self, packed: object) -> memoryview: ...
+    def from_bytes(self, data: memoryview, n_tokens: int) -> object: ...
+
+
+class SnapshotStore(Protocol):
+    """The prefix cache's disk tier (model/runtime/disk_tier.py DiskTier): snapshot files and session pins, checked
+    on read. The cache decides what goes there and accounts the bytes (file_size) before each write."""
+
+    budget: int  # bytes of files
+
+    def file_size(self, namespace: str, ids: Sequence[int], payload_len: int) -> int: ...
+    def write(self, namespace: str, ids: Sequence[int], packed: object, payload_len: int) -> str | None: ...
+    def read(self, key: str, namespace: str, ids: Sequence[int]) -> memoryview | None: ...  # None: gone/discarded
+    def delete(self, key: str) -> None: ...
+    def write_pin(self, session: str, key: str, conversation: Sequence[int]) -> None: ...
+    def delete_pin(self, session: str) -> None: ...
+    def wait_pin(self, session: str, timeout: float) -> bool: ...
+    def flush(self, timeout: float) -> bool: ...  # every queued write done
+    def close(self) -> None: ...  # stop the writer once its queue is empty
+    def scan(self) -> tuple[list, dict]: ...  # (valid files, oldest first; {session: (key, conversation)})
+    def stats(self) -> dict: ...
 
 
 class Runner(Protocol):

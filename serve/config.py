@@ -246,6 +246,16 @@ def with_context(cfg: Config, context_length: int | None) -> Config:
     return dataclasses.replace(cfg, server=server, engine=engine)
 
 
+def with_worker_dir(cfg: Config, index: int) -> Config:
+    """`cfg` with the disk tier in worker `index`'s own folder, SNAPSHOT_DISK_DIR/w<index> (its snapshots, session
+    pins and session table: the folder a restarted worker with the same index finds again)."""
+    e = cfg.engine
+    if not e.snapshot_disk_dir:
+        return cfg
+    return dataclasses.replace(cfg, engine=dataclasses.replace(
+        e, snapshot_disk_dir=os.path.join(e.snapshot_disk_dir, f"w{index}")))
+
+
 def _signature(v: dict[str, Any]) -> SignaturePolicy:
     try:
         return SignaturePolicy(

@@ -21,6 +21,7 @@ BATCH_MAX_PAYLOAD_MB = 100  # batch transform's largest MaxPayloadInMB: never 41
 REALTIME_TIMEOUT_S = 60  # SageMaker's real-time invocation timeout
 DEFAULT_MAX_NEW_TOKENS = SamplingParams.max_new_tokens  # the one default length, SamplingParams' own
 _ENGINE = EngineConfig()
+DISK_BYTES = 8 << 30  # the server's disk tier (the engine's own default is none: EngineConfig)
 
 
 class ConfigError(ValueError):
@@ -208,6 +209,12 @@ VARS: tuple[Var, ...] = (
     _engine("SNAPSHOT_INTERVAL_TOKENS",
             "Raw prompts (TGI inputs, completions): a snapshot every this many tokens once the same prefix is seen a "
             "second time; 0 = off.", _int(0)),
+    Var("SNAPSHOT_DISK_DIR", "/tmp/granite-h-snapshots",
+        "Directory of the disk tier: snapshots spilled from host memory and the state of stateful sessions, which "
+        "a restarted worker finds again (one subfolder per worker).", _str),
+    Var("SNAPSHOT_DISK_BYTES", DISK_BYTES,
+        "Bytes of snapshot files in SNAPSHOT_DISK_DIR per worker (least recently used out; session files pinned); "
+        "0 = no disk tier, and sessions die with their worker.", _int(0)),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
     Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
     Var("PROMETHEUS_MULTIPROC_DIR", None,

@@ -37,9 +37,15 @@ GAUGES = {"queue_depth": "waiting", "running_sequences": "running", "free_slots"
 ENGINE_COUNTERS = ("prompt_tokens_total", "generated_tokens_total", "requests_total", "step_errors_total")
 # engine.stats()["prefix_cache"] (model/engine/prefix_cache.py): counters, gauges, and bytes per tier
 PREFIX_COUNTERS = ("hits", "hits_host", "misses", "evictions", "demotions", "tokens_reused", "snapshots_taken",
-                   "snapshots_boundary", "evictions_unused")
-PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "kv_blocks_held", "sessions", "index_nodes")
-PREFIX_TIERS = ("device", "host", "index")  # bytes_<tier>; index: the snapshots' keys in host memory (an estimate)
+                   "snapshots_boundary", "evictions_unused",
+                   "hits_disk", "spills", "sessions_not_persisted", "disk_writes", "disk_write_errors",
+                   "disk_writes_refused", "disk_reads", "disk_bytes_written", "disk_bytes_read", "disk_write_seconds",
+                   "disk_read_seconds", "disk_discarded", "disk_discarded_truncated", "disk_discarded_corrupt",
+                   "disk_discarded_foreign")  # disk_*: model/runtime/disk_tier.py
+PREFIX_GAUGES = ("snapshots_device", "snapshots_host", "snapshots_disk", "kv_blocks_held", "sessions", "index_nodes",
+                 "disk_pending_bytes", "disk_read_buffer_bytes")
+# bytes_<tier>; index: the snapshots' keys in host memory (an estimate)
+PREFIX_TIERS = ("device", "host", "disk", "index")
 
 
 def resident_bytes() -> int:

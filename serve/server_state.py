@@ -9,12 +9,13 @@ failed).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
 from model.types import EngineNotReady
 from serve import affinity
-from serve.config import Config
+from serve.config import Config, with_worker_dir
 from serve.engine_client import EngineClient
 from serve.handler import Service, load_user_module
 from serve.memory import Trimmer
@@ -39,8 +40,13 @@ class ServerState:
         self.limits = Limits()  # set from the engine's context limits once it is loaded
         me = affinity.this_worker
         s = config.server
-        self.sessions = SessionTable(me.index if me is not None else 0, s.session_ttl_s, s.session_max,
-                                     on_end=self._session_ended, on_change=self.metrics.sessions_open.set)
+        index = me.index if me is not None else 0
+        # the disk tier: this worker's folder (a respawned worker takes over the index, and so the folder)
+        self.config = config = with_worker_dir(config, index)
+        e = config.engine
+        store = os.path.join(e.snapshot_disk_dir, "sessions") if e.prefix_cache and e.snapshot_disk_bytes else None
+        self.sessions = SessionTable(index, s.session_ttl_s, s.session_max, on_end=self._session_ended,
+                                     on_change=self.metrics.sessions_open.set, store_dir=store)
         self.link: affinity.WorkerLink | None = None  # set by create_app with 2+ workers
         self.trimmer: Trimmer | None = None  # serve/memory.py, once the engine is loaded
         self._stopping = threading.Event()
@@ -68,6 +74,8 @@ class ServerState:
             if not engine.wait_ready():
                 raise RuntimeError(engine.error or "the engine did not start")
             self.limits = Limits.from_config(engine.config, self.config.server.default_max_new_tokens)
+            for sid in self.sessions.ended_ids():  # ended while the engine was not there (a restart): unpin
+                engine.release_session(sid)
             # code/inference.py sits at the top of the model dir (the checkpoint may be one level down)
             model_dir = Path(self.config.model.model_dir)
             if not (model_dir / "code" / "inference.py").is_file():

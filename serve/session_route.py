@@ -59,11 +59,14 @@ def _json(obj: dict, headers: dict[str, str]) -> Response:
     return Response(enc.json_body(obj), status=200, mimetype="application/json", headers=headers)
 
 
-def _forward(link: WorkerLink, owner: int, body: bytes) -> Response:
+def _forward(link: WorkerLink, owner: int, body: bytes, durable: bool) -> Response:
     try:
         f = link.forward(owner, request.method, request.full_path.rstrip("?"), list(request.headers.items()), body)
     except ConnectionError as e:
         sid = request.headers.get("X-Amzn-SageMaker-Session-Id", "")
+        if durable:  # its session is on disk: the worker gunicorn starts in its place finds it again
+            raise SessionError(503, f"session {sid} lives on worker {owner}, which is restarting ({e}); the "
+                                    "session is kept: retry shortly", "session_worker_restarting") from None
         raise SessionError(404, f"session {sid} lived on worker {owner}, which is gone ({e}); open a new "
                                 "session", "session_not_found") from None
     return Response(f.body, status=f.status, headers=f.headers, direct_passthrough=True)
@@ -80,7 +83,7 @@ def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine
         owner = owner_of(sid)
         if link is not None and owner is not None and owner != link.me.index and FORWARDED_HEADER not in request.headers:
             forwarded()
-            return _forward(link, owner, body)
+            return _forward(link, owner, body, table.durable)
     control = _control(body)
     if sid == NEW_SESSION:
         if control == "CLOSE":

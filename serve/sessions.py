@@ -13,6 +13,11 @@ lives (`on_end` releases it). Ids name the worker that holds the session (`w<wor
 so a request that gunicorn hands to another worker can be forwarded to the owner (serve/affinity.py).
 Idle sessions expire after `ttl_s` (refreshed by every request); their number is bounded. An unknown, closed or
 expired id is an error naming the id, never a silent fresh start.
+
+With a store (serve/session_store.py) every change is written through before it is answered, and a table built
+on the same folder (a restarted worker with the same index) starts with those sessions: the live ones (their
+expiry and the SESSION_MAX limit hold as before the restart) and the ended ones (still 410); a session whose
+expiry passed while no worker ran is expired at load.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 from model.types import RequestError
 from serve.engine_client import EngineClient, RequestHandle
 from serve.protocol.toolcalls import parse_tool_calls
+from serve.session_store import SessionStore
 
 SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
 NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
@@ -85,8 +91,9 @@ def owner_of(session_id: str) -> int | None:
 class SessionTable:
     def __init__(self, worker: int, ttl_s: float, max_sessions: int,
                  on_end: Callable[[Session], None] | None = None, clock: Callable[[], float] = time.time,
-                 on_change: Callable[[int], None] | None = None) -> None:
-        """on_end(session): a session closed or expired (release its state); on_change(n): n sessions open."""
+                 on_change: Callable[[int], None] | None = None, store_dir: str | None = None) -> None:
+        """on_end(session): a session closed or expired (release its state); on_change(n): n sessions open;
+        store_dir: where the table is kept on disk (None: in memory only)."""
         self.worker, self.ttl_s, self.max_sessions = worker, ttl_s, max_sessions
         self._on_end = on_end or (lambda s: None)
         self._on_change = on_change or (lambda n: None)
@@ -94,7 +101,43 @@ class SessionTable:
         self._lock = threading.Lock()
         self._live: dict[str, Session] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()  # id -> "closed" | "expired"
-        self.counters = dict(opened=0, closed=0, expired=0)
+        self.counters = dict(opened=0, closed=0, expired=0, restored=0)
+        self._store = SessionStore(store_dir, _ENDED_MEMORY) if store_dir else None
+        if self._store is not None:
+            self._load()
+
+    def _load(self) -> None:
+        live, ended = self._store.load()
+        for rec in ended:
+            self._ended[rec["id"]] = rec["ended"]
+        for rec in live:
+            if owner_of(rec["id"]) != self.worker:
+                continue  # another worker's (a changed worker count): never served here
+            s = Session(rec["id"], float(rec["expires_at"]), tuple(rec.get("ids", ())), list(rec.get("messages", ())),
+                        turns=int(rec.get("turns", 0)))
+            self._live[s.id] = s
+            self.counters["restored"] += 1
+        self._on_change(len(self._live))
+        self.sweep()  # expired while no worker ran
+
+    def _save(self, s: Session, ended: str | None = None) -> None:
+        if self._store is None:
+            return
+        if ended:
+            self._store.save({"id": s.id, "ended": ended})
+        else:
+            self._store.save({"id": s.id, "expires_at": s.expires_at, "ids": list(s.ids), "messages": s.messages,
+                              "turns": s.turns})
+
+    @property
+    def durable(self) -> bool:
+        """Sessions outlive this worker (kept on disk)."""
+        return self._store is not None
+
+    def ended_ids(self) -> list[str]:
+        """Ids of the sessions known to have ended (closed or expired), the newest last."""
+        with self._lock:
+            return list(self._ended)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -110,7 +153,8 @@ class SessionTable:
             self._live[s.id] = s
             self.counters["opened"] += 1
             self._on_change(len(self._live))
-            return s
+        self._save(s)
+        return s
 
     def acquire(self, session_id: str) -> Session:
         """The live session for one request, marked busy until release(); its idle clock restarts."""
@@ -141,6 +185,7 @@ class SessionTable:
                 s.messages = list(messages)
             s.busy = False
             s.expires_at = self._clock() + self.ttl_s
+        self._save(s)
 
     def close(self, session_id: str) -> Session:
         s = self.acquire(session_id)
@@ -171,6 +216,7 @@ class SessionTable:
                 self._ended.popitem(last=False)
             self.counters[why] += 1
             self._on_change(len(self._live))
+        self._save(s, ended=why)  # recorded before the CLOSE is answered; a restart keeps it ended
         self._on_end(s)
 
 

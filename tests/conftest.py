@@ -50,3 +50,16 @@ def tiny_ckpt(ckpt_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_ckpt(ckpt_factory) -> Path:
     return ckpt_factory("demo")
+
+
+@pytest.fixture(autouse=True)
+def own_snapshot_dir(tmp_path_factory, monkeypatch):
+    """Every test's server gets its own disk tier folder (SNAPSHOT_DISK_DIR), never the shared /tmp default: a test
+    must not find another test's (or another run's) snapshots and sessions there. In-process configs take the
+    variable's default, subprocess servers the environment."""
+    from serve import config
+
+    folder = str(tmp_path_factory.mktemp("snapshots"))
+    read = config.read
+    monkeypatch.setattr(config, "read", lambda env: read({"SNAPSHOT_DISK_DIR": folder, **env}))
+    monkeypatch.setenv("SNAPSHOT_DISK_DIR", folder)

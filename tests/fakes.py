@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import threading
 import time
+import zlib
 from pathlib import Path
 
 from model.engine.engine import Engine
@@ -182,6 +184,7 @@ class ListCopier:
 
     state_bytes = 100
     kv_block_bytes = 40
+    layout = "list-copier"
 
     def __init__(self, slots: int, blocks: int) -> None:
         self.state = [None] * slots
@@ -206,6 +209,17 @@ class ListCopier:
         self.state[slot] = list(saved)
         for p, t in enumerate(toks):
             self.kv[dst[p // BS]][p % BS] = t
+
+    def to_bytes(self, packed):
+        """The disk tier's bytes: zlib'd pickle padded to host_bytes(n), the size the cache accounts."""
+        raw = zlib.compress(pickle.dumps(packed))
+        size = self.host_bytes(len(packed[1]))
+        assert len(raw) + 4 <= size, "ListCopier's values are too big for its accounted bytes"
+        return memoryview(len(raw).to_bytes(4, "little") + raw + bytes(size - len(raw) - 4))
+
+    def from_bytes(self, data, n_tokens):
+        n = int.from_bytes(data[:4], "little")
+        return pickle.loads(zlib.decompress(data[4:4 + n]))
 
     # what a step does: fold tokens into a slot and write their KV
     def feed(self, alloc, slot, start, toks):
@@ -273,6 +287,7 @@ def check_pools_and_shut_down(engines: list[Engine]) -> None:
             pc = stats.get("prefix_cache")
             if pc is not None:
                 assert pc["bytes_device"] == 0 and pc["bytes_host"] == 0 and pc["kv_blocks_held"] == 0
+                assert pc["bytes_disk"] == 0, "snapshot files left (a session not released?)"
     finally:
         for eng in engines:
             eng.shutdown(5)

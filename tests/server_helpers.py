@@ -30,6 +30,8 @@ class ServerProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_", "MAX_", "MODEL_"))}
         full_env.update(env)
         full_env.setdefault("DEVICE", "cpu")
+        if "SNAPSHOT_DISK_DIR" not in env:  # its own disk tier (a restart of this server finds it again)
+            full_env["SNAPSHOT_DISK_DIR"] = str(log_path.parent / f"snapshots-{self.port}")
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serve", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -46,7 +48,7 @@ class ServerProcess:
             assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{self.log()}"
             try:
                 r = requests.get(self.url + "/ping", timeout=2)
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a loaded machine: workers importing torch
                 time.sleep(0.1)
                 continue
             if r.status_code == 200:

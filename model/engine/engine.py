@@ -93,7 +93,7 @@ class Engine:
                 if self._shut:  # shutdown() came while loading: never become ready
                     log.info("engine: shut down during load")
                     return
-                self.prefix = self.sessions.cache = prefix_cache.for_runner(self.config, self.runner)
+                self.prefix = self.sessions.cache = prefix_cache.for_runner(self.config, self.runner, self.model_dir)
                 self.scheduler = Scheduler(self.config, self.runner.allocator, self.prefix,
                                            self.tokenizer.eos_token_id)
                 self._loop_thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -144,6 +144,7 @@ class Engine:
             self._cv.notify_all()
         if self._loop_thread is not None:
             self._loop_thread.join(max(1.0, deadline - time.monotonic()))
+        self.sessions.close(max(1.0, deadline - time.monotonic()))  # queued disk-tier writes (sessions)
         if self.scheduler is not None:
             with self._cv:
                 left = self.scheduler.abort_all()

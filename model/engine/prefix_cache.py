@@ -10,13 +10,22 @@ Tiers (the tensor side, `Copier` in model/types.py, lives in model/runtime/snaps
           and gets a fresh copy of the partial last block, which it then appends to.
   host    state + KV of the n tokens packed in one (pinned) host buffer; no device memory held. A resume
           copies it back in one transfer into a fresh slot and fresh blocks.
-Budgets: device bytes = state copies + the distinct KV blocks device snapshots hold; host bytes = buffers.
-Over the device budget the least recently used snapshot moves to the host tier; over the host budget the
-least recently used one is dropped (an eviction). Admission never waits for a snapshot: when a new
-sequence needs KV blocks that snapshots hold, they move to the host tier (or are dropped) first.
+  disk    that buffer in a checked file (`SnapshotStore` in model/types.py: model/runtime/disk_tier.py); a resume
+          reads it in one pass, then restores it as a host one. A file that fails its checks is discarded there:
+          the snapshot is forgotten and the prompt resumes from a shorter one or is prefilled in full.
+Budgets: device bytes = state copies + the distinct KV blocks device snapshots hold; host bytes = buffers; disk
+bytes = files, accounted before they are written. Over the device budget the least recently used snapshot moves
+to the host tier; over the host budget the least recently used one spills to disk; over the disk budget the least
+recently used file is deleted (an eviction). Without a disk tier, host overflow is evicted. Admission never waits
+for a snapshot: when a new sequence needs KV blocks that snapshots hold, they move to the host tier (or are
+dropped) first.
 
 Sessions: a snapshot pinned for a session (pin_session) is never dropped while pinned; it may still move
-to the host tier (which may then exceed its budget: the server bounds sessions in number).
+to the host tier (which may then exceed its budget: the server bounds sessions in number). With a disk tier it is
+written through to disk with the session's pin (its conversation), so a restarted engine on the same directory
+finds the session again (load_disk), and having a file it leaves memory like any other snapshot (no budget
+exceeded). Pinned files are never evicted and count in the disk budget (a pin that does not fit is not persisted,
+counted `sessions_not_persisted`). Releasing the session deletes them.
 
 Namespaces: a snapshot is only ever resumed by a sequence of its own namespace (each has its own trie). Today's
 requests all have DEFAULT_NAMESPACE; a LoRA adapter's id goes there, since state computed under other weights is
@@ -39,11 +48,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.engine.prefix_disk import DEVICE, DISK, HOST, DiskTierPolicy
 from model.engine.token_trie import TokenTrie
 from model.runtime.blocks import SlotAllocator, blocks_needed
-from model.types import Copier, EngineConfig, Runner
+from model.types import Copier, EngineConfig, Runner, SnapshotStore
 
-DEVICE, HOST = "device", "host"
 DEFAULT_NAMESPACE = ""  # the key space of requests on the base weights (no adapter)
 SEEN_MAX = 8192  # prefix hashes remembered for seen_before (8 bytes of key each, LRU)
 # Host bytes of the index per token of a cached snapshot, an upper bound: its `ids` tuple (an 8-byte reference and
@@ -63,11 +72,16 @@ class Snapshot:
     pins: set[str] = field(default_factory=set)
     namespace: str = DEFAULT_NAMESPACE  # shared only within it
     hits: int = 0  # resumes from it (evicted at 0: the memory it took served no one)
+    disk: str | None = None  # the key of its file in the disk tier (tier DISK, or a session's write-through)
+    disk_bytes: int = 0
 
 
-class PrefixCache:
-    def __init__(self, allocator: SlotAllocator, copier: Copier, device_bytes: int, host_bytes: int) -> None:
-        self.allocator, self.copier = allocator, copier
+class PrefixCache(DiskTierPolicy):
+    def __init__(self, allocator: SlotAllocator, copier: Copier, device_bytes: int, host_bytes: int,
+                 store: SnapshotStore | None = None) -> None:
+        self.allocator, self.copier, self.store = allocator, copier, store
+        self.disk_budget = store.budget if store is not None else 0
+        self._disk_used = 0
         self.bs = allocator.block_size
         self.device_budget, self.host_budget = max(device_bytes, 0), max(host_bytes, 0)
         self.trie = TokenTrie()  # DEFAULT_NAMESPACE's index
@@ -79,8 +93,9 @@ class PrefixCache:
         self._sessions: dict[str, tuple[Snapshot, tuple[int, ...]]] = {}  # id -> (pinned snap, conversation)
         self._seen: OrderedDict[int, None] = OrderedDict()  # seen_before's prefix hashes, least recent first
         self._index_tokens = 0  # ids of the cached snapshots (their keys)
-        self.counters = dict(hits=0, hits_host=0, misses=0, evictions=0, demotions=0, snapshots_taken=0,
-                             snapshots_boundary=0, tokens_reused=0, evictions_unused=0)
+        self.counters = dict(hits=0, hits_host=0, hits_disk=0, misses=0, evictions=0, demotions=0, spills=0,
+                             snapshots_taken=0, snapshots_boundary=0, tokens_reused=0, evictions_unused=0,
+                             sessions_not_persisted=0)
 
     # ---- accounting ----------------------------------------------------------------------------
     @property
@@ -93,13 +108,17 @@ class PrefixCache:
 
     def stats(self) -> dict:
         tiers = [s.tier for s in self.lru.values()]
-        return dict(self.counters, snapshots_device=tiers.count(DEVICE), snapshots_host=tiers.count(HOST),
-                    bytes_device=self.device_used, bytes_host=self._host_used,
-                    budget_device_bytes=self.device_budget, budget_host_bytes=self.host_budget,
-                    kv_blocks_held=len(self._dev_blocks), sessions=len(self._sessions),
-                    bytes_device_kv=len(self._dev_blocks) * self.copier.kv_block_bytes,  # of bytes_device: in the pool
-                    bytes_index=self._index_tokens * INDEX_BYTES_PER_TOKEN,
-                    index_nodes=sum(t.nodes for t in self._tries.values()))
+        out = dict(self.counters, snapshots_device=tiers.count(DEVICE), snapshots_host=tiers.count(HOST),
+                   snapshots_disk=tiers.count(DISK), bytes_device=self.device_used, bytes_host=self._host_used,
+                   bytes_disk=self._disk_used, budget_device_bytes=self.device_budget,
+                   budget_host_bytes=self.host_budget, budget_disk_bytes=self.disk_budget,
+                   kv_blocks_held=len(self._dev_blocks), sessions=len(self._sessions),
+                   bytes_device_kv=len(self._dev_blocks) * self.copier.kv_block_bytes,  # of bytes_device: in the pool
+                   bytes_index=self._index_tokens * INDEX_BYTES_PER_TOKEN,
+                   index_nodes=sum(t.nodes for t in self._tries.values()))
+        if self.store is not None:
+            out.update(self.store.stats())
+        return out
 
     def seen_before(self, ids, points, namespace: str = DEFAULT_NAMESPACE) -> list[int]:
         """Those of `points` (prompt positions) whose prefix ids[:p] was asked about before; the others are
@@ -126,6 +145,8 @@ class PrefixCache:
         trie = self._tries.get(namespace)
         hit = trie.longest(prompt_ids, len(prompt_ids) - 1) if trie is not None else None
         while True:
+            if hit is not None and id(hit) not in self.lru:
+                hit = None  # its file was deleted to make room for a spill
             shared = list(hit.blocks[: len(hit.ids) // self.bs]) if hit and hit.tier == DEVICE else []
             need = blocks_needed(reserve_tokens, self.bs) - len(shared)
             if need <= self.allocator.num_free_blocks:
@@ -146,8 +167,15 @@ class PrefixCache:
         try:
             if hit.tier == DEVICE:
                 self.copier.restore_device(hit.data, slot, list(hit.blocks), table, n)
-            else:
+            elif hit.tier == HOST:
                 self.copier.restore_host(hit.data, slot, table, n)
+            else:
+                data = self.store.read(hit.disk, hit.namespace, hit.ids)
+                if data is None:  # missing, or discarded by its checks (counted there): forget it
+                    self.allocator.free(slot)
+                    self._drop(hit, evicted=False)
+                    return self.admit(prompt_ids, reserve_tokens, namespace)
+                self.copier.restore_host(self.copier.from_bytes(data, n), slot, table, n)
         except Exception:  # e.g. no device memory to stage a host snapshot: forget it, admit without it
             log.exception("prefix cache: restoring a snapshot of %d tokens failed; dropped", n)
             self.allocator.free(slot)
@@ -157,6 +185,7 @@ class PrefixCache:
         hit.hits += 1
         self.counters["hits"] += 1
         self.counters["hits_host"] += hit.tier == HOST
+        self.counters["hits_disk"] += hit.tier == DISK
         self.counters["tokens_reused"] += n
         return slot, n
 
@@ -190,6 +219,8 @@ class PrefixCache:
         self.lru.move_to_end(id(snap))
         if session is not None:
             self.pin_session(session, snap, tuple(conversation) if conversation is not None else ids)
+            if older is not None and older.disk is None and self.store is not None and id(older) in self.lru:
+                self._spill_copy(older)  # a chat turn re-renders the answer: the next resumes at this prompt's end
         self._fit()
         return snap if id(snap) in self.lru else None
 
@@ -204,10 +235,12 @@ class PrefixCache:
             victim = self._host_victim()
             if victim is None:
                 break
-            self._drop(victim, evicted=True)
+            self._spill(victim)
 
     def _host_victim(self, protect: Snapshot | None = None) -> Snapshot | None:
-        return next((s for s in self.lru.values() if s.tier == HOST and not s.pins and s is not protect), None)
+        # a pinned snapshot may leave memory once it has a file (a session's, written through)
+        return next((s for s in self.lru.values()
+                     if s.tier == HOST and (not s.pins or s.disk) and s is not protect), None)
 
     def _demote(self, snap: Snapshot, protect: Snapshot | None = None) -> None:
         """Device -> host (one packed buffer), or dropped when the host tier cannot take it. `protect`: a
@@ -215,12 +248,12 @@ class PrefixCache:
         n = len(snap.ids)
         size = self.copier.host_bytes(n)
         while self._host_used + size > self.host_budget and size <= self.host_budget:
-            victim = self._host_victim(protect)  # room by dropping older unpinned host snapshots
+            victim = self._host_victim(protect)  # room by spilling older unpinned host snapshots
             if victim is None:
                 break
-            self._drop(victim, evicted=True)
-        if self._host_used + size > self.host_budget and not snap.pins:
-            self._drop(snap, evicted=True)
+            self._spill(victim)
+        if self._host_used + size > self.host_budget and (not snap.pins or snap.disk):
+            self._spill(snap)
             return
         try:
             packed = self.copier.to_host(snap.data, list(snap.blocks), n)
@@ -244,11 +277,41 @@ class PrefixCache:
         self.allocator.release(snap.blocks)
         snap.blocks = ()
 
+    # ---- the disk tier (the rest of its policy: model/engine/prefix_disk.py) ---------------------------
+    def load_disk(self) -> int:
+        """At start: index the disk tier's files of this model (least recently written first) and re-pin the
+        sessions found there; returns how many snapshots."""
+        if self.store is None:
+            return 0
+        entries, pins = self.store.scan()
+        pinned, room, keep = {key for key, _ in pins.values()}, self.disk_budget, set()
+        for e in sorted(entries, key=lambda e: (e.key not in pinned, -e.mtime)):  # pinned, then the newest
+            if e.size <= room:
+                room -= e.size
+                keep.add(e.key)
+        for e in entries:
+            if e.key not in keep:
+                self.store.delete(e.key)  # over a (lowered) budget
+                continue
+            trie = self._tries.setdefault(e.namespace, TokenTrie())
+            snap = Snapshot(e.ids, DISK, None, namespace=e.namespace, disk=e.key, disk_bytes=e.size)
+            trie.put(snap)
+            self.lru[id(snap)] = snap
+            self._disk_used += e.size
+        by_key = {s.disk: s for s in self.lru.values()}
+        for session, (key, conversation) in pins.items():
+            if key in by_key:
+                self.pin_session(session, by_key[key], conversation, persist=False)
+            else:
+                self.store.delete_pin(session)
+        return len(self.lru)
+
     def _drop(self, snap: Snapshot, evicted: bool) -> None:
+        self._forget_file(snap)
         if snap.tier == DEVICE:
             self._release_blocks(snap)
             self._dev_count -= 1
-        else:
+        elif snap.tier == HOST:
             self._host_used -= snap.nbytes
         trie = self._tries[snap.namespace]
         trie.remove(snap.ids)
@@ -269,19 +332,28 @@ class PrefixCache:
         return len(victims)
 
     # ---- sessions -------------------------------------------------------------------------------
-    def pin_session(self, session: str, snap: Snapshot, conversation: tuple[int, ...]) -> None:
+    def pin_session(self, session: str, snap: Snapshot, conversation: tuple[int, ...], persist: bool = True) -> None:
         old = self._sessions.get(session)
         snap.pins.add(session)
         self._sessions[session] = (snap, conversation)
         if old is not None and old[0] is not snap:
             old[0].pins.discard(session)
+        if persist and self.store is not None:  # write-through: the session outlives this worker
+            self._persist_pin(session, snap, conversation)
 
     def release_session(self, session: str) -> bool:
         """Unpin the session's snapshot (it stays cached, evictable); False for an unknown session."""
         old = self._sessions.pop(session, None)
+        if self.store is not None:
+            self.store.delete_pin(session)
         if old is None:
             return False
-        old[0].pins.discard(session)
+        snap = old[0]
+        snap.pins.discard(session)
+        if self.store is not None and not snap.pins and id(snap) in self.lru:  # a closed session's file goes too
+            self._forget_file(snap)
+            if snap.tier == DISK:
+                self._drop(snap, evicted=False)
         self._fit()
         return True
 
@@ -291,11 +363,20 @@ class PrefixCache:
         return got[1] if got else None
 
 
-def for_runner(config: EngineConfig, runner: Runner) -> PrefixCache | None:
+def for_runner(config: EngineConfig, runner: Runner, model_dir=None) -> PrefixCache | None:
     """The engine's prefix cache, or None (disabled, or a runner without a state pool, e.g. a test fake)."""
     copier = runner.snapshot_copier
     if not config.prefix_cache or copier is None:
         return None
     rep = runner.memory_report()
     device = int(config.snapshot_device_share * (rep["pool_state_bytes"] + rep["pool_kv_bytes"]))
-    return PrefixCache(runner.allocator, copier, device, config.snapshot_host_bytes)
+    store = None
+    if config.snapshot_disk_bytes > 0 and config.snapshot_disk_dir:
+        from model.runtime.disk_tier import open_tier  # torch-free; builds the model's identity
+
+        store = open_tier(config, model_dir, copier)
+    cache = PrefixCache(runner.allocator, copier, device, config.snapshot_host_bytes, store)
+    n = cache.load_disk()
+    if n:
+        log.info("prefix cache: %d snapshots found on disk (%d sessions)", n, len(cache._sessions))
+    return cache

@@ -26,6 +26,7 @@ from model.engine.sequence import Sequence
 from model.types import FinishReason
 
 log = logging.getLogger(__name__)
+PERSIST_WAIT_S = 10.0
 CLEAN_ENDS = (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH)  # the state is whole: worth a snapshot
 
 
@@ -94,9 +95,24 @@ class PrefixSessions:
         self.cache = cache  # set by the engine once loaded
 
     def conversation(self, session_id: str) -> tuple[int, ...] | None:
-        """Prompt + output ids of the session's last finished turn (None: unknown / no prefix cache)."""
+        """Prompt + output ids of the session's last finished turn (None: unknown / no prefix cache). With a disk
+        tier, once its state is on disk (up to PERSIST_WAIT_S): a turn is answered when a restart would keep it."""
         with self.lock:
-            return self.cache.conversation(session_id) if self.cache is not None else None
+            cache = self.cache
+            conv = cache.conversation(session_id) if cache is not None else None
+        if conv is not None and not cache.wait_persisted(session_id, PERSIST_WAIT_S):
+            log.warning("session %s: its state is not on disk yet after %.0f s", session_id, PERSIST_WAIT_S)
+        return conv
+
+    def close(self, timeout: float) -> bool:
+        """At shutdown: wait until the disk tier's queued writes are done (a graceful shutdown keeps its sessions),
+        then stop its writer. False when writes were still queued at the deadline."""
+        store = self.cache.store if self.cache is not None else None
+        if store is None:
+            return True
+        done = store.flush(timeout)
+        store.close()
+        return done
 
     def release(self, session_id: str) -> bool:
         """Unpin the session's snapshot (it stays cached, evictable). False for an unknown session."""

@@ -3,7 +3,8 @@
 Device tier: (conv (mamba_layers, conv_dim, d_conv - 1), ssm (mamba_layers, heads, head_dim, d_state))
 cloned out of the slot; KV stays in the pool's blocks (shared). Host tier: one flat uint8 buffer (pinned
 on CUDA) holding ssm | conv | K rows | V rows of the n tokens, K/V as (attention_layers, n, kv_heads,
-head_dim); the fp32 SSM part comes first so every part starts aligned to its element size.
+head_dim); the fp32 SSM part comes first so every part starts aligned to its element size. Disk tier
+(model/runtime/disk_tier.py): that buffer's bytes, written by the tier's thread and read back into a host buffer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class SnapshotCopier:
         self.state_bytes = self._conv_bytes + self._ssm_bytes
         self.kv_block_bytes = 2 * pool.k[:, 0].nbytes
         self._kv_token_bytes = self.kv_block_bytes // pool.block_size
+        self.layout = " ".join(f"{name}:{t.dtype}:{tuple(t[:, 0].shape)}" for name, t in
+                               (("ssm", pool.ssm), ("conv", pool.conv), ("k", pool.k), ("v", pool.v)))
 
     def host_bytes(self, n_tokens: int) -> int:
         return self.state_bytes + n_tokens * self._kv_token_bytes
@@ -85,3 +88,11 @@ class SnapshotCopier:
         rows = self._rows(dst, n_tokens)
         fk[:, rows] = k
         fv[:, rows] = v
+
+    def to_bytes(self, packed: torch.Tensor) -> memoryview:
+        if packed.device.type == "cpu" and self.pin:
+            torch.cuda.synchronize(self.pool.k.device)  # to_host's copy was queued, not done (off the loop here)
+        return memoryview(packed.numpy()).cast("B")
+
+    def from_bytes(self, data: memoryview, n_tokens: int) -> torch.Tensor:
+        return torch.frombuffer(data, dtype=torch.uint8)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from model.runtime.blocks import SlotAllocator
-from model.types import Allocator, Copier, Detokenizer, EngineConfig, Runner, Tokenizer
+from model.types import Allocator, Copier, Detokenizer, EngineConfig, Runner, SnapshotStore, Tokenizer
 from tests import fakes
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -109,6 +109,14 @@ def test_the_real_runner_and_tokenizer_implement_their_seams(tiny_ckpt):
 
     grammars = for_tokenizer(tok, runner.vocab_size)
     assert drift(GrammarCompiler, grammars) + drift(RowProcessor, grammars.processor(Constraint("json", ""))) == []
+
+
+def test_the_disk_tier_implements_its_seam(tmp_path):
+    from model.runtime.disk_tier import DiskTier
+
+    tier = DiskTier(tmp_path, "identity", 1 << 20, bytes)
+    assert drift(SnapshotStore, tier) == []
+    tier.close()
 
 
 def test_the_fakes_implement_the_same_seams():

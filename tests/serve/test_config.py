@@ -21,7 +21,12 @@ def test_defaults_match_sagemaker_contract():
     assert cfg.model.model_dir == "/opt/ml/model"
     assert cfg.model.model_id is None and cfg.model.hf_model_id is None
     assert cfg.context == Context()  # the context limits come from the checkpoint (with_context)
-    assert dataclasses.replace(cfg.engine, max_input_tokens=8192, max_total_tokens=16384) == EngineConfig()
+    # the server's disk tier is on (8 GiB under /tmp; tests/conftest.py gives each test its own folder), the
+    # engine's own default has none
+    assert cfg.engine.snapshot_disk_bytes == 8 << 30 and cfg.engine.snapshot_disk_dir
+    assert {v["name"]: v["default"] for v in describe()}["SNAPSHOT_DISK_DIR"] == "/tmp/granite-h-snapshots"
+    assert dataclasses.replace(cfg.engine, max_input_tokens=8192, max_total_tokens=16384, snapshot_disk_dir="",
+                               snapshot_disk_bytes=0) == EngineConfig()
     assert cfg.server.gpu_ids == ()
 
 
@@ -203,7 +208,11 @@ ENGINE_VALUES = {"MAX_CONCURRENT_SEQS": ("7", 7), "MAX_QUEUED_REQUESTS": ("9", 9
                  "DTYPE": ("bfloat16", "bfloat16"), "SSM_STATE_DTYPE": ("bfloat16", "bfloat16"), "DEVICE": ("cpu", "cpu"),
                  "CUDA_GRAPHS": ("off", False), "KERNELS": ("reference", "reference"), "PREFIX_CACHE": ("no", False),
                  "SNAPSHOT_DEVICE_SHARE": ("0.5", 0.5), "SNAPSHOT_HOST_BYTES": ("123", 123),
-                 "SNAPSHOT_BOUNDARY_TOKENS": ("300", 300), "SNAPSHOT_INTERVAL_TOKENS": ("0", 0)}
+                 "SNAPSHOT_BOUNDARY_TOKENS": ("300", 300), "SNAPSHOT_INTERVAL_TOKENS": ("0", 0),
+                 "SNAPSHOT_DISK_DIR": ("/x/y", "/x/y"), "SNAPSHOT_DISK_BYTES": ("456", 456)}
+# the server's default differs from the engine's on purpose: the disk tier is on when serving, off for an Engine
+# built in code (a library user or a test never writes under the shared /tmp folder unasked)
+SERVER_DEFAULTS = {"SNAPSHOT_DISK_DIR", "SNAPSHOT_DISK_BYTES"}
 
 
 def test_each_engine_variable_reaches_the_field_of_its_name():
@@ -211,7 +220,7 @@ def test_each_engine_variable_reaches_the_field_of_its_name():
     knobs = {v.name for v in VARS if v.name.lower() in fields} - {"MAX_INPUT_TOKENS", "MAX_TOTAL_TOKENS"}
     assert knobs == ENGINE_VALUES.keys()
     for v in VARS:
-        if v.name in knobs:
+        if v.name in knobs - SERVER_DEFAULTS:
             assert v.default == fields[v.name.lower()], v.name  # the default is the field's, not a copy
     engine = load_config({name: raw for name, (raw, _) in ENGINE_VALUES.items()}).engine
     assert {name: getattr(engine, name.lower()) for name in knobs} == {n: want for n, (_, want) in ENGINE_VALUES.items()}
@@ -225,3 +234,13 @@ def test_one_default_for_new_tokens():
     default = SamplingParams().max_new_tokens
     assert ServerConfig().default_max_new_tokens == Limits().default_max_new_tokens == default
     assert {r["name"]: r["default"] for r in describe()}["MAX_NEW_TOKENS"] == str(default)
+
+
+def test_each_worker_has_its_own_disk_tier_folder():
+    from serve.config import with_worker_dir
+
+    cfg = load_config({"SNAPSHOT_DISK_DIR": "/data/snaps", "SNAPSHOT_DISK_BYTES": "1000"})
+    assert with_worker_dir(cfg, 3).engine.snapshot_disk_dir == "/data/snaps/w3"
+    assert with_worker_dir(cfg, 3).engine.snapshot_disk_bytes == 1000
+    with pytest.raises(ConfigError, match="SNAPSHOT_DISK_BYTES"):
+        load_config({"SNAPSHOT_DISK_BYTES": "-1"})

@@ -17,3 +17,23 @@ def test_prefix_cache_metrics():
         assert line in text.splitlines(), line
     empty = Metrics().render({"ready": True}).decode()  # prefix cache off: the metrics exist, at 0
     assert "granite_prefix_cache_hits_total 0.0" in empty.splitlines()
+
+
+def test_disk_tier_metrics():
+    pc = dict(bytes_device=1, bytes_host=2, bytes_disk=4096, snapshots_disk=3, hits_disk=2, spills=5,
+              disk_discarded=3, disk_discarded_truncated=1, disk_discarded_corrupt=1, disk_discarded_foreign=1,
+              disk_writes=7, disk_write_seconds=0.25, sessions_not_persisted=0, disk_pending_bytes=10,
+              disk_read_buffer_bytes=38797312)
+    m = Metrics()
+    lines = m.render({"ready": True, "prefix_cache": pc}).decode().splitlines()
+    for line in ('granite_prefix_cache_bytes{tier="disk"} 4096.0', "granite_prefix_cache_snapshots_disk 3.0",
+                 "granite_prefix_cache_hits_disk_total 2.0", "granite_prefix_cache_spills_total 5.0",
+                 "granite_prefix_cache_disk_discarded_total 3.0", "granite_prefix_cache_disk_discarded_truncated_total 1.0",
+                 "granite_prefix_cache_disk_discarded_corrupt_total 1.0",
+                 "granite_prefix_cache_disk_discarded_foreign_total 1.0", "granite_prefix_cache_disk_writes_total 7.0",
+                 "granite_prefix_cache_disk_write_seconds_total 0.25", "granite_prefix_cache_disk_pending_bytes 10.0",
+                 "granite_prefix_cache_disk_read_buffer_bytes 3.8797312e+07"):
+        assert line in lines, line
+    pc.update(disk_discarded_corrupt=4, disk_discarded=6)  # counters follow the engine's totals
+    lines = m.render({"ready": True, "prefix_cache": pc}).decode().splitlines()
+    assert "granite_prefix_cache_disk_discarded_corrupt_total 4.0" in lines

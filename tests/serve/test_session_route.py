@@ -122,3 +122,23 @@ def test_number_of_sessions_is_bounded_and_metrics_count_them(served):
     for sid in ids:
         _close(client, sid)
     assert "granite_sessions_open 0.0" in client.get("/metrics").data.decode().splitlines()
+
+
+def test_a_session_of_a_restarting_worker_is_503_when_kept_on_disk(served, tmp_path):
+    from serve.affinity import WorkerId, WorkerLink
+
+    app, client, engine = served
+    state = app.extensions["granite"]
+    assert state.sessions.durable  # the disk tier is on (the server's default)
+    state.link = WorkerLink(WorkerId(0, 2, str(tmp_path)), app, timeout_s=5)  # worker 1 is not listening
+    sid = "w1-" + "0" * 32
+    store = state.sessions._store
+    try:
+        r = client.post("/invocations", json={"inputs": "hi"}, headers={SID: sid})
+        assert r.status_code == 503 and r.get_json()["error_type"] == "session_worker_restarting"
+        state.sessions._store = None  # without the disk tier the session died with its worker
+        r = client.post("/invocations", json={"inputs": "hi"}, headers={SID: sid})
+        assert r.status_code == 404 and sid in r.get_json()["error"]
+    finally:
+        state.link = None
+        state.sessions._store = store

@@ -134,3 +134,69 @@ def test_a_resent_history_with_tool_calls_is_not_appended_twice():
     other = {**echoed, "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Lima", "n": 1}}}]}
     assert turn.chat_messages([user, other, tool]) == [*s.messages, user, other, tool]
     assert turn.chat_messages([tool]) == [*s.messages, tool]  # only the new turn: appended
+# ---- a table on disk (serve/session_store.py): what a restarted worker finds ----------------------------------
+
+def _disk_table(folder, clock, worker=3, max=4, ttl_s=60):
+    ended = []
+    t = ss.SessionTable(worker=worker, ttl_s=ttl_s, max_sessions=max, on_end=ended.append, clock=clock,
+                        store_dir=str(folder))
+    return t, ended
+
+
+def _errors(t, sid) -> tuple[int, str]:
+    with pytest.raises(ss.SessionError) as e:
+        t.acquire(sid)
+    return e.value.status, e.value.error_type
+
+
+def test_a_restarted_table_finds_its_sessions_as_they_were(tmp_path):
+    clock = Clock()
+    t, _ = _disk_table(tmp_path, clock)
+    live, closed, idle = t.open(), t.open(), t.open()
+    s = t.acquire(live.id)
+    t.release(s, ids=(5, 6, 7), messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    t.close(closed.id)
+    clock.t += 30
+    t.release(t.acquire(live.id))  # its clock restarts; idle's does not
+    clock.t += 40  # idle is past its expiry now (nobody swept it before the "kill")
+    t2, ended = _disk_table(tmp_path, clock)  # the restarted worker: a new table on the same folder
+    assert len(t2) == 1 and t2.counters["restored"] == 2 and [e.id for e in ended] == [idle.id]
+    got = t2.acquire(live.id)
+    assert got.ids == (5, 6, 7) and got.turns == 1 and got.messages[1]["content"] == "yo"
+    assert got.expires_at == clock.t + 60
+    t2.release(got)
+    assert _errors(t2, closed.id) == (410, "session_closed")
+    assert _errors(t2, idle.id) == (410, "session_expired")
+    assert set(t2.ended_ids()) == {closed.id, idle.id}
+    clock.t += 61  # expiry holds after the restart as before
+    t2.sweep()
+    t3, _ = _disk_table(tmp_path, clock)
+    assert len(t3) == 0 and _errors(t3, live.id) == (410, "session_expired")
+    tombstone = (tmp_path / f"{live.id}.json").read_text()
+    assert "5," not in tombstone and "yo" not in tombstone  # an ended session's conversation is not kept
+
+
+def test_the_limit_holds_across_a_restart_and_other_workers_sessions_stay_out(tmp_path):
+    clock = Clock()
+    t, _ = _disk_table(tmp_path, clock, max=2)
+    t.open(), t.open()
+    other, _ = _disk_table(tmp_path, clock, worker=4, max=2)  # same folder, another index: loads none of them
+    assert len(other) == 0
+    t2, _ = _disk_table(tmp_path, clock, max=2)
+    assert len(t2) == 2
+    with pytest.raises(ss.SessionError) as e:
+        t2.open()
+    assert e.value.status == 429
+
+
+def test_without_the_disk_tier_the_table_stays_in_memory(tmp_path):
+    from serve.config import load_config
+    from serve.server_state import ServerState
+
+    on = ServerState(load_config({"SNAPSHOT_DISK_DIR": str(tmp_path)}))
+    assert on.sessions.durable and (tmp_path / "w0" / "sessions").is_dir()
+    assert on.config.engine.snapshot_disk_dir == str(tmp_path / "w0")
+    off = ServerState(load_config({"SNAPSHOT_DISK_DIR": str(tmp_path / "off"), "SNAPSHOT_DISK_BYTES": "0"}))
+    assert not off.sessions.durable and not (tmp_path / "off").exists()
+    s = off.sessions.open()
+    assert off.sessions.acquire(s.id) is s
