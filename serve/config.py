@@ -49,11 +49,13 @@ class ServerConfig:
     metrics_dir: str | None = None  # prometheus-client multiprocess directory (gunicorn); None: one process
     session_ttl_s: float = 1200.0  # SageMaker stateful sessions: idle time before a session expires
     session_max: int = 64  # open sessions per worker (each pins a ~37 MiB state snapshot + its KV)
+    max_n: int = 8  # rows (forks) one request may ask for: OpenAI n / best_of, TGI best_of
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1..65535, got {self.port}")
-        for name in ("workers", "timeout_s", "max_payload_bytes", "default_max_new_tokens", "session_max"):
+        for name in ("workers", "timeout_s", "max_payload_bytes", "default_max_new_tokens", "session_max",
+                     "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_strategy not in ("SINGLE_RECORD", "MULTI_RECORD"):
@@ -198,6 +200,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             metrics_dir=v["PROMETHEUS_MULTIPROC_DIR"],
             session_ttl_s=float(v["SESSION_TTL"]),
             session_max=v["SESSION_MAX"],
+            max_n=v["MAX_N"],
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None

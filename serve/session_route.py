@@ -4,6 +4,8 @@
     NEW_SESSION + an ordinary request                                 -> that request, run in the new session
     <id> + {"requestType": "CLOSE"}                                   -> 200 {"closed_session_id"}
     <id> + an ordinary request                                        -> a turn of the session
+    <id> + an ordinary request with "fork": true                      -> a fork: runs from the session's state
+                                                                         (n > 1 too), the conversation unchanged
 The new session's id comes back in X-Amzn-SageMaker-New-Session-Id (with its expiry), a closed one in
 X-Amzn-SageMaker-Closed-Session-Id. With several workers, a request for another worker's session is
 forwarded to it first (serve/affinity.py). A turn runs through the ordinary handler (code/inference.py hooks
@@ -97,12 +99,29 @@ def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine
     if control == "CLOSE":
         table.close(sid)
         return _json({"closed_session_id": sid}, {CLOSED_SESSION_HEADER: sid})
-    return _turn(table.acquire(sid), table, engine, body, invoke, respond, {})
+    body, fork = _fork(body)
+    return _turn(table.acquire(sid), table, engine, body, invoke, respond, {}, fork)
+
+
+def _fork(body: bytes) -> tuple[bytes, bool]:
+    """The body without its session-only field "fork" (a boolean), and that field."""
+    if b'"fork"' not in body:
+        return body, False
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body, False  # the handler answers the malformed body
+    if not isinstance(obj, dict) or "fork" not in obj:
+        return body, False
+    fork = obj.pop("fork")
+    if not isinstance(fork, bool):
+        raise SessionError(422, f"fork must be true or false, got {json.dumps(fork)[:40]}", "validation")
+    return json.dumps(obj).encode(), fork
 
 
 def _turn(s: Session, table: SessionTable, engine: EngineClient, body: bytes, invoke, respond,
-          headers: dict[str, str]) -> Response:
-    turn = Turn(s, table, engine)
+          headers: dict[str, str], fork: bool = False) -> Response:
+    turn = Turn(s, table, engine, fork)
     try:
         if media_type(request.headers.get("Content-Type")) in JSONL_TYPES:
             raise SessionError(400, f"a turn of session {s.id} is one request: JSON Lines bodies are not "

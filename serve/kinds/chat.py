@@ -1,7 +1,7 @@
 """OpenAI chat completions: `{"messages", "tools", "documents", sampling fields, "stream"}` on /invocations
 and /v1/chat/completions.
 
-One sequence: the conversation through the checkpoint's chat template. Granite `<tool_call>` output comes back
+One prompt: the conversation through the checkpoint's chat template; `n` choices forked from its one prefill. Granite `<tool_call>` output comes back
 parsed in `tool_calls` when tools were given; streamed, the markup is held back and sent as tool_calls deltas.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from model.types import Completion, TokenEvent
 from serve import encoders as enc
 from serve.engine_client import RequestHandle
-from serve.kinds.kind import Kind
+from serve.kinds.kind import Kind, best_rows
 from serve.prompts import Ctx, chat_prompt, response_id
 from serve.protocol.openai import ChatRequest, may_sample, parse_chat
 from serve.protocol.toolcalls import ToolCallHoldback
@@ -24,39 +24,44 @@ def prompts(ctx: Ctx, req: ChatRequest) -> Iterator[tuple[int, ...]]:
 
 def respond(ctx: Ctx, req: ChatRequest, cs: list[Completion], record: bool) -> dict:
     rid, created = response_id("chatcmpl")
-    return enc.chat_completion(rid, ctx.model_name, created, cs[0], bool(req.tools), req.logprobs)
+    ((rows, _),) = best_rows(cs, req)
+    return enc.chat_completion(rid, ctx.model_name, created, rows[0], bool(req.tools), req.logprobs, rows)
 
 
 class Stream:
     openai = True
 
-    def __init__(self, ctx: Ctx, req: ChatRequest, handle: RequestHandle) -> None:
+    def __init__(self, ctx: Ctx, req: ChatRequest, handles: list[RequestHandle]) -> None:
         self.rid, self.created = response_id("chatcmpl")
-        self.name, self.req, self.handle = ctx.model_name, req, handle
-        self.hold = ToolCallHoldback() if req.tools else None
+        self.name, self.req, self.handles = ctx.model_name, req, handles
+        self.holds = [ToolCallHoldback() if req.tools else None for _ in handles]
 
-    def _chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> bytes:
-        return enc.chat_chunk(self.rid, self.name, self.created, delta, finish, logprobs=logprobs)
+    def _chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None, index: int = 0) -> bytes:
+        return enc.chat_chunk(self.rid, self.name, self.created, delta, finish, logprobs=logprobs, index=index)
 
     def head(self) -> Iterator[bytes]:
-        yield self._chunk({"role": "assistant", "content": ""})
+        for i in range(len(self.handles)):
+            yield self._chunk({"role": "assistant", "content": ""}, index=i)
 
-    def token(self, ev: TokenEvent, n: int) -> Iterator[bytes]:
-        text = self.hold.push(ev.text) if self.hold else ev.text
+    def token(self, ev: TokenEvent, n: int, index: int = 0) -> Iterator[bytes]:
+        hold = self.holds[index]
+        text = hold.push(ev.text) if hold else ev.text
         lp = enc.chat_logprobs([ev.text], [ev.logprob], [ev.top_tokens]) if self.req.logprobs else None
         if text or lp:
-            yield self._chunk({"content": text}, logprobs=lp)
+            yield self._chunk({"content": text}, logprobs=lp, index=index)
         if ev.finish_reason is None:
             return
-        content, calls = self.hold.finish() if self.hold else ("", [])
+        content, calls = hold.finish() if hold else ("", [])
         if content:
-            yield self._chunk({"content": content})
+            yield self._chunk({"content": content}, index=index)
         if calls:
-            yield self._chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-        yield self._chunk({}, enc.openai_finish(ev.finish_reason, bool(calls)))
+            yield self._chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}, index=index)
+        yield self._chunk({}, enc.openai_finish(ev.finish_reason, bool(calls)), index=index)
+
+    def tail(self, tokens: int) -> Iterator[bytes]:
         if self.req.include_usage:
-            h = self.handle
-            yield enc.usage_chunk(self.rid, self.name, self.created, h.prompt_tokens, n, h.cached_tokens)
+            h = self.handles[0]
+            yield enc.usage_chunk(self.rid, self.name, self.created, h.prompt_tokens, tokens, h.cached_tokens)
         yield enc.DONE
 
 

@@ -60,7 +60,7 @@ TOOLS = ({"type": "function", "function": {"name": "get_weather"}},)
 def test_chat_stream_turns_tool_call_markup_into_tool_calls():
     h = ScriptedHandle(events("Checking", " <tool_", "call>\n{\"name\": \"get_weather\", ",
                               "\"arguments\": {\"city\": \"Oslo\"}}\n", "</tool_call>"))
-    out = chunks(generate._guarded(CTX, h, generate.stream_body(CTX, chat(TOOLS, include_usage=True), h)))
+    out = chunks(generate._guarded(CTX, [h], generate.stream_body(CTX, chat(TOOLS, include_usage=True), [h])))
     assert out[-1] == "[DONE]"
     objs = [json.loads(x) for x in out[:-1]]
     content = "".join(o["choices"][0]["delta"].get("content", "") for o in objs if o["choices"])
@@ -76,7 +76,7 @@ def test_chat_stream_turns_tool_call_markup_into_tool_calls():
 
 def test_chat_stream_without_tools_streams_markup_as_text():
     h = ScriptedHandle(events("a", "<tool_call>", "b"))
-    out = chunks(generate.stream_body(CTX, chat(), h))
+    out = chunks(generate.stream_body(CTX, chat(), [h]))
     objs = [json.loads(x) for x in out[:-1]]
     assert "".join(o["choices"][0]["delta"].get("content", "") for o in objs) == "a<tool_call>b"
     assert objs[-1]["choices"][0]["finish_reason"] == "stop"
@@ -86,7 +86,7 @@ def test_failed_sequence_ends_the_stream_with_an_error_event():
     h = ScriptedHandle([TokenEvent(1, "a", -0.1),
                         TokenEvent(-1, "", 0.0, finish_reason=FinishReason.ERROR, error="CUDA out of memory")])
     req = TextRequest(inputs=("p",), params=SamplingParams(), stream=True)
-    out = chunks(generate.stream_body(CTX, req, h))
+    out = chunks(generate.stream_body(CTX, req, [h]))
     assert json.loads(out[0])["token"]["text"] == "a"
     err = json.loads(out[-1])
     assert err["error_type"] == "generation_error" and "out of memory" in err["error"]
@@ -102,7 +102,7 @@ def test_generation_failed_status_follows_the_failure_kind_not_the_message():
 def test_closing_a_stream_early_cancels_the_handle():
     h = ScriptedHandle(events("a", "b", "c", end=FinishReason.LENGTH))
     h.finished = False
-    body = generate._guarded(CTX, h, generate.stream_body(CTX, chat(), h))
+    body = generate._guarded(CTX, [h], generate.stream_body(CTX, chat(), [h]))
     next(body)
     body.close()  # what gunicorn does when the client has gone
     assert h.cancelled == 1
