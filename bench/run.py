@@ -13,6 +13,8 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
   batch       batch entrypoint over 256 records vs the same records one at a time (bench/batch_bench.py)
   multiturn   8 conversations x 8 turns, prefix reuse on vs off: TTFT per turn, prefill tokens computed,
               tokens/s, identical outputs (bench/multiturn.py)
+  forks       n = 8 forked rows of one prompt vs 8 separate requests of it, alternated: prefill tokens computed,
+              aggregate tokens/s, TTFT, identical outputs (bench/forks.py)
   mid         the mid checkpoint (hidden 1024, 12 layers) through HTTP: 1, 8, 32 streams; at 32 the prefill
               time bound off vs on (bench/mid.py; ~5 min)
   host_work   host ms per runner step with the network's compute stubbed out (decode 1 x 2K, 64 x 2K,
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-batch", action="store_true")
     ap.add_argument("--skip-multiturn", action="store_true")
     ap.add_argument("--skip-mid", action="store_true")
+    ap.add_argument("--skip-forks", action="store_true")
     a = ap.parse_args(argv)
     import torch
 
@@ -211,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.multiturn import run_multiturn
 
             report["multiturn"] = run_multiturn(ckpt)
+        if not a.skip_forks:
+            print("forks (n=8 vs 8 separate requests) ...", flush=True)
+            from bench.forks import run_forks
+
+            report["forks"] = run_forks(ckpt)
         if not a.skip_mid:
             print("mid checkpoint through HTTP (~5 min) ...", flush=True)
             from bench.mid import MID, run_mid
@@ -252,6 +260,8 @@ def print_table(r: dict) -> None:
               f"{json.dumps(r['host_work']['before_ms'])}; targets {json.dumps(r['host_work']['targets_ms'])})")
     if "batch" in r:
         print(f"batch: {json.dumps(r['batch'])}")
+    if "forks" in r:
+        print(f"forks: {json.dumps({k: v for k, v in r['forks'].items() if not isinstance(v, dict)})}")
     if "multiturn" in r:
         print(f"multiturn: {json.dumps({k: v for k, v in r['multiturn'].items() if not isinstance(v, dict)})}")
     if "mid" in r:
