@@ -107,3 +107,25 @@ def test_closing_a_stream_early_cancels_the_handle():
     body.close()  # what gunicorn does when the client has gone
     assert h.cancelled == 1
     assert CTX.metrics.registry.get_sample_value("granite_client_disconnects_total") == 1
+
+
+def test_streamed_rows_interleave_by_index_and_end_together():
+    a, b = ScriptedHandle(events("a1", "a2", "a3")), ScriptedHandle(events("b1", end=FinishReason.LENGTH))
+    out = chunks(generate.stream_body(CTX, chat(n=2, include_usage=True), [a, b]))
+    assert out[-1] == "[DONE]" and out.count("[DONE]") == 1
+    objs = [json.loads(x) for x in out[:-1]]
+    assert [o["choices"][0]["index"] for o in objs[:2]] == [0, 1]  # a role chunk per row first
+    order = [(o["choices"][0]["index"], o["choices"][0]["delta"].get("content"), o["choices"][0]["finish_reason"])
+             for o in objs[2:-1]]
+    assert order == [(0, "a1", None), (1, "b1", None), (1, None, "length"), (0, "a2", None), (0, "a3", None),
+                     (0, None, "stop")]
+    assert objs[-1]["usage"]["completion_tokens"] == 4 and objs[-1]["choices"] == []  # every row's tokens
+
+
+def test_a_row_that_fails_ends_the_stream_and_cancels_the_others():
+    bad = [TokenEvent(0, "x", -0.1), TokenEvent(-1, "", 0.0, finish_reason=FinishReason.ERROR, error="boom",
+                                                  failure=FailureKind.STEP_FAILED)]
+    a, b = ScriptedHandle(events("a1", "a2", "a3")), ScriptedHandle(bad)
+    out = chunks(generate._guarded(CTX, [a, b], generate.stream_body(CTX, chat(n=2), [a, b])))
+    assert "boom" in out[-2] and out[-1] == "[DONE]"
+    assert a.cancelled == 1 and b.cancelled == 1
