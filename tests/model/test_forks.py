@@ -129,3 +129,22 @@ def test_admission_bounded_and_waits_for_room(tiny_ckpt, hf_model):
     cs = [h.result() for h in hs]
     assert long.result().finish_reason == FinishReason.LENGTH
     assert [list(c.token_ids) for c in cs] == [hf_greedy(hf_model, p, 4)] * 3
+
+
+def test_soak_forks_with_snapshots_under_pressure(tiny_ckpt, hf_model):
+    # fork groups and single requests over 3 slots and a KV pool that cannot hold them all plus the snapshots:
+    # prompts share prefixes (resumes, some at a fork point), snapshots are demoted and dropped to admit groups;
+    # every row equals HF greedy, and nothing leaks (the fixture).
+    eng = real_engine(tiny_ckpt, max_concurrent_seqs=3, kv_cache_tokens=512, snapshot_device_share=0.5,
+                      snapshot_host_bytes=400_000)
+    base = ids(30, seed=50)
+    jobs = []
+    for i in range(8):
+        p = base[: 20 + 3 * i] + ids(i % 3 * 7, seed=60 + i)
+        n = 1 + i % 3
+        jobs.append((p, eng.submit_n(GenerationRequest(tuple(p), greedy(6)), n)))
+    for p, hs in jobs:
+        want = hf_greedy(hf_model, p, 6)
+        assert [list(h.result().token_ids) for h in hs] == [want] * len(hs)
+    pc = eng.stats()["prefix_cache"]
+    assert pc["hits"] > 0 and pc["demotions"] + pc["evictions"] > 0
