@@ -11,7 +11,8 @@ prompt_len - 1 tokens in the state) every other row gets:
           model/runtime/snapshots.py).
 Then each of the n rows (the leader too) feeds the prompt's last token as its own one-token chunk and samples
 its first token from its own generator (seed + i): the prompt costs prompt_len - 1 + n tokens, not n x prompt_len.
-A leader resumed from a snapshot at the fork point forks at admission (no prefill at all).
+A leader resumed from a snapshot at the fork point forks at admission (no prefill but the rows' last tokens). The
+leader snapshots the fork point (model/engine/prefix_hooks.py `forked`), so the same request again does.
 
 Cancelling a row ends that row only. A leader cancelled before the fork point keeps prefilling for the rows
 still waiting on it and ends once they forked; a group whose rows are all cancelled ends at once.
@@ -68,7 +69,9 @@ def fork(leader: Sequence, allocator: SlotAllocator, copier: Copier | None) -> N
     state pool, e.g. a test fake, has nothing to copy); the rows are then ordinary sequences."""
     n = leader.num_computed
     src = allocator.block_table(leader.slot)
+    leader.forked = True
     for row in leader.forks:
+        row.forked = True
         if n and copier is not None:
             copier.fork(leader.slot, row.slot, src, allocator.block_table(row.slot), n)
         row.num_computed = n

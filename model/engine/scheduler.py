@@ -167,6 +167,7 @@ class Scheduler:
 
     def _fork_if_ready(self, seq: Sequence) -> None:
         if seq.forks and seq.num_computed == forks.fork_point(seq):
+            self.hooks.forked(seq)
             forks.fork(seq, self.allocator, self.copier)
 
     def schedule(self) -> tuple[list[Sequence], StepBatch]:

@@ -43,6 +43,7 @@ class Sequence:
         # A fork group (model/engine/forks.py): the leader's rows not yet forked, and a row's leader until then.
         self.forks: list[Sequence] = []
         self.leader: Sequence | None = None
+        self.forked = False  # started from a fork point (a group's leader or row): no prompt snapshot of its own
         self.ctx: Any = None  # engine-owned per-sequence state (model/engine/handle.py SeqOutput)
 
     @property

@@ -79,7 +79,7 @@ def test_rows_share_steps_with_other_requests(tiny_ckpt, hf_model):
     assert list(hr.result().token_ids) == hf_greedy(hf_model, r, 5)
 
 
-def test_fork_from_a_snapshot_prefills_nothing(tiny_ckpt, hf_model):
+def test_fork_from_a_snapshot_at_the_fork_point_prefills_only_the_last_tokens(tiny_ckpt, hf_model):
     eng = real_engine(tiny_ckpt)  # prefix cache on
     p = ids(40, seed=21)
     gen(eng, p[:-1], 2)  # leaves a snapshot of p[:-1]: p's fork point
@@ -89,6 +89,19 @@ def test_fork_from_a_snapshot_prefills_nothing(tiny_ckpt, hf_model):
     assert eng.stats()["prefill_tokens_total"] - before == 3  # only each row's last prompt token
     assert [c.cached_tokens for c in cs] == [len(p) - 1] * 3
     assert [list(c.token_ids) for c in cs] == [hf_greedy(hf_model, p, 5)] * 3
+
+
+def test_the_same_fork_request_again_resumes_at_the_fork_point(tiny_ckpt, hf_model):
+    eng = real_engine(tiny_ckpt)  # prefix cache on
+    p = ids(50, seed=22)
+    first = rows(eng, p, 3, greedy(4))
+    st = eng.stats()
+    assert st["prefix_cache"]["snapshots_taken"] == 2  # the fork point, the rows' (equal, greedy) end; no prompt end
+    again = eng.submit_n(GenerationRequest(tuple(p), greedy(4)), 3)
+    cs = [h.result() for h in again]
+    assert eng.stats()["prefill_tokens_total"] - st["prefill_tokens_total"] == 3
+    assert [c.cached_tokens for c in cs] == [len(p) - 1] * 3
+    assert [list(c.token_ids) for c in cs] == first == [hf_greedy(hf_model, p, 4)] * 3
 
 
 def test_cancel_one_row_the_others_finish(tiny_ckpt, hf_model):
