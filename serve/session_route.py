@@ -84,6 +84,7 @@ def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine
             forwarded()
             return _forward(link, owner, body)
     control = _control(body)
+    body, fork = _fork(body) if control is None else (body, False)
     if sid == NEW_SESSION:
         if control == "CLOSE":
             raise SessionError(400, "CLOSE needs the id of the session to close, not NEW_SESSION",
@@ -92,14 +93,13 @@ def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine
         headers = {NEW_SESSION_HEADER: f"{s.id}; Expires={expires_text(s.expires_at)}"}
         if control == NEW_SESSION:
             return _json({"session_id": s.id, "expires": expires_text(s.expires_at)}, headers)
-        return _turn(table.acquire(s.id), table, engine, body, invoke, respond, headers)
+        return _turn(table.acquire(s.id), table, engine, body, invoke, respond, headers, fork)
     if control == NEW_SESSION:
         raise SessionError(400, f"session {sid} is open already: send NEW_SESSION as the session id to open "
                                 "another", "invalid_session_request")
     if control == "CLOSE":
         table.close(sid)
         return _json({"closed_session_id": sid}, {CLOSED_SESSION_HEADER: sid})
-    body, fork = _fork(body)
     return _turn(table.acquire(sid), table, engine, body, invoke, respond, {}, fork)
 
 
