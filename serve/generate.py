@@ -195,6 +195,7 @@ def stream_body(ctx: Ctx, req: Request, handles: list[RequestHandle]) -> Iterato
             yield from encoder.token(ev, counts[i], i)
             if ev.finish_reason is not None:
                 live.remove(i)
+                next(events[i], None)  # the row's events are over: timed() records its timings
     yield from encoder.tail(sum(counts))
 
 

@@ -111,7 +111,9 @@ def test_closing_a_stream_early_cancels_the_handle():
 
 def test_streamed_rows_interleave_by_index_and_end_together():
     a, b = ScriptedHandle(events("a1", "a2", "a3")), ScriptedHandle(events("b1", end=FinishReason.LENGTH))
+    ttfts = CTX.metrics.registry.get_sample_value("granite_time_to_first_token_seconds_count") or 0
     out = chunks(generate.stream_body(CTX, chat(n=2, include_usage=True), [a, b]))
+    assert CTX.metrics.registry.get_sample_value("granite_time_to_first_token_seconds_count") == ttfts + 2
     assert out[-1] == "[DONE]" and out.count("[DONE]") == 1
     objs = [json.loads(x) for x in out[:-1]]
     assert [o["choices"][0]["index"] for o in objs[:2]] == [0, 1]  # a role chunk per row first
