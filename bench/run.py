@@ -16,6 +16,8 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
   shared_prompt  32 chat users sharing a ~2K-token system prompt + tools, distinct ~100-token questions, through
               the server, reuse of the snapshot at the system part's end off vs on, alternated: TTFT p50 ratio,
               prefill tokens computed (bench/shared_prompt.py)
+  forks       n = 8 forked rows of one prompt vs 8 separate requests of it, alternated: prefill tokens computed,
+              aggregate tokens/s, TTFT, identical outputs (bench/forks.py)
   mid         the mid checkpoint (hidden 1024, 12 layers) through HTTP: 1, 8, 32 streams; at 32 the prefill
               time bound off vs on (bench/mid.py; ~5 min)
   host_work   host ms per runner step with the network's compute stubbed out (decode 1 x 2K, 64 x 2K,
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-shared-prompt", action="store_true")
     ap.add_argument("--skip-mid", action="store_true")
     ap.add_argument("--skip-grammar", action="store_true")
+    ap.add_argument("--skip-forks", action="store_true")
     a = ap.parse_args(argv)
     import torch
 
@@ -229,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.shared_prompt import run_shared_prompt
 
             report["shared_prompt"] = run_shared_prompt(ckpt, users=32, rounds=1)
+        if not a.skip_forks:
+            print("forks (n=8 vs 8 separate requests) ...", flush=True)
+            from bench.forks import run_forks
+
+            report["forks"] = run_forks(ckpt)
         if not a.skip_mid:
             print("mid checkpoint through HTTP (~5 min) ...", flush=True)
             from bench.mid import MID, run_mid
@@ -270,6 +278,8 @@ def print_table(r: dict) -> None:
               f"{json.dumps(r['host_work']['before_ms'])}; targets {json.dumps(r['host_work']['targets_ms'])})")
     if "batch" in r:
         print(f"batch: {json.dumps(r['batch'])}")
+    if "forks" in r:
+        print(f"forks: {json.dumps({k: v for k, v in r['forks'].items() if not isinstance(v, dict)})}")
     if "multiturn" in r:
         print(f"multiturn: {json.dumps({k: v for k, v in r['multiturn'].items() if not isinstance(v, dict)})}")
     if "grammar" in r:

@@ -51,11 +51,13 @@ class ServerConfig:
     session_max: int = 64  # open sessions per worker (each pins a ~37 MiB state snapshot + its KV)
     memory_arenas: int = 2  # glibc M_ARENA_MAX per worker; 0 = glibc's default (serve/memory.py)
     memory_trim: bool = True  # malloc_trim when the engine goes idle after work
+    max_n: int = 8  # rows (forks) one request may ask for: OpenAI n / best_of, TGI best_of
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be 1..65535, got {self.port}")
-        for name in ("workers", "timeout_s", "max_payload_bytes", "default_max_new_tokens", "session_max"):
+        for name in ("workers", "timeout_s", "max_payload_bytes", "default_max_new_tokens", "session_max",
+                     "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_strategy not in ("SINGLE_RECORD", "MULTI_RECORD"):
@@ -202,6 +204,7 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
             session_max=v["SESSION_MAX"],
             memory_arenas=v["MEMORY_ARENAS"],
             memory_trim=v["MEMORY_TRIM"],
+            max_n=v["MAX_N"],
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None

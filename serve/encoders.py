@@ -89,6 +89,18 @@ def tgi_item(prompt: str, c: Completion, details: bool, return_full_text: bool, 
     return {"generated_text": text, "details": tgi_details(c, details, top_n)}
 
 
+def tgi_best_of(prompt: str, best: Completion, others: list[Completion], details: bool, return_full_text: bool,
+                top_n: int = 0) -> dict:
+    """A TGI answer of `best_of` rows: the best one, the others in details.best_of_sequences (TGI's shape)."""
+    item = tgi_item(prompt, best, details, return_full_text, top_n)
+    if details and others:
+        item["details"]["best_of_sequences"] = [
+            {"generated_text": (prompt if return_full_text else "") + c.text,
+             **{k: v for k, v in tgi_details(c, True, top_n).items()
+                if k not in ("prompt_tokens", "input_length", "cached_tokens")}} for c in others]
+    return item
+
+
 def tgi_event(index: int, ev: TokenEvent, final: tuple[str, Completion] | None, top_n: int = 0) -> bytes:
     """One streamed token; the last carries generated_text and details (TGI shape)."""
     obj: dict[str, Any] = {"index": index, "token": tgi_token(ev.token_id, ev.text, ev.logprob, ev.special),
@@ -149,19 +161,27 @@ def chat_message(text: str, parse_calls: bool) -> tuple[dict, bool]:
     return msg, bool(calls) and complete
 
 
-def chat_completion(rid: str, model: str, created: int, c: Completion, parse_calls: bool, logprobs: bool) -> dict:
+def chat_choice(index: int, c: Completion, parse_calls: bool, logprobs: bool) -> dict:
     msg, has_calls = chat_message(c.text, parse_calls)
-    choice: dict[str, Any] = {"index": 0, "message": msg, "logprobs": None,
+    choice: dict[str, Any] = {"index": index, "message": msg, "logprobs": None,
                               "finish_reason": openai_finish(c.finish_reason, has_calls)}
     if logprobs:
         choice["logprobs"] = chat_logprobs(c.token_texts, c.logprobs, c.top_tokens)
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
-            "usage": usage(c.prompt_tokens, c.generated_tokens, c.cached_tokens)}
+    return choice
+
+
+def chat_completion(rid: str, model: str, created: int, c: Completion, parse_calls: bool, logprobs: bool,
+                    rows: list[Completion] | None = None) -> dict:
+    """`rows`: every choice of an n > 1 request (c the first); usage counts the prompt once, every row's tokens."""
+    rows = rows or [c]
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [chat_choice(i, r, parse_calls, logprobs) for i, r in enumerate(rows)],
+            "usage": usage(c.prompt_tokens, sum(r.generated_tokens for r in rows), c.cached_tokens)}
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None = None,
-               logprobs: dict | None = None) -> bytes:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+               logprobs: dict | None = None, index: int = 0) -> bytes:
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [choice]}, openai=True)
 

@@ -59,6 +59,8 @@ class EngineClient(Protocol):
 
     # requests
     def submit(self, request: GenerationRequest) -> RequestHandle: ...  # QueueFull, InputTooLong, EngineNotReady
+    # n rows of one request forked from one prefill (model/engine/forks.py), row i seeded seed + i; all or nothing
+    def submit_n(self, request: GenerationRequest, n: int) -> list[RequestHandle]: ...
     def stats(self) -> dict[str, Any]: ...  # counters and gauges for /metrics and /execution-parameters
 
     # stateful sessions (serve/sessions.py): the engine keeps each session's snapshot pinned

@@ -138,6 +138,8 @@ VARS: tuple[Var, ...] = (
     Var("SESSION_TTL", 1200,
         "Seconds an idle SageMaker stateful session (SessionId) lives; each request restarts its clock.",
         _int(1, 7 * 24 * 3600)),
+    Var("MAX_N", 8, "Most rows one request may ask for: OpenAI `n` / `best_of`, TGI `best_of` (also at most "
+        "MAX_CONCURRENT_SEQS); more: 422.", _int(1)),
     Var("SESSION_MAX", 64,
         "Open sessions per worker; each holds its conversation's state pinned (~37 MiB of Mamba state + "
         "8 KiB of KV per token for the full-size model); more get 429 until one closes or expires.", _int(1)),

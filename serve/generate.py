@@ -1,5 +1,6 @@
 """Run parsed requests on the engine: submit, then collect (JSON) or stream (SSE), for any request kind.
 
+Each prompt runs as `best_of` rows forked from one prefill (engine.submit_n; one row: engine.submit).
 `start(ctx, request)` submits everything a request needs at once and returns a Pending whose
 `finish()` collects the response object, so many requests (JSON Lines records) can share the engine
 concurrently. `stream(ctx, request)` submits first (errors become a proper HTTP status before any byte
@@ -33,7 +34,7 @@ from serve import watch
 from serve.engine_client import RequestHandle
 from serve.kinds import Request, kind_of
 from serve.prompts import Ctx
-from serve.sessions import current_turn
+from serve.sessions import SessionError, current_turn
 
 FAILURE_STATUS = {FailureKind.OUT_OF_MEMORY: 507, FailureKind.SHUTDOWN: 503, FailureKind.STEP_FAILED: 500}
 
@@ -117,8 +118,9 @@ def collect(ctx: Ctx, handle: RequestHandle) -> Completion:
 
 
 def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams, watched: bool = True,
-               constraint: Constraint | None = None) -> list[Item]:
-    """Submit every prompt of one request (`watched`: cancelled with the request, see serve/watch.py).
+               rows: int = 1, constraint: Constraint | None = None) -> list[Item]:
+    """Submit every prompt of one request, `rows` forked rows each (items: rows per prompt, in prompt order;
+    `watched`: cancelled with the request, see serve/watch.py); `constraint`: every row's output matches it.
     When the queue is full and some of this request's own prompts are in flight, wait for the oldest of them (which admits the next waiting sequence) and
     retry, so a long list of inputs is not refused because of itself; QueueFull only when the
     queue is full of other requests' work."""
@@ -126,21 +128,26 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
     oldest = 0
     w = watch.current() if watched else None
     turn = current_turn()
+    if turn is not None and not turn.fork and rows > 1:
+        raise SessionError(400, f"a turn of session {turn.session.id} is one answer: n / best_of > 1 inside a "
+                                'session needs "fork": true', "invalid_session_request")
+    own = turn is not None and not turn.fork  # a fork runs from the session's state without advancing it
     try:
         for ids in prompts:
             request = GenerationRequest(tuple(ids), params, uuid.uuid4().hex,
-                                        session_id=turn.session.id if turn is not None else None,
+                                        session_id=turn.session.id if own else None,
                                         snapshot_at=getattr(ids, "snapshot_at", None),  # serve/prompts.py PromptIds
                                         constraint=constraint)
             while True:
                 try:
-                    handle = ctx.engine.submit(request)
-                    if turn is not None:
-                        turn.submitted(handle, ids)
-                    _SUBMITTED[handle] = time.monotonic()
-                    if w is not None:
-                        w.add(handle)
-                    items.append(handle)
+                    handles = [ctx.engine.submit(request)] if rows == 1 else ctx.engine.submit_n(request, rows)
+                    if own:
+                        turn.submitted(handles[0], ids)
+                    for handle in handles:
+                        _SUBMITTED[handle] = time.monotonic()
+                        if w is not None:
+                            w.add(handle)
+                    items.extend(handles)
                     break
                 except QueueFull:
                     while oldest < len(items) and isinstance(items[oldest], Completion):
@@ -159,44 +166,55 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
 def start(ctx: Ctx, req: Request, record: bool = False) -> Pending:
     """record=True (JSON Lines): a single TGI input answers with an object instead of a list."""
     kind = kind_of(req)
-    items = submit_all(ctx, list(kind.prompts(ctx, req)), req.params, constraint=req.constraint)
+    items = submit_all(ctx, list(kind.prompts(ctx, req)), req.params, rows=max(req.n, req.best_of),
+                       constraint=req.constraint)
     return Pending(items, lambda cs: kind.respond(ctx, req, cs, record), ctx)
 
 
 # ---- streaming ----
 
 def stream(ctx: Ctx, req: Request) -> Iterator[bytes]:
-    (handle,) = submit_all(ctx, [next(kind_of(req).prompts(ctx, req))], req.params, watched=False,
-                           constraint=req.constraint)
-    return _guarded(ctx, handle, stream_body(ctx, req, handle))
+    handles = submit_all(ctx, [next(kind_of(req).prompts(ctx, req))], req.params, watched=False, rows=req.n,
+                         constraint=req.constraint)
+    return _guarded(ctx, handles, stream_body(ctx, req, handles))
 
 
-def stream_body(ctx: Ctx, req: Request, handle: RequestHandle) -> Iterator[bytes]:
-    """The one stream loop: the kind's encoder frames each token. A sequence that fails ends the stream with
-    an error event ([DONE] after it on OpenAI streams); a cancelled one just ends (its client is gone)."""
-    encoder = kind_of(req).stream(ctx, req, handle)
+def stream_body(ctx: Ctx, req: Request, handles: list[RequestHandle]) -> Iterator[bytes]:
+    """The one stream loop: the kind's encoder frames each token of each row (rows in turn: they advance in the
+    same engine steps). A row that fails ends the stream with an error event ([DONE] after it on OpenAI
+    streams); a cancelled one just ends it (its client is gone)."""
+    encoder = kind_of(req).stream(ctx, req, handles)
     yield from encoder.head()
-    n = 0
-    for ev in timed(ctx, handle):
-        if ev.token_id < 0:  # a failed or cancelled sequence ends without a token
-            if ev.finish_reason != FinishReason.CANCELLED:
-                yield _error_event(ev, encoder.openai)
-                if encoder.openai:
-                    yield enc.DONE
-            return
-        n += 1
-        yield from encoder.token(ev, n)
+    events = [timed(ctx, h) for h in handles]
+    counts = [0] * len(handles)
+    live = list(range(len(handles)))
+    while live:
+        for i in list(live):
+            ev = next(events[i])
+            if ev.token_id < 0:  # a failed or cancelled sequence ends without a token
+                if ev.finish_reason != FinishReason.CANCELLED:
+                    yield _error_event(ev, encoder.openai)
+                    if encoder.openai:
+                        yield enc.DONE
+                return
+            counts[i] += 1
+            yield from encoder.token(ev, counts[i], i)
+            if ev.finish_reason is not None:
+                live.remove(i)
+                next(events[i], None)  # the row's events are over: timed() records its timings
+    yield from encoder.tail(sum(counts))
 
 
-def _guarded(ctx: Ctx, handle: RequestHandle, body: Iterator[bytes]) -> Iterator[bytes]:
+def _guarded(ctx: Ctx, handles: list[RequestHandle], body: Iterator[bytes]) -> Iterator[bytes]:
     finished = False
     try:
         yield from body
         finished = True
     finally:
-        if not finished and ctx.metrics is not None and not handle.finished:
+        if not finished and ctx.metrics is not None and not all(h.finished for h in handles):
             ctx.metrics.disconnect()
-        handle.cancel()  # client went away (GeneratorExit): free the slot at the next step
+        for h in handles:
+            h.cancel()  # client went away (GeneratorExit): free the slots at the next step
 
 
 def _error_event(ev: TokenEvent, openai: bool) -> bytes:

@@ -73,7 +73,8 @@ class ServerState:
             engine.start()  # idempotent
             if not engine.wait_ready():
                 raise RuntimeError(engine.error or "the engine did not start")
-            self.limits = Limits.from_config(engine.config, self.config.server.default_max_new_tokens)
+            self.limits = Limits.from_config(engine.config, self.config.server.default_max_new_tokens,
+                                             max_n=self.config.server.max_n)
             for sid in self.sessions.ended_ids():  # ended while the engine was not there (a restart): unpin
                 engine.release_session(sid)
             # code/inference.py sits at the top of the model dir (the checkpoint may be one level down)

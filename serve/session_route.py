@@ -4,6 +4,8 @@
     NEW_SESSION + an ordinary request                                 -> that request, run in the new session
     <id> + {"requestType": "CLOSE"}                                   -> 200 {"closed_session_id"}
     <id> + an ordinary request                                        -> a turn of the session
+    <id> + an ordinary request with "fork": true                      -> a fork: runs from the session's state
+                                                                         (n > 1 too), the conversation unchanged
 The new session's id comes back in X-Amzn-SageMaker-New-Session-Id (with its expiry), a closed one in
 X-Amzn-SageMaker-Closed-Session-Id. With several workers, a request for another worker's session is
 forwarded to it first (serve/affinity.py). A turn runs through the ordinary handler (code/inference.py hooks
@@ -85,6 +87,7 @@ def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine
             forwarded()
             return _forward(link, owner, body, table.durable)
     control = _control(body)
+    body, fork = _fork(body) if control is None else (body, False)
     if sid == NEW_SESSION:
         if control == "CLOSE":
             raise SessionError(400, "CLOSE needs the id of the session to close, not NEW_SESSION",
@@ -93,19 +96,35 @@ def invocation(raw_id: str, table: SessionTable, link: WorkerLink | None, engine
         headers = {NEW_SESSION_HEADER: f"{s.id}; Expires={expires_text(s.expires_at)}"}
         if control == NEW_SESSION:
             return _json({"session_id": s.id, "expires": expires_text(s.expires_at)}, headers)
-        return _turn(table.acquire(s.id), table, engine, body, invoke, respond, headers)
+        return _turn(table.acquire(s.id), table, engine, body, invoke, respond, headers, fork)
     if control == NEW_SESSION:
         raise SessionError(400, f"session {sid} is open already: send NEW_SESSION as the session id to open "
                                 "another", "invalid_session_request")
     if control == "CLOSE":
         table.close(sid)
         return _json({"closed_session_id": sid}, {CLOSED_SESSION_HEADER: sid})
-    return _turn(table.acquire(sid), table, engine, body, invoke, respond, {})
+    return _turn(table.acquire(sid), table, engine, body, invoke, respond, {}, fork)
+
+
+def _fork(body: bytes) -> tuple[bytes, bool]:
+    """The body without its session-only field "fork" (a boolean), and that field."""
+    if b'"fork"' not in body:
+        return body, False
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body, False  # the handler answers the malformed body
+    if not isinstance(obj, dict) or "fork" not in obj:
+        return body, False
+    fork = obj.pop("fork")
+    if not isinstance(fork, bool):
+        raise SessionError(422, f"fork must be true or false, got {json.dumps(fork)[:40]}", "validation")
+    return json.dumps(obj).encode(), fork
 
 
 def _turn(s: Session, table: SessionTable, engine: EngineClient, body: bytes, invoke, respond,
-          headers: dict[str, str]) -> Response:
-    turn = Turn(s, table, engine)
+          headers: dict[str, str], fork: bool = False) -> Response:
+    turn = Turn(s, table, engine, fork)
     try:
         if media_type(request.headers.get("Content-Type")) in JSONL_TYPES:
             raise SessionError(400, f"a turn of session {s.id} is one request: JSON Lines bodies are not "

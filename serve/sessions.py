@@ -231,8 +231,10 @@ class Turn:
     `chat_messages` (the session's messages + the new ones) or `continue_ids` (the session's token ids + the
     new text's), and reports the one sequence it submits; `end()` records the turn in the session."""
 
-    def __init__(self, session: Session, table: SessionTable, engine: EngineClient) -> None:
+    def __init__(self, session: Session, table: SessionTable, engine: EngineClient, fork: bool = False) -> None:
         self.session, self.table, self.engine = session, table, engine
+        # a fork ("fork": true): runs from the session's state (its n rows too) and leaves the conversation as it was
+        self.fork = fork
         self.messages: list[dict[str, Any]] | None = None  # the whole conversation this turn renders (chat)
         self.handle: RequestHandle | None = None
         self.prompt_ids: tuple[int, ...] = ()
@@ -262,7 +264,7 @@ class Turn:
             return
         self._ended = True
         ids = messages = None
-        h = self.handle
+        h = None if self.fork else self.handle
         if h is not None and h.finished:
             c = h.result()
             if c.finish_reason.value in _FINISHED_OK:

@@ -204,6 +204,9 @@ class ListCopier:
         if n_tokens % BS:
             self.kv[dst[n_tokens // BS]] = list(self.kv[src[n_tokens // BS]])
 
+    def fork(self, src_slot, dst_slot, src, dst, n_tokens):
+        self.restore_device(tuple(self.state[src_slot][:n_tokens]), dst_slot, src, dst, n_tokens)
+
     def restore_host(self, packed, slot, dst, n_tokens):
         saved, toks = packed
         self.state[slot] = list(saved)

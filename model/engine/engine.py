@@ -15,6 +15,7 @@ slot (runner.open) and is closed when the sequence ends, however it ends (_retir
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from model.engine import prefix_cache
+from model.engine.forks import check_group
 from model.engine.handle import Handle, SeqOutput, end_event
 from model.engine.prefix_hooks import PrefixSessions
 from model.engine.scheduler import Scheduler
@@ -37,9 +39,11 @@ from model.types import (
     GrammarError,
     Runner,
     Tokenizer,
+    resolve_seed,
 )
 
 log = logging.getLogger(__name__)
+SEED_MOD = 1 << 63  # a fork row's seed (seed + i) stays in the range of a request's
 
 
 class Engine:
@@ -95,7 +99,7 @@ class Engine:
                     return
                 self.prefix = self.sessions.cache = prefix_cache.for_runner(self.config, self.runner, self.model_dir)
                 self.scheduler = Scheduler(self.config, self.runner.allocator, self.prefix,
-                                           self.tokenizer.eos_token_id)
+                                           self.tokenizer.eos_token_id, self.runner.snapshot_copier)
                 self._loop_thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
                 self._loop_thread.start()
                 self._accepting = True
@@ -155,25 +159,37 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Handle:
+        return self.submit_n(request, 1)[0]
+
+    def submit_n(self, request: GenerationRequest, n: int) -> list[Handle]:
+        """`n` sequences of one request, forked from one prefill (model/engine/forks.py); row i samples with
+        the request's seed + i (a sampled request without a seed: a random one + i). One handle per row."""
         if not self.ready:
             raise EngineNotReady(self.error or ("shutting down" if self._shut else "the model is still loading"))
-        seq = checked(request, self.config, self.runner.allocator.max_tokens_per_seq, self.runner.vocab_size)
-        processor = None
-        if request.constraint is not None:  # compiled here, on the caller's thread: never a step's delay
-            if self.grammars is None:
-                raise GrammarError(f"constrained decoding is unavailable: {self.grammar_error}", status=422,
-                                   error_type="unsupported_grammar")
-            processor = self.grammars.processor(request.constraint)  # raises GrammarError
-        seq.ctx = SeqOutput(request, self.tokenizer.detokenizer(), lambda: self._cancel(seq))
-        seq.ctx.processor = processor
+        alloc = self.runner.allocator
+        seq = checked(request, self.config, alloc.max_tokens_per_seq, self.runner.vocab_size)
+        seqs = [seq, *(Sequence(request, seq.max_new_tokens, seq.namespace) for _ in range(n - 1))]
+        seq.forks = seqs[1:]
+        for row in seq.forks:
+            row.leader = seq
+        check_group(seq, n, self.config, alloc)
+        if request.constraint is not None and self.grammars is None:
+            raise GrammarError(f"constrained decoding is unavailable: {self.grammar_error}", status=422,
+                               error_type="unsupported_grammar")
+        base = resolve_seed(request.params)
+        for i, row in enumerate(seqs):
+            row.ctx = SeqOutput(request, self.tokenizer.detokenizer(), functools.partial(self._cancel, row),
+                                seed=None if base is None else (base + i) % SEED_MOD)
+            if request.constraint is not None:  # compiled here, on the caller's thread: never a step's delay
+                row.ctx.processor = self.grammars.processor(request.constraint)  # raises GrammarError (cached)
         with self._cv:
             if not self._accepting:
                 raise EngineNotReady("shutting down")
             self.scheduler.add(seq)  # raises QueueFull
-            self._counters["requests_total"] += 1
-            self._counters["prompt_tokens_total"] += seq.prompt_len
+            self._counters["requests_total"] += n
+            self._counters["prompt_tokens_total"] += seq.prompt_len * n
             self._cv.notify_all()
-        return seq.ctx.handle
+        return [row.ctx.handle for row in seqs]
 
     def _cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
@@ -332,6 +348,6 @@ class Engine:
         self.runner.after_failure(exc)
         with self._cv:
             self._counters["step_errors_total"] += 1
-        for seq in seqs:
+        for seq in [*seqs, *(row for s in seqs for row in s.forks)]:  # rows waiting on a failed leader fail too
             if not seq.ctx.ended:
                 self._end(seq, FinishReason.ERROR, error=msg, failure=failure)

@@ -116,8 +116,10 @@ class SeqOutput:
     """The engine's side of one sequence's output (kept in Sequence.ctx): its handle, incremental text with its
     stop strings, and whether its last event is out."""
 
-    def __init__(self, request: GenerationRequest, detok: Detokenizer, on_cancel: Callable[[], None]) -> None:
-        self.seed = resolve_seed(request.params)  # the seed it samples with (reported back)
+    def __init__(self, request: GenerationRequest, detok: Detokenizer, on_cancel: Callable[[], None],
+                 seed: int | None = None) -> None:
+        # the seed it samples with (reported back): `seed` (a fork row's), else the request's (or a random one)
+        self.seed = seed if seed is not None else resolve_seed(request.params)
         self.handle = Handle(len(request.prompt_ids), request.request_id, on_cancel)
         self.handle.seed = self.seed
         self.detok = detok

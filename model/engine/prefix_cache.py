@@ -136,11 +136,13 @@ class PrefixCache(DiskTierPolicy):
         return out
 
     # ---- admission (the scheduler's hook) ---------------------------------------------------------
-    def admit(self, prompt_ids, reserve_tokens: int, namespace: str = DEFAULT_NAMESPACE) -> tuple[int, int] | None:
+    def admit(self, prompt_ids, reserve_tokens: int, namespace: str = DEFAULT_NAMESPACE, extra_slots: int = 0,
+              extra_blocks: int = 0) -> tuple[int, int] | None:
         """Allocate a slot for a new sequence, resumed from the longest matching snapshot when there is
         one: returns (slot, tokens already in its state), or None when it cannot be admitted yet (no slot,
-        or running sequences hold the KV it needs). Snapshots give up their blocks before that."""
-        if self.allocator.num_free_slots < 1:
+        or running sequences hold the KV it needs). Snapshots give up their blocks before that. `extra_slots`,
+        `extra_blocks`: what a fork group's other rows need beside it (model/engine/forks.py), left free too."""
+        if self.allocator.num_free_slots < 1 + extra_slots:
             return None
         trie = self._tries.get(namespace)
         hit = trie.longest(prompt_ids, len(prompt_ids) - 1) if trie is not None else None
@@ -148,7 +150,7 @@ class PrefixCache(DiskTierPolicy):
             if hit is not None and id(hit) not in self.lru:
                 hit = None  # its file was deleted to make room for a spill
             shared = list(hit.blocks[: len(hit.ids) // self.bs]) if hit and hit.tier == DEVICE else []
-            need = blocks_needed(reserve_tokens, self.bs) - len(shared)
+            need = blocks_needed(reserve_tokens, self.bs) - len(shared) + extra_blocks
             if need <= self.allocator.num_free_blocks:
                 break
             victim = next((s for s in self.lru.values() if s.tier == DEVICE and s is not hit), None)
@@ -180,7 +182,7 @@ class PrefixCache(DiskTierPolicy):
             log.exception("prefix cache: restoring a snapshot of %d tokens failed; dropped", n)
             self.allocator.free(slot)
             self._drop(hit, evicted=True)
-            return self.admit(prompt_ids, reserve_tokens, namespace)
+            return self.admit(prompt_ids, reserve_tokens, namespace, extra_slots, extra_blocks)
         self.lru.move_to_end(id(hit))
         hit.hits += 1
         self.counters["hits"] += 1

@@ -6,6 +6,9 @@ them and before the slot is freed:
   prefilled  the prompt was just fully fed: snapshot the prompt (a later prompt that extends it resumes there);
              or a prefill chunk just ended at one of its boundaries (a chat prompt's system part, an interval):
              snapshot the prompt up to there (a later prompt sharing that part resumes there).
+  forked     a fork group's leader reached its fork point (model/engine/forks.py): snapshot the prompt but its last
+             token instead (the same request again resumes there and forks at once; an extension resumes there too),
+             and its rows take no prompt snapshot of their own.
   finished   a clean end (EOS, stop, length) with the slot still held: snapshot prompt + output (all but the
              last token, which never went through the network), then the slot may be freed. On an asynchronous
              device a stop string is found while the sequence's next step already runs (launched): that step
@@ -48,10 +51,15 @@ class PrefixHooks:
         for s in seqs:
             if s.cancelled or s.slot is None:
                 continue
-            if s.num_computed == s.prompt_len:
+            if s.num_computed == s.prompt_len and not s.forked:
                 self._take(s, final=False)
             elif s.num_computed in s.boundaries:  # a prefill chunk ended at a snapshot boundary (the scheduler)
                 self._take(s, final=False, boundary=True)
+
+    def forked(self, leader: Sequence) -> None:
+        """A fork group's leader holds the prompt but its last token and its rows are about to copy it."""
+        if self.cache is not None and leader.num_computed > leader.cached_tokens:  # else it was resumed from there
+            self._take(leader, final=False)
 
     def finished(self, seq: Sequence, reason: FinishReason) -> bool:
         """A sequence ended: True when its slot may be freed now (after the snapshot of a clean end), False when

@@ -17,6 +17,8 @@ After the step (postprocess): each sequence advances by the tokens it fed and ap
 finish rule (finish_rule: EOS, a stop token id, length) ends it and frees its slot before the next schedule.
 The prefix cache is asked at admission (resume from a snapshot) and told of each sequence's moments through
 its hooks (model/engine/prefix_hooks.py: prefilled, finished; launched / settled for the step in flight).
+A fork group (model/engine/forks.py: n rows of one request) waits and is admitted as one, its leader prefills
+up to the fork point, and the rows start from copies of its state.
 """
 
 from __future__ import annotations
@@ -24,10 +26,21 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
+from model.engine import forks
 from model.engine.prefix_cache import PrefixCache
 from model.engine.prefix_hooks import PrefixHooks
 from model.engine.sequence import SeqStatus, Sequence
-from model.types import Allocator, ChunkKind, EngineConfig, FinishReason, QueueFull, SeqChunk, StepBatch
+from model.runtime.blocks import blocks_needed
+from model.types import (
+    Allocator,
+    ChunkKind,
+    Copier,
+    EngineConfig,
+    FinishReason,
+    QueueFull,
+    SeqChunk,
+    StepBatch,
+)
 
 MIN_PREFILL_TOKENS = 16  # waiting prompts always progress
 WINDOW = 9  # recent steps each estimate is the median of
@@ -87,9 +100,10 @@ def finish_rule(seq: Sequence, eos_token_id: int | None, max_total_tokens: int) 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, allocator: Allocator, prefix: PrefixCache | None = None,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | None = None, copier: Copier | None = None) -> None:
         self.config = config
         self.allocator = allocator
+        self.copier = copier  # copies a fork group's state into its rows (None: a runner without a state pool)
         self.prefix = prefix
         self.hooks = PrefixHooks(prefix)  # when snapshots are taken (no-ops without a prefix cache)
         self.eos_token_id = eos_token_id
@@ -101,12 +115,16 @@ class Scheduler:
         self.cost = StepCost(config.prefill_time_share)
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_queued_requests:
+        """Queue a sequence, or a fork group by its leader (seq.forks: its other rows, queued with it; each
+        counts against max_queued_requests): all of it, or QueueFull."""
+        queued = sum(1 + len(s.forks) for s in self.waiting)
+        if queued + len(seq.forks) >= self.config.max_queued_requests:
             raise QueueFull(
-                f"{len(self.waiting)} requests already waiting "
+                f"{queued} requests already waiting "
                 f"(limit {self.config.max_queued_requests}); retry later"
             )
-        seq.status = SeqStatus.WAITING
+        for s in (seq, *seq.forks):
+            s.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -117,35 +135,45 @@ class Scheduler:
         return out
 
     def _retire_cancelled(self) -> None:
-        for queue in (self.waiting, self.running):
-            for seq in [s for s in queue if s.cancelled]:
-                self.finish(seq)
-                self.retired.append(seq)
+        cancelled = [s for queue in (self.waiting, self.running) for s in queue if s.cancelled]
+        cancelled += [row for s in self.waiting for row in s.forks if row.cancelled]  # queued with their leader
+        for seq in cancelled:
+            if any(not row.cancelled for row in seq.forks):
+                continue  # a fork leader goes on prefilling for its rows; it ends once they forked
+            self.finish(seq)
+            self.retired.append(seq)
 
     def _admit(self) -> None:
         # FIFO: the head of the queue is never overtaken, so a big request is not starved by small ones.
         while self.waiting and self.allocator.num_free_slots > 0:
             seq = self.waiting[0]
+            # a fork group: its other rows' slots and blocks are reserved with the leader's, all or nothing
+            rows, (_, extra) = len(seq.forks), forks.group_blocks(seq, self.allocator.block_size)
             if self.prefix is not None:  # [prefix cache] resume from the longest snapshot; snapshots make room
-                got = self.prefix.admit(seq.prompt_ids, seq.reserve_tokens, seq.namespace)
+                got = self.prefix.admit(seq.prompt_ids, seq.reserve_tokens, seq.namespace, rows, extra)
                 if got is None:
                     break
-                self.waiting.popleft()
                 seq.slot, seq.num_computed = got
                 if seq.interval_points:  # those of its raw prompt's interval points whose prefix was seen before
                     seen = self.prefix.seen_before(seq.prompt_ids, seq.interval_points, seq.namespace)
                     seq.boundaries = tuple(sorted({*seq.boundaries, *seen}))
                 seq.cached_tokens = seq.num_computed
-                seq.status = SeqStatus.RUNNING
-                self.running.append(seq)
-                continue
-            if not self.allocator.can_allocate(seq.reserve_tokens):
-                break
+            else:
+                need = blocks_needed(seq.reserve_tokens, self.allocator.block_size) + extra
+                if self.allocator.num_free_slots < 1 + rows or self.allocator.num_free_blocks < need:
+                    break
+                seq.slot = self.allocator.allocate(seq.reserve_tokens)
+                seq.num_computed = 0
             self.waiting.popleft()
-            seq.slot = self.allocator.allocate(seq.reserve_tokens)
-            seq.status = SeqStatus.RUNNING
-            seq.num_computed = 0
-            self.running.append(seq)
+            for s in (seq, *forks.place_forks(seq, self.allocator)):
+                s.status = SeqStatus.RUNNING
+                self.running.append(s)
+            self._fork_if_ready(seq)
+
+    def _fork_if_ready(self, seq: Sequence) -> None:
+        if seq.forks and seq.num_computed == forks.fork_point(seq):
+            self.hooks.forked(seq)
+            forks.fork(seq, self.allocator, self.copier)
 
     def schedule(self) -> tuple[list[Sequence], StepBatch]:
         """Pick this step's work. Returns the sequences and their chunks, in the same order
@@ -173,12 +201,15 @@ class Scheduler:
         for seq in self.running:
             if budget <= 0:
                 break
-            if not seq.is_prefilling:
+            if not seq.is_prefilling or seq.leader is not None:  # a fork row waits for its leader's state
                 continue
-            n = min(seq.prompt_len - seq.num_computed, self.config.prefill_chunk_tokens, budget)
-            stop = seq.next_boundary() if self.prefix is not None else None  # [prefix cache] ends at a boundary
-            if stop is not None:
-                n = min(n, stop - seq.num_computed)
+            stop = forks.fork_point(seq) if seq.forks else seq.prompt_len  # a fork leader stops there first
+            n = min(stop - seq.num_computed, self.config.prefill_chunk_tokens, budget)
+            if n <= 0:
+                continue
+            boundary = seq.next_boundary() if self.prefix is not None else None  # [prefix cache] ends at a boundary
+            if boundary is not None:
+                n = min(n, boundary - seq.num_computed)
             end = seq.num_computed + n
             ids = tuple(seq.prompt_ids[seq.num_computed : end])
             # A sequence's first chunk starts from a zeroed state; later ones continue from the slot's.
@@ -216,6 +247,7 @@ class Scheduler:
             seq.scheduled_tokens = 0
             if tok is not None:
                 seq.output_ids.append(tok)
+            self._fork_if_ready(seq)
         sampled = [s for s, tok in zip(seqs, new_tokens, strict=True) if tok is not None]
         self.hooks.prefilled(seqs)
         for seq in sampled:
@@ -234,8 +266,12 @@ class Scheduler:
         """Remove a sequence from whichever queue holds it and free its slot now. Idempotent."""
         if seq.status == SeqStatus.FINISHED:
             return
+        if seq.leader is not None:  # a fork row before its fork (queued with its leader, or running)
+            seq.leader.forks.remove(seq)
+            seq.leader = None
         if seq.status == SeqStatus.WAITING:
-            self.waiting.remove(seq)
+            if seq in self.waiting:
+                self.waiting.remove(seq)
         else:
             self.running.remove(seq)
             if seq.slot is not None:
@@ -245,7 +281,7 @@ class Scheduler:
 
     def abort_all(self) -> list[Sequence]:
         """Finish every queued and running sequence (shutdown); returns them."""
-        seqs = list(self.waiting) + list(self.running)
+        seqs = [*self.waiting, *(row for s in self.waiting for row in s.forks), *self.running]
         for seq in seqs:
             self.finish(seq)
         return seqs

@@ -45,6 +45,10 @@ class Sequence:
         self.scheduled_tokens = 0  # tokens fed in the step being run
         self.cached_tokens = 0  # prompt tokens resumed from a prefix-cache snapshot (not computed)
         self.finish_reason: FinishReason | None = None  # set by the scheduler's finish rule on its last token
+        # A fork group (model/engine/forks.py): the leader's rows not yet forked, and a row's leader until then.
+        self.forks: list[Sequence] = []
+        self.leader: Sequence | None = None
+        self.forked = False  # started from a fork point (a group's leader or row): no prompt snapshot of its own
         self.ctx: Any = None  # engine-owned per-sequence state (model/engine/handle.py SeqOutput)
 
     @property

@@ -78,6 +78,11 @@ class SnapshotCopier:
             p.k[:, dst[last]].copy_(p.k[:, src[last]])
             p.v[:, dst[last]].copy_(p.v[:, src[last]])
 
+    def fork(self, src_slot: int, dst_slot: int, src: list[int], dst: list[int], n_tokens: int) -> None:
+        """A fork (model/engine/forks.py): the slot's Mamba state copied into another live slot; the partial last
+        block of the n tokens copied into dst's own block (the full ones are shared through the block table)."""
+        self.restore_device((self.pool.conv[:, src_slot], self.pool.ssm[:, src_slot]), dst_slot, src, dst, n_tokens)
+
     def restore_host(self, packed: torch.Tensor, slot: int, dst: list[int], n_tokens: int) -> None:
         p = self.pool
         dev = packed.to(p.k.device, non_blocking=self.pin)  # the one host -> device transfer

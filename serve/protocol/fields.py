@@ -43,14 +43,16 @@ class Limits:
     max_new_tokens: int = 16383  # upper bound for a request's max_new_tokens
     # SamplingParams field -> value applied before the request's own fields (batch CLI defaults)
     base: dict[str, Any] = field(default_factory=dict)
+    max_n: int = 8  # rows one request may ask for (n, best_of): MAX_N, at most the engine's slots
 
     @classmethod
     def from_config(cls, engine: EngineConfig, default_max_new_tokens: int = SamplingParams.max_new_tokens,
-                    base: Mapping[str, Any] | None = None) -> Limits:
+                    base: Mapping[str, Any] | None = None, max_n: int = 8) -> Limits:
         """The limits of an engine: a request may ask for up to max_total_tokens - 1 new tokens, and the
-        server's default (MAX_NEW_TOKENS) yields to a smaller context."""
+        server's default (MAX_NEW_TOKENS) yields to a smaller context; n / best_of up to max_n and the slots."""
         top = max(1, engine.max_total_tokens - 1)
-        return cls(min(default_max_new_tokens, top), top, dict(base or {}))
+        return cls(min(default_max_new_tokens, top), top, dict(base or {}),
+                   max(1, min(max_n, engine.max_concurrent_seqs)))
 
     def with_base(self, values: Mapping[str, Any]) -> Limits:
         """These limits with `values` (SamplingParams fields) added to the base under each request's own."""

@@ -35,6 +35,8 @@ class ChatRequest:
     model: str | None = None
     constraint: Constraint | None = None  # response_format json, or the tool_choice's tool_calls
     calls: bool = False  # the answer may hold tool calls: parse them (tools given, tool_choice not "none")
+    n: int = 1  # choices, forked from one prefill (model/engine/forks.py)
+    best_of: int = 1  # rows generated (chat: = n)
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,11 @@ class CompletionRequest:
     logprobs: int | None = None  # completions API: number of alternatives, None = no logprobs
     model: str | None = None
     constraint: Constraint | None = None  # response_format json
+    n: int = 1  # choices per prompt
+    best_of: int = 1  # rows generated per prompt (>= n); the n with the highest cumulative logprob are returned
 
 
 def _common(f: Fields, limits: Limits, max_keys: tuple[str, ...]) -> dict[str, Any]:
-    f.null_or("n", (1,), "only n=1 is implemented")
     f.null_or("logit_bias", (), "logit_bias is not implemented")
     f.str("model")
     f.str("user")
@@ -70,6 +73,19 @@ def _common(f: Fields, limits: Limits, max_keys: tuple[str, ...]) -> dict[str, A
         "do_sample": temperature is None or temperature > 0.0,
     }
     return values
+
+
+def rows(f: Fields, limits: Limits, stream: bool, best_of: bool) -> tuple[int, int]:
+    """(n, best_of): n choices (1..MAX_N); best_of (completions) rows generated, n..MAX_N, not streamed."""
+    n = f.int("n", 1, limits.max_n) or 1
+    b = f.int("best_of", 1, limits.max_n) if best_of else None
+    if b is None:
+        return n, n
+    if b < n:
+        raise invalid(f"best_of ({b}) must be >= n ({n})")
+    if b > 1 and stream:
+        raise invalid("best_of > 1 cannot be streamed (stream=true)")
+    return n, b
 
 
 def _stream(f: Fields) -> tuple[bool, bool]:
@@ -177,17 +193,18 @@ def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
         raise invalid("top_logprobs requires logprobs=true")
     values.update(logprobs=logprobs, top_n_tokens=top)
     stream, include_usage = _stream(f)
+    n, best_of = rows(f, limits, stream, best_of=False)
     return ChatRequest(
         messages=_messages(obj.get("messages")), params=sampling_params(limits, values),
         tools=tools or None, documents=_documents(obj.get("documents")),
         stream=stream, include_usage=include_usage, logprobs=logprobs, top_logprobs=top, model=obj.get("model"),
         constraint=fmt or calls_constraint, calls=calls,
+        n=n, best_of=best_of,
     )
 
 
 def parse_completion(obj: Any, limits: Limits) -> CompletionRequest:
     f = Fields(obj, "", COMPLETION)
-    f.null_or("best_of", (1,), "only best_of=1 is implemented")
     f.null_or("suffix", (), "suffix (fill-in-the-middle) is not implemented")
     raw = obj.get("prompt")
     prompts = raw if isinstance(raw, list) else [raw]
@@ -199,10 +216,12 @@ def parse_completion(obj: Any, limits: Limits) -> CompletionRequest:
     stream, include_usage = _stream(f)
     if stream and len(prompts) > 1:
         raise invalid("stream=true takes a single prompt")
+    n, best_of = rows(f, limits, stream, best_of=True)
     return CompletionRequest(
         prompts=tuple(prompts), params=sampling_params(limits, values), stream=stream,
         include_usage=include_usage, echo=bool(f.bool("echo")), logprobs=logprobs, model=obj.get("model"),
         constraint=response_format(f.get("response_format")),
+        n=n, best_of=best_of,
     )
 
 

@@ -30,13 +30,14 @@ class TextRequest:
     return_full_text: bool = False
     truncate: int | None = None  # keep only the last `truncate` prompt tokens
     constraint: Constraint | None = None  # parameters.grammar: every input's output matches it
+    best_of: int = 1  # rows generated per input; the one with the highest cumulative logprob is returned
+    n: int = 1  # answers per input (TGI: always one)
 
 
 def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]]:
     """TGI "parameters" -> (SamplingParams fields, response options and the grammar's constraint). Also used for
     batch defaults."""
     f = Fields({} if raw is None else raw, "parameters", TGI_PARAMS)
-    f.null_or("best_of", (1,), "only best_of=1 is implemented")
     f.null_or("watermark", (False,), "watermarking is not implemented")
     f.null_or("decoder_input_details", (False,), "prompt token logprobs are not computed")
     f.null_or("adapter_id", (), "adapters are not supported")
@@ -61,8 +62,12 @@ def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]
     details = bool(f.bool("details"))
     if details:
         v["logprobs"] = True
+    best_of = f.int("best_of", 1, limits.max_n) or 1
+    if best_of > 1 and not v.get("do_sample"):  # TGI's validation: several rows of one greedy answer say nothing
+        raise invalid("parameters.best_of > 1 needs sampling (do_sample=true or a sampling parameter)")
     opts = {"details": details, "return_full_text": bool(f.bool("return_full_text")),
-            "truncate": f.int("truncate", 1, 10_000_000), "constraint": tgi_grammar(f.get("grammar"))}
+            "truncate": f.int("truncate", 1, 10_000_000), "constraint": tgi_grammar(f.get("grammar")),
+            "best_of": best_of}
     return v, opts
 
 
@@ -83,6 +88,8 @@ def parse_tgi(obj: dict, limits: Limits) -> TextRequest:
     if stream and len(inputs) > 1:
         raise invalid("stream=true takes a single input, not a list of several")
     values, opts = tgi_params(obj.get("parameters"), limits)
+    if stream and opts["best_of"] > 1:
+        raise invalid("parameters.best_of > 1 cannot be streamed (stream=true)")
     return TextRequest(inputs=tuple(inputs), params=sampling_params(limits, values), batched=batched,
                        stream=stream, **opts)
 

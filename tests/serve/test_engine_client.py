@@ -70,6 +70,7 @@ def test_the_checker_sees_drift():
 
     bad = {line.split(":")[0] for line in mismatches(EngineClient, Drifted)}
     assert bad == {"model_dir", "config", "error", "tokenizer", "start", "shutdown", "session_conversation",
+                   "submit_n",
                    "release_session",  # missing
                    "ready",  # a method where a value is read
                    "submit(priority)",  # a required parameter the server does not pass

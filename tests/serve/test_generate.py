@@ -60,7 +60,8 @@ TOOLS = ({"type": "function", "function": {"name": "get_weather"}},)
 def test_chat_stream_turns_tool_call_markup_into_tool_calls():
     h = ScriptedHandle(events("Checking", " <tool_", "call>\n{\"name\": \"get_weather\", ",
                               "\"arguments\": {\"city\": \"Oslo\"}}\n", "</tool_call>"))
-    out = chunks(generate._guarded(CTX, h, generate.stream_body(CTX, chat(TOOLS, calls=True, include_usage=True), h)))
+    out = chunks(generate._guarded(CTX, [h], generate.stream_body(CTX, chat(TOOLS, calls=True, include_usage=True),
+                                                                  [h])))
     assert out[-1] == "[DONE]"
     objs = [json.loads(x) for x in out[:-1]]
     content = "".join(o["choices"][0]["delta"].get("content", "") for o in objs if o["choices"])
@@ -77,7 +78,7 @@ def test_chat_stream_turns_tool_call_markup_into_tool_calls():
 
 def test_chat_stream_without_tools_streams_markup_as_text():
     h = ScriptedHandle(events("a", "<tool_call>", "b"))
-    out = chunks(generate.stream_body(CTX, chat(), h))
+    out = chunks(generate.stream_body(CTX, chat(), [h]))
     objs = [json.loads(x) for x in out[:-1]]
     assert "".join(o["choices"][0]["delta"].get("content", "") for o in objs) == "a<tool_call>b"
     assert objs[-1]["choices"][0]["finish_reason"] == "stop"
@@ -87,7 +88,7 @@ def test_failed_sequence_ends_the_stream_with_an_error_event():
     h = ScriptedHandle([TokenEvent(1, "a", -0.1),
                         TokenEvent(-1, "", 0.0, finish_reason=FinishReason.ERROR, error="CUDA out of memory")])
     req = TextRequest(inputs=("p",), params=SamplingParams(), stream=True)
-    out = chunks(generate.stream_body(CTX, req, h))
+    out = chunks(generate.stream_body(CTX, req, [h]))
     assert json.loads(out[0])["token"]["text"] == "a"
     err = json.loads(out[-1])
     assert err["error_type"] == "generation_error" and "out of memory" in err["error"]
@@ -103,8 +104,32 @@ def test_generation_failed_status_follows_the_failure_kind_not_the_message():
 def test_closing_a_stream_early_cancels_the_handle():
     h = ScriptedHandle(events("a", "b", "c", end=FinishReason.LENGTH))
     h.finished = False
-    body = generate._guarded(CTX, h, generate.stream_body(CTX, chat(), h))
+    body = generate._guarded(CTX, [h], generate.stream_body(CTX, chat(), [h]))
     next(body)
     body.close()  # what gunicorn does when the client has gone
     assert h.cancelled == 1
     assert CTX.metrics.registry.get_sample_value("granite_client_disconnects_total") == 1
+
+
+def test_streamed_rows_interleave_by_index_and_end_together():
+    a, b = ScriptedHandle(events("a1", "a2", "a3")), ScriptedHandle(events("b1", end=FinishReason.LENGTH))
+    ttfts = CTX.metrics.registry.get_sample_value("granite_time_to_first_token_seconds_count") or 0
+    out = chunks(generate.stream_body(CTX, chat(n=2, include_usage=True), [a, b]))
+    assert CTX.metrics.registry.get_sample_value("granite_time_to_first_token_seconds_count") == ttfts + 2
+    assert out[-1] == "[DONE]" and out.count("[DONE]") == 1
+    objs = [json.loads(x) for x in out[:-1]]
+    assert [o["choices"][0]["index"] for o in objs[:2]] == [0, 1]  # a role chunk per row first
+    order = [(o["choices"][0]["index"], o["choices"][0]["delta"].get("content"), o["choices"][0]["finish_reason"])
+             for o in objs[2:-1]]
+    assert order == [(0, "a1", None), (1, "b1", None), (1, None, "length"), (0, "a2", None), (0, "a3", None),
+                     (0, None, "stop")]
+    assert objs[-1]["usage"]["completion_tokens"] == 4 and objs[-1]["choices"] == []  # every row's tokens
+
+
+def test_a_row_that_fails_ends_the_stream_and_cancels_the_others():
+    bad = [TokenEvent(0, "x", -0.1), TokenEvent(-1, "", 0.0, finish_reason=FinishReason.ERROR, error="boom",
+                                                  failure=FailureKind.STEP_FAILED)]
+    a, b = ScriptedHandle(events("a1", "a2", "a3")), ScriptedHandle(bad)
+    out = chunks(generate._guarded(CTX, [a, b], generate.stream_body(CTX, chat(n=2), [a, b])))
+    assert "boom" in out[-2] and out[-1] == "[DONE]"
+    assert a.cancelled == 1 and b.cancelled == 1

@@ -67,6 +67,8 @@ class ShoutRequest:
     params: SamplingParams
     stream: bool = False
     constraint: None = None  # free text (a kind may constrain its outputs: serve/kinds/kind.py Request)
+    n: int = 1
+    best_of: int = 1
 
 
 def _parse(obj, limits):
@@ -80,16 +82,17 @@ def _prompts(ctx, req) -> Iterator[tuple[int, ...]]:
 class _Stream:
     openai = False
 
-    def __init__(self, ctx, req, handle):
+    def __init__(self, ctx, req, handles):
         pass
 
     def head(self):
         yield b"<"
 
-    def token(self, ev: TokenEvent, n: int):
+    def token(self, ev: TokenEvent, n: int, index: int = 0):
         yield ev.text.upper().encode()
-        if ev.finish_reason is not None:
-            yield b">"
+
+    def tail(self, tokens: int):
+        yield b">"
 
 
 SHOUT = Kind("shout", "shout", None, ShoutRequest, _parse, _prompts,

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from model.types import EngineConfig
 from serve.kinds import parse_request
 from serve.protocol import (
     ChatRequest,
@@ -123,7 +124,9 @@ def test_tgi_nulls_mean_defaults():
         ({"inputs": "x", "parameters": {"stop": ["a"] * 17}}, "parameters.stop"),
         ({"inputs": "x", "parameters": {"seed": -(2**64)}}, "parameters.seed"),
         ({"inputs": "x", "parameters": {"details": "yes"}}, "parameters.details"),
-        ({"inputs": "x", "parameters": {"best_of": 2}}, "best_of"),
+        ({"inputs": "x", "parameters": {"best_of": 2}}, "best_of > 1 needs sampling"),
+        ({"inputs": "x", "parameters": {"best_of": 2, "do_sample": True}, "stream": True}, "cannot be streamed"),
+        ({"inputs": "x", "parameters": {"best_of": 9, "do_sample": True}}, "best_of must be between 1 and 8"),
         ({"inputs": "x", "parameters": {"watermark": True}}, "watermark"),
         ({"inputs": "x", "parameters": {"decoder_input_details": True}}, "decoder_input_details"),
         ({"inputs": "x", "parameters": {"grammar": {"type": "json"}}}, "grammar"),
@@ -203,7 +206,9 @@ def test_chat_defaults_sample_like_openai():
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "content[0]"),
         ({"messages": [{"role": "user", "content": "x", "colour": 1}]}, "colour"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n="),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "n must be between 1 and 8"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n must be between 1 and 8"),
+        ({"messages": [{"role": "user", "content": "x"}], "best_of": 2}, "best_of"),
         ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
@@ -237,7 +242,8 @@ def test_completion_shape_and_route():
 
 @pytest.mark.parametrize("body,needle", [
     ({"prompt": ""}, "prompt"), ({"prompt": [1, 2]}, "prompt"), ({"prompt": []}, "prompt"),
-    ({"prompt": "a", "suffix": "z"}, "suffix"), ({"prompt": "a", "best_of": 3}, "best_of"),
+    ({"prompt": "a", "suffix": "z"}, "suffix"), ({"prompt": "a", "best_of": 1, "n": 2}, "best_of (1) must be >= n (2)"),
+    ({"prompt": "a", "best_of": 2, "stream": True}, "cannot be streamed"), ({"prompt": "a", "best_of": 9}, "best_of"),
     ({"prompt": ["a", "b"], "stream": True}, "stream"), ({"prompt": "a", "logprobs": True}, "logprobs"),
 ])
 def test_completion_invalid(body, needle):
@@ -268,3 +274,16 @@ def test_limits_from_an_engine_config():
     lim = Limits.from_config(EngineConfig(), 300, base={"top_k": 5})
     assert (lim.default_max_new_tokens, lim.max_new_tokens, lim.base) == (300, 16383, {"top_k": 5})
     assert lim.with_base({"seed": 7}) == Limits(300, 16383, {"top_k": 5, "seed": 7}) and lim.base == {"top_k": 5}
+
+
+def test_n_and_best_of_parse():
+    chat = parse({"messages": [{"role": "user", "content": "x"}], "n": 3, "stream": True})
+    assert (chat.n, chat.best_of, chat.stream) == (3, 3, True)
+    cmpl = parse({"prompt": "a", "n": 2, "best_of": 5})
+    assert (cmpl.n, cmpl.best_of) == (2, 5)
+    tgi = parse({"inputs": "x", "parameters": {"best_of": 4, "temperature": 0.7, "seed": 3}})
+    assert (tgi.n, tgi.best_of, tgi.params.seed) == (1, 4, 3)
+    assert parse({"prompt": "a", "n": 8}, limits=Limits(max_n=8)).n == 8
+    with pytest.raises(ProtocolError, match="n must be between 1 and 2"):
+        parse({"prompt": "a", "n": 3}, limits=Limits(max_n=2))
+    assert Limits.from_config(EngineConfig(max_concurrent_seqs=4), max_n=8).max_n == 4  # never more than the slots
