@@ -24,6 +24,9 @@ from model.engine.prefix_hooks import PrefixSessions
 from model.engine.scheduler import Scheduler
 from model.engine.sequence import Sequence, checked
 from model.types import (
+    AdapterInvalid,
+    AdapterNotFound,
+    AdapterSlots,
     EngineConfig,
     EngineNotReady,
     FailureKind,
@@ -82,7 +85,7 @@ class Engine:
                     return
                 self.prefix = self.sessions.cache = prefix_cache.for_runner(self.config, self.runner)
                 self.scheduler = Scheduler(self.config, self.runner.allocator, self.prefix,
-                                           self.tokenizer.eos_token_id)
+                                           self.tokenizer.eos_token_id, self.runner.adapters)
                 self._loop_thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
                 self._loop_thread.start()
                 self._accepting = True
@@ -131,14 +134,40 @@ class Engine:
             raise EngineNotReady(self.error or ("shutting down" if self._shut else "the model is still loading"))
         seq = checked(request, self.config, self.runner.allocator.max_tokens_per_seq, self.runner.vocab_size)
         seq.ctx = SeqOutput(request, self.tokenizer.detokenizer(), lambda: self._cancel(seq))
+        if request.adapter is not None:  # held until the sequence ends (the scheduler releases it)
+            seq.namespace = self._adapters(request.adapter).hold(request.adapter)
         with self._cv:
-            if not self._accepting:
-                raise EngineNotReady("shutting down")
-            self.scheduler.add(seq)  # raises QueueFull
+            try:
+                if not self._accepting:
+                    raise EngineNotReady("shutting down")
+                self.scheduler.add(seq)  # raises QueueFull
+            except Exception:
+                if request.adapter is not None:
+                    self.runner.adapters.release(request.adapter)
+                raise
             self._counters["requests_total"] += 1
             self._counters["prompt_tokens_total"] += seq.prompt_len
             self._cv.notify_all()
         return seq.ctx.handle
+
+    # ---- LoRA adapters (model/runtime/adapters.py through model/types.py AdapterSlots) ------------------------
+    def _adapters(self, name: str | None = None) -> AdapterSlots:
+        if not self.ready:
+            raise EngineNotReady(self.error or "the model is still loading")
+        if self.runner.adapters is None:
+            if name is not None:
+                raise AdapterNotFound(f"adapter {name!r} is not registered (adapters are off on this server: MAX_LORAS=0)")
+            raise AdapterInvalid("adapters are off on this server: set MAX_LORAS (adapters on the device at once)")
+        return self.runner.adapters
+
+    def register_adapter(self, name: str, path: str) -> dict:
+        return self._adapters().register(name, path)
+
+    def unregister_adapter(self, name: str) -> None:
+        self._adapters(name).unregister(name)
+
+    def list_adapters(self) -> list[dict]:
+        return self.runner.adapters.list() if self.ready and self.runner.adapters is not None else []
 
     def _cancel(self, seq: Sequence) -> None:
         seq.cancelled = True

@@ -25,7 +25,16 @@ from collections import deque
 from model.engine.prefix_cache import PrefixCache
 from model.engine.prefix_hooks import PrefixHooks
 from model.engine.sequence import SeqStatus, Sequence
-from model.types import Allocator, ChunkKind, EngineConfig, FinishReason, QueueFull, SeqChunk, StepBatch
+from model.types import (
+    AdapterSlots,
+    Allocator,
+    ChunkKind,
+    EngineConfig,
+    FinishReason,
+    QueueFull,
+    SeqChunk,
+    StepBatch,
+)
 
 MIN_PREFILL_TOKENS = 16  # waiting prompts always progress
 WINDOW = 9  # recent steps each estimate is the median of
@@ -85,8 +94,9 @@ def finish_rule(seq: Sequence, eos_token_id: int | None, max_total_tokens: int) 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, allocator: Allocator, prefix: PrefixCache | None = None,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | None = None, adapters: AdapterSlots | None = None) -> None:
         self.config = config
+        self.adapters = adapters  # [LoRA] device adapter slots (model/types.py AdapterSlots); None: adapters off
         self.allocator = allocator
         self.prefix = prefix
         self.hooks = PrefixHooks(prefix)  # when snapshots are taken (no-ops without a prefix cache)
@@ -124,12 +134,15 @@ class Scheduler:
         # FIFO: the head of the queue is never overtaken, so a big request is not starved by small ones.
         while self.waiting and self.allocator.num_free_slots > 0:
             seq = self.waiting[0]
+            if seq.adapter is not None and not self.adapters.can_bind(seq.adapter):
+                break  # [LoRA] every device adapter slot is in use by other adapters: wait for one
             if self.prefix is not None:  # [prefix cache] resume from the longest snapshot; snapshots make room
                 got = self.prefix.admit(seq.prompt_ids, seq.reserve_tokens, seq.namespace)
                 if got is None:
                     break
                 self.waiting.popleft()
                 seq.slot, seq.num_computed = got
+                self._bind(seq)
                 seq.cached_tokens = seq.num_computed
                 seq.status = SeqStatus.RUNNING
                 self.running.append(seq)
@@ -138,6 +151,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.slot = self.allocator.allocate(seq.reserve_tokens)
+            self._bind(seq)
             seq.status = SeqStatus.RUNNING
             seq.num_computed = 0
             self.running.append(seq)
@@ -231,9 +245,17 @@ class Scheduler:
         else:
             self.running.remove(seq)
             if seq.slot is not None:
+                if seq.adapter is not None:
+                    self.adapters.unbind(seq.slot)
                 self.allocator.free(seq.slot)
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter)  # held since submit (model/engine/engine.py)
         seq.slot = None
         seq.status = SeqStatus.FINISHED
+
+    def _bind(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.adapters.bind(seq.slot, seq.adapter)
 
     def abort_all(self) -> list[Sequence]:
         """Finish every queued and running sequence (shutdown); returns them."""

@@ -32,6 +32,7 @@ class Sequence:
         # The prefix cache's key space (model/engine/prefix_cache.py): snapshots are resumed only within it. Every request
         # has the default today; a LoRA adapter's id goes here (state under other weights is other state).
         self.namespace = namespace
+        self.adapter = request.adapter  # its LoRA adapter (held by the engine from submit to the end), or None
         self.slot: int | None = None
         self.num_computed = 0  # tokens already folded into the slot's state (= KV length)
         self.status = SeqStatus.WAITING

@@ -1,0 +1,109 @@
+"""Many LoRA adapters in one step: the per-row extra term (model/network/linear.py LinearExtra) of each targeted
+projection, y[rows of adapter g] += (x A_g^T) B_g^T, batched per adapter group (a segmented shrink / expand, as
+punica and S-LoRA do); no weights are merged and rows without an adapter come out bit for bit as without it.
+
+Device memory: every targeted projection has two stacks with one entry per device adapter slot (MAX_LORAS),
+padded to MAX_LORA_RANK with zeros (a smaller rank adds exact zeros): A (L, R, in) and B (L, out, R), B already
+scaled (model/checkpoint/adapters.py folds alpha / r in). They are allocated once, before the KV pool is sized,
+so their bytes come out of the same budget (lora_bytes is the formula).
+
+The step's row -> adapter mapping (LoraStep) is set by whoever runs the step, before the forward:
+  set_rows(list)   eager prefill / decode: per row the device adapter slot or -1; the groups (RowGroups) and a
+                   (N,) index tensor
+  use_index(buf)   static / CUDA-graph decode: a fixed (B,) buffer the graph reads (its contents refreshed by
+                   device copies before each replay); always active, so a captured graph includes the term
+The op itself is chosen by model/network/kernels.py (Kernels.lora): lora_reference here (segmented per group when
+the step has groups, gathered per row from the index otherwise: graph-safe), or the Triton kernel on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from model.network.linear import RowGroups
+
+
+class LoraStep:
+    """The step's mapping, shared by every projection's term."""
+
+    def __init__(self, device) -> None:
+        self.device = torch.device(device)
+        self.groups: RowGroups | None = None
+        self.index: torch.Tensor | None = None  # (N,) long: device adapter slot per row, -1 = none
+        self.active = False  # some row has an adapter (or a fixed buffer is bound): the term runs
+
+    def set_rows(self, rows: list[int]) -> None:
+        """rows[i]: row i's device adapter slot, -1 for none."""
+        self.groups = RowGroups.of([g if g >= 0 else None for g in rows], self.device)
+        self.active = bool(self.groups.ids)
+        self.index = torch.tensor(rows, dtype=torch.long, device=self.device) if self.active else None
+
+    def use_index(self, index: torch.Tensor) -> None:
+        self.groups, self.index, self.active = None, index, True
+
+    def clear(self) -> None:
+        self.groups, self.index, self.active = None, None, False
+
+
+def lora_segmented(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   groups: RowGroups) -> torch.Tensor:
+    """Per adapter group g (a batched shrink then expand over the group's rows): y[rows] += (x[rows] A_g^T) B_g^T."""
+    for g, rows in zip(groups.ids, groups.rows, strict=True):
+        xs = x.index_select(0, rows)
+        y = y.index_add(0, rows, (xs @ A[g].T) @ B[g].T)
+    return y
+
+
+def lora_gathered(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  index: torch.Tensor) -> torch.Tensor:
+    """Per row from a (N,) index (-1: none), fixed shapes (CUDA-graph safe): each row's A and B gathered, two bmm;
+    rows without an adapter keep y exactly."""
+    n = index.shape[0]
+    x, y0 = x[:n], y[:n]
+    has = index >= 0
+    g = index.clamp(min=0)
+    t = torch.bmm(A.index_select(0, g), x.unsqueeze(-1))  # (N, R, 1)
+    d = torch.bmm(B.index_select(0, g), t).squeeze(-1)  # (N, out)
+    out = torch.where(has.unsqueeze(-1), y0 + d.to(y.dtype), y0)
+    return out if n == y.shape[0] else torch.cat([out, y[n:]])
+
+
+def lora_reference(x, y, A, B, step: LoraStep) -> torch.Tensor:
+    if step.groups is not None:
+        return lora_segmented(x, y, A, B, step.groups)
+    return lora_gathered(x, y, A, B, step.index)
+
+
+class LoraTerm:
+    """One projection's LinearExtra: its stacks and the shared step."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, step: LoraStep, op: Callable) -> None:
+        self.A, self.B, self.step, self.op = A, B, step, op
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.step.active:
+            return y
+        return self.op(x, y, self.A, self.B, self.step)
+
+
+def lora_bytes(shapes: dict[str, tuple[int, int]], max_loras: int, max_rank: int, dtype: torch.dtype) -> int:
+    """Device bytes of the stacks: MAX_LORAS x MAX_LORA_RANK x sum over targets of (in + out) x element size."""
+    return max_loras * max_rank * sum(i + o for i, o in shapes.values()) * torch.empty(0, dtype=dtype).element_size()
+
+
+def install(model, shapes: dict[str, tuple[int, int]], max_loras: int, max_rank: int, device, dtype,
+            op: Callable) -> tuple[LoraStep, dict[str, LoraTerm]]:
+    """Allocate the stacks (zeros) for every target projection of `model` and set each one's Linear.extra."""
+    step = LoraStep(device)
+    terms: dict[str, LoraTerm] = {}
+    mods = dict(model.named_modules())
+    for name, (n_in, n_out) in shapes.items():
+        lin = mods[name]
+        if (lin.in_features, lin.out_features) != (n_in, n_out):
+            raise ValueError(f"{name}: ({lin.in_features}, {lin.out_features}) != ({n_in}, {n_out})")
+        A = torch.zeros(max_loras, max_rank, n_in, device=device, dtype=dtype)
+        B = torch.zeros(max_loras, n_out, max_rank, device=device, dtype=dtype)
+        lin.extra = terms[name] = LoraTerm(A, B, step, op)
+    return step, terms
