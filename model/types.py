@@ -9,6 +9,7 @@ what crosses a seam is read in one place.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -349,6 +350,9 @@ class InputTooLong(EngineError):
 class EngineNotReady(EngineError):
     status = 503
     error_type = "not_ready"
+
+
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a LoRA adapter's name (also a file name)
 
 
 class AdapterNotFound(EngineError):

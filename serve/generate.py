@@ -27,8 +27,8 @@ from model.types import (
     SamplingParams,
     TokenEvent,
 )
+from serve import adapters, watch
 from serve import encoders as enc
-from serve import watch
 from serve.engine_client import RequestHandle
 from serve.kinds import Request, kind_of
 from serve.prompts import Ctx
@@ -115,7 +115,8 @@ def collect(ctx: Ctx, handle: RequestHandle) -> Completion:
     return c
 
 
-def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams, watched: bool = True) -> list[Item]:
+def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams, watched: bool = True,
+               adapter: str | None = None) -> list[Item]:
     """Submit every prompt of one request (`watched`: cancelled with the request, see serve/watch.py).
     When the queue is full and some of this request's own prompts are in flight, wait for the oldest of them (which admits the next waiting sequence) and
     retry, so a long list of inputs is not refused because of itself; QueueFull only when the
@@ -127,7 +128,7 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
     try:
         for ids in prompts:
             request = GenerationRequest(ids, params, uuid.uuid4().hex,
-                                        session_id=turn.session.id if turn is not None else None)
+                                        session_id=turn.session.id if turn is not None else None, adapter=adapter)
             while True:
                 try:
                     handle = ctx.engine.submit(request)
@@ -155,14 +156,16 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
 def start(ctx: Ctx, req: Request, record: bool = False) -> Pending:
     """record=True (JSON Lines): a single TGI input answers with an object instead of a list."""
     kind = kind_of(req)
-    items = submit_all(ctx, list(kind.prompts(ctx, req)), req.params)
+    adapter = adapters.choose(ctx.engine, req)
+    items = submit_all(ctx, list(kind.prompts(ctx, req)), req.params, adapter=adapter)
     return Pending(items, lambda cs: kind.respond(ctx, req, cs, record), ctx)
 
 
 # ---- streaming ----
 
 def stream(ctx: Ctx, req: Request) -> Iterator[bytes]:
-    (handle,) = submit_all(ctx, [next(kind_of(req).prompts(ctx, req))], req.params, watched=False)
+    adapter = adapters.choose(ctx.engine, req)
+    (handle,) = submit_all(ctx, [next(kind_of(req).prompts(ctx, req))], req.params, watched=False, adapter=adapter)
     return _guarded(ctx, handle, stream_body(ctx, req, handle))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from model.types import EngineNotReady
 from serve import affinity
+from serve.adapters import AdapterRegistry
 from serve.config import Config
 from serve.engine_client import EngineClient
 from serve.handler import Service, load_user_module
@@ -41,6 +42,7 @@ class ServerState:
         self.sessions = SessionTable(me.index if me is not None else 0, s.session_ttl_s, s.session_max,
                                      on_end=self._session_ended, on_change=self.metrics.sessions_open.set)
         self.link: affinity.WorkerLink | None = None  # set by create_app with 2+ workers
+        self.adapters = AdapterRegistry(config.adapters, config.signature)  # LoRA: this worker's side of the registry
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._load, name="server-load", daemon=True)
 
@@ -73,6 +75,8 @@ class ServerState:
             service = Service(engine, model_dir, self.limits, self.metrics, load_user_module(model_dir))
             service.load_model()
             self.service = service
+            if engine.config.max_loras > 0:
+                self.adapters.discover(engine)  # /opt/ml/model/adapters/<name>/ and ADAPTERS
             self.ready = True
             self.metrics.start_sync(engine.stats)
             log.info("server ready: model %s", self.model_name)

@@ -26,12 +26,12 @@ import torch
 
 from model.checkpoint.signing import SignatureError, SignaturePolicy, verify_checkpoint
 from model.network.arch import GraniteArch
+from model.types import ADAPTER_NAME_RE
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SUPPORTED = ("q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear", "in_proj", "out_proj")
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 # config fields that change what the adapter computes; any of them set (other than as shown) is refused
@@ -58,7 +58,7 @@ class LoraAdapter:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.match(name):
         raise AdapterError(f"adapter name {str(name)[:80]!r} is not valid: 1-64 characters of letters, digits, "
                            "'.', '_' or '-', starting with a letter or digit")
     return name

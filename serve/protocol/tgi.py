@@ -28,6 +28,7 @@ class TextRequest:
     details: bool = False
     return_full_text: bool = False
     truncate: int | None = None  # keep only the last `truncate` prompt tokens
+    adapter_id: str | None = None  # a registered LoRA adapter (serve/adapters.py)
 
 
 def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -37,7 +38,6 @@ def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]
     f.null_or("watermark", (False,), "watermarking is not implemented")
     f.null_or("decoder_input_details", (False,), "prompt token logprobs are not computed")
     f.null_or("grammar", (), "grammar-constrained decoding is not implemented")
-    f.null_or("adapter_id", (), "adapters are not supported")
     v: dict[str, Any] = {
         **max_new(f, ("max_new_tokens",), limits),
         "temperature": f.float("temperature", 0.0, 100.0),
@@ -60,7 +60,7 @@ def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]
     if details:
         v["logprobs"] = True
     opts = {"details": details, "return_full_text": bool(f.bool("return_full_text")),
-            "truncate": f.int("truncate", 1, 10_000_000)}
+            "truncate": f.int("truncate", 1, 10_000_000), "adapter_id": f.str("adapter_id") or None}
     return v, opts
 
 

@@ -202,7 +202,8 @@ ENGINE_VALUES = {"MAX_CONCURRENT_SEQS": ("7", 7), "MAX_QUEUED_REQUESTS": ("9", 9
                  "PREFILL_TIME_SHARE": ("0.5", 0.5), "PREFILL_CHUNK_TOKENS": ("11", 11), "KV_CACHE_TOKENS": ("4096", 4096),
                  "DTYPE": ("bfloat16", "bfloat16"), "SSM_STATE_DTYPE": ("bfloat16", "bfloat16"), "DEVICE": ("cpu", "cpu"),
                  "CUDA_GRAPHS": ("off", False), "KERNELS": ("reference", "reference"), "PREFIX_CACHE": ("no", False),
-                 "SNAPSHOT_DEVICE_SHARE": ("0.5", 0.5), "SNAPSHOT_HOST_BYTES": ("123", 123)}
+                 "SNAPSHOT_DEVICE_SHARE": ("0.5", 0.5), "SNAPSHOT_HOST_BYTES": ("123", 123), "MAX_LORAS": ("3", 3),
+                 "MAX_LORA_RANK": ("64", 64), "LORA_HOST_BYTES": ("1000", 1000)}
 
 
 def test_each_engine_variable_reaches_the_field_of_its_name():
