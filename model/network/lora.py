@@ -33,18 +33,45 @@ class LoraStep:
         self.groups: RowGroups | None = None
         self.index: torch.Tensor | None = None  # (N,) long: device adapter slot per row, -1 = none
         self.active = False  # some row has an adapter (or a fixed buffer is bound): the term runs
+        self._rows: list[int] | None = None
+        self._segments: tuple | None = None  # (starts, lens, adapters, max_len), see segments()
+        self._fixed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (arange, ones) for use_index
 
     def set_rows(self, rows: list[int]) -> None:
         """rows[i]: row i's device adapter slot, -1 for none."""
         self.groups = RowGroups.of([g if g >= 0 else None for g in rows], self.device)
         self.active = bool(self.groups.ids)
         self.index = torch.tensor(rows, dtype=torch.long, device=self.device) if self.active else None
+        self._rows, self._segments = rows, None
 
     def use_index(self, index: torch.Tensor) -> None:
-        self.groups, self.index, self.active = None, index, True
+        self.groups, self.index, self.active, self._rows = None, index, True, None
+        n = index.shape[0]
+        if n not in self._fixed:
+            self._fixed[n] = (torch.arange(n, dtype=torch.int32, device=index.device),
+                              torch.ones(n, dtype=torch.int32, device=index.device))
+        self._segments = (*self._fixed[n], index, 1)  # a segment per row: the index buffer is their adapters
 
     def clear(self) -> None:
-        self.groups, self.index, self.active = None, None, False
+        self.groups, self.index, self.active, self._rows, self._segments = None, None, False, None, None
+
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(starts, lens, adapters, max_len): the runs of consecutive rows on one adapter (the Triton kernel's
+        segments; a prefill chunk's tokens are one run), made once per step from set_rows' host list."""
+        if self._segments is None:
+            starts, lens, ads = [], [], []
+            for i, g in enumerate(self._rows or ()):
+                if g < 0:
+                    continue
+                if ads and ads[-1] == g and starts[-1] + lens[-1] == i:
+                    lens[-1] += 1
+                else:
+                    starts.append(i)
+                    lens.append(1)
+                    ads.append(g)
+            t = torch.tensor([starts, lens, ads], dtype=torch.int32).to(self.device, non_blocking=True)
+            self._segments = (t[0], t[1], t[2], max(lens, default=0))
+        return self._segments
 
 
 def lora_segmented(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
