@@ -182,8 +182,9 @@ def unregister_adapter(name: str) -> Response:
 
 def list_adapters() -> dict:
     state = _state()
-    state.require()
-    return {"adapters": _adapter_list(state)}
+    service = state.require()
+    listed = _adapter_list(state)
+    return {"adapters": listed, "memory": service.engine.stats().get("adapters", {})}
 
 
 def execution_parameters() -> dict:

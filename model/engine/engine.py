@@ -187,6 +187,8 @@ class Engine:
                            kv_block_tokens=alloc.block_size)
             if self.prefix is not None:
                 out["prefix_cache"] = self.prefix.stats()
+            if self.runner is not None and self.runner.adapters is not None:
+                out["adapters"] = self.runner.adapters.report()
         return out
 
     # ---- sessions: serve/'s names for model/engine/prefix_hooks.py PrefixSessions (self.sessions) -----------------

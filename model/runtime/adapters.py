@@ -186,7 +186,7 @@ class AdapterPool:
         with self._lock:
             live = [e for e in self._entries.values() if not e.removed]
             return dict(self.counters, max_loras=self.max_loras, max_lora_rank=self.max_rank,
-                        device_bytes=self.device_bytes, registered=len(live),
+                        device_bytes=self.device_bytes, registered=len(live), entries=len(self._entries),
                         host_bytes=sum(e.nbytes for e in self._entries.values() if e.weights is not None),
                         on_device=sum(n is not None for n in self._on_device))
 
