@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from model.network import ssd
 from model.network.fused_ops import FusedOps, accepts, load_fused
 from model.network.linear import cpu_linear
-from model.network.lora import lora_reference
+from model.network.lora import lora_cpu, lora_reference
 from model.network.packed import Packed
 from model.network.prefill_attention import causal_cpu, causal_cuda, prefill_attention
 from model.network.step_meta import DecodeMeta, SsmParams
@@ -124,7 +124,9 @@ class Kernels:
         # LoRA deltas (model/network/lora.py; used only with adapters on): the segmented Triton kernels on CUDA
         self.lora: Callable = lora_reference
         self.report["lora"] = "reference"
-        if device.type == "cuda" and mode != "reference":
+        if device.type == "cpu":
+            self.lora, self.report["lora"] = lora_cpu, "cpu:segmented|all_slots"
+        elif device.type == "cuda" and mode != "reference":
             from model.network.lora_triton import lora_triton
 
             self.lora, self.report["lora"] = lora_triton, "triton:segmented_shrink_expand"

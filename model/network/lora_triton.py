@@ -74,7 +74,8 @@ def _expand_kernel(t_ptr, b_ptr, y_ptr, seg_start, seg_len, seg_ad, OUT, R_real,
 
 def lora_segments(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, starts: torch.Tensor,
                   lens: torch.Tensor, adapters: torch.Tensor, max_len: int) -> torch.Tensor:
-    """y[rows of each segment] += (x A_ad^T) B_ad^T, in place; A (L, r, K), B (L, OUT, r) contiguous stacks;
+    """y[rows of each segment] += (x A_ad^T) B_ad^T, in place; A (L, r, K) contiguous, B (L, OUT, r) with r
+    contiguous (model/network/lora.py stores it (OUT, L, r));
     starts / lens / adapters (S,) integer tensors on the device (adapter -1: the segment is skipped); max_len:
     an upper bound of lens (sizes the grid)."""
     S = starts.shape[0]
@@ -84,7 +85,7 @@ def lora_segments(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Te
     r_real = A.shape[1]
     R = max(16, triton.next_power_of_2(r_real))
     x = x if x.stride(-1) == 1 else x.contiguous()
-    assert y.stride(-1) == 1 and A.is_contiguous() and B.is_contiguous()
+    assert y.stride(-1) == 1 and A.is_contiguous() and B.stride(-1) == 1
     t = torch.empty((N, R), dtype=torch.float32, device=x.device)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     mblocks = triton.cdiv(max_len, BLOCK_M)

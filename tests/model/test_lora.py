@@ -189,3 +189,22 @@ def test_threads_registering_and_submitting(tiny_ckpt, adapters, cases):
     for t in ts:
         t.join()
     assert not errs and sorted(a["name"] for a in eng.list_adapters()) == sorted(ADAPTERS)
+
+
+def test_cpu_op_all_slots_equals_segmented_and_leaves_base_rows_exact():
+    from model.network.lora import LoraStep, lora_all_slots, lora_cpu, lora_segmented
+
+    g = torch.Generator().manual_seed(0)
+    L, R, k, out = 3, 8, 24, 40
+    A = torch.randn(L, R, k, generator=g)
+    B = torch.randn(out, L, R, generator=g).permute(1, 0, 2)  # the stacks' layout
+    x, y = torch.randn(7, k, generator=g), torch.randn(7, out, generator=g)
+    step = LoraStep("cpu", L, R)
+    step.set_rows([2, -1, 0, 0, 1, -1, 2])
+    ref = lora_segmented(x, y, A, B, step.groups)
+    got = lora_all_slots(x, y, A, B, step)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[[1, 5]], y[[1, 5]])
+    assert torch.equal(lora_cpu(x, y, A, B, step), got)
+    step.set_rows([-1, 1, 1, -1, -1, -1, -1])  # one group: the segmented op
+    assert torch.equal(lora_cpu(x, y, A, B, step), lora_segmented(x, y, A, B, step.groups))
