@@ -208,3 +208,18 @@ def test_cpu_op_all_slots_equals_segmented_and_leaves_base_rows_exact():
     assert torch.equal(lora_cpu(x, y, A, B, step), got)
     step.set_rows([-1, 1, 1, -1, -1, -1, -1])  # one group: the segmented op
     assert torch.equal(lora_cpu(x, y, A, B, step), lora_segmented(x, y, A, B, step.groups))
+
+
+def test_demo_checkpoint_mixed_batch_matches_peft(demo_ckpt, tmp_path):
+    """The demo checkpoint (what `make serve` runs: 8 layers, attention at 2 and 6): 3 adapters and a base row in
+    the same steps, prefill in chunks of 16, equal to peft on HF's model."""
+    paths = {n: make_adapter(demo_ckpt, tmp_path / n, seed=10 + i, **kw) for i, (n, kw) in enumerate(ADAPTERS.items())}
+    ps = _prompts(4, seed=21, lo=20, hi=40)
+    names = [*ADAPTERS, None]
+    refs = [greedy(peft_model(demo_ckpt, paths[n] if n else None), p, 6) for n, p in zip(names, ps, strict=True)]
+    eng = real_engine(demo_ckpt, max_loras=3, max_lora_rank=8, max_concurrent_seqs=4)
+    for n, p in paths.items():
+        eng.register_adapter(n, str(p))
+    hs = [eng.submit(GenerationRequest(tuple(p), SamplingParams(max_new_tokens=6), adapter=n))
+          for n, p in zip(names, ps, strict=True)]
+    assert [list(h.result().token_ids) for h in hs] == refs
