@@ -177,6 +177,21 @@ class AdapterPool:
             if name is not None:
                 self._entries[name].users.discard(slot)
 
+    def warm(self) -> None:
+        """Before serving: run the LoRA op once per distinct projection shape with an eager step's segments, so
+        the Triton kernels (CUDA) compile now, not under the first adapter request (fixed-buffer decode's variant
+        compiles when its graphs are captured). The stacks are zeros or whatever is loaded; y is a scratch row."""
+        step = lora.LoraStep(self.device, self.max_loras, self.max_rank)
+        step.set_rows([0])
+        seen = set()
+        with torch.no_grad():
+            for term in self.terms.values():
+                key = (term.A.shape[2], term.B.shape[1])
+                if key not in seen:
+                    seen.add(key)
+                    x = torch.zeros(1, key[0], device=self.device, dtype=self.dtype)
+                    term.op(x, torch.zeros(1, key[1], device=self.device, dtype=self.dtype), term.A, term.B, step)
+
     # ---- the runner's step -------------------------------------------------------------------------
     def rows(self, slots) -> list[int]:
         """Device adapter slot per state slot (-1: none)."""

@@ -332,6 +332,8 @@ class ModelRunner:
             self.step(StepBatch((SeqChunk.decode(slot, 1, short + full),)))
         finally:
             self.allocator.free(slot)
+        if self.adapters is not None:
+            self.adapters.warm()  # [LoRA] the op's kernels for every projection shape
         if self._kernels.f.mamba_chunk_scan_combined is not None:
             # The fused scan compiles per prefill shape class (fresh, continued, batched, packed varlen, and
             # their int sizes): all of them now, not while a request waits (model/runtime/warmup.py).
