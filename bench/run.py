@@ -22,6 +22,8 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
               sites at the full-size micro's shapes: shared memory, registers, spills per kernel per architecture,
               over-limit configs, variants compiled after warmup (bench/compile_report.py; with triton 3.6.0 too
               when COMPILE_TRITON36=1)
+  lora        32 streams with 4 LoRA adapters (rank 16, every target) vs base only, alternated; registration time;
+              bytes per adapter and device stacks vs their formulas (bench/lora_bench.py)
   decode_device_work  kernel launches per decode step of the full-size micro pattern (before / after, target
               <= 450) and decode-attention KV bytes per step vs ideal at 64 x 16K (target <= 1.25x),
               counted on CPU (bench/launches.py; ~10 s)
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-batch", action="store_true")
     ap.add_argument("--skip-multiturn", action="store_true")
     ap.add_argument("--skip-mid", action="store_true")
+    ap.add_argument("--skip-lora", action="store_true")
     a = ap.parse_args(argv)
     import torch
 
@@ -211,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.multiturn import run_multiturn
 
             report["multiturn"] = run_multiturn(ckpt)
+        if not a.skip_lora:
+            print("lora (32 streams: 4 adapters of rank 16 vs base only) ...", flush=True)
+            from bench.lora_bench import run as run_lora
+
+            report["lora"] = run_lora()
         if not a.skip_mid:
             print("mid checkpoint through HTTP (~5 min) ...", flush=True)
             from bench.mid import MID, run_mid
