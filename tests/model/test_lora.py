@@ -223,3 +223,14 @@ def test_demo_checkpoint_mixed_batch_matches_peft(demo_ckpt, tmp_path):
     hs = [eng.submit(GenerationRequest(tuple(p), SamplingParams(max_new_tokens=6), adapter=n))
           for n, p in zip(names, ps, strict=True)]
     assert [list(h.result().token_ids) for h in hs] == refs
+
+
+def test_host_tier_evicts_unused_adapters_and_reloads_them(tiny_ckpt, adapters, cases):
+    """LORA_HOST_BYTES of 1: an adapter nobody uses leaves host memory at once; a request reads it again from its
+    folder (checked again) and gets the same tokens."""
+    eng = _engine(tiny_ckpt, {"fr": adapters["fr"]}, lora_host_bytes=1)
+    rep = eng.runner.adapters.report()
+    assert rep["host_bytes"] == 0 and rep["host_evictions_total"] == 1
+    name, p, ref = cases[0]
+    assert list(_run(eng, "fr", p).result().token_ids) == ref
+    assert eng.runner.adapters.report()["host_loads_total"] == 1
