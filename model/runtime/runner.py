@@ -14,8 +14,9 @@ All prefill chunks of a step run in one packed forward (model/network/packed.py)
 static decode they are padded to a batch-size bucket with the dummy slot and run through fixed buffers,
 which on CUDA are captured as CUDA graphs during warmup (every reachable bucket) and replayed.
 
-Size: ~360 lines, on purpose: a step's tensor bookkeeping stays in one module (open, launch = forward ->
-processors -> sample, collect, the prefill/decode paths, warmup's budget, the memory report).
+Size: ~380 lines, on purpose: a step's tensor bookkeeping stays in one module (open, launch = forward ->
+processors -> sample, collect, the prefill/decode paths with their LoRA row mapping, warmup's budget, the memory
+report).
 """
 
 from __future__ import annotations
