@@ -252,3 +252,26 @@ def test_signed_adapters_under_require(tiny_ckpt, root, tmp_path):
         assert client.post("/adapters", json={"name": "s", "src": str(signed)}).status_code == 200
     finally:
         engine.shutdown(5)
+
+
+def test_adapter_variables_are_parsed_or_refused_naming_them():
+    from serve.config import ConfigError, load_config
+
+    a = load_config({"ADAPTERS": "fr=/opt/ml/ad/fr, de=s3://bucket/lora/de.tar.gz", "MODEL_DIR": "/m",
+                     "ADAPTER_SRC_ROOTS": "/data,/opt/ml"}).adapters
+    assert a.sources == (("fr", "/opt/ml/ad/fr"), ("de", "s3://bucket/lora/de.tar.gz"))
+    assert a.roots == ("/data", "/opt/ml") and a.discover_dir == "/m/adapters"
+    assert load_config({}).adapters.roots == ("/opt/ml",)
+    with pytest.raises(ConfigError, match="ADAPTERS"):
+        load_config({"ADAPTERS": "just-a-name"})
+    with pytest.raises(ConfigError, match="MAX_LORA_RANK"):
+        load_config({"MAX_LORA_RANK": "0"})
+
+
+def test_adapters_env_registers_at_start(tiny_ckpt, root, tmp_path):
+    env = _env(root, ADAPTERS=f"envfr={root / 'fr'},broken={root / 'missing'}", MODEL_DIR=str(tmp_path))
+    _, client, engine = ready_app(tiny_ckpt, env)
+    try:
+        assert [a["name"] for a in client.get("/adapters").get_json()["adapters"]] == ["envfr"]  # broken: logged
+    finally:
+        engine.shutdown(5)
