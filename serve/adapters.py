@@ -13,7 +13,7 @@ on-disk registry, one small JSON file per adapter (name, resolved local folder) 
 makes fresh at start (ADAPTER_REGISTRY_DIR, exported to the workers): the worker that gets the POST checks and
 loads the adapter itself (so a bad adapter is a 400 on the POST), then publishes the file (O_EXCL: a second
 registration of the name, on any worker, is a 409); DELETE removes the file. Every worker syncs its engine
-with the folder before any adapter request and GET /adapters (one stat of the folder when nothing changed),
+with the folder before any adapter request and GET /adapters (one listing of the folder when nothing changed),
 registering what it lacks and removing what is gone. Fan-out over HTTP was the alternative; the folder needs no
 worker to be reachable and also serves start-up discovery (/opt/ml/model/adapters/<name>/ and ADAPTERS).
 
@@ -52,7 +52,7 @@ class AdapterRegistry:
         self.config, self.signature = config, signature
         self.dir = Path(config.registry_dir) if config.registry_dir else None
         self._lock = threading.RLock()
-        self._seen: int | None = None  # the folder's mtime at the last sync
+        self._seen: frozenset | None = None  # the folder's (file name, inode) pairs at the last sync
 
     # ---- routes ----
     def register(self, engine, name: Any, src: Any) -> dict:
@@ -99,17 +99,25 @@ class AdapterRegistry:
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._entry(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"name": name, "path": str(path), "src": src}, f)
+        # written apart, then linked in under its name: a reader never sees half a file, and the link fails
+        # (FileExistsError) when another worker published the name first
+        tmp = self.dir / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(json.dumps({"name": name, "path": str(path), "src": src}))
+        try:
+            os.link(tmp, self._entry(name))
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def sync(self, engine) -> None:
         """Make this worker's engine hold exactly the adapters of the shared folder."""
         if self.dir is None or not self.dir.is_dir() or not engine.ready:
             return
         with self._lock:
-            mtime = self.dir.stat().st_mtime_ns
-            if mtime == self._seen:
+            # the listing itself, not the folder's mtime: two registrations within one clock tick leave the
+            # mtime unchanged; a file made again under the same name gets another inode
+            with os.scandir(self.dir) as it:
+                seen = frozenset((e.name, e.inode()) for e in it if e.name.endswith(".json"))
+            if seen == self._seen:
                 return
             want = {}
             for f in self.dir.glob("*.json"):
@@ -130,7 +138,7 @@ class AdapterRegistry:
                     engine.register_adapter(name, want[name])
                 except (AdapterInvalid, AdapterExists) as e:
                     log.error("adapter %s from the shared registry not loaded here: %s", name, e)
-            self._seen = mtime
+            self._seen = seen
 
     def _verify(self, name: str, path: Path) -> None:
         pol = self.signature
