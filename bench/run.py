@@ -30,6 +30,8 @@ Sections of the JSON report (bench/results/<machine>-<date>.json and latest-cpu.
   grammar     constrained decoding (issue 19): tokens/s at 32 streams, every request a forced call of 5 tools vs
               free, alternated (target >= 0.9x); host ms per step on masks at 64 rows (demo and Granite-size
               vocabulary); mask apply ops per step (target 1); 5-tool compile first / cached (bench/grammar_bench.py)
+  lora        32 streams with 4 LoRA adapters (rank 16, every target) vs base only, alternated; registration time;
+              bytes per adapter and device stacks vs their formulas (bench/lora_bench.py)
   decode_device_work  kernel launches per decode step of the full-size micro pattern (before / after, target
               <= 450) and decode-attention KV bytes per step vs ideal at 64 x 16K (target <= 1.25x),
               counted on CPU (bench/launches.py; ~10 s)
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-mid", action="store_true")
     ap.add_argument("--skip-grammar", action="store_true")
     ap.add_argument("--skip-forks", action="store_true")
+    ap.add_argument("--skip-lora", action="store_true")
     a = ap.parse_args(argv)
     import torch
 
@@ -237,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench.forks import run_forks
 
             report["forks"] = run_forks(ckpt)
+        if not a.skip_lora:
+            print("lora (32 streams: 4 adapters of rank 16 vs base only) ...", flush=True)
+            from bench.lora_bench import run as run_lora
+
+            report["lora"] = run_lora()
         if not a.skip_mid:
             print("mid checkpoint through HTTP (~5 min) ...", flush=True)
             from bench.mid import MID, run_mid

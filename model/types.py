@@ -9,6 +9,7 @@ what crosses a seam is read in one place.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class GenerationRequest:
     # system part, tools and documents end; serve/prompts.py); the scheduler ends a prefill chunk there. None:
     # the engine's interval policy for raw prompts (EngineConfig.snapshot_interval_tokens); (): none.
     snapshot_at: tuple[int, ...] | None = None
+    # A registered LoRA adapter's name (model/runtime/adapters.py); None: the base weights.
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,9 @@ class EngineConfig:
     # engine's default; the server's is on: serve/env_vars.py)
     snapshot_disk_dir: str = ""
     snapshot_disk_bytes: int = 0
+    max_loras: int = 0  # LoRA adapters on the device at once (model/runtime/adapters.py); 0 = adapters off
+    max_lora_rank: int = 16  # the largest adapter rank accepted (device stacks are padded to it)
+    lora_host_bytes: int = 4 << 30  # registered adapters' weights kept on the host (LRU; the rest reload from disk)
 
     def __post_init__(self) -> None:
         for name in (
@@ -239,6 +245,9 @@ class EngineConfig:
             raise ValueError(f"prefill_time_share must be >= 0, got {self.prefill_time_share}")
         if not 0.0 <= self.snapshot_device_share <= 1.0:
             raise ValueError(f"snapshot_device_share must be in [0, 1], got {self.snapshot_device_share}")
+        if self.max_loras < 0 or self.max_lora_rank < 1 or self.lora_host_bytes < 0:
+            raise ValueError(f"max_loras must be >= 0, max_lora_rank >= 1, lora_host_bytes >= 0; got {self.max_loras}, "
+                             f"{self.max_lora_rank}, {self.lora_host_bytes}")
         if self.snapshot_host_bytes < 0:
             raise ValueError(f"snapshot_host_bytes must be >= 0, got {self.snapshot_host_bytes}")
         for name in ("snapshot_boundary_tokens", "snapshot_interval_tokens"):
@@ -391,6 +400,24 @@ class GrammarError(EngineError):
     error_type = "invalid_grammar"
 
 
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a LoRA adapter's name (also a file name)
+
+
+class AdapterNotFound(EngineError):
+    status = 404
+    error_type = "adapter_not_found"
+
+
+class AdapterExists(EngineError):
+    status = 409
+    error_type = "adapter_exists"
+
+
+class AdapterInvalid(EngineError):
+    status = 400
+    error_type = "invalid_adapter"
+
+
 # ---- the engine's seams (typed; tests implement them with fakes) ---------------------------------------
 
 
@@ -450,6 +477,26 @@ class SnapshotStore(Protocol):
     def stats(self) -> dict: ...
 
 
+class AdapterSlots(Protocol):
+    """The LoRA adapters a runner serves (model/runtime/adapters.py AdapterPool), as the torch-free engine and
+    scheduler see them. Registered adapters live on the host; a sequence's adapter is held from submit to its end
+    (hold / release: an adapter being removed refuses new holds and is freed after its last release) and bound
+    to the sequence's slot while it has one (can_bind / bind / unbind: at most max_loras distinct adapters on the
+    device at once; admission waits for a device slot)."""
+
+    max_loras: int
+    max_rank: int
+
+    def register(self, name: str, path: str) -> dict: ...  # AdapterInvalid (400), AdapterExists (409)
+    def unregister(self, name: str) -> None: ...  # AdapterNotFound (404)
+    def list(self) -> list[dict]: ...
+    def hold(self, name: str) -> str: ...  # -> the adapter's prefix-cache namespace; AdapterNotFound
+    def release(self, name: str) -> None: ...
+    def can_bind(self, name: str) -> bool: ...
+    def bind(self, slot: int, name: str) -> None: ...
+    def unbind(self, slot: int) -> None: ...
+
+
 class Runner(Protocol):
     """What the engine needs of model/runtime/runner.py's ModelRunner (tests/test_protocols.py checks it and the fakes)."""
 
@@ -461,6 +508,7 @@ class Runner(Protocol):
 
     asynchronous: bool  # launch() returns before the device is done (CUDA); False: it computes (CPU)
     snapshot_copier: Copier | None  # the prefix cache's tensor side; None: no state pool to snapshot (a fake)
+    adapters: AdapterSlots | None  # LoRA adapters (MAX_LORAS > 0); None: base weights only
 
     def warmup(self) -> None: ...
     def bind_thread(self) -> None: ...  # make the runner's device the calling thread's current one (the loop's)

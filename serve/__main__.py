@@ -20,7 +20,7 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--host", help="address to bind (default: HOST, else 0.0.0.0)")
     parser.add_argument("--port", type=int, help="port (default: SAGEMAKER_BIND_TO_PORT, else PORT, else 8080)")
     args = parser.parse_args(argv)
-    from serve.config import ConfigError, load_config, prepare_metrics_dir
+    from serve.config import ConfigError, load_config, prepare_adapter_registry, prepare_metrics_dir
 
     try:
         cfg = load_config()
@@ -28,6 +28,7 @@ def serve(argv: list[str]) -> int:
         print(f"serve: configuration error: {e}", file=sys.stderr)
         return 2
     prepare_metrics_dir(cfg)  # the workers inherit it: one /metrics scrape covers all of them
+    prepare_adapter_registry(cfg)  # likewise: a registration on one worker reaches every worker (serve/adapters.py)
     from gunicorn.app.wsgiapp import WSGIApplication
 
     gunicorn_argv = ["gunicorn", "-c", "python:serve.gunicorn_conf"]

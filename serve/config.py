@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from model.checkpoint.signing import SignaturePolicy
@@ -86,6 +87,17 @@ class Context:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """LoRA adapters (serve/adapters.py)."""
+
+    registry_dir: str | None = None  # shared by the workers (ADAPTER_REGISTRY_DIR); None: this process only
+    roots: tuple[str, ...] = ("/opt/ml",)  # local folders a src may be in (ADAPTER_SRC_ROOTS)
+    sources: tuple[tuple[str, str], ...] = ()  # ADAPTERS: (name, src) registered at start
+    discover_dir: str | None = "/opt/ml/model/adapters"  # <name>/ folders registered at start
+    cache_dir: str = "/tmp/granite-h-cache"  # downloads and extracted archives
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelSource = field(default_factory=ModelSource)
@@ -93,6 +105,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     context: Context = field(default_factory=Context)
     signature: SignaturePolicy = field(default_factory=SignaturePolicy)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
 
     @property
     def threads(self) -> int:
@@ -157,6 +170,18 @@ def prepare_metrics_dir(cfg: Config) -> str:
     return path
 
 
+def prepare_adapter_registry(cfg: Config) -> str:
+    """In the gunicorn master, before any worker forks: a fresh folder where the workers share adapter registrations
+    (serve/adapters.py), exported as ADAPTER_REGISTRY_DIR; an earlier run's registrations are not inherited."""
+    path = cfg.adapters.registry_dir or tempfile.mkdtemp(prefix="granite-adapters-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".json"):
+            os.remove(os.path.join(path, name))
+    os.environ["ADAPTER_REGISTRY_DIR"] = path
+    return path
+
+
 def pin_gpu(gpu_id: str) -> None:
     """In a fresh gunicorn worker, before torch is imported: see only this GPU (the one write to the
     process environment, kept next to the reads)."""
@@ -216,8 +241,12 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
         model_id=v["MODEL_ID"],
         cache_dir=v["MODEL_CACHE_DIR"],
     )
+    adapters = AdapterConfig(registry_dir=v["ADAPTER_REGISTRY_DIR"], roots=v["ADAPTER_SRC_ROOTS"] or ("/opt/ml",),
+                             sources=v["ADAPTERS"] or (), discover_dir=str(Path(v["MODEL_DIR"]) / "adapters"),
+                             cache_dir=v["MODEL_CACHE_DIR"])
     return Config(server=server, model=model, context=context,
-                  engine=_engine_config(v, total, context.max_input_tokens or total - 1), signature=_signature(v))
+                  engine=_engine_config(v, total, context.max_input_tokens or total - 1), signature=_signature(v),
+                  adapters=adapters)
 
 
 def _max_new_tokens(c: Context, total: int) -> int:

@@ -105,6 +105,19 @@ def _gpu_list(raw: str) -> tuple[str, ...]:
     return tuple(x for x in items if x not in ("-1", "NoDevFiles"))
 
 
+def _sources(raw: str) -> tuple[tuple[str, str], ...]:
+    """ADAPTERS: "name=src[,name=src...]"."""
+    out = []
+    for item in (x.strip() for x in raw.split(",")):
+        if not item:
+            continue
+        name, eq, src = item.partition("=")
+        if not eq or not name.strip() or not src.strip():
+            raise ValueError(f"expected name=src, got {item!r}")
+        out.append((name.strip(), src.strip()))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Var:
     name: str
@@ -217,6 +230,18 @@ VARS: tuple[Var, ...] = (
     Var("SNAPSHOT_DISK_BYTES", DISK_BYTES,
         "Bytes of snapshot files in SNAPSHOT_DISK_DIR per worker (least recently used out; session files pinned); "
         "0 = no disk tier, and sessions die with their worker.", _int(0)),
+    _engine("MAX_LORAS", "LoRA adapters on the device at once (requests of more adapters wait for a slot); 0 = "
+            "adapters off. Their memory (MAX_LORAS x MAX_LORA_RANK x sum of the targeted projections' in + out, "
+            "in the weights' dtype) is taken before the KV pool is sized.", _int(0, 1024)),
+    _engine("MAX_LORA_RANK", "Largest LoRA rank accepted (larger adapters are refused with 400).", _int(1, 1024)),
+    _engine("LORA_HOST_BYTES", "Host memory for registered adapters' weights (least recently used are dropped and "
+            "read again from disk when next used).", _int(0)),
+    Var("ADAPTERS", None, "LoRA adapters registered at start: name=src[,name=src...] (src a local folder, .tar.gz or "
+        "s3:// URI); folders under MODEL_DIR/adapters/<name>/ are registered too.", _sources),
+    Var("ADAPTER_SRC_ROOTS", None, "Comma-separated local folders an adapter src may be in (unset: /opt/ml; "
+        "MODEL_CACHE_DIR always); any other path is refused.", _paths),
+    Var("ADAPTER_REGISTRY_DIR", None, "Folder where the gunicorn workers share adapter registrations; `python -m serve "
+        "serve` makes a fresh one when unset.", _str),
     Var("SM_NUM_GPUS", None, "GPUs on the instance (set by SageMaker); one worker per GPU.", _int(0)),
     Var("CUDA_VISIBLE_DEVICES", None, "GPUs the server may use; workers are pinned one per listed GPU.", _gpu_list),
     Var("PROMETHEUS_MULTIPROC_DIR", None,

@@ -29,8 +29,8 @@ from model.types import (
     SamplingParams,
     TokenEvent,
 )
+from serve import adapters, watch
 from serve import encoders as enc
-from serve import watch
 from serve.engine_client import RequestHandle
 from serve.kinds import Request, kind_of
 from serve.prompts import Ctx
@@ -118,9 +118,10 @@ def collect(ctx: Ctx, handle: RequestHandle) -> Completion:
 
 
 def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams, watched: bool = True,
-               rows: int = 1, constraint: Constraint | None = None) -> list[Item]:
+               rows: int = 1, constraint: Constraint | None = None, adapter: str | None = None) -> list[Item]:
     """Submit every prompt of one request, `rows` forked rows each (items: rows per prompt, in prompt order;
-    `watched`: cancelled with the request, see serve/watch.py); `constraint`: every row's output matches it.
+    `watched`: cancelled with the request, see serve/watch.py); `constraint`: every row's output matches it;
+    `adapter`: the LoRA adapter they run on (None: the base).
     When the queue is full and some of this request's own prompts are in flight, wait for the oldest of them (which admits the next waiting sequence) and
     retry, so a long list of inputs is not refused because of itself; QueueFull only when the
     queue is full of other requests' work."""
@@ -137,7 +138,7 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
             request = GenerationRequest(tuple(ids), params, uuid.uuid4().hex,
                                         session_id=turn.session.id if own else None,
                                         snapshot_at=getattr(ids, "snapshot_at", None),  # serve/prompts.py PromptIds
-                                        constraint=constraint)
+                                        constraint=constraint, adapter=adapter)
             while True:
                 try:
                     handles = [ctx.engine.submit(request)] if rows == 1 else ctx.engine.submit_n(request, rows)
@@ -166,16 +167,18 @@ def submit_all(ctx: Ctx, prompts: list[tuple[int, ...]], params: SamplingParams,
 def start(ctx: Ctx, req: Request, record: bool = False) -> Pending:
     """record=True (JSON Lines): a single TGI input answers with an object instead of a list."""
     kind = kind_of(req)
+    adapter = adapters.choose(ctx.engine, req)
     items = submit_all(ctx, list(kind.prompts(ctx, req)), req.params, rows=max(req.n, req.best_of),
-                       constraint=req.constraint)
+                       constraint=req.constraint, adapter=adapter)
     return Pending(items, lambda cs: kind.respond(ctx, req, cs, record), ctx)
 
 
 # ---- streaming ----
 
 def stream(ctx: Ctx, req: Request) -> Iterator[bytes]:
+    adapter = adapters.choose(ctx.engine, req)
     handles = submit_all(ctx, [next(kind_of(req).prompts(ctx, req))], req.params, watched=False, rows=req.n,
-                         constraint=req.constraint)
+                         constraint=req.constraint, adapter=adapter)
     return _guarded(ctx, handles, stream_body(ctx, req, handles))
 
 

@@ -3,7 +3,9 @@
     GET  /ping                   200 once the engine is ready; 503 with the reason otherwise (two flags: never waits)
     POST /invocations            serve/handler.py (code/inference.py hooks); with a session header serve/session_route.py
     POST /v1/<route>             each request kind with an OpenAI route (serve/kinds), straight to generate
-    GET  /v1/models, /execution-parameters, /metrics
+    POST /adapters, DELETE /adapters/<name>, GET /adapters   LoRA adapters (serve/adapters.py); a request's adapter
+                                 header is in effect around /invocations and /v1/<route>
+    GET  /v1/models (the base and every adapter), /execution-parameters, /metrics
 Errors are JSON with their status, never HTML or a trace; a stream that fails after its headers ends with an
 error event. The custom-attributes header is echoed, every answer is counted by route and status, and an
 answered request's unread body is drained so the client reads the answer rather than a broken pipe.
@@ -20,8 +22,8 @@ from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from model.types import EngineNotReady, RequestError
+from serve import adapters, kinds, session_route
 from serve import encoders as enc
-from serve import kinds, session_route
 from serve.generate import start, stream
 from serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serve.prompts import Ctx
@@ -114,12 +116,14 @@ def invocations() -> Response:
     headers = request.headers
     session_id = headers.get(SESSION_HEADER)
     if session_id is not None:  # SageMaker stateful sessions (serve/session_route.py)
-        return session_route.invocation(
-            session_id, state.sessions, state.link, service.engine,
-            lambda body: service.invoke(body, headers.get("Content-Type"), headers.get("Accept")), _respond,
-            state.metrics.session_forwards.inc)
+        with adapters.selected(state.adapters, headers):
+            return session_route.invocation(
+                session_id, state.sessions, state.link, service.engine,
+                lambda body: service.invoke(body, headers.get("Content-Type"), headers.get("Accept")), _respond,
+                state.metrics.session_forwards.inc)
     body = request.get_data(cache=False)
-    out, content_type = service.invoke(body, headers.get("Content-Type"), headers.get("Accept"))
+    with adapters.selected(state.adapters, headers):
+        out, content_type = service.invoke(body, headers.get("Content-Type"), headers.get("Accept"))
     return _respond(out, content_type)
 
 
@@ -133,14 +137,54 @@ def openai_route(kind: str) -> Response:
                             "unsupported_media_type")
     req = kinds.parse_request(decode_json(request.get_data(cache=False)), state.limits, kind)
     ctx = Ctx(service.engine, state.model_name, state.metrics)
-    if req.stream:
-        return _respond(stream(ctx, req), "text/event-stream", openai=True)
-    return _respond(enc.json_body(start(ctx, req).finish()), "application/json")
+    with adapters.selected(state.adapters, request.headers):
+        if req.stream:
+            return _respond(stream(ctx, req), "text/event-stream", openai=True)
+        return _respond(enc.json_body(start(ctx, req).finish()), "application/json")
 
 
 def models() -> dict:
-    return {"object": "list", "data": [{"id": _state().model_name, "object": "model", "created": 0,
-                                        "owned_by": "granite-h-sagemaker"}]}
+    state = _state()
+    base = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "granite-h-sagemaker"}
+    extra = [{"id": a["name"], "object": "model", "created": a["created"], "owned_by": "granite-h-sagemaker",
+              "parent": state.model_name, "root": a["src"]} for a in _adapter_list(state)]
+    return {"object": "list", "data": [base, *extra]}
+
+
+# ---- LoRA adapters (the SageMaker inference-component contract) ----
+
+def _adapter_list(state: ServerState) -> list[dict]:
+    return state.adapters.list(state.engine) if state.live() else []
+
+
+def register_adapter() -> Response:
+    state = _state()
+    service = state.require()
+    raw = request.get_data(cache=False)
+    if raw.strip():
+        obj = decode_json(raw)
+        if not isinstance(obj, dict):
+            raise ProtocolError(400, "the body must be a JSON object {\"name\", \"src\", \"preload\"}", "invalid_request")
+    else:  # the contract also sends them as query parameters
+        obj = request.args.to_dict()
+    info = state.adapters.register(service.engine, obj.get("name"), obj.get("src"))
+    return Response(enc.json_body({"message": f"Adapter {info['name']} registered", "adapter": info}),
+                    status=200, mimetype="application/json")
+
+
+def unregister_adapter(name: str) -> Response:
+    state = _state()
+    service = state.require()
+    state.adapters.unregister(service.engine, name)
+    return Response(enc.json_body({"message": f"Adapter {name} unregistered"}), status=200,
+                    mimetype="application/json")
+
+
+def list_adapters() -> dict:
+    state = _state()
+    service = state.require()
+    listed = _adapter_list(state)
+    return {"adapters": listed, "memory": service.engine.stats().get("adapters", {})}
 
 
 def execution_parameters() -> dict:
@@ -194,6 +238,9 @@ def register(app: Flask) -> None:
         if k.route is not None:
             app.post(f"/v1/{k.route}", endpoint=k.name)(functools.partial(openai_route, k.name))
     app.get("/v1/models")(models)
+    app.post("/adapters")(register_adapter)
+    app.delete("/adapters/<name>")(unregister_adapter)
+    app.get("/adapters")(list_adapters)
     app.get("/execution-parameters")(execution_parameters)
     app.get("/metrics")(metrics)
     app.register_error_handler(RequestError, _error)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from model.types import EngineNotReady
 from serve import affinity
+from serve.adapters import AdapterRegistry
 from serve.config import Config, with_worker_dir
 from serve.engine_client import EngineClient
 from serve.handler import Service, load_user_module
@@ -49,6 +50,7 @@ class ServerState:
                                      on_change=self.metrics.sessions_open.set, store_dir=store)
         self.link: affinity.WorkerLink | None = None  # set by create_app with 2+ workers
         self.trimmer: Trimmer | None = None  # serve/memory.py, once the engine is loaded
+        self.adapters = AdapterRegistry(config.adapters, config.signature)  # LoRA: this worker's side of the registry
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._load, name="server-load", daemon=True)
 
@@ -84,6 +86,8 @@ class ServerState:
             service = Service(engine, model_dir, self.limits, self.metrics, load_user_module(model_dir))
             service.load_model()
             self.service = service
+            if engine.config.max_loras > 0:
+                self.adapters.discover(engine)  # /opt/ml/model/adapters/<name>/ and ADAPTERS
             self.ready = True
             self.metrics.start_sync(engine.stats)
             if self.config.server.memory_trim:

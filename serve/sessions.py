@@ -64,6 +64,7 @@ class Session:
     ids: tuple[int, ...] = ()  # the conversation's token ids so far: every prompt and generated token
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat turns so far (assistant answers too)
     busy: bool = False  # a request of this session is running (one at a time)
+    adapter: str | None = None  # the LoRA adapter its first turn ran on (serve/adapters.py choose): every turn's
     turns: int = 0
 
 

@@ -70,6 +70,7 @@ class FakeRunner:
 
     asynchronous = False  # True: the engine emits a step's events after launching the next one
     snapshot_copier = None  # no state pool: the engine runs without a prefix cache
+    adapters = None  # no LoRA adapters
 
     def __init__(self, model_dir, config, script=None, slots=None, blocks=256, delay_s=0.0):
         self.allocator = SlotAllocator(slots or config.max_concurrent_seqs, blocks, 4)
@@ -291,6 +292,11 @@ def check_pools_and_shut_down(engines: list[Engine]) -> None:
             if pc is not None:
                 assert pc["bytes_device"] == 0 and pc["bytes_host"] == 0 and pc["kv_blocks_held"] == 0
                 assert pc["bytes_disk"] == 0, "snapshot files left (a session not released?)"
+            ad = getattr(eng.runner, "adapters", None)
+            if ad is not None:  # [LoRA] no sequence holds or binds an adapter; removed ones are freed
+                assert all(i == -1 for i in ad.slot_index), "adapter slot binding leak"
+                assert all(e.holds == 0 and not e.users for e in ad._entries.values()), "adapter hold leak"
+                assert all(not e.removed for e in ad._entries.values()), "a removed adapter was not freed"
     finally:
         for eng in engines:
             eng.shutdown(5)

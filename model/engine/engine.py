@@ -30,6 +30,9 @@ from model.engine.prefix_hooks import PrefixSessions
 from model.engine.scheduler import Scheduler
 from model.engine.sequence import Sequence, checked
 from model.types import (
+    AdapterInvalid,
+    AdapterNotFound,
+    AdapterSlots,
     EngineConfig,
     EngineNotReady,
     FailureKind,
@@ -99,7 +102,8 @@ class Engine:
                     return
                 self.prefix = self.sessions.cache = prefix_cache.for_runner(self.config, self.runner, self.model_dir)
                 self.scheduler = Scheduler(self.config, self.runner.allocator, self.prefix,
-                                           self.tokenizer.eos_token_id, self.runner.snapshot_copier)
+                                           self.tokenizer.eos_token_id, self.runner.snapshot_copier,
+                                           self.runner.adapters)
                 self._loop_thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
                 self._loop_thread.start()
                 self._accepting = True
@@ -176,20 +180,52 @@ class Engine:
         if request.constraint is not None and self.grammars is None:
             raise GrammarError(f"constrained decoding is unavailable: {self.grammar_error}", status=422,
                                error_type="unsupported_grammar")
+        slots = self._adapters(request.adapter) if request.adapter is not None else None
         base = resolve_seed(request.params)
-        for i, row in enumerate(seqs):
-            row.ctx = SeqOutput(request, self.tokenizer.detokenizer(), functools.partial(self._cancel, row),
-                                seed=None if base is None else (base + i) % SEED_MOD)
-            if request.constraint is not None:  # compiled here, on the caller's thread: never a step's delay
-                row.ctx.processor = self.grammars.processor(request.constraint)  # raises GrammarError (cached)
-        with self._cv:
-            if not self._accepting:
-                raise EngineNotReady("shutting down")
-            self.scheduler.add(seq)  # raises QueueFull
-            self._counters["requests_total"] += n
-            self._counters["prompt_tokens_total"] += seq.prompt_len * n
-            self._cv.notify_all()
+        held = 0
+        try:
+            for i, row in enumerate(seqs):
+                row.ctx = SeqOutput(request, self.tokenizer.detokenizer(), functools.partial(self._cancel, row),
+                                    seed=None if base is None else (base + i) % SEED_MOD)
+                if slots is not None:  # [LoRA] held until the row ends (the scheduler releases it)
+                    row.namespace = slots.hold(request.adapter)
+                    held += 1
+                if request.constraint is not None:  # compiled here, on the caller's thread: never a step's delay
+                    row.ctx.processor = self.grammars.processor(request.constraint)  # GrammarError (cached)
+            with self._cv:
+                if not self._accepting:
+                    raise EngineNotReady("shutting down")
+                self.scheduler.add(seq)  # raises QueueFull
+                self._counters["requests_total"] += n
+                self._counters["prompt_tokens_total"] += seq.prompt_len * n
+                self._cv.notify_all()
+        except BaseException:  # nothing was queued: free what the rows took
+            for row in seqs:
+                if row.ctx is not None and row.ctx.processor is not None:
+                    row.ctx.processor.close()
+            for _ in range(held):
+                slots.release(request.adapter)
+            raise
         return [row.ctx.handle for row in seqs]
+
+    # ---- LoRA adapters (model/runtime/adapters.py through model/types.py AdapterSlots) ------------------------
+    def _adapters(self, name: str | None = None) -> AdapterSlots:
+        if not self.ready:
+            raise EngineNotReady(self.error or "the model is still loading")
+        if self.runner.adapters is None:
+            if name is not None:
+                raise AdapterNotFound(f"adapter {name!r} is not registered (adapters are off on this server: MAX_LORAS=0)")
+            raise AdapterInvalid("adapters are off on this server: set MAX_LORAS (adapters on the device at once)")
+        return self.runner.adapters
+
+    def register_adapter(self, name: str, path: str) -> dict:
+        return self._adapters().register(name, path)
+
+    def unregister_adapter(self, name: str) -> None:
+        self._adapters(name).unregister(name)
+
+    def list_adapters(self) -> list[dict]:
+        return self.runner.adapters.list() if self.ready and self.runner.adapters is not None else []
 
     def _cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
@@ -209,6 +245,8 @@ class Engine:
                            kv_block_tokens=alloc.block_size)
             if self.prefix is not None:
                 out["prefix_cache"] = self.prefix.stats()
+            if self.runner is not None and self.runner.adapters is not None:
+                out["adapters"] = self.runner.adapters.report()
         return out
 
     # ---- sessions: serve/'s names for model/engine/prefix_hooks.py PrefixSessions (self.sessions) -----------------

@@ -32,6 +32,7 @@ from model.engine.prefix_hooks import PrefixHooks
 from model.engine.sequence import SeqStatus, Sequence
 from model.runtime.blocks import blocks_needed
 from model.types import (
+    AdapterSlots,
     Allocator,
     ChunkKind,
     Copier,
@@ -100,8 +101,10 @@ def finish_rule(seq: Sequence, eos_token_id: int | None, max_total_tokens: int) 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, allocator: Allocator, prefix: PrefixCache | None = None,
-                 eos_token_id: int | None = None, copier: Copier | None = None) -> None:
+                 eos_token_id: int | None = None, copier: Copier | None = None,
+                 adapters: AdapterSlots | None = None) -> None:
         self.config = config
+        self.adapters = adapters  # [LoRA] device adapter slots (model/types.py AdapterSlots); None: adapters off
         self.allocator = allocator
         self.copier = copier  # copies a fork group's state into its rows (None: a runner without a state pool)
         self.prefix = prefix
@@ -147,6 +150,8 @@ class Scheduler:
         # FIFO: the head of the queue is never overtaken, so a big request is not starved by small ones.
         while self.waiting and self.allocator.num_free_slots > 0:
             seq = self.waiting[0]
+            if seq.adapter is not None and not self.adapters.can_bind(seq.adapter):
+                break  # [LoRA] every device adapter slot is in use by other adapters: wait for one
             # a fork group: its other rows' slots and blocks are reserved with the leader's, all or nothing
             rows, (_, extra) = len(seq.forks), forks.group_blocks(seq, self.allocator.block_size)
             if self.prefix is not None:  # [prefix cache] resume from the longest snapshot; snapshots make room
@@ -166,6 +171,7 @@ class Scheduler:
                 seq.num_computed = 0
             self.waiting.popleft()
             for s in (seq, *forks.place_forks(seq, self.allocator)):
+                self._bind(s)  # [LoRA] each row's state slot reads its adapter's device slot
                 s.status = SeqStatus.RUNNING
                 self.running.append(s)
             self._fork_if_ready(seq)
@@ -275,9 +281,17 @@ class Scheduler:
         else:
             self.running.remove(seq)
             if seq.slot is not None:
+                if seq.adapter is not None:
+                    self.adapters.unbind(seq.slot)
                 self.allocator.free(seq.slot)
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter)  # held since submit (model/engine/engine.py)
         seq.slot = None
         seq.status = SeqStatus.FINISHED
+
+    def _bind(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.adapters.bind(seq.slot, seq.adapter)
 
     def abort_all(self) -> list[Sequence]:
         """Finish every queued and running sequence (shutdown); returns them."""

@@ -37,6 +37,7 @@ class Sequence:
         # snapshot_points below); at admission the scheduler adds those interval_points whose prefix was seen before.
         self.boundaries = boundaries
         self.interval_points = interval_points
+        self.adapter = request.adapter  # its LoRA adapter (held by the engine from submit to the end), or None
         self.slot: int | None = None
         self.num_computed = 0  # tokens already folded into the slot's state (= KV length)
         self.status = SeqStatus.WAITING

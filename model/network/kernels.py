@@ -16,6 +16,7 @@ Ops (shapes as in model/network/ssd.py):
   linear       the projections: F.linear; on CPU oneDNN's linear when present (model/network/linear.py
                cpu_linear: faster than MKL here). A projection may add a per-row extra term to its output
                (linear.py LinearExtra, where a LoRA delta goes); without one (the default) it is this op alone
+  lora         many adapters' deltas in one step, per adapter group (model/network/lora.py)  lora_triton.py
 Fused modules are imported lazily and only for CUDA (tests inject them). `report` says which path each op
 took. The reference formulas match Hugging Face's Granite modules in fp32 (tests/test_granite.py).
 Size: ~370 lines because every op's two paths and their argument preparation sit side by side, the point
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from model.network import ssd
 from model.network.fused_ops import FusedOps, accepts, load_fused
 from model.network.linear import cpu_linear
+from model.network.lora import lora_cpu, lora_reference
 from model.network.packed import Packed
 from model.network.prefill_attention import causal_cpu, causal_cuda, prefill_attention
 from model.network.step_meta import DecodeMeta, SsmParams
@@ -119,6 +121,15 @@ class Kernels:
         self.linear: Callable = (cpu_linear() if device.type == "cpu" else None) or F.linear
         if self.linear is not F.linear:
             self.report["linear"] = "onednn:_linear_pointwise"
+        # LoRA deltas (model/network/lora.py; used only with adapters on): the segmented Triton kernels on CUDA
+        self.lora: Callable = lora_reference
+        self.report["lora"] = "reference"
+        if device.type == "cpu":
+            self.lora, self.report["lora"] = lora_cpu, "cpu:segmented|all_slots"
+        elif device.type == "cuda" and mode != "reference":
+            from model.network.lora_triton import lora_triton
+
+            self.lora, self.report["lora"] = lora_triton, "triton:segmented_shrink_expand"
         self._rowscale: dict[tuple[float, torch.device], torch.Tensor] = {}
         self._rowscale_retired: list[torch.Tensor] = []
         if mode == "fused":

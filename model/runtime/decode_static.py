@@ -95,9 +95,11 @@ class CudaGraphs:
 
 class StaticDecode:
     def __init__(self, fn, buckets, dummy_slot, dummy_block, max_width, block_size, hidden, device, dtype,
-                 graphs: CudaGraphs | None) -> None:
+                 graphs: CudaGraphs | None, lora=None) -> None:
         """fn(Decode) -> hidden (B, hidden): the model's decode over pool state.
-        graphs: None = run the fixed buffers eagerly (CPU, tests)."""
+        graphs: None = run the fixed buffers eagerly (CPU, tests). lora: the LoRA step mapping
+        (model/network/lora.py LoraStep) or None: each key then has a fixed (B,) adapter-index buffer, a graph input."""
+        self.lora = lora
         self.fn, self.buckets, self.widths = fn, buckets, width_buckets(max_width)
         self.block_size = block_size
         self.dummy_slot, self.dummy_block = dummy_slot, dummy_block
@@ -122,10 +124,13 @@ class StaticDecode:
                 "positions": torch.zeros(b, **long),
                 "tables": torch.full((b, width), self.dummy_block, **long),
                 "out": torch.zeros(b, self.hidden, dtype=self.dtype, device=self.device),
+                "adapters": torch.full((b,), -1, **long),
             }
         return self.buf[key]
 
     def _eager(self, s) -> None:
+        if self.lora is not None:
+            self.lora.use_index(s["adapters"])
         s["out"].copy_(self.fn(Decode(s["ids"], s["slots"], s["positions"], s["tables"])))
 
     def prepare(self, key: tuple[int, int]) -> None:
@@ -135,6 +140,7 @@ class StaticDecode:
         s["slots"].fill_(self.dummy_slot)  # run() refills the inputs before every use
         s["tables"].fill_(self.dummy_block)
         s["positions"].zero_()
+        s["adapters"].fill_(-1)
         if self.graphs is None:
             self._eager(s)
         else:
@@ -170,9 +176,10 @@ class StaticDecode:
         return rep
 
     def run(self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, tables: BlockTables,
-            needed: int) -> torch.Tensor:
-        """ids, slots, positions (n,) long on the device; `needed` blocks per row -> hidden (n, hidden).
-        Device-side copies only: rows n.. of the buffers point at the dummy slot / block."""
+            needed: int, adapters: torch.Tensor | None = None) -> torch.Tensor:
+        """ids, slots, positions (n,) long on the device; `needed` blocks per row -> hidden (n, hidden);
+        adapters (n,) long: each row's device adapter slot, -1 none (LoRA on). Device-side copies only: rows n..
+        of the buffers point at the dummy slot / block and no adapter."""
         n = ids.shape[0]
         key = (pick_bucket(n, self.buckets), pick_bucket(needed, self.widths, "block-table width"))
         s = self._buffers(key)
@@ -180,6 +187,9 @@ class StaticDecode:
         s["slots"][:n].copy_(slots)
         s["positions"][:n].copy_(positions)
         torch.index_select(tables.table[:, :key[1]], 0, slots, out=s["tables"][:n])
+        if adapters is not None:
+            s["adapters"][:n].copy_(adapters)
+            s["adapters"][n:].fill_(-1)
         if n < key[0]:
             s["ids"][n:].zero_()
             s["slots"][n:].fill_(self.dummy_slot)

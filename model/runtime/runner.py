@@ -14,8 +14,9 @@ All prefill chunks of a step run in one packed forward (model/network/packed.py)
 static decode they are padded to a batch-size bucket with the dummy slot and run through fixed buffers,
 which on CUDA are captured as CUDA graphs during warmup (every reachable bucket) and replayed.
 
-Size: ~360 lines, on purpose: a step's tensor bookkeeping stays in one module (open, launch = forward ->
-processors -> sample, collect, the prefill/decode paths, warmup's budget, the memory report).
+Size: ~380 lines, on purpose: a step's tensor bookkeeping stays in one module (open, launch = forward ->
+processors -> sample, collect, the prefill/decode paths with their LoRA row mapping, warmup's budget, the memory
+report).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from model.network.decode_batch import BlockTables, Decode
 from model.network.granite import GraniteForCausalLM, load_granite
 from model.network.kernels import Kernels
 from model.network.packed import Packed, pack_runs
+from model.runtime.adapters import AdapterPool
 from model.runtime.blocks import SlotAllocator
 from model.runtime.decode_static import CudaGraphs, StaticDecode, decode_buckets, needed_blocks
 from model.runtime.sampling import RowMask, Sampler
@@ -115,6 +117,10 @@ class ModelRunner:
         self.arch = self.model.arch
         self.vocab_size = self.arch.vocab_size
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        # LoRA stacks (MAX_LORAS > 0) before the KV pool is sized: their bytes come out of the same budget
+        self.adapters = AdapterPool(self.model, config.max_loras, config.max_lora_rank, config.lora_host_bytes,
+                                    config.max_concurrent_seqs, dev, self._dtype, self._kernels.lora) \
+            if config.max_loras > 0 else None
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
             self.arch, config.max_concurrent_seqs, config.max_total_tokens, config.max_step_tokens, dev,
             self._dtype, self._ssm_dtype, config.snapshot_device_share if config.prefix_cache else 0.0, self._paged,
@@ -130,7 +136,7 @@ class ModelRunner:
         self.tables = BlockTables(self.allocator, n, self.max_blocks_per_seq, self.pool.dummy_block, dev)
         self.sampler = Sampler(n, self.vocab_size, dev)
         pin = dev.type == "cuda"
-        self._h2d = torch.zeros(3, n, dtype=torch.long, pin_memory=pin)  # decode ids, slots, positions
+        self._h2d = torch.zeros(4, n, dtype=torch.long, pin_memory=pin)  # decode ids, slots, positions, adapters
         self._d2h = torch.zeros(n * 2, dtype=torch.float64, pin_memory=pin)  # sampled rows; grows for top-n
         self._copied = torch.cuda.Event() if pin else None  # the sampled rows reached _d2h
         self.asynchronous = pin  # launch() returns before the device is done
@@ -146,7 +152,8 @@ class ModelRunner:
             self.static = StaticDecode(self.model.decode, decode_buckets(config.max_concurrent_seqs),
                                        self.pool.dummy_slot, self.pool.dummy_block, self.max_blocks_per_seq,
                                        BLOCK_SIZE, self.arch.hidden, dev, self._dtype,
-                                       CudaGraphs(dev) if decode_mode == "graph" else None)
+                                       CudaGraphs(dev) if decode_mode == "graph" else None,
+                                       lora=self.adapters.step if self.adapters is not None else None)
         self.kernel_report["decode"] = decode_mode
         log.info("runner: device=%s dtype=%s ssm_state=%s kv_tokens=%d kernels=%s", self.device, self.dtype,
                  self._ssm_dtype, self.pool.num_blocks * BLOCK_SIZE, self.kernel_report)
@@ -166,6 +173,8 @@ class ModelRunner:
         self._kernels = k
         if hasattr(self, "model"):
             self.model.bind(self.pool, k)
+        for term in (self.adapters.terms.values() if getattr(self, "adapters", None) is not None else ()):
+            term.op = k.lora
 
     # ---- the step ---------------------------------------------------------------------------
     def open(self, slot: int, params: SamplingParams, seed: int | None, context_ids: Sequence[int],
@@ -214,6 +223,8 @@ class ModelRunner:
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """float32 logits (rows = chunks with want_logits, in chunk order, vocab)."""
         chunks = batch.chunks
+        if self.adapters is not None:
+            self.adapters.step.clear()  # each model call below sets its rows' adapters
         if len({c.slot for c in chunks}) != len(chunks):
             raise ValueError("a step may hold at most one chunk per slot")
         if not chunks:
@@ -267,6 +278,8 @@ class ModelRunner:
             # array('q') -> frombuffer: half the time of torch.tensor on a list of ~5K ints
             ids = torch.frombuffer(array("q", chain.from_iterable(c.token_ids for c in cs)), dtype=torch.long)
             ids = ids.to(self._dev, non_blocking=True)
+            if self.adapters is not None:  # [LoRA] each packed token's adapter: its sequence's
+                self.adapters.step.set_rows([a for c in cs for a in self.adapters.rows([c.slot]) * len(c.token_ids)])
             out.append(self.model.prefill_packed(ids, pk))
         return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -277,14 +290,19 @@ class ModelRunner:
         n = len(chunks)
         slots = [c.slot for c in chunks]
         positions = [c.start for c in chunks]
-        host = torch.tensor([[c.token_ids[0] for c in chunks], slots, positions], dtype=torch.long)
+        cols = [[c.token_ids[0] for c in chunks], slots, positions]
+        if self.adapters is not None:  # [LoRA] each row's device adapter slot (-1: none)
+            cols.append(self.adapters.rows(slots))
+        host = torch.tensor(cols, dtype=torch.long)
         if self._dev.type == "cuda":
-            self._h2d[:, :n].copy_(host)
-            host = self._h2d[:, :n].to(self._dev, non_blocking=True)
-        ids, slot_t, pos_t = host.unbind(0)
+            self._h2d[:len(cols), :n].copy_(host)
+            host = self._h2d[:len(cols), :n].to(self._dev, non_blocking=True)
+        ids, slot_t, pos_t, *lora_t = host.unbind(0)
         width = needed_blocks(positions, BLOCK_SIZE)
         if self.static is not None:
-            return self.static.run(ids, slot_t, pos_t, self.tables, width)
+            return self.static.run(ids, slot_t, pos_t, self.tables, width, lora_t[0] if lora_t else None)
+        if self.adapters is not None:
+            self.adapters.step.set_rows(cols[3])
         # forward() sorts decode rows by slot: one run of consecutive slots (every slot busy decoding, the
         # steady state) updates the Mamba state pools through views instead of gather + scatter; several
         # runs are passed on for the reference update of big states (model/network/ssd.py ssm_decode_inplace).
@@ -315,6 +333,8 @@ class ModelRunner:
             self.step(StepBatch((SeqChunk.decode(slot, 1, short + full),)))
         finally:
             self.allocator.free(slot)
+        if self.adapters is not None:
+            self.adapters.warm()  # [LoRA] the op's kernels for every projection shape
         if self._kernels.f.mamba_chunk_scan_combined is not None:
             # The fused scan compiles per prefill shape class (fresh, continued, batched, packed varlen, and
             # their int sizes): all of them now, not while a request waits (model/runtime/warmup.py).
@@ -359,4 +379,6 @@ class ModelRunner:
                                                        self._dtype, n, cfg.prefill_chunk_tokens)
         if self.static is not None:
             rep["decode_graphs"] = dict(self.static.report)
+        if self.adapters is not None:
+            rep["lora_device_bytes"] = self.adapters.device_bytes
         return rep

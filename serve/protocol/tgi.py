@@ -32,6 +32,7 @@ class TextRequest:
     constraint: Constraint | None = None  # parameters.grammar: every input's output matches it
     best_of: int = 1  # rows generated per input; the one with the highest cumulative logprob is returned
     n: int = 1  # answers per input (TGI: always one)
+    adapter_id: str | None = None  # a registered LoRA adapter (serve/adapters.py)
 
 
 def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -40,7 +41,7 @@ def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]
     f = Fields({} if raw is None else raw, "parameters", TGI_PARAMS)
     f.null_or("watermark", (False,), "watermarking is not implemented")
     f.null_or("decoder_input_details", (False,), "prompt token logprobs are not computed")
-    f.null_or("adapter_id", (), "adapters are not supported")
+
     v: dict[str, Any] = {
         **max_new(f, ("max_new_tokens",), limits),
         "temperature": f.float("temperature", 0.0, 100.0),
@@ -67,7 +68,7 @@ def tgi_params(raw: Any, limits: Limits) -> tuple[dict[str, Any], dict[str, Any]
         raise invalid("parameters.best_of > 1 needs sampling (do_sample=true or a sampling parameter)")
     opts = {"details": details, "return_full_text": bool(f.bool("return_full_text")),
             "truncate": f.int("truncate", 1, 10_000_000), "constraint": tgi_grammar(f.get("grammar")),
-            "best_of": best_of}
+            "best_of": best_of, "adapter_id": f.str("adapter_id") or None}
     return v, opts
 
 

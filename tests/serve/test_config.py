@@ -209,7 +209,8 @@ ENGINE_VALUES = {"MAX_CONCURRENT_SEQS": ("7", 7), "MAX_QUEUED_REQUESTS": ("9", 9
                  "CUDA_GRAPHS": ("off", False), "KERNELS": ("reference", "reference"), "PREFIX_CACHE": ("no", False),
                  "SNAPSHOT_DEVICE_SHARE": ("0.5", 0.5), "SNAPSHOT_HOST_BYTES": ("123", 123),
                  "SNAPSHOT_BOUNDARY_TOKENS": ("300", 300), "SNAPSHOT_INTERVAL_TOKENS": ("0", 0),
-                 "SNAPSHOT_DISK_DIR": ("/x/y", "/x/y"), "SNAPSHOT_DISK_BYTES": ("456", 456)}
+                 "SNAPSHOT_DISK_DIR": ("/x/y", "/x/y"), "SNAPSHOT_DISK_BYTES": ("456", 456), "MAX_LORAS": ("3", 3),
+                 "MAX_LORA_RANK": ("64", 64), "LORA_HOST_BYTES": ("1000", 1000)}
 # the server's default differs from the engine's on purpose: the disk tier is on when serving, off for an Engine
 # built in code (a library user or a test never writes under the shared /tmp folder unasked)
 SERVER_DEFAULTS = {"SNAPSHOT_DISK_DIR", "SNAPSHOT_DISK_BYTES"}

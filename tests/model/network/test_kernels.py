@@ -143,7 +143,7 @@ def test_modes_and_errors():
     assert auto.report == {"ssd_prefill": "reference", "ssm_decode": "reference", "conv_prefill": "reference",
                            "conv_decode": "reference", "add_norm": "reference", "gated_norm": "reference",
                            "swiglu": "reference", "attention": "sdpa", "decode_attention": "gather+sdpa",
-                           "linear": "onednn:_linear_pointwise"}
+                           "linear": "onednn:_linear_pointwise", "lora": "cpu:segmented|all_slots"}
     mixed = Kernels("auto", "cpu", fused=fake_ops(causal_conv1d_fn=True))
     assert mixed.report["conv_prefill"] == "reference" and mixed.report["ssd_prefill"].startswith("fused")
     assert Kernels("reference", "cpu", fused=fake_ops()).report["ssm_decode"] == "reference"
