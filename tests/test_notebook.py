@@ -101,6 +101,17 @@ def test_structured_output_cell_answers_valid_json_a_tool_call_and_a_regex_match
     assert re.search(r"regex: '(yes|no), [0-9]{1,2}%'", text), text
 
 
+def test_adapter_cell_registers_a_lora_invokes_it_three_ways_and_deletes_it(executed):
+    """The peft adapter (random non-zero A and B) changes the answer; adapter_id, the SageMaker header and the
+    OpenAI `model` field select the same adapter; DELETE makes it unknown (404)."""
+    text = text_of(cell_with(executed, "POST /adapters"))
+    assert "packaged demo-fr.tar.gz" in text and "adapter_model.safetensors" in text, text
+    assert "POST /adapters: 200 Adapter demo-fr registered" in text, text
+    assert "registered: ['demo-fr']" in text, text
+    assert "adapter answers differ from the base: True | the three ways agree: True" in text, text
+    assert "DELETE: 200 | then: 404" in text, text
+
+
 def test_jsonlines_and_batch_line_counts(executed):
     assert "jsonlines: 5 records -> 5 lines, 1 error line(s)" in text_of(cell_with(executed, "invoke_jsonlines"))
     batch = text_of(cell_with(executed, "run_local_batch"))

@@ -68,6 +68,9 @@ def test_sessions_survive_a_killed_worker(tiny_ckpt, tmp_path):
         closed = _open(srv)
         assert _turn(srv, closed, 0)[0] is not None
         assert _post(srv, {"requestType": "CLOSE"}, closed).status_code == 200
+        # the reference session's last turn ends well after idle's open (on a fast machine the turns take well
+        # under a second), so it outlives idle's expiry by more than the keep-alive turn below needs
+        time.sleep(max(0.0, t_idle + 10 - time.monotonic()))
         ref_sid = _open(srv)
         reference = [_turn(srv, ref_sid, k) for k in range(5)]  # the uninterrupted run
         time.sleep(max(0.0, t_idle + TTL + 1 - time.monotonic()))
