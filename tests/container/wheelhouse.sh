@@ -10,9 +10,10 @@ PY="${PY:-$REPO/.venv/bin/python}"
 PINS="$REPO/serve/container/requirements-cpu.txt"
 TORCH_CPU="$(grep -E '^torch==' "$PINS")"
 mkdir -p "$DIR"
-# The explicit interpreter/platform flags make the result independent of the host's Python.
+# The explicit interpreter/platform flags make the result independent of the host's Python. The base is Debian
+# bookworm (glibc 2.36): manylinux_2_31 wheels run there (llguidance ships only those).
 TARGET=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+    --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
     --platform manylinux2014_x86_64 --platform linux_x86_64)
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
