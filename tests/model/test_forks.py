@@ -8,18 +8,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from model.types import FinishReason, GenerationRequest, InvalidRequest, SamplingParams
 from tests.fakes import ENGINES, check_pools_and_shut_down, real_engine
 from tests.model.test_prefix_resume import gen, hf_greedy, ids
-
-
-@pytest.fixture(scope="module")
-def hf_model(tiny_ckpt):
-    from transformers import GraniteMoeHybridForCausalLM
-
-    return GraniteMoeHybridForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
 
 
 @pytest.fixture(autouse=True)

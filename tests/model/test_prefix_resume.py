@@ -15,13 +15,6 @@ from model.types import FinishReason, GenerationRequest, SamplingParams
 from tests.fakes import ENGINES, check_pools_and_shut_down, real_engine
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_ckpt):
-    from transformers import GraniteMoeHybridForCausalLM
-
-    return GraniteMoeHybridForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
-
-
 def hf_greedy(hf, prompt, n):
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)

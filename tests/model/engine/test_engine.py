@@ -307,13 +307,6 @@ def test_shutdown_timeout_ends_in_flight_with_error():
 # ---- the real runner + tokenizer on the tiny checkpoint (fp32, CPU) ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_ckpt):
-    from transformers import GraniteMoeHybridForCausalLM
-
-    return GraniteMoeHybridForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
-
-
 def hf_greedy(hf_model, prompt: list[int], max_new: int) -> list[int]:
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new)

@@ -131,13 +131,6 @@ def test_200_constrained_requests_on_random_weights_all_valid(tiny_ckpt):
 # ---- parity with Hugging Face ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_ckpt):
-    from transformers import GraniteMoeHybridForCausalLM
-
-    return GraniteMoeHybridForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
-
-
 def hf_greedy(hf, ids, n):
     with torch.no_grad():
         out = hf.generate(torch.tensor([list(ids)]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
