@@ -59,6 +59,20 @@ class ServerProcess:
             time.sleep(0.1)
         raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
 
+    def metric(self, name: str, default: float | None = None) -> float | None:
+        """The value of one /metrics sample (`name` with its labels, if any); `default` when it is not there."""
+        for line in requests.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return default
+
+    def wait_workers(self, total_slots: int, timeout: float = 240.0) -> None:
+        """/ping says 200 once one worker is ready: wait until /metrics counts every worker's slots."""
+        deadline = time.monotonic() + timeout
+        while self.metric("granite_ready") != 1.0 or self.metric("granite_total_slots") != float(total_slots):
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.5)
+
     def post(self, path: str, body, content_type: str = "application/json", **kw) -> requests.Response:
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
         headers = {"Content-Type": content_type, **kw.pop("headers", {})}

@@ -25,21 +25,10 @@ def server(tiny_ckpt, tmp_path_factory):
     srv = ServerProcess(env, tmp_path_factory.mktemp("sessions") / "server.log")
     try:
         srv.wait_ready(240)
-        # /ping says 200 once one worker is ready: wait until both answer
-        deadline = time.monotonic() + 240
-        while _metric(srv, "granite_ready") != 1.0 or _metric(srv, "granite_total_slots") != 8.0:
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.5)
+        srv.wait_workers(8)  # both workers' slots
         yield srv
     finally:
         srv.stop()
-
-
-def _metric(srv, name: str) -> float | None:
-    for line in requests.get(srv.url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
 
 
 def _post(srv, body, sid, stream=False):
@@ -80,8 +69,8 @@ def test_sessions_reach_their_worker(server):
         assert r.status_code == 200 and r.headers["X-Amzn-SageMaker-Closed-Session-Id"] == s
     r = _post(server, {"messages": [{"role": "user", "content": "again"}]}, sid)
     assert r.status_code == 410 and sid in r.json()["error"]
-    assert _metric(server, "granite_session_forwards_total") > 0  # some requests landed on the other worker
-    assert _metric(server, "granite_sessions_open") == 0
+    assert server.metric("granite_session_forwards_total") > 0  # some requests landed on the other worker
+    assert server.metric("granite_sessions_open") == 0
 
 
 def test_idle_sessions_expire(server):
@@ -91,7 +80,7 @@ def test_idle_sessions_expire(server):
     r = _post(server, {"inputs": " again"}, sid)
     assert r.status_code == 410 and "expired" in r.json()["error"]
     deadline = time.monotonic() + 20
-    while _metric(server, "granite_free_slots") != 8.0 or _metric(server, "granite_prefix_cache_sessions") != 0:
+    while server.metric("granite_free_slots") != 8.0 or server.metric("granite_prefix_cache_sessions") != 0:
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.5)
-    assert _metric(server, "granite_sessions_open") == 0
+    assert server.metric("granite_sessions_open") == 0

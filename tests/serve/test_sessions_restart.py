@@ -28,13 +28,6 @@ def _workers(master: int) -> set[int]:
     return {int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
 
 
-def _metric(srv, name: str) -> float:
-    for line in requests.get(srv.url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
-
-
 def _post(srv, body, sid):
     return requests.post(srv.url + "/invocations", json=body, headers={SID: sid, "Connection": "close"}, timeout=120)
 
@@ -99,7 +92,7 @@ def test_sessions_survive_a_killed_worker(tiny_ckpt, tmp_path):
         got += [_turn(srv, sid, k) for k in range(2, 5)]
         assert [g[:2] for g in got] == [r[:2] for r in reference], (got, reference)  # same answers, same prompts
         assert got[2][2] > 0, ("the first turn after the restart resumed from the saved state", got, reference)
-        assert _metric(srv, "granite_prefix_cache_hits_disk_total") >= 1
+        assert srv.metric("granite_prefix_cache_hits_disk_total", 0.0) >= 1
         r = _post(srv, {"messages": [{"role": "user", "content": "still there?"}]}, closed)
         assert r.status_code == 410 and "closed" in r.json()["error"], r.text
         r = _post(srv, {"messages": [{"role": "user", "content": "still there?"}]}, idle)
@@ -111,7 +104,7 @@ def test_sessions_survive_a_killed_worker(tiny_ckpt, tmp_path):
         on_disk = sum(f.stat().st_size for f in folder.rglob("*.snap"))
         assert 0 < on_disk <= DISK_BYTES
         assert not list(folder.rglob("pins/*.json"))  # every session closed: no pin left
-        assert _metric(srv, "granite_prefix_cache_bytes{tier=\"disk\"}") <= DISK_BYTES
+        assert srv.metric("granite_prefix_cache_bytes{tier=\"disk\"}", 0.0) <= DISK_BYTES
     finally:
         srv.stop()
 
@@ -139,7 +132,7 @@ def _damaged_files_fall_back(srv, ckpt, folder: Path):
         while len(new := [f for f in folder.rglob("*.snap") if f.stat().st_mtime >= t0 - 1]) < 2:
             assert time.monotonic() < deadline, "the snapshots never reached the disk"
             time.sleep(0.2)
-        before = _metric(srv, f"granite_prefix_cache_disk_discarded_{kind}_total")
+        before = srv.metric(f"granite_prefix_cache_disk_discarded_{kind}_total", 0.0)
         for f in new:  # files appear whole (renamed): damage each the same way
             data = f.read_bytes()
             f.write_bytes(data[: len(data) // 2] if kind == "truncated" else
@@ -152,7 +145,7 @@ def _damaged_files_fall_back(srv, ckpt, folder: Path):
             want = hf.generate(torch.tensor([pids]), do_sample=False, max_new_tokens=5)[0, len(pids):].tolist()
         assert ids == want[:len(ids)] and (len(ids) == 5 or ids[-1] == tok.eos_token_id), (ids, want)
         deadline = time.monotonic() + 10  # /metrics follows the engine's counters every second
-        while _metric(srv, f"granite_prefix_cache_disk_discarded_{kind}_total") < before + 1:
+        while srv.metric(f"granite_prefix_cache_disk_discarded_{kind}_total", 0.0) < before + 1:
             assert time.monotonic() < deadline, f"no {kind} file counted"
             time.sleep(0.3)
 
@@ -179,10 +172,7 @@ def test_a_killed_worker_of_two_keeps_its_sessions(tiny_ckpt, tmp_path):
 
     try:
         srv.wait_ready(240)
-        deadline = time.monotonic() + 240
-        while _metric(srv, "granite_ready") != 1.0 or _metric(srv, "granite_total_slots") != 8.0:
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.5)
+        srv.wait_workers(8)
         sid = next(s for s in (_open(srv) for _ in range(32)) if s.startswith("w1-"))
         before = [_turn(srv, sid, k) for k in range(2)]
         os.kill(_pid_of_worker(srv.proc.pid, 1), signal.SIGKILL)
