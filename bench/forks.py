@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.http_load import machine_name  # noqa: E402
 from model.engine.engine import Engine  # noqa: E402
 from model.types import EngineConfig, GenerationRequest, SamplingParams  # noqa: E402
 
@@ -116,11 +117,9 @@ def main(argv=None) -> int:
 
             ckpt = build_checkpoint(Path(tmp) / "demo", preset="demo")
         report = run_forks(ckpt, a.rounds, a.prompt_tokens, a.gen_tokens, a.n)
-    import platform
-
     import torch
 
-    report = {"machine": f"{platform.node()} ({os.cpu_count()} cores), shared with other work", "torch": torch.__version__,
+    report = {"machine": machine_name(), "torch": torch.__version__,
               "model": "demo preset (random weights), fp32, CPU", **report}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,19 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the model reads a long conversation and answers with care about state memory tokens "
          "granite hybrid mamba attention layers serve many requests at once on one machine").split()
+
+
+def machine_name() -> str:
+    """Where a bench ran, for its report: host, cores and the CPU model (from /proc/cpuinfo)."""
+    cpu = "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node() or 'host'} ({os.cpu_count()} cores, {cpu})"
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:

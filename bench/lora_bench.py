@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bench.http_load import machine_name
 from model.checkpoint.adapters import target_shapes
 from model.checkpoint.demo import build_checkpoint
 from model.engine.engine import Engine
@@ -103,7 +105,8 @@ def run(streams: int = 32, new: int = 32, rounds: int = 2) -> dict:
     info = lora.list_adapters()[0]
     per_adapter_formula = RANK * sum(i + o for i, o in shapes.values()) * 4
     rep = {
-        "machine_note": "CPU, fp32, demo checkpoint (hidden 256, 8 layers); a shared, loaded machine",
+        "machine": machine_name(), "load_average_1m": round(os.getloadavg()[0], 2),
+        "machine_note": "fp32, demo checkpoint (hidden 256, 8 layers)",
         "streams": streams, "new_tokens": new, "rounds": rounds, "adapters": 4, "rank": RANK,
         "tokens_per_s": {k: [round(v, 1) for v in vs] for k, vs in tps.items()},
         "ratio_lora_over_base": round(sum(tps["lora"]) / sum(tps["base"]), 3),

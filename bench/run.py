@@ -44,28 +44,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-from bench.http_load import Server, prompts, run_concurrency, stream_one
+from bench.http_load import Server, machine_name, prompts, run_concurrency, stream_one
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-
-
-def machine_name() -> str:
-    cpu = "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node() or 'host'} ({os.cpu_count()} cores, {cpu})"
 
 
 # ---- baseline: Hugging Face generate, one request at a time ------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -28,7 +29,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.http_load import WORDS, Server, pct  # noqa: E402
+from bench.http_load import WORDS, Server, machine_name, pct  # noqa: E402
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
         ckpt = build_checkpoint(Path(tmp) / "demo", preset="demo")
         report = run_shared_prompt(ckpt, a.users, a.system_words, a.question_words, a.rounds, a.max_new_tokens,
                                    a.alone)
-    report["machine"] = "2-core Intel Xeon VM, torch CPU, shared with other jobs (loaded)"
+    report.update(machine=machine_name(), load_average_1m=round(os.getloadavg()[0], 2))
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=1))
     return 0

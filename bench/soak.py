@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -26,7 +27,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.http_load import WORDS, Server  # noqa: E402
+from bench.http_load import WORDS, Server, machine_name  # noqa: E402
 
 SID = "X-Amzn-SageMaker-Session-Id"
 MIB = 1 << 20
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(Path(tmp) / "demo", preset="demo")
         report = run_soak(ckpt, a.waves, a.streams, env)
-    report["machine"] = "2-core Intel Xeon VM, torch CPU, demo preset fp32, shared with other jobs (loaded)"
+    report.update(machine=machine_name(), load_average_1m=round(os.getloadavg()[0], 2))
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "per_wave"}))
     return 0
