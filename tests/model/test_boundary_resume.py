@@ -9,7 +9,7 @@ import pytest
 
 from model.types import FinishReason, GenerationRequest, SamplingParams
 from tests.fakes import ENGINES, check_pools_and_shut_down, real_engine
-from tests.model.test_prefix_resume import hf_greedy, hf_model, ids  # noqa: F401  (hf_model: a fixture)
+from tests.model.test_prefix_resume import hf_greedy, ids
 
 
 @pytest.fixture(autouse=True)
